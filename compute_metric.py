@@ -1,0 +1,220 @@
+"""Compute text-generation metrics for a file of samples (one sample per line).
+
+Usage (unconditional generation, the only mode so far)::
+
+    python compute_metric.py --samples generation_results/x.txt --references data/bible/test.txt \
+        [--max_references N] [--max_samples N] [--seed S] [--out FILE.json] [--overwrite]
+
+Prints a table and writes JSON (default ``<samples>.metrics.json``; never overwritten without
+``--overwrite``). Bad input gives one ``error: ...`` line on stderr and exit code 2.
+
+Input conventions: samples are read line by line (UTF-8) and *every* line is a sample, so an
+empty line is an empty sample (counted and warned about, never dropped). Empty lines in the
+references file are not references and are dropped (also warned about). The metric
+conventions are in :mod:`evaluation.text_metrics`.
+
+New modes (e.g. ``seq2seq``) plug in through :data:`MODES`: a function taking the parsed
+arguments and returning ``(metrics, inputs)`` dicts.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import sys
+import tempfile
+import time
+from typing import Callable
+
+from evaluation.text_metrics import CONVENTIONS, summarise_unconditional
+
+EXIT_BAD_INPUT = 2
+
+
+class InputError(Exception):
+    """A problem with the user's input, reported as one line without a traceback."""
+
+
+# --------------------------------------------------------------------------- input
+
+
+def read_lines(path: str, what: str) -> list[str]:
+    """Lines of a UTF-8 text file without their line endings; raises InputError if unusable."""
+    if not os.path.exists(path):
+        raise InputError(f"{what} file {path} does not exist")
+    if not os.path.isfile(path):
+        raise InputError(f"{what} file {path} is not a regular file")
+    try:
+        with open(path, encoding="utf-8") as f:
+            # readlines() splits like the original script (on newlines only, not on the
+            # other separators str.splitlines() knows).
+            lines = [line.rstrip("\n") for line in f.readlines()]
+    except UnicodeDecodeError as e:
+        # e.start is relative to the decoder's chunk, not the file, so it is not reported.
+        raise InputError(f"{what} file {path} is not valid UTF-8 ({e.reason})")
+    except OSError as e:
+        raise InputError(f"cannot read {what} file {path}: {e.strerror or e}")
+    if not any(line.strip() for line in lines):
+        raise InputError(f"{what} file {path} has no non-empty lines")
+    return lines
+
+
+def seeded_subset(items: list[str], k: int | None, seed: int, stream: str) -> list[str]:
+    """``k`` items drawn without replacement (file order kept), or all if ``k`` is None/too big.
+
+    ``stream`` names an independent RNG stream so that subsetting samples does not change
+    which references are drawn (string seeds are deterministic across runs).
+    """
+    if k is None or k >= len(items):
+        return list(items)
+    rng = random.Random(f"{seed}:{stream}")
+    return [items[i] for i in sorted(rng.sample(range(len(items)), k))]
+
+
+# --------------------------------------------------------------------------- modes
+
+
+def run_unconditional(args: argparse.Namespace) -> tuple[dict, dict]:
+    """BLEU vs a reference set, self-BLEU, distinct-n and length for unconditional samples."""
+    if args.references is None:
+        raise InputError("--references is required in unconditional mode")
+    sample_lines = read_lines(args.samples, "samples")
+    reference_lines = read_lines(args.references, "references")
+
+    empty_in_file = sum(1 for line in sample_lines if not line.strip())
+    if empty_in_file:
+        print(f"warning: {empty_in_file} of {len(sample_lines)} sample lines are empty; "
+              "they are kept as empty samples", file=sys.stderr)
+    references = [line for line in reference_lines if line.strip()]
+    dropped_refs = len(reference_lines) - len(references)
+    if dropped_refs:
+        print(f"warning: dropped {dropped_refs} empty lines from the references file",
+              file=sys.stderr)
+
+    samples = seeded_subset(sample_lines, args.max_samples, args.seed, "samples")
+    references = seeded_subset(references, args.max_references, args.seed, "references")
+    if len(samples) < 2:
+        raise InputError(f"need at least 2 samples for self-BLEU, got {len(samples)}")
+
+    metrics = summarise_unconditional(samples, references)
+    inputs = {
+        "samples": args.samples,
+        "references": args.references,
+        "sample_lines_in_file": len(sample_lines),
+        "empty_sample_lines_in_file": empty_in_file,
+        "empty_samples_evaluated": sum(1 for s in samples if not s.strip()),
+        "reference_lines_in_file": len(reference_lines),
+        "empty_reference_lines_dropped": dropped_refs,
+        "max_samples": args.max_samples,
+        "max_references": args.max_references,
+        "seed": args.seed,
+    }
+    return metrics, inputs
+
+
+# Mode name -> function(args) -> (metrics, inputs). A seq2seq mode is added here later.
+MODES: dict[str, Callable[[argparse.Namespace], tuple[dict, dict]]] = {
+    "unconditional": run_unconditional,
+}
+
+
+# --------------------------------------------------------------------------- output
+
+
+def format_table(metrics: dict) -> str:
+    """Two-column text table; floats with 6 decimals."""
+    width = max(len(name) for name in metrics)
+    rows = [f"{'metric'.ljust(width)}  value", f"{'-' * width}  {'-' * 10}"]
+    for name, value in metrics.items():
+        shown = f"{value:.6f}" if isinstance(value, float) else str(value)
+        rows.append(f"{name.ljust(width)}  {shown}")
+    return "\n".join(rows)
+
+
+def write_json_atomic(path: str, payload: dict, overwrite: bool) -> None:
+    """Write JSON via a temp file in the same directory and ``os.replace``.
+
+    Readers never see a half-written file, and an interrupted run leaves the old file intact.
+    """
+    if os.path.exists(path) and not overwrite:
+        raise InputError(f"output file {path} already exists (use --overwrite to replace it)")
+    directory = os.path.dirname(os.path.abspath(path))
+    try:
+        fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(path)}.",
+                                   suffix=".tmp")
+    except OSError as e:
+        raise InputError(f"cannot write output file {path}: {e.strerror or e}")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump(payload, f, indent=2)
+            f.write("\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+# --------------------------------------------------------------------------- CLI
+
+
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description="Compute text-generation metrics for a samples file.")
+    parser.add_argument("--mode", choices=sorted(MODES), default="unconditional",
+                        help="which metric set to compute (default: unconditional)")
+    parser.add_argument("--samples", required=True, help="generated text, one sample per line")
+    parser.add_argument("--references", help="reference text, one sentence per line")
+    parser.add_argument("--max_samples", type=positive_int, default=None,
+                        help="evaluate a seeded random subset of this many samples (default: all)")
+    parser.add_argument("--max_references", type=positive_int, default=None,
+                        help="use a seeded random subset of this many references (default: all)")
+    parser.add_argument("--seed", type=int, default=0, help="seed for the subsets (default: 0)")
+    parser.add_argument("--out", default=None,
+                        help="JSON output path (default: <samples>.metrics.json)")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing JSON output")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the CLI; returns the exit code (0 ok, 2 bad input)."""
+    args = build_parser().parse_args(argv)
+    out_path = args.out or f"{args.samples}.metrics.json"
+    start = time.perf_counter()
+    try:
+        # Refuse early so a long computation is not thrown away at the end.
+        if os.path.exists(out_path) and not args.overwrite:
+            raise InputError(f"output file {out_path} already exists (use --overwrite to replace it)")
+        out_dir = os.path.dirname(os.path.abspath(out_path))
+        if not os.path.isdir(out_dir):
+            raise InputError(f"output directory {out_dir} does not exist")
+        metrics, inputs = MODES[args.mode](args)
+        seconds = time.perf_counter() - start
+        payload = {
+            "mode": args.mode,
+            "metrics": metrics,
+            "inputs": inputs,
+            "conventions": CONVENTIONS,
+            "seconds": round(seconds, 3),
+        }
+        write_json_atomic(out_path, payload, args.overwrite)
+    except InputError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    print(format_table(metrics))
+    print(f"wrote {out_path}")
+    print(f"took {seconds:.2f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,283 @@
+"""Absorbing-state (masking) discrete diffusion with the x0-parameterisation (D3PM, DiffusionBERT).
+
+Conventions (see ALGORITHMS.md section 1):
+
+* ``T`` discrete steps, ``t = 0..T``; a schedule gives ``alpha_t`` (probability a clean token is
+  still unmasked), ``alpha_0 = 1``, ``alpha_T = 0``.
+* Only positions in ``noise_mask`` ([B, L] bool) are diffused; everything else (``[CLS]``,
+  ``[SEP]``, padding, a seq2seq source) is never masked and never enters the loss.
+* The denoiser is any callable ``denoise(x_t, t, attention_mask, positions) -> logits`` that
+  returns ``[N, V]`` logits for the ``N = positions.sum()`` selected positions in row-major order,
+  so the vocabulary projection is computed only where it is needed. The [MASK] logit is set to
+  ``-inf`` here ("zero masking").
+* Reverse step from t to s < t at a masked position: become v with probability
+  ``p_hat(v) * w(v)``, ``w(v) = (alpha_s(v) - alpha_t(v)) / (1 - alpha_t(v))``, else stay [MASK].
+  Unmasked positions keep their token (carry-over).
+
+With a token-independent schedule the KL at a masked position is ``w * (-log p_hat(x0))``, so the
+bound is a weighted cross-entropy. With spindle, ``q`` uses the true sentence statistic and the
+reverse model a corpus constant (no x0 leak), and the exact KL of the two-outcome distributions is
+used (:meth:`AbsorbingDiffusion.kl`). No ``[B, L, V]`` one-hot or transition tensor is built.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from .schedules import Schedule
+
+Denoiser = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+@dataclass
+class LossOutput:
+    loss: torch.Tensor        # scalar to backpropagate: bound per noised token + hybrid CE
+    nelbo: torch.Tensor       # [B] unbiased single-sample estimate of each example's NELBO (nats)
+    ce: torch.Tensor          # scalar, mean -log p_hat(x0) over masked positions
+    num_tokens: torch.Tensor  # scalar, noised (diffused) positions in the batch
+    num_masked: torch.Tensor  # scalar, positions masked at the drawn t
+
+
+@dataclass
+class SampleOutput:
+    x0: torch.Tensor          # [B, L] generated tokens
+    network_calls: int        # batched denoiser invocations
+    row_evaluations: int      # sequences passed through the denoiser, summed over calls
+
+
+def _safe_w(a_s: torch.Tensor, a_t: torch.Tensor) -> torch.Tensor:
+    """``w = (alpha_s - alpha_t) / (1 - alpha_t)``; 1 where ``alpha_t = 1`` (nothing can be masked)."""
+    den = 1.0 - a_t
+    return torch.where(den > 0, (a_s - a_t) / den.clamp_min(1e-300), torch.ones_like(a_t)).clamp(0.0, 1.0)
+
+
+def filter_logits(logits: torch.Tensor, topk: int = 0, top_p: float = 1.0,
+                  temperature: float = 1.0) -> torch.Tensor:
+    """Temperature, top-k and top-p (nucleus) filtering of ``[N, V]`` logits; removed entries are -inf."""
+    if temperature != 1.0:
+        logits = logits / temperature
+    if topk and topk < logits.shape[-1]:
+        kth = torch.topk(logits, topk, dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+        probs = sorted_logits.softmax(-1)
+        # keep a token if the mass strictly before it is below top_p (the first one always stays)
+        remove = (probs.cumsum(-1) - probs) >= top_p
+        sorted_logits = sorted_logits.masked_fill(remove, float("-inf"))
+        logits = torch.empty_like(logits).scatter_(-1, order, sorted_logits)
+    return logits
+
+
+def categorical_float64(probs: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Exact inverse-CDF draw from unnormalised ``[M, V]`` probabilities, computed in float64."""
+    c = probs.double().cumsum(-1)
+    r = torch.rand(c.shape[0], 1, dtype=torch.float64, device=c.device, generator=generator) * c[:, -1:]
+    return torch.searchsorted(c, r, right=True).squeeze(-1).clamp_max(c.shape[-1] - 1)
+
+
+class AbsorbingDiffusion:
+    """The absorbing process: ``q_sample``, ``loss``, ``nelbo``, ``timesteps``, ``step``, ``sample``."""
+
+    def __init__(self, schedule: Schedule, num_steps: int, mask_id: int, hybrid_lambda: float = 0.01):
+        if num_steps < 1:
+            raise ValueError(f"the number of diffusion steps T must be >= 1, got {num_steps}")
+        self.schedule, self.T, self.mask_id, self.hybrid_lambda = schedule, int(num_steps), int(mask_id), hybrid_lambda
+
+    # ------------------------------------------------------------------ forward process
+    def alpha(self, t: torch.Tensor, x0: torch.Tensor, noise_mask: torch.Tensor) -> torch.Tensor:
+        """``alpha_t`` for the forward process, [B, 1] or [B, L] (float64)."""
+        return self.schedule.alpha(t.double() / self.T, x0, noise_mask)
+
+    def sample_t(self, batch_size: int, device, low_discrepancy: bool = False,
+                 generator: torch.Generator | None = None) -> torch.Tensor:
+        """Per-example t uniform on {1..T}; ``low_discrepancy`` stratifies u across the batch (MDLM)."""
+        if low_discrepancy:
+            u0 = torch.rand(1, device=device, generator=generator, dtype=torch.float64)
+            u = (u0 + torch.arange(batch_size, device=device, dtype=torch.float64) / batch_size) % 1.0
+        else:
+            u = torch.rand(batch_size, device=device, generator=generator, dtype=torch.float64)
+        return (u * self.T).long().clamp(0, self.T - 1) + 1
+
+    def q_sample(self, x0: torch.Tensor, t: torch.Tensor, noise_mask: torch.Tensor,
+                 generator: torch.Generator | None = None) -> torch.Tensor:
+        """Draw ``x_t ~ q(x_t | x0)``: each noised token is [MASK] with probability ``1 - alpha_t``. [B, L]."""
+        a_t = self.alpha(t, x0, noise_mask)
+        u = torch.rand(x0.shape, device=x0.device, generator=generator, dtype=torch.float64)
+        masked = (u >= a_t) & noise_mask
+        return x0.masked_fill(masked, self.mask_id)
+
+    # ------------------------------------------------------------------ bound
+    def log_p_hat(self, logits: torch.Tensor) -> torch.Tensor:
+        """Zero masking (the [MASK] logit is never predicted), then log-softmax in float32. [N, V]."""
+        logits = logits.float()
+        logits[:, self.mask_id] = float("-inf")
+        return logits.log_softmax(-1)
+
+    def kl(self, logp: torch.Tensor, x0: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor,
+           s: torch.Tensor, noise_mask: torch.Tensor) -> torch.Tensor:
+        """KL(q(x_s | x_t, x0) || p(x_s | x_t)) at every masked position, [N] (same order as ``logp``).
+
+        ``logp`` [N, V] is ``log p_hat`` at the masked positions of ``x_t``; ``t``, ``s`` are [B].
+        """
+        masked = (x_t == self.mask_id) & noise_mask
+        b_idx = masked.nonzero()[:, 0]
+        x0_m = x0[masked]
+        logp_x0 = logp.gather(-1, x0_m[:, None]).squeeze(-1)
+        if not self.schedule.token_dependent:
+            w = _safe_w(self.alpha(s, x0, noise_mask), self.alpha(t, x0, noise_mask)).squeeze(-1)  # [B]
+            return -(w[b_idx].float() * logp_x0)
+        # Spindle: q uses the sentence's own statistic; p only the corpus constant (Eq. in ALGORITHMS.md).
+        w_q = _safe_w(self.alpha(s, x0, noise_mask), self.alpha(t, x0, noise_mask))[masked].float()  # [N]
+        w_p = _safe_w(self.schedule.alpha_vocab(s.double() / self.T),
+                      self.schedule.alpha_vocab(t.double() / self.T)).float()  # [B, V]
+        rows = w_p[b_idx]  # [N, V]
+        w_p_x0 = rows.gather(-1, x0_m[:, None]).squeeze(-1)
+        stay = (logp.exp() * (1.0 - rows)).sum(-1)  # sum_v p_hat(v)(1 - w(v)) = 1 - sum_v p_hat(v) w(v)
+        unmask_term = torch.xlogy(w_q, w_q) - w_q * (logp_x0 + torch.log(w_p_x0.clamp_min(1e-30)))
+        stay_term = torch.xlogy(1.0 - w_q, 1.0 - w_q) - torch.where(
+            w_q < 1.0, (1.0 - w_q) * torch.log(stay.clamp_min(1e-30)), torch.zeros_like(w_q))
+        return unmask_term + stay_term
+
+    def kl_per_example(self, denoise: Denoiser, x0, t, s, noise_mask, attention_mask,
+                       generator=None):
+        """Draw ``x_t``, call the denoiser at its masked positions, and return (KL [B], CE [N], masked)."""
+        x_t = self.q_sample(x0, t, noise_mask, generator)
+        masked = (x_t == self.mask_id) & noise_mask
+        logits = denoise(x_t, t, attention_mask, masked)
+        logp = self.log_p_hat(logits)
+        kl_pos = self.kl(logp, x0, x_t, t, s, noise_mask)
+        kl_b = torch.zeros(x0.shape[0], device=x0.device, dtype=kl_pos.dtype)
+        kl_b.index_add_(0, masked.nonzero()[:, 0], kl_pos)
+        ce_pos = -logp.gather(-1, x0[masked][:, None]).squeeze(-1)
+        return kl_b, ce_pos, masked
+
+    def loss(self, denoise: Denoiser, x0: torch.Tensor, noise_mask: torch.Tensor,
+             attention_mask: torch.Tensor, low_discrepancy: bool = False,
+             generator: torch.Generator | None = None) -> LossOutput:
+        """Training loss: ``T * KL(t -> t-1)`` (an unbiased NELBO estimate) per noised token, plus
+        ``hybrid_lambda * CE(p_hat, x0)`` over masked positions (D3PM's hybrid loss)."""
+        B = x0.shape[0]
+        t = self.sample_t(B, x0.device, low_discrepancy, generator)
+        kl_b, ce_pos, masked = self.kl_per_example(denoise, x0, t, t - 1, noise_mask, attention_mask, generator)
+        nelbo = self.T * kl_b
+        num_tokens = noise_mask.sum()
+        num_masked = masked.sum()
+        ce = ce_pos.sum() / num_masked.clamp_min(1)
+        loss = nelbo.sum() / num_tokens.clamp_min(1) + self.hybrid_lambda * ce
+        return LossOutput(loss, nelbo.detach(), ce.detach(), num_tokens, num_masked)
+
+    def timesteps(self, n: int) -> torch.Tensor:
+        """A grid of ``n`` steps: ``n + 1`` distinct integers from T down to 0. [n + 1]."""
+        if not 1 <= n <= self.T:
+            raise ValueError(f"number of steps must be between 1 and T={self.T}, got {n}")
+        grid = torch.linspace(self.T, 0, n + 1, dtype=torch.float64).round().long()
+        return torch.unique_consecutive(grid)
+
+    @torch.no_grad()
+    def nelbo(self, denoise: Denoiser, x0: torch.Tensor, noise_mask: torch.Tensor,
+              attention_mask: torch.Tensor, num_steps: int, monte_carlo: bool = False,
+              generator: torch.Generator | None = None) -> torch.Tensor:
+        """Negative ELBO of each example on a grid of K = ``num_steps`` steps, [B] in nats.
+
+        ``NELBO = sum_k E_q[KL(q(x_{t_{k-1}} | x_{t_k}, x0) || p(x_{t_{k-1}} | x_{t_k}))]``; the prior
+        term is 0 because ``alpha_T = 0``. A coarser grid gives a looser bound, still a bound.
+        ``monte_carlo`` draws one k per example and scales by K (one network call instead of K).
+        """
+        grid = self.timesteps(num_steps).to(x0.device)
+        K = grid.numel() - 1
+        B = x0.shape[0]
+        total = torch.zeros(B, dtype=torch.float32, device=x0.device)
+        if monte_carlo:
+            k = torch.randint(0, K, (B,), device=x0.device, generator=generator)
+            t, s = grid[k], grid[k + 1]
+            kl_b, _, _ = self.kl_per_example(denoise, x0, t, s, noise_mask, attention_mask, generator)
+            return K * kl_b
+        for k in range(K):
+            t, s = grid[k].expand(B), grid[k + 1].expand(B)
+            kl_b, _, _ = self.kl_per_example(denoise, x0, t, s, noise_mask, attention_mask, generator)
+            total += kl_b
+        return total
+
+    # ------------------------------------------------------------------ reverse process
+    def unmask_weights(self, t: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+        """Reverse-model ``w`` for every row: [B, 1] (token-independent) or [B, V] (spindle)."""
+        a_s = self.schedule.alpha_vocab(s.double() / self.T)
+        a_t = self.schedule.alpha_vocab(t.double() / self.T)
+        return _safe_w(a_s, a_t)
+
+    def step(self, logp: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor, s: torch.Tensor,
+             noise_mask: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """One reverse step ``x_t -> x_s`` given (filtered) ``log p_hat`` [N, V] at the masked positions.
+
+        A masked position becomes v with probability ``p_hat(v) w(v)`` and stays [MASK] otherwise:
+        draw "unmask" with probability ``u = sum_v p_hat(v) w(v)``, then v from ``p_hat(v) w(v) / u``.
+        Only the positions that unmask need a categorical draw. Returns ``x_s`` [B, L].
+        """
+        masked = (x_t == self.mask_id) & noise_mask
+        b_idx = masked.nonzero()[:, 0]
+        w = self.unmask_weights(t, s)
+        if w.shape[-1] == 1:
+            u = w[b_idx, 0]
+        else:
+            u = (logp.exp() * w[b_idx].float()).sum(-1).double()
+        draw = torch.rand(u.shape, dtype=torch.float64, device=u.device, generator=generator) < u
+        if bool((s == 0).all()):
+            draw = torch.ones_like(draw)  # alpha_0 = 1: every remaining [MASK] is revealed
+        x_s = x_t.clone()
+        if draw.any():
+            q = logp[draw].double().exp()  # only the positions that unmask need a draw
+            if w.shape[-1] != 1:
+                q = q * w[b_idx[draw]]
+            vals = x_s[masked]
+            vals[draw] = categorical_float64(q, generator)
+            x_s[masked] = vals
+        return x_s
+
+    @torch.no_grad()
+    def sample(self, denoise: Denoiser, x: torch.Tensor, noise_mask: torch.Tensor,
+               attention_mask: torch.Tensor, steps: int, topk: int = 0, top_p: float = 1.0,
+               temperature: float = 1.0, cache: bool = True,
+               generator: torch.Generator | None = None) -> SampleOutput:
+        """Ancestral sampling from ``x`` (noised positions set to [MASK]) over a grid of ``steps``.
+
+        ``cache`` (MDLM): with a time-agnostic denoiser the output depends on ``x_t`` only, so a row
+        whose tokens did not change since its last evaluation reuses its filtered ``log p_hat``; the
+        network is called only on rows that changed. Only valid when the denoiser ignores t.
+        """
+        x = x.masked_fill(noise_mask, self.mask_id)
+        grid = self.timesteps(steps).to(x.device)
+        B = x.shape[0]
+        calls = rows_evaluated = 0
+        cache_x = cache_mask = cache_logp = None
+        for k in range(grid.numel() - 1):
+            masked = (x == self.mask_id) & noise_mask
+            active = masked.any(-1)
+            if not active.any():
+                break
+            t = grid[k].expand(B)
+            s = grid[k + 1].expand(B)
+            changed = (x != cache_x).any(-1) if cache and cache_x is not None else torch.ones_like(active)
+            fresh_rows, reuse_rows = active & changed, active & ~changed
+            if fresh_rows.any():
+                logits = denoise(x[fresh_rows], t[fresh_rows], attention_mask[fresh_rows], masked[fresh_rows])
+                calls += 1
+                rows_evaluated += int(fresh_rows.sum())
+                fresh = filter_logits(self.log_p_hat(logits), topk, top_p, temperature).log_softmax(-1)
+            if reuse_rows.any():
+                # splice: reused rows keep their cached entries (row-major order is preserved)
+                logp = cache_logp.new_empty(int(masked.sum()), cache_logp.shape[-1])
+                pos_fresh = fresh_rows[:, None].expand_as(masked)[masked]
+                logp[~pos_fresh] = cache_logp[(reuse_rows[:, None] & cache_mask)[cache_mask]]
+                if fresh_rows.any():
+                    logp[pos_fresh] = fresh
+            else:
+                logp = fresh
+            x_new = self.step(logp, x, t, s, noise_mask, generator)
+            if cache:
+                cache_x, cache_mask, cache_logp = x, masked, logp
+            x = x_new
+        return SampleOutput(x, calls, rows_evaluated)

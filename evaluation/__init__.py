@@ -1,0 +1,1 @@
+"""Evaluation metrics for generated text (BLEU, self-BLEU, distinct-n)."""

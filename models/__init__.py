@@ -1,0 +1,6 @@
+"""Denoisers. Only networks live here; the diffusion math is in diffusion/."""
+from .bert_denoiser import (OFFLINE_ALIASES, TIME_CONDITIONING, BertDenoiser, load_masked_lm,
+                            resolve_model_path, sinusoidal_embedding, spare_token_ids)
+
+__all__ = ["OFFLINE_ALIASES", "TIME_CONDITIONING", "BertDenoiser", "load_masked_lm", "resolve_model_path",
+           "sinusoidal_embedding", "spare_token_ids"]

@@ -1,0 +1,1 @@
+"""Plumbing shared by the scripts: errors, distributed set-up, logging, checkpoints."""

@@ -1,0 +1,83 @@
+"""Build the denoiser and the diffusion process from a run config, for training and for inference
+(``predict.py``, ``compute_elbo.py`` rebuild everything from ``--checkpoint`` alone, offline)."""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+
+from diffusion import AbsorbingDiffusion, make_schedule
+from models import BertDenoiser, spare_token_ids
+from runtime import checkpoint
+from runtime.config import TrainConfig, from_dict
+from runtime.errors import UserError
+
+
+def build_diffusion(cfg: TrainConfig, mask_id: int, pad_id: int | None, counts=None) -> AbsorbingDiffusion:
+    try:
+        schedule = make_schedule(cfg.schedule, counts=counts, lam=cfg.word_freq_lambda,
+                                 form=cfg.spindle_form, pad_id=pad_id)
+        return AbsorbingDiffusion(schedule, cfg.num_steps, mask_id, cfg.hybrid_lambda)
+    except ValueError as e:
+        raise UserError(str(e)) from e
+
+
+def build_denoiser(cfg: TrainConfig, mlm, tokenizer) -> BertDenoiser:
+    try:
+        return BertDenoiser(mlm, cfg.time_conditioning, cfg.num_steps, spare_token_ids(tokenizer))
+    except ValueError as e:
+        raise UserError(str(e)) from e
+
+
+def check_tokenizer(tokenizer, vocab_size: int, where: str) -> None:
+    """A tokenizer whose size differs from the network's vocabulary cannot belong to it."""
+    if len(tokenizer) != vocab_size:
+        raise UserError(f"tokenizer in {where} has {len(tokenizer)} entries but the model's vocabulary has "
+                        f"{vocab_size}; the tokenizer does not match the checkpoint")
+    if tokenizer.mask_token_id is None:
+        raise UserError(f"tokenizer in {where} has no [MASK] token; absorbing diffusion needs one")
+
+
+@dataclass
+class Loaded:
+    ckpt_dir: str
+    cfg: TrainConfig
+    run_info: dict
+    tokenizer: object
+    denoiser: BertDenoiser
+    diffusion: AbsorbingDiffusion
+
+
+def load_for_inference(path: str, device: torch.device, prefer: str = "best") -> Loaded:
+    """Rebuild tokenizer, network and process from a checkpoint (or a run directory)."""
+    from transformers import AutoConfig, AutoModelForMaskedLM, AutoTokenizer
+
+    ckpt_dir = checkpoint.resolve(path, prefer)
+    run_info = checkpoint.read_run_config(ckpt_dir)
+    cfg = from_dict(run_info["config"])
+    derived = run_info["derived"]
+    if cfg.task != "lm":
+        raise UserError(f"{ckpt_dir} is a {cfg.task} checkpoint; this script needs an unconditional (lm) one")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(ckpt_dir)
+        hf_config = AutoConfig.from_pretrained(ckpt_dir)
+    except (OSError, ValueError) as e:
+        raise UserError(f"cannot load the tokenizer/config stored in {ckpt_dir}: {e}") from e
+    check_tokenizer(tokenizer, hf_config.vocab_size, ckpt_dir)
+    mlm = AutoModelForMaskedLM.from_config(hf_config)
+    denoiser = build_denoiser(cfg, mlm, tokenizer)
+    state = checkpoint.load_state(ckpt_dir, "model.pt")
+    try:
+        denoiser.load_state_dict(state)
+    except RuntimeError as e:
+        raise UserError(f"the weights in {ckpt_dir}/model.pt do not fit the stored model config: "
+                        f"{str(e).splitlines()[0]}") from e
+    denoiser.to(device).eval()
+    counts = None
+    if cfg.schedule == "spindle":
+        wf = os.path.join(ckpt_dir, "word_freq.json")
+        from textdata import word_freq
+        counts = torch.tensor(word_freq.load(wf, vocab_size=hf_config.vocab_size)["counts"])
+    diffusion = build_diffusion(cfg, tokenizer.mask_token_id, tokenizer.pad_token_id, counts)
+    return Loaded(ckpt_dir, cfg, run_info, tokenizer, denoiser, diffusion)

@@ -1,0 +1,94 @@
+"""The typed run configuration: one dataclass, the CLI generated from it, stored as JSON in every
+checkpoint so that ``predict.py`` and ``compute_*.py`` need only ``--checkpoint``."""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+from dataclasses import dataclass, field
+
+
+def opt(default, help: str, **kw):
+    return field(default=default, metadata={"help": help, **kw})
+
+
+@dataclass
+class TrainConfig:
+    # task and process
+    task: str = opt("lm", "lm: unconditional language modelling", choices=("lm",))
+    process: str = opt("absorbing", "diffusion process", choices=("absorbing",))
+    # model
+    model_name_or_path: str = opt("minilm", "hub id, local directory, or 'minilm' (offline all-MiniLM-L6-v2)")
+    from_scratch: bool = opt(False, "same config, randomly initialised weights")
+    time_conditioning: str = opt("none", "none (time-agnostic decoding), token, or layerwise",
+                                 choices=("none", "token", "layerwise"))
+    # data
+    dataset: str = opt("bible", "bible (offline default), text (--data_files), or lm1b (hub)",
+                       choices=("bible", "text", "lm1b"))
+    data_files: str | None = opt(None, "for --dataset text: a text file or a folder with train.txt [valid.txt test.txt]")
+    data_dir: str = opt("data", "where the offline corpus is written")
+    max_len: int = opt(64, "maximum wordpieces per example, [CLS] and [SEP] included")
+    # diffusion
+    num_steps: int = opt(2048, "T, the number of diffusion steps")
+    schedule: str = opt("spindle", "noise schedule", choices=("mutual", "cosine", "spindle"))
+    spindle_form: str = opt("released", "spindle: released-code form or paper form (Eq. 10-12)",
+                            choices=("released", "paper"))
+    word_freq_lambda: float = opt(0.3, "spindle lambda")
+    word_freq_file: str | None = opt(None, "token counts from word_freq.py (default word_freq/<tokenizer>__<dataset>.json)")
+    hybrid_lambda: float = opt(0.01, "weight of the auxiliary cross-entropy term")
+    low_discrepancy: bool = opt(False, "stratify t across the batch (MDLM's low-discrepancy sampler)")
+    # optimisation
+    batch_size: int = opt(32, "examples per micro-batch per process")
+    accumulation_steps: int = opt(1, "micro-batches per optimizer step")
+    lr: float = opt(5e-5, "peak learning rate (AdamW)")
+    weight_decay: float = opt(0.0, "AdamW weight decay")
+    warmup_steps: int = opt(1000, "linear warm-up steps")
+    decay: str = opt("linear", "learning-rate decay after warm-up", choices=("linear", "cosine", "constant"))
+    max_steps: int = opt(10000, "optimizer steps")
+    grad_clip: float = opt(1.0, "gradient-norm clipping (0: off)")
+    dropout: float | None = opt(None, "override the model's dropout probabilities")
+    bf16: bool = opt(True, "bf16 autocast on CUDA (ignored on CPU)", bool_optional=True)
+    # evaluation, checkpoints, logging
+    eval_every: int = opt(1000, "dev-set ELBO every N optimizer steps (0: only at the end)")
+    eval_examples: int = opt(512, "dev examples used for the ELBO (a fixed, seeded subset)")
+    eval_steps: int = opt(64, "K, the ELBO grid size for the dev estimate")
+    save_every: int = opt(1000, "write the last checkpoint every N optimizer steps")
+    log_every: int = opt(10, "log training metrics every N optimizer steps")
+    out_dir: str = opt("outputs/run", "run directory: checkpoints/best, checkpoints/last, metrics.jsonl")
+    log_dir: str = opt("logs", "fitlog directory")
+    resume: str | None = opt(None, "resume from a run directory or a checkpoint directory")
+    seed: int = opt(42, "random seed")
+    device: str = opt("auto", "auto, cpu, cuda, cuda:1, ...")
+    num_workers: int = opt(0, "DataLoader workers")
+    overwrite: bool = opt(False, "allow --out_dir to hold an earlier run (its checkpoints are replaced)")
+
+
+def build_parser(cls=TrainConfig, description: str | None = None) -> argparse.ArgumentParser:
+    """An argparse parser with one flag per dataclass field; booleans are real switches."""
+    p = argparse.ArgumentParser(description=description)
+    for f in dataclasses.fields(cls):
+        meta = dict(f.metadata)
+        help_ = meta.pop("help", None)
+        bool_optional = meta.pop("bool_optional", False)
+        if f.type in ("bool", bool):
+            action = argparse.BooleanOptionalAction if (bool_optional or f.default) else "store_true"
+            p.add_argument(f"--{f.name}", action=action, default=f.default, help=help_)
+            continue
+        typ = {"int": int, "float": float, "str": str, "str | None": str, "float | None": float,
+               "int | None": int}[f.type if isinstance(f.type, str) else f.type.__name__]
+        p.add_argument(f"--{f.name}", type=typ, default=f.default, help=f"{help_} (default: {f.default})", **meta)
+    return p
+
+
+def from_args(ns: argparse.Namespace, cls=TrainConfig):
+    return cls(**{f.name: getattr(ns, f.name) for f in dataclasses.fields(cls)})
+
+
+def to_json(cfg) -> str:
+    return json.dumps(dataclasses.asdict(cfg), indent=2, sort_keys=True)
+
+
+def from_dict(d: dict, cls=TrainConfig):
+    """Rebuild a config from stored JSON; unknown keys (from newer versions) are ignored."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    return cls(**{k: v for k, v in d.items() if k in names})

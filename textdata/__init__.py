@@ -1,0 +1,1 @@
+"""Offline text corpora for training and evaluating diffusion language models."""

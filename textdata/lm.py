@@ -1,0 +1,182 @@
+"""Language-modelling data: the offline Bible corpus, local text files, and LM1B from the hub.
+
+Every source becomes a ``datasets.DatasetDict`` with a ``text`` column and the splits
+``train``/``valid``/``test``; :func:`tokenize_splits` turns it into ``input_ids`` once and lets
+datasets cache the result (keyed by the text, the tokenizer's vocabulary and ``max_len``).
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+from collections import Counter
+from dataclasses import dataclass
+
+import torch
+
+from runtime.errors import UserError
+
+DATASETS = ("bible", "text", "lm1b")
+SPLITS = ("train", "valid", "test")
+TOKENIZE_VERSION = "lm-v1"  # bump when the tokenisation below changes, to invalidate the cache
+
+
+def dataset_name(dataset: str, data_files: str | None) -> str:
+    """A short name for file names (word frequencies, outputs)."""
+    if dataset == "text":
+        base = os.path.basename(os.path.normpath(data_files or "text"))
+        return "text-" + os.path.splitext(base)[0]
+    return dataset
+
+
+def _carve(ds, n_holdout: int, seed: int = 1234):
+    """Deterministically split ``n_holdout`` lines off a dataset: (rest, holdout)."""
+    if len(ds) <= 2 * n_holdout:
+        raise UserError(f"need more than {2 * n_holdout} lines to carve valid/test splits, got {len(ds)}")
+    parts = ds.train_test_split(test_size=n_holdout, seed=seed, shuffle=True)
+    return parts["train"], parts["test"]
+
+
+def _load_text_files(files: dict[str, str]):
+    from datasets import load_dataset
+    for split, path in files.items():
+        if not os.path.isfile(path):
+            raise UserError(f"data file {path} ({split} split) does not exist")
+        if os.path.getsize(path) == 0:
+            raise UserError(f"data file {path} ({split} split) is empty")
+    return load_dataset("text", data_files=files)
+
+
+def load_text_splits(dataset: str, data_files: str | None = None, data_dir: str = "data",
+                     log=print):
+    """The raw text splits of ``dataset`` as a DatasetDict with ``train``, ``valid``, ``test``.
+
+    * ``bible``: the offline default corpus (KJV and WEB verses), written to ``data_dir/bible``.
+    * ``text``: ``data_files`` is a file (valid/test are carved off deterministically) or a folder
+      with ``train.txt`` and optional ``valid.txt``/``test.txt``; one example per line.
+    * ``lm1b``: ``datasets.load_dataset("lm1b")`` (needs the hub); valid is carved from train.
+    """
+    import datasets
+    from datasets import DatasetDict
+
+    datasets.disable_progress_bars()  # our own log lines say what happened
+    if dataset == "bible":
+        from textdata.bible import write_lm_corpus
+        files = write_lm_corpus(os.path.join(data_dir, "bible"))
+        ds = _load_text_files({s: files[s] for s in SPLITS})
+    elif dataset == "text":
+        if not data_files:
+            raise UserError("--dataset text needs --data_files (a text file or a folder with train.txt)")
+        if os.path.isdir(data_files):
+            files = {s: os.path.join(data_files, f"{s}.txt") for s in SPLITS
+                     if os.path.isfile(os.path.join(data_files, f"{s}.txt"))}
+            if "train" not in files:
+                raise UserError(f"folder {data_files} has no train.txt")
+        elif os.path.isfile(data_files):
+            files = {"train": data_files}
+        else:
+            raise UserError(f"--data_files {data_files} does not exist")
+        ds = _load_text_files(files)
+        n_hold = max(1, min(5000, len(ds["train"]) // 100))
+        for split in ("valid", "test"):
+            if split not in ds:
+                ds["train"], ds[split] = _carve(ds["train"], n_hold)
+                log(f"data: carved a {split} split of {n_hold} lines off {files['train']} (seeded, deterministic)")
+    elif dataset == "lm1b":
+        from datasets import load_dataset
+        try:
+            raw = load_dataset("lm1b")
+        except Exception as e:
+            raise UserError(f"could not load LM1B from the Hugging Face hub ({type(e).__name__}: {e}); "
+                            "it needs internet access, or use --dataset text --data_files FILE") from e
+        train, valid = _carve(raw["train"], 10000)
+        ds = DatasetDict(train=train, valid=valid, test=raw["test"])
+    else:
+        raise UserError(f"unknown dataset {dataset!r}; choose one of {', '.join(DATASETS)}")
+    return DatasetDict({s: ds[s] for s in SPLITS})
+
+
+def vocab_fingerprint(tokenizer) -> str:
+    """sha256 of the vocabulary (tokens in id order): tells two tokenizers apart."""
+    vocab = tokenizer.get_vocab()
+    toks = sorted(vocab.items(), key=lambda kv: kv[1])
+    return hashlib.sha256("\n".join(f"{i}\t{t}" for t, i in toks).encode()).hexdigest()[:16]
+
+
+def tokenize_splits(ds, tokenizer, max_len: int, log=print):
+    """Add ``input_ids`` (``[CLS] ... [SEP]``, at most ``max_len``), ``length`` and ``n_words``.
+
+    Empty lines are dropped and counted; longer lines are cut to ``max_len`` wordpieces (the final
+    [SEP] kept) and counted. ``n_words`` counts the whitespace words actually kept.
+    """
+    if max_len < 3:
+        raise UserError(f"--max_len must be at least 3 ([CLS] token [SEP]), got {max_len}")
+    vfp = vocab_fingerprint(tokenizer)
+    sep = tokenizer.sep_token_id if tokenizer.sep_token_id is not None else tokenizer.eos_token_id
+
+    def encode(batch):
+        enc = tokenizer(batch["text"], add_special_tokens=True, truncation=False)["input_ids"]
+        ids, trunc, words = [], [], []
+        for text, e in zip(batch["text"], enc):
+            cut = len(e) > max_len
+            if cut:
+                e = e[: max_len - 1] + [sep]
+                text = tokenizer.decode(e, skip_special_tokens=True)
+            ids.append(e)
+            trunc.append(cut)
+            words.append(len(text.split()))
+        return {"input_ids": ids, "length": [len(e) for e in ids], "truncated": trunc, "n_words": words}
+
+    out = {}
+    for split, d in ds.items():
+        n0 = len(d)
+        d = d.filter(lambda b: [bool(x.strip()) for x in b["text"]], batched=True,
+                     new_fingerprint=hashlib.sha256(f"{d._fingerprint}-nonempty".encode()).hexdigest()[:16])
+        if len(d) < n0:
+            log(f"data: {split}: dropped {n0 - len(d)} empty lines")
+        if len(d) == 0:
+            raise UserError(f"the {split} split has no non-empty lines")
+        fp = hashlib.sha256(f"{d._fingerprint}-{vfp}-{max_len}-{TOKENIZE_VERSION}".encode()).hexdigest()[:16]
+        d = d.map(encode, batched=True, batch_size=1000, new_fingerprint=fp, desc=f"tokenising {split}")
+        n_trunc = sum(d["truncated"])
+        if n_trunc:
+            log(f"data: {split}: {n_trunc} of {len(d)} lines longer than --max_len {max_len} were truncated")
+        out[split] = d
+    from datasets import DatasetDict
+    return DatasetDict(out)
+
+
+def length_counts(ds, max_len: int) -> list[int]:
+    """Histogram of the number of noised tokens (length minus [CLS] and [SEP]): index n -> count."""
+    c = Counter(int(n) - 2 for n in ds["length"])
+    return [c.get(n, 0) for n in range(max_len - 1)]
+
+
+@dataclass
+class Collator:
+    """Dynamic padding: ``input_ids``, ``attention_mask`` and ``noise_mask`` (diffused positions:
+    everything but [CLS]/[SEP]/padding), plus ``n_words`` for per-word perplexity."""
+
+    pad_id: int
+    special_ids: tuple[int, ...]
+
+    def __call__(self, rows):
+        L = max(len(r["input_ids"]) for r in rows)
+        ids = torch.full((len(rows), L), self.pad_id, dtype=torch.long)
+        att = torch.zeros((len(rows), L), dtype=torch.long)
+        for i, r in enumerate(rows):
+            n = len(r["input_ids"])
+            ids[i, :n] = torch.tensor(r["input_ids"], dtype=torch.long)
+            att[i, :n] = 1
+        noise = att.bool()
+        for sid in self.special_ids:
+            noise &= ids != sid
+        return {"input_ids": ids, "attention_mask": att, "noise_mask": noise,
+                "n_words": torch.tensor([r.get("n_words", 0) for r in rows], dtype=torch.long)}
+
+
+def collator_for(tokenizer) -> Collator:
+    special = tuple(i for i in (tokenizer.cls_token_id, tokenizer.sep_token_id, tokenizer.bos_token_id,
+                                tokenizer.eos_token_id) if i is not None)
+    if tokenizer.pad_token_id is None:
+        raise UserError("the tokenizer has no padding token")
+    return Collator(tokenizer.pad_token_id, special)

@@ -1,0 +1,279 @@
+"""Train a DiffusionBERT (absorbing diffusion on a pretrained BERT-family masked LM).
+
+    python train.py --dataset bible --model_name_or_path minilm --schedule spindle --max_steps 400
+    torchrun --nproc_per_node 4 train.py ...            # DDP, decided by the RANK variable
+
+Writes ``<out_dir>/checkpoints/{last,best}`` (see runtime/checkpoint.py), ``<out_dir>/metrics.jsonl``
+and fitlog logs under ``--log_dir``. ``--resume <out_dir>`` continues a run exactly.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import os
+import sys
+import time
+
+import torch
+from torch.utils.data import DataLoader
+
+from runtime import checkpoint, dist
+from runtime.assemble import build_denoiser, build_diffusion, check_tokenizer
+from runtime.config import TrainConfig, build_parser, from_args, from_dict
+from runtime.errors import UserError, cli_main
+from runtime.runlog import RunLogger
+from runtime.training import ResumableSampler, lr_lambda, rng_state, seed_everything, set_rng_state
+from textdata import lm, word_freq
+
+# Settings that may change between a run and its resumption; anything else must match.
+RESUMABLE_CHANGES = {"resume", "max_steps", "eval_every", "save_every", "log_every", "device",
+                     "num_workers", "overwrite", "log_dir", "eval_examples"}
+
+
+def check_config(cfg: TrainConfig) -> None:
+    """Reject impossible flag combinations before any work is done."""
+    positive = ["batch_size", "accumulation_steps", "max_steps", "num_steps", "max_len", "eval_steps", "eval_examples"]
+    for name in positive:
+        if getattr(cfg, name) < 1:
+            raise UserError(f"--{name} must be at least 1, got {getattr(cfg, name)}")
+    if cfg.eval_steps > cfg.num_steps:
+        raise UserError(f"--eval_steps {cfg.eval_steps} exceeds the number of diffusion steps T={cfg.num_steps}")
+    if cfg.dataset == "text" and not cfg.data_files:
+        raise UserError("--dataset text needs --data_files")
+    if cfg.dataset != "text" and cfg.data_files:
+        raise UserError(f"--data_files is only used with --dataset text (got --dataset {cfg.dataset})")
+    if cfg.lr <= 0:
+        raise UserError(f"--lr must be positive, got {cfg.lr}")
+
+
+def resume_source(cfg: TrainConfig):
+    """The checkpoint to resume from, after checking that its config matches this one."""
+    ckpt_dir = checkpoint.resolve(cfg.resume, prefer="last")
+    stored = from_dict(checkpoint.read_run_config(ckpt_dir)["config"])
+    diffs = [f"--{f.name}: checkpoint {getattr(stored, f.name)!r} vs now {getattr(cfg, f.name)!r}"
+             for f in dataclasses.fields(cfg)
+             if f.name not in RESUMABLE_CHANGES and getattr(stored, f.name) != getattr(cfg, f.name)]
+    if diffs:
+        raise UserError(f"cannot resume {ckpt_dir} with another config ({'; '.join(diffs)})")
+    if not os.path.isfile(os.path.join(ckpt_dir, "training_state.pt")):
+        raise UserError(f"{ckpt_dir} has no training_state.pt to resume from")
+    return ckpt_dir
+
+
+def load_word_freq(cfg: TrainConfig, tokenizer):
+    if cfg.schedule != "spindle":
+        return None, None
+    name = lm.dataset_name(cfg.dataset, cfg.data_files)
+    path = cfg.word_freq_file or word_freq.default_path(cfg.model_name_or_path, name)
+    data_flag = f" --data_files {cfg.data_files}" if cfg.data_files else ""
+    hint = (f"python word_freq.py --model_name_or_path {cfg.model_name_or_path} --dataset {cfg.dataset}"
+            f"{data_flag}" + (f" --out {path}" if cfg.word_freq_file else ""))
+    rec = word_freq.load(path, lm.vocab_fingerprint(tokenizer), len(tokenizer), create_hint=hint)
+    return torch.tensor(rec["counts"]), {"path": path, "sha256": rec["sha256"], "tokenizer": rec["tokenizer"],
+                                         "dataset": rec["dataset"]}
+
+
+def set_dropout(model: torch.nn.Module, p: float) -> None:
+    for m in model.modules():
+        if isinstance(m, torch.nn.Dropout):
+            m.p = p
+
+
+@cli_main
+def main(argv=None):
+    cfg = from_args(build_parser(TrainConfig, __doc__.splitlines()[0]).parse_args(argv))
+    check_config(cfg)
+    resume_dir = resume_source(cfg) if cfg.resume else None
+    ckpt_root = os.path.join(cfg.out_dir, "checkpoints")
+    if not resume_dir and os.path.isdir(ckpt_root) and os.listdir(ckpt_root) and not cfg.overwrite:
+        raise UserError(f"{cfg.out_dir} already holds checkpoints; use --resume {cfg.out_dir} to continue, "
+                        "--overwrite to start over, or another --out_dir")
+
+    info = dist.setup(cfg.device)
+    log = print if info.is_main else (lambda *a, **k: None)
+    try:
+        run(cfg, info, log, resume_dir)
+    finally:
+        dist.cleanup(info)
+
+
+def run(cfg: TrainConfig, info: dist.DistInfo, log, resume_dir: str | None) -> None:
+    from models import load_masked_lm
+
+    device = info.device
+    ckpt_root = os.path.join(cfg.out_dir, "checkpoints")
+    seed_everything(cfg.seed)  # identical initialisation on every rank
+    use_bf16 = cfg.bf16 and device.type == "cuda" and torch.cuda.is_bf16_supported()
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+
+    # ---- model and tokenizer
+    try:
+        mlm, tokenizer, model_path = load_masked_lm(cfg.model_name_or_path, cfg.from_scratch, log=log)
+    except OSError as e:
+        raise UserError(f"cannot load model {cfg.model_name_or_path}: {str(e).splitlines()[0]}") from e
+    check_tokenizer(tokenizer, mlm.config.vocab_size, model_path)
+    if cfg.max_len + (cfg.time_conditioning == "token") > mlm.config.max_position_embeddings:
+        raise UserError(f"--max_len {cfg.max_len} exceeds the model's {mlm.config.max_position_embeddings} positions")
+    if cfg.dropout is not None:
+        set_dropout(mlm, cfg.dropout)
+    denoiser = build_denoiser(cfg, mlm, tokenizer).to(device)
+    counts, wf_identity = load_word_freq(cfg, tokenizer)
+    diffusion = build_diffusion(cfg, tokenizer.mask_token_id, tokenizer.pad_token_id, counts)
+
+    # ---- data (rank 0 builds the corpus and the tokenisation cache first)
+    if not info.is_main:
+        dist.barrier(info)
+    raw = lm.load_text_splits(cfg.dataset, cfg.data_files, cfg.data_dir, log=log)
+    data = lm.tokenize_splits({s: raw[s] for s in ("train", "valid")}, tokenizer, cfg.max_len, log=log)
+    if info.is_main:
+        dist.barrier(info)
+    train_set, valid_set = data["train"], data["valid"]
+    dev = valid_set.shuffle(seed=cfg.seed).select(range(min(cfg.eval_examples, len(valid_set))))
+    dev = dev.select(range(info.rank, len(dev), info.world_size))
+    collate = lm.collator_for(tokenizer)
+    log(f"data: {cfg.dataset}: {len(train_set)} train / {len(valid_set)} valid lines; "
+        f"dev ELBO on {min(cfg.eval_examples, len(valid_set))} examples, K={cfg.eval_steps}")
+
+    derived = {"vocab_size": mlm.config.vocab_size, "mask_id": tokenizer.mask_token_id,
+               "pad_id": tokenizer.pad_token_id, "vocab_fingerprint": lm.vocab_fingerprint(tokenizer),
+               "model_path": model_path, "length_counts": lm.length_counts(train_set, cfg.max_len),
+               "word_freq": wf_identity, "schedule": diffusion.schedule.describe()}
+
+    # ---- optimisation
+    params = [p for p in denoiser.parameters() if p.requires_grad]
+    decay = [p for p in params if p.dim() >= 2]
+    no_decay = [p for p in params if p.dim() < 2]
+    optim = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
+                               {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr,
+                              fused=device.type == "cuda")
+    sched = torch.optim.lr_scheduler.LambdaLR(optim, lr_lambda(cfg.warmup_steps, cfg.max_steps, cfg.decay))
+    model = denoiser
+    if info.enabled:
+        model = torch.nn.parallel.DistributedDataParallel(
+            denoiser, device_ids=[device.index] if device.type == "cuda" else None)
+
+    sampler = ResumableSampler(train_set, info.world_size, info.rank, cfg.seed)
+    step, epoch, pos, best = 0, 0, 0, float("inf")
+    if resume_dir:
+        denoiser.load_state_dict(checkpoint.load_state(resume_dir, "model.pt", map_location=device))
+        ts = checkpoint.load_state(resume_dir, "training_state.pt")
+        optim.load_state_dict(ts["optimizer"])
+        sched.load_state_dict(ts["scheduler"])
+        step, epoch, pos, best = ts["step"], ts["epoch"], ts["position"], ts["best"]
+        set_rng_state(ts["rng"][info.rank] if info.rank < len(ts["rng"]) else ts["rng"][0])
+        log(f"resume: {resume_dir} at step {step} (epoch {epoch}, example {pos * info.world_size})")
+    else:
+        seed_everything(cfg.seed + info.rank)  # different noise on every rank
+
+    logger = RunLogger(cfg.out_dir, cfg.log_dir, dataclasses.asdict(cfg), enabled=info.is_main)
+    if info.is_main:
+        os.makedirs(cfg.out_dir, exist_ok=True)
+
+    def make_loader(epoch: int, start: int):
+        sampler.set_position(epoch, start)
+        return DataLoader(train_set, batch_size=cfg.batch_size, sampler=sampler, collate_fn=collate,
+                          num_workers=cfg.num_workers, pin_memory=device.type == "cuda", drop_last=False,
+                          generator=torch.Generator())  # keeps the global RNG untouched (exact resume)
+
+    def save(name: str, extra: dict | None = None) -> None:
+        states = [rng_state()]
+        if info.enabled:
+            states = [None] * info.world_size
+            torch.distributed.all_gather_object(states, rng_state())
+        if not info.is_main:
+            return
+        run_config = {"config": dataclasses.asdict(cfg), "derived": derived,
+                      "step": step, "best_dev_nelbo_per_token": best, **(extra or {})}
+        training_state = {"optimizer": optim.state_dict(), "scheduler": sched.state_dict(), "step": step,
+                          "epoch": epoch, "position": pos, "best": best, "rng": states}
+        files = {"word_freq.json": wf_identity["path"]} if wf_identity else None
+        checkpoint.save(os.path.join(ckpt_root, name), run_config=run_config, model_state=denoiser.state_dict(),
+                        hf_config=mlm.config, tokenizer=tokenizer, training_state=training_state, extra_files=files)
+
+    @torch.no_grad()
+    def evaluate() -> dict:
+        """Dev NELBO on the fixed subset: Monte Carlo over the K-step grid with a fixed generator."""
+        denoiser.eval()
+        gen = torch.Generator(device=device).manual_seed(cfg.seed)
+        tot = torch.zeros(3, dtype=torch.float64, device=device)  # nelbo, tokens, words
+        for batch in DataLoader(dev, batch_size=cfg.batch_size, collate_fn=collate):
+            batch = {k: v.to(device) for k, v in batch.items()}
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
+                nelbo = diffusion.nelbo(denoiser, batch["input_ids"], batch["noise_mask"], batch["attention_mask"],
+                                        cfg.eval_steps, monte_carlo=True, generator=gen)
+            tot += torch.stack([nelbo.double().sum(), batch["noise_mask"].sum().double(), batch["n_words"].sum().double()])
+        dist.all_reduce_sum(tot, info)
+        denoiser.train()
+        per_tok = float(tot[0] / tot[1].clamp_min(1))
+        return {"nelbo_per_token": per_tok, "ppl_token": float(torch.exp(tot[0] / tot[1].clamp_min(1))),
+                "ppl_word": float(torch.exp(tot[0] / tot[2].clamp_min(1)))}
+
+    # ---- the loop
+    from tqdm import tqdm
+
+    loader_iter = iter(make_loader(epoch, pos))
+    pbar = tqdm(total=cfg.max_steps, initial=step, disable=not info.is_main, dynamic_ncols=True,
+                desc="train", file=sys.stdout, mininterval=1.0)
+    denoiser.train()
+    t_last, tok_since = time.time(), 0
+    run_start = time.time()
+    while step < cfg.max_steps:
+        optim.zero_grad(set_to_none=True)
+        stats = torch.zeros(4, dtype=torch.float64, device=device)  # loss, nelbo sum, noised tokens, ce
+        for micro in range(cfg.accumulation_steps):
+            try:
+                batch = next(loader_iter)
+            except StopIteration:
+                epoch, pos = epoch + 1, 0
+                loader_iter = iter(make_loader(epoch, 0))
+                batch = next(loader_iter)
+            pos += batch["input_ids"].shape[0]
+            batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+            last = micro == cfg.accumulation_steps - 1
+            sync = contextlib.nullcontext() if (last or not info.enabled) else model.no_sync()
+            with sync, torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
+                out = diffusion.loss(model, batch["input_ids"], batch["noise_mask"], batch["attention_mask"],
+                                     low_discrepancy=cfg.low_discrepancy)
+                (out.loss / cfg.accumulation_steps).backward()  # mean, not sum, over micro-batches
+            stats += torch.stack([out.loss.detach().double(), out.nelbo.sum().double(),
+                                  out.num_tokens.double(), out.ce.double()])
+            tok_since += int(batch["attention_mask"].sum())
+        if cfg.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(denoiser.parameters(), cfg.grad_clip)
+        optim.step()
+        sched.step()
+        step += 1
+        pbar.update(1)
+        if step % cfg.log_every == 0 or step == cfg.max_steps:
+            dist.all_reduce_sum(stats, info)
+            now = time.time()
+            tok_s = tok_since * info.world_size / max(now - t_last, 1e-9)
+            t_last, tok_since = now, 0
+            loss = float(stats[0]) / (cfg.accumulation_steps * info.world_size)
+            metrics = {"loss": loss, "nelbo_per_token": float(stats[1] / stats[2].clamp_min(1)),
+                       "ce": float(stats[3]) / (cfg.accumulation_steps * info.world_size),
+                       "lr": sched.get_last_lr()[0], "tokens_per_s": tok_s}
+            pbar.set_postfix(loss=f"{loss:.3f}", lr=f"{metrics['lr']:.2e}", tok_s=f"{tok_s:.0f}")
+            logger.log(step, "train", **metrics)
+        if (cfg.eval_every and step % cfg.eval_every == 0) or step == cfg.max_steps:
+            dev_metrics = evaluate()
+            logger.log(step, "dev", **dev_metrics)
+            if info.is_main:
+                pbar.write(f"step {step}: dev NELBO/token {dev_metrics['nelbo_per_token']:.4f}  "
+                           f"PPL/token {dev_metrics['ppl_token']:.2f}  PPL/word {dev_metrics['ppl_word']:.2f}")
+            if dev_metrics["nelbo_per_token"] < best:
+                best = dev_metrics["nelbo_per_token"]
+                logger.best(step, **dev_metrics)
+                save("best", {"dev": dev_metrics})
+        if step % cfg.save_every == 0 or step == cfg.max_steps:
+            save("last")
+    pbar.close()
+    logger.close()
+    log(f"done: {step} steps in {time.time() - run_start:.0f}s; best dev NELBO/token {best:.4f}; "
+        f"checkpoints in {ckpt_root}/{{best,last}}")
+
+
+if __name__ == "__main__":
+    main()
