@@ -28,12 +28,23 @@ import time
 from typing import Callable
 
 from evaluation.text_metrics import CONVENTIONS, summarise_unconditional
+from runtime.errors import UserError as InputError
 
 EXIT_BAD_INPUT = 2
 
 
-class InputError(Exception):
-    """A problem with the user's input, reported as one line without a traceback."""
+def normalise_like_samples(lines: list[str], tokenizer_path: str) -> list[str]:
+    """Round-trip references through the tokenizer that produced the samples (lower case,
+    wordpiece spacing of punctuation), so that BLEU compares like with like."""
+    from transformers import AutoTokenizer
+
+    from models import resolve_model_path
+    try:
+        tok = AutoTokenizer.from_pretrained(resolve_model_path(tokenizer_path))
+    except (OSError, ValueError) as e:
+        raise InputError(f"cannot load tokenizer {tokenizer_path}: {str(e).splitlines()[0]}")
+    ids = tok(lines, add_special_tokens=False)["input_ids"]
+    return [" ".join(tok.decode(x, skip_special_tokens=True).split()) for x in ids]
 
 
 # --------------------------------------------------------------------------- input
@@ -94,6 +105,8 @@ def run_unconditional(args: argparse.Namespace) -> tuple[dict, dict]:
 
     samples = seeded_subset(sample_lines, args.max_samples, args.seed, "samples")
     references = seeded_subset(references, args.max_references, args.seed, "references")
+    if args.tokenizer:
+        references = normalise_like_samples(references, args.tokenizer)
     if len(samples) < 2:
         raise InputError(f"need at least 2 samples for self-BLEU, got {len(samples)}")
 
@@ -106,6 +119,7 @@ def run_unconditional(args: argparse.Namespace) -> tuple[dict, dict]:
         "empty_samples_evaluated": sum(1 for s in samples if not s.strip()),
         "reference_lines_in_file": len(reference_lines),
         "empty_reference_lines_dropped": dropped_refs,
+        "references_normalised_with": args.tokenizer,
         "max_samples": args.max_samples,
         "max_references": args.max_references,
         "seed": args.seed,
@@ -178,6 +192,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="evaluate a seeded random subset of this many samples (default: all)")
     parser.add_argument("--max_references", type=positive_int, default=None,
                         help="use a seeded random subset of this many references (default: all)")
+    parser.add_argument("--tokenizer", default=None,
+                        help="round-trip the references through this tokenizer (a checkpoint directory, "
+                             "a model directory or 'minilm') so they are formatted like decoded samples")
     parser.add_argument("--seed", type=int, default=0, help="seed for the subsets (default: 0)")
     parser.add_argument("--out", default=None,
                         help="JSON output path (default: <samples>.metrics.json)")

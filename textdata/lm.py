@@ -180,3 +180,39 @@ def collator_for(tokenizer) -> Collator:
     if tokenizer.pad_token_id is None:
         raise UserError("the tokenizer has no padding token")
     return Collator(tokenizer.pad_token_id, special)
+
+
+class LengthPrior:
+    """p(n), the number of noised tokens per example, from training-split counts (add-one smoothed
+    over 0..max). The model is ``p(x) = p(n) p(tokens | n)``: samples draw n first, and the NELBO adds
+    ``-log p(n)``, so it stays a bound on ``-log p(x)``."""
+
+    def __init__(self, counts: list[int]):
+        c = torch.tensor(counts, dtype=torch.float64)
+        self.probs = (c + 1.0) / (c.sum() + len(c))
+        self.empirical = c / c.sum().clamp_min(1.0)
+
+    def log_prob(self, n: torch.Tensor) -> torch.Tensor:
+        return torch.log(self.probs[n.long().clamp(0, len(self.probs) - 1)])
+
+    def sample(self, num: int, max_n: int | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Draw lengths from the empirical histogram (no smoothing), cut to ``max_n``. [num] long."""
+        p = self.empirical.clone()
+        if max_n is not None:
+            p[max_n + 1:] = 0.0
+        if p.sum() <= 0:
+            raise UserError(f"no training example has at most {max_n} tokens")
+        return torch.multinomial(p, num, replacement=True, generator=generator)
+
+
+def canvas(lengths: torch.Tensor, cls_id: int, sep_id: int, pad_id: int, mask_id: int):
+    """``[CLS] [MASK]*n [SEP] [PAD]...`` for each length n: (input_ids, attention_mask, noise_mask)."""
+    B, L = len(lengths), int(lengths.max()) + 2
+    ar = torch.arange(L)[None]
+    n = lengths[:, None]
+    ids = torch.full((B, L), pad_id, dtype=torch.long)
+    ids[:, 0] = cls_id
+    noise = (ar >= 1) & (ar <= n)
+    ids[noise] = mask_id
+    ids[ar == n + 1] = sep_id
+    return ids, (ar <= n + 1).long(), noise

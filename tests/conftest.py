@@ -1,0 +1,54 @@
+"""Shared fixtures: a tiny BERT with the real bert-base-uncased vocabulary, and a tiny text corpus."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="session")
+def tiny_bert(tmp_path_factory) -> str:
+    """A 2-layer, hidden-32 BertForMaskedLM saved with the MiniLM tokenizer (30522 wordpieces)."""
+    import torch
+    from transformers import AutoTokenizer, BertConfig, BertForMaskedLM
+
+    from models import resolve_model_path
+
+    path = tmp_path_factory.mktemp("tiny_bert")
+    tok = AutoTokenizer.from_pretrained(resolve_model_path("minilm"))
+    torch.manual_seed(0)
+    cfg = BertConfig(vocab_size=len(tok), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                     intermediate_size=64, max_position_embeddings=128)
+    BertForMaskedLM(cfg).save_pretrained(path)
+    tok.save_pretrained(path)
+    return str(path)
+
+
+@pytest.fixture(scope="session")
+def tiny_corpus(tmp_path_factory) -> str:
+    """A folder with train/valid/test.txt: Bible verses, one per line."""
+    from textdata.bible import load_verse_pairs
+
+    pairs, _ = load_verse_pairs()
+    path = tmp_path_factory.mktemp("tiny_corpus")
+    chunks = {"train": pairs[:240], "valid": pairs[300:340], "test": pairs[400:440]}
+    for split, ps in chunks.items():
+        with open(path / f"{split}.txt", "w", encoding="utf-8") as f:
+            f.write("".join(f"{p.web}\n" for p in ps))
+    return str(path)
+
+
+def run_cli(*args: str, cwd: str, check: bool = True, env_extra: dict | None = None):
+    """Run one of the repository's scripts as a user would; returns the CompletedProcess."""
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
+               PYTHONPATH=ROOT, OMP_NUM_THREADS="2", HF_DATASETS_CACHE=os.path.join(cwd, ".hf_cache"))
+    env.update(env_extra or {})
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, args[0]), *args[1:]], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=600)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{' '.join(args)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    return proc

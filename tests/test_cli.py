@@ -1,0 +1,160 @@
+"""End to end through the real scripts on a tiny BERT: word_freq -> train -> predict -> compute_elbo
+-> compute_metric, exact resume, and one clear error line for bad input."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+
+import pytest
+
+from conftest import run_cli
+
+
+def train_args(tiny_bert, tiny_corpus, wf, out, max_steps=4, extra=()):
+    return ["train.py", "--model_name_or_path", tiny_bert, "--dataset", "text", "--data_files", tiny_corpus,
+            "--word_freq_file", str(wf), "--num_steps", "64", "--max_len", "32", "--batch_size", "8",
+            "--eval_steps", "8", "--eval_examples", "16", "--lr", "1e-3", "--warmup_steps", "0",
+            "--decay", "constant", "--log_every", "1", "--save_every", "2", "--eval_every", "2",
+            "--max_steps", str(max_steps), "--out_dir", str(out), "--log_dir", str(out) + "-logs", *extra]
+
+
+def records(run_dir, split):
+    with open(os.path.join(run_dir, "metrics.jsonl"), encoding="utf-8") as f:
+        return [r for r in map(json.loads, f) if r["split"] == split]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, tiny_bert, tiny_corpus):
+    cwd = tmp_path_factory.mktemp("e2e")
+    wf = cwd / "wf.json"
+    run_cli("word_freq.py", "--model_name_or_path", tiny_bert, "--dataset", "text", "--data_files", tiny_corpus,
+            "--out", str(wf), cwd=str(cwd))
+    run = cwd / "run"
+    proc = run_cli(*train_args(tiny_bert, tiny_corpus, wf, run), cwd=str(cwd))
+    return cwd, wf, run, proc
+
+
+def test_word_freq_counts(trained, tiny_corpus):
+    cwd, wf, _, _ = trained
+    rec = json.load(open(wf))
+    n_lines = sum(1 for line in open(os.path.join(tiny_corpus, "train.txt")) if line.strip())
+    assert len(rec["counts"]) == 30522 and rec["vocab_size"] == 30522
+    assert rec["counts"][101] == n_lines and rec["counts"][102] == n_lines  # one [CLS] and [SEP] per line
+    assert rec["counts"][103] == 0 and rec["num_tokens"] == sum(rec["counts"])
+
+
+def test_train_writes_checkpoints_and_logs(trained):
+    cwd, wf, run, proc = trained
+    assert [r["step"] for r in records(run, "train")] == [1, 2, 3, 4]
+    assert [r["step"] for r in records(run, "dev")] == [2, 4]
+    for r in records(run, "train"):
+        assert all(k in r for k in ("loss", "lr", "tokens_per_s")) and r["loss"] > 0
+    for name in ("best", "last"):
+        d = run / "checkpoints" / name
+        for f in ("run_config.json", "config.json", "model.pt", "training_state.pt", "word_freq.json", "tokenizer.json"):
+            assert (d / f).is_file(), f"{name}/{f} missing"
+    info = json.load(open(run / "checkpoints" / "last" / "run_config.json"))
+    assert info["step"] == 4 and info["derived"]["word_freq"]["sha256"]
+    assert info["config"]["schedule"] == "spindle" and info["derived"]["mask_id"] == 103
+    assert not any(k.startswith("module.") for k in __import__("torch").load(run / "checkpoints" / "last" / "model.pt"))
+    assert "it/s" in proc.stdout or "s/it" in proc.stdout  # the tqdm bar
+
+
+def test_predict_elbo_metric(trained, tiny_corpus):
+    cwd, wf, run, _ = trained
+    gen = cwd / "gen"
+    common = ["predict.py", "--checkpoint", str(run), "--num_samples", "6", "--steps", "16", "--batch_size", "4",
+              "--seed", "7", "--out_dir", str(gen)]
+    out = run_cli(*common, "--name", "a", cwd=str(cwd))
+    assert "network calls" in out.stdout
+    run_cli(*common, "--name", "b", cwd=str(cwd))
+    run_cli(*common, "--name", "c", "--no_cache", cwd=str(cwd))
+    a, b, c = ((gen / f"{n}.txt").read_text().splitlines() for n in "abc")
+    assert len(a) == 6 and a == b == c  # same seed, same samples; the cache changes nothing
+    assert not any("[MASK]" in line for line in a)
+    meta_a, meta_c = (json.load(open(gen / f"{n}.json")) for n in "ac")
+    assert meta_a["row_evaluations"] <= meta_c["row_evaluations"]
+
+    before = (gen / "a.txt").read_text()
+    again = run_cli(*common, "--name", "a", cwd=str(cwd), check=False)
+    assert again.returncode == 2 and again.stderr.strip().startswith("error:") and len(again.stderr.strip().splitlines()) == 1
+    assert (gen / "a.txt").read_text() == before
+
+    elbo = [run_cli("compute_elbo.py", "--checkpoint", str(run), "--num_examples", "12", "--eval_steps", "4",
+                    "--seed", "3", "--out", str(cwd / f"elbo{i}.json"), cwd=str(cwd)) for i in range(2)]
+    r0, r1 = (json.load(open(cwd / f"elbo{i}.json")) for i in range(2))
+    assert r0["nll_bound"] == r1["nll_bound"]  # seeded: repeatable
+    assert r0["ppl_word"] > r0["ppl_token"] > 1.0 and r0["num_examples"] == 12
+    assert elbo[0].returncode == 0
+
+    m = cwd / "m.json"
+    run_cli("compute_metric.py", "--samples", str(gen / "a.txt"), "--references",
+            os.path.join(tiny_corpus, "test.txt"), "--tokenizer", str(run / "checkpoints" / "best"),
+            "--out", str(m), cwd=str(cwd))
+    res = json.load(open(m))["metrics"]
+    assert 0.0 <= res["bleu"] <= 1.0 and 0.0 <= res["self_bleu"] <= 1.0 and res["num_samples"] == 6
+
+
+def test_resume_continues_with_identical_losses(tmp_path, trained, tiny_bert, tiny_corpus):
+    cwd, wf, run, _ = trained
+    part = tmp_path / "part"
+    run_cli(*train_args(tiny_bert, tiny_corpus, wf, part, max_steps=2), cwd=str(tmp_path))
+    run_cli(*train_args(tiny_bert, tiny_corpus, wf, part, max_steps=4, extra=("--resume", str(part))),
+            cwd=str(tmp_path))
+    full = {r["step"]: r["loss"] for r in records(run, "train")}
+    resumed = {r["step"]: r["loss"] for r in records(part, "train")}
+    assert resumed == full  # bitwise on CPU: data order, RNG, optimizer all restored
+
+
+def one_error_line(proc, *needles):
+    assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-2000:]
+    lines = proc.stderr.strip().splitlines()
+    assert lines and lines[-1].startswith("error:"), proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr
+    for n in needles:
+        assert n in lines[-1], lines[-1]
+
+
+def test_bad_input_gives_one_error_line(tmp_path, trained, tiny_bert, tiny_corpus):
+    cwd, wf, run, _ = trained
+    # spindle without a word-frequency file: the message gives the command that creates it
+    p = run_cli(*train_args(tiny_bert, tiny_corpus, tmp_path / "nofreq.json", tmp_path / "r1"), cwd=str(tmp_path), check=False)
+    one_error_line(p, "not found", "python word_freq.py")
+    # a word-frequency file from another tokenizer
+    bad = json.load(open(wf))
+    bad["vocab_fingerprint"] = "0" * 16
+    bad["tokenizer"] = "other-tokenizer"
+    json.dump(bad, open(tmp_path / "other.json", "w"))
+    p = run_cli(*train_args(tiny_bert, tiny_corpus, tmp_path / "other.json", tmp_path / "r2"), cwd=str(tmp_path), check=False)
+    one_error_line(p, "other-tokenizer")
+    # an existing run directory is not silently reused
+    p = run_cli(*train_args(tiny_bert, tiny_corpus, wf, run), cwd=str(tmp_path), check=False)
+    one_error_line(p, "already holds checkpoints")
+    # resuming with another config names both sides
+    p = run_cli(*train_args(tiny_bert, tiny_corpus, wf, run, extra=("--resume", str(run), "--hybrid_lambda", "0.5")),
+                cwd=str(tmp_path), check=False)
+    one_error_line(p, "--hybrid_lambda", "0.01", "0.5")
+    # an empty data file
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "train.txt").write_text("")
+    p = run_cli(*train_args(tiny_bert, str(empty), wf, tmp_path / "r3", extra=("--schedule", "mutual")), cwd=str(tmp_path), check=False)
+    one_error_line(p, "empty")
+    # an unknown schedule (argparse rejects it) and --steps beyond T
+    p = run_cli(*train_args(tiny_bert, tiny_corpus, wf, tmp_path / "r4", extra=("--schedule", "linearish")), cwd=str(tmp_path), check=False)
+    assert p.returncode == 2 and "invalid choice" in p.stderr
+    p = run_cli("predict.py", "--checkpoint", str(run), "--steps", "65", "--out_dir", str(tmp_path), cwd=str(tmp_path), check=False)
+    one_error_line(p, "T=64")
+    # a checkpoint whose tokenizer does not match the network's vocabulary
+    broken = tmp_path / "broken"
+    shutil.copytree(run / "checkpoints" / "best", broken)
+    from transformers import AutoTokenizer
+    tok = AutoTokenizer.from_pretrained(broken)
+    tok.add_tokens(["zzzextra1", "zzzextra2"])
+    tok.save_pretrained(broken)
+    p = run_cli("predict.py", "--checkpoint", str(broken), "--out_dir", str(tmp_path), cwd=str(tmp_path), check=False)
+    one_error_line(p, "does not match")
+    # a missing checkpoint
+    p = run_cli("compute_elbo.py", "--checkpoint", str(tmp_path / "nope"), cwd=str(tmp_path), check=False)
+    one_error_line(p, "does not exist")
