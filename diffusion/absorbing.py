@@ -29,6 +29,12 @@ import torch.nn.functional as F
 
 from .schedules import Schedule
 
+# Floor on the reverse model's unmask probability w(v). With a large spindle lambda the clipped
+# schedule can give w(v) = 0 for a token that q still reveals, which would make the KL +inf; the
+# floor keeps p(x_s | x_t) a valid distribution with full support, so the bound stays finite.
+# Token-independent schedules never reach it (w >= 1/T there).
+REVERSE_W_MIN = 1e-6
+
 Denoiser = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
@@ -113,7 +119,7 @@ class AbsorbingDiffusion:
     # ------------------------------------------------------------------ bound
     def log_p_hat(self, logits: torch.Tensor) -> torch.Tensor:
         """Zero masking (the [MASK] logit is never predicted), then log-softmax in float32. [N, V]."""
-        logits = logits.float()
+        logits = logits.to(torch.float32, copy=True)  # never write into the caller's tensor
         logits[:, self.mask_id] = float("-inf")
         return logits.log_softmax(-1)
 
@@ -131,16 +137,16 @@ class AbsorbingDiffusion:
             w = _safe_w(self.alpha(s, x0, noise_mask), self.alpha(t, x0, noise_mask)).squeeze(-1)  # [B]
             return -(w[b_idx].float() * logp_x0)
         # Spindle: q uses the sentence's own statistic; p only the corpus constant (Eq. in ALGORITHMS.md).
-        w_q = _safe_w(self.alpha(s, x0, noise_mask), self.alpha(t, x0, noise_mask))[masked].float()  # [N]
-        w_p = _safe_w(self.schedule.alpha_vocab(s.double() / self.T),
-                      self.schedule.alpha_vocab(t.double() / self.T)).float()  # [B, V]
-        rows = w_p[b_idx]  # [N, V]
+        w_q = _safe_w(self.alpha(s, x0, noise_mask), self.alpha(t, x0, noise_mask))[masked]  # [N] float64
+        rows = self.unmask_weights(t, s).float()[b_idx]  # [N, V], reverse model: no x0
+
         w_p_x0 = rows.gather(-1, x0_m[:, None]).squeeze(-1)
-        stay = (logp.exp() * (1.0 - rows)).sum(-1)  # sum_v p_hat(v)(1 - w(v)) = 1 - sum_v p_hat(v) w(v)
-        unmask_term = torch.xlogy(w_q, w_q) - w_q * (logp_x0 + torch.log(w_p_x0.clamp_min(1e-30)))
+        # 1 - sum_v p_hat(v) w(v): sum the small terms, subtract in float64 (float32 1 - w cancels)
+        stay = 1.0 - (logp.exp() * rows).sum(-1).double()
+        unmask_term = torch.xlogy(w_q, w_q) - w_q * (logp_x0 + torch.log(w_p_x0))
         stay_term = torch.xlogy(1.0 - w_q, 1.0 - w_q) - torch.where(
             w_q < 1.0, (1.0 - w_q) * torch.log(stay.clamp_min(1e-30)), torch.zeros_like(w_q))
-        return unmask_term + stay_term
+        return (unmask_term + stay_term).to(logp.dtype)
 
     def kl_per_example(self, denoise: Denoiser, x0, t, s, noise_mask, attention_mask,
                        generator=None):
@@ -204,10 +210,11 @@ class AbsorbingDiffusion:
 
     # ------------------------------------------------------------------ reverse process
     def unmask_weights(self, t: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
-        """Reverse-model ``w`` for every row: [B, 1] (token-independent) or [B, V] (spindle)."""
+        """Reverse-model ``w`` for every row: [B, 1] (token-independent) or [B, V] (spindle), floored
+        at ``REVERSE_W_MIN``."""
         a_s = self.schedule.alpha_vocab(s.double() / self.T)
         a_t = self.schedule.alpha_vocab(t.double() / self.T)
-        return _safe_w(a_s, a_t)
+        return _safe_w(a_s, a_t).clamp_min(REVERSE_W_MIN)
 
     def step(self, logp: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor, s: torch.Tensor,
              noise_mask: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
