@@ -10,7 +10,6 @@ section 1) and reports ``exp(total / wordpieces)`` (per token, [CLS]/[SEP]/[PAD]
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import time
@@ -21,6 +20,7 @@ from torch.utils.data import DataLoader
 from runtime.assemble import load_for_inference
 from runtime.dist import pick_device
 from runtime.errors import UserError, cli_main, refuse_overwrite
+from runtime.io import write_json_atomic
 from textdata import lm
 
 
@@ -83,11 +83,7 @@ def main(argv=None):
            "seconds": time.time() - start,
            "convention": "NLL bound = -log p(n) + K-step diffusion NELBO; per token excludes [CLS]/[SEP]/[PAD]; "
                          "per word divides by whitespace words of the text"}
-    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    tmp = f"{out}.tmp{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(res, f, indent=2)
-    os.replace(tmp, out)
+    write_json_atomic(out, res)
     print(f"elbo: {len(data)} {args.split} examples, K={args.eval_steps}: NELBO {nll / tot['tokens']:.4f} nats/token; "
           f"PPL <= {res['ppl_token']:.2f} per wordpiece, <= {res['ppl_word']:.2f} per word "
           f"(length term {tot['length_nll'] / tot['tokens']:.4f} nats/token); wrote {out} in {res['seconds']:.0f}s")

@@ -19,16 +19,15 @@ arguments and returning ``(metrics, inputs)`` dicts.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import random
 import sys
-import tempfile
 import time
 from typing import Callable
 
 from evaluation.text_metrics import CONVENTIONS, summarise_unconditional
 from runtime.errors import UserError as InputError
+from runtime.io import write_json_atomic
 
 EXIT_BAD_INPUT = 2
 
@@ -146,30 +145,17 @@ def format_table(metrics: dict) -> str:
     return "\n".join(rows)
 
 
-def write_json_atomic(path: str, payload: dict, overwrite: bool) -> None:
+def write_output(path: str, payload: dict, overwrite: bool) -> None:
     """Write JSON via a temp file in the same directory and ``os.replace``.
 
     Readers never see a half-written file, and an interrupted run leaves the old file intact.
     """
     if os.path.exists(path) and not overwrite:
         raise InputError(f"output file {path} already exists (use --overwrite to replace it)")
-    directory = os.path.dirname(os.path.abspath(path))
     try:
-        fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(path)}.",
-                                   suffix=".tmp")
+        write_json_atomic(path, payload)
     except OSError as e:
         raise InputError(f"cannot write output file {path}: {e.strerror or e}")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(payload, f, indent=2)
-            f.write("\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
 
 
 # --------------------------------------------------------------------------- CLI
@@ -223,7 +209,7 @@ def main(argv: list[str] | None = None) -> int:
             "conventions": CONVENTIONS,
             "seconds": round(seconds, 3),
         }
-        write_json_atomic(out_path, payload, args.overwrite)
+        write_output(out_path, payload, args.overwrite)
     except InputError as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT

@@ -9,7 +9,6 @@ line to ``generation_results/<name>.txt`` (and the settings and timings to ``<na
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import time
 
@@ -18,6 +17,7 @@ import torch
 from runtime.assemble import load_for_inference
 from runtime.dist import pick_device
 from runtime.errors import UserError, cli_main, refuse_overwrite
+from runtime.io import write_json_atomic, write_text_atomic
 from textdata.lm import LengthPrior, canvas
 
 
@@ -95,17 +95,12 @@ def main(argv=None):
               f"{time.time() - start:.1f}s", flush=True)
     wall = time.time() - start
 
-    tmp = f"{out_txt}.tmp{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write("".join(t + "\n" for t in texts))
-    os.replace(tmp, out_txt)
+    write_text_atomic(out_txt, "".join(t + "\n" for t in texts))
     meta = {"checkpoint": run.ckpt_dir, "samples": out_txt, **{k: v for k, v in vars(args).items() if k != "checkpoint"},
             "cache": use_cache, "wall_seconds": wall, "network_calls": calls, "row_evaluations": rows,
             "sequences_per_second": args.num_samples / wall, "device": str(device),
             "threads": torch.get_num_threads()}
-    with open(f"{out_json}.tmp{os.getpid()}", "w", encoding="utf-8") as f:
-        json.dump(meta, f, indent=2)
-    os.replace(f"{out_json}.tmp{os.getpid()}", out_json)
+    write_json_atomic(out_json, meta)
     print(f"predict: wrote {args.num_samples} samples to {out_txt} in {wall:.1f}s "
           f"({args.num_samples / wall:.2f} sequences/s); {calls} network calls, {rows} sequence evaluations "
           f"({'cache on' if use_cache else 'cache off'})")

@@ -28,7 +28,7 @@ case "$PRESET" in
     RUN=outputs/demo-$STAMP
     TRAIN_ARGS=(--model_name_or_path $MODEL --dataset $DATASET --max_len 64
                 --num_steps 2048 --schedule spindle --word_freq_lambda 0.3 --time_conditioning none
-                --batch_size 16 --accumulation_steps 1 --lr 1e-4 --warmup_steps 30 --max_steps 300
+                --batch_size 16 --accumulation_steps 1 --lr 1.5e-4 --warmup_steps 30 --max_steps 500
                 --eval_every 100 --eval_examples 128 --eval_steps 16 --save_every 100 --log_every 10)
     SAMPLE_ARGS=(--num_samples 64 --steps 128 --batch_size 32 --seed 42)
     ELBO_ARGS=(--num_examples 128 --eval_steps 32 --batch_size 64 --seed 42)

@@ -56,7 +56,6 @@ def load_for_inference(path: str, device: torch.device, prefer: str = "best") ->
     ckpt_dir = checkpoint.resolve(path, prefer)
     run_info = checkpoint.read_run_config(ckpt_dir)
     cfg = from_dict(run_info["config"])
-    derived = run_info["derived"]
     if cfg.task != "lm":
         raise UserError(f"{ckpt_dir} is a {cfg.task} checkpoint; this script needs an unconditional (lm) one")
     try:

@@ -47,7 +47,8 @@ def run_cli(*args: str, cwd: str, check: bool = True, env_extra: dict | None = N
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
                PYTHONPATH=ROOT, OMP_NUM_THREADS="2", HF_DATASETS_CACHE=os.path.join(cwd, ".hf_cache"))
     env.update(env_extra or {})
-    proc = subprocess.run([sys.executable, os.path.join(ROOT, args[0]), *args[1:]], cwd=cwd, env=env,
+    cmd = [sys.executable, os.path.join(ROOT, args[0]), *args[1:]] if args[0].endswith(".py") else [sys.executable, *args]
+    proc = subprocess.run(cmd, cwd=cwd, env=env,
                           capture_output=True, text=True, timeout=600)
     if check and proc.returncode != 0:
         raise AssertionError(f"{' '.join(args)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")

@@ -8,7 +8,7 @@ import shutil
 
 import pytest
 
-from conftest import run_cli
+from conftest import ROOT, run_cli
 
 
 def train_args(tiny_bert, tiny_corpus, wf, out, max_steps=4, extra=()):
@@ -158,3 +158,18 @@ def test_bad_input_gives_one_error_line(tmp_path, trained, tiny_bert, tiny_corpu
     # a missing checkpoint
     p = run_cli("compute_elbo.py", "--checkpoint", str(tmp_path / "nope"), cwd=str(tmp_path), check=False)
     one_error_line(p, "does not exist")
+
+
+def test_torchrun_two_ranks_gloo(tmp_path, trained, tiny_bert, tiny_corpus):
+    """DDP on the CPU: two ranks train together, and only rank 0 prints, logs and writes checkpoints."""
+    cwd, wf, _, _ = trained
+    out = tmp_path / "ddp"
+    args = train_args(tiny_bert, tiny_corpus, wf, out, max_steps=2, extra=("--accumulation_steps", "2"))
+    proc = run_cli("-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                   os.path.join(ROOT, args[0]), *args[1:], cwd=str(tmp_path))
+    assert [r["step"] for r in records(out, "train")] == [1, 2]  # one writer, not two
+    assert proc.stdout.count("done: 2 steps") == 1
+    assert (out / "checkpoints" / "last" / "model.pt").is_file()
+    import torch
+    state = torch.load(out / "checkpoints" / "last" / "training_state.pt", weights_only=False)
+    assert len(state["rng"]) == 2  # every rank's RNG is saved for an exact resume

@@ -74,12 +74,13 @@ import json
 import logging
 import os
 import re
-import uuid
 import zlib
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 from typing import Callable, Sequence
+
+from runtime.io import write_bytes_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -315,21 +316,7 @@ def _sha256(data: bytes) -> str:
 
 
 def _atomic_write(path: Path, data: bytes) -> None:
-    """Write via a temp file in the same directory and os.replace, so readers
-    never see a half-written file."""
-    # A plain open() (not tempfile.mkstemp, which forces mode 0600) keeps the
-    # usual umask-derived permissions; the pid and random suffix keep concurrent
-    # writers apart.
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex}.tmp")
-    try:
-        with open(tmp, "xb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    write_bytes_atomic(path, data)
 
 
 def _read_manifest(path: Path) -> dict:

@@ -13,6 +13,7 @@ import re
 import numpy as np
 
 from runtime.errors import UserError
+from runtime.io import write_json_atomic
 
 FORMAT = "diffusion-word-freq-v1"
 
@@ -33,15 +34,10 @@ def count_tokens(input_ids, vocab_size: int) -> np.ndarray:
 
 
 def save(path: str, counts: np.ndarray, tokenizer_name: str, vocab_fp: str, dataset: str) -> str:
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     rec = {"format": FORMAT, "tokenizer": tokenizer_name, "vocab_fingerprint": vocab_fp,
            "vocab_size": int(len(counts)), "dataset": dataset, "num_tokens": int(counts.sum()),
            "counts": [int(c) for c in counts]}
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(rec, f)
-    os.replace(tmp, path)
-    return path
+    return write_json_atomic(path, rec, indent=None)
 
 
 def file_sha256(path: str) -> str:
