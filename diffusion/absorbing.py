@@ -272,8 +272,12 @@ class AbsorbingDiffusion:
                 logits = denoise(x[fresh_rows], t[fresh_rows], attention_mask[fresh_rows], masked[fresh_rows])
                 calls += 1
                 rows_evaluated += int(fresh_rows.sum())
-                fresh = filter_logits(self.log_p_hat(logits), topk, top_p, temperature).log_softmax(-1)
-            if reuse_rows.any():
+                logits = logits.to(torch.float32, copy=True)
+                logits[:, self.mask_id] = float("-inf")  # zero masking, then one log-softmax
+                fresh = filter_logits(logits, topk, top_p, temperature).log_softmax(-1)
+            if not fresh_rows.any() and torch.equal(masked, cache_mask):
+                logp = cache_logp  # nothing changed anywhere: no copy
+            elif reuse_rows.any():
                 # splice: reused rows keep their cached entries (row-major order is preserved)
                 logp = cache_logp.new_empty(int(masked.sum()), cache_logp.shape[-1])
                 pos_fresh = fresh_rows[:, None].expand_as(masked)[masked]

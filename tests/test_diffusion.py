@@ -10,18 +10,14 @@ from __future__ import annotations
 import itertools
 import math
 import os
-import sys
 
 import pytest
 import torch
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-# Plain `pytest` (unlike `python -m pytest`) does not put the repo root on sys.path.
-if REPO_ROOT not in sys.path:
-    sys.path.insert(0, REPO_ROOT)
 
-from diffusion import AbsorbingDiffusion, Cosine, Mutual, Spindle, filter_logits  # noqa: E402
-from diffusion.reference import (  # noqa: E402
+from diffusion import AbsorbingDiffusion, Cosine, Mutual, Spindle, filter_logits
+from diffusion.reference import (
     cumulative_matrix,
     forward_alpha_rows,
     one_step_matrix,

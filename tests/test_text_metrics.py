@@ -17,12 +17,9 @@ import pytest
 from nltk.translate.bleu_score import corpus_bleu
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-# Plain `pytest` (unlike `python -m pytest`) does not put the repo root on sys.path.
-if REPO_ROOT not in sys.path:
-    sys.path.insert(0, REPO_ROOT)
 
-import compute_metric  # noqa: E402
-from evaluation.text_metrics import (  # noqa: E402
+import compute_metric
+from evaluation.text_metrics import (
     bleu,
     bleu_per_sample,
     bleu_scores_tokens,
