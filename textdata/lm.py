@@ -46,6 +46,26 @@ def _load_text_files(files: dict[str, str]):
     return load_dataset("text", data_files=files)
 
 
+# LM1B on the hub is a loading-script dataset, which datasets >= 4 no longer runs; its parquet
+# conversion and a mirror are tried next. None of these can be reached from an offline machine.
+LM1B_SOURCES = (("lm1b", {}), ("billion-word-benchmark/lm1b", {"revision": "refs/convert/parquet"}),
+                ("dvruette/lm1b", {}))
+
+
+def _load_lm1b(log):
+    from datasets import load_dataset
+    errors = []
+    for name, kw in LM1B_SOURCES:
+        try:
+            raw = load_dataset(name, **kw)
+            log(f"data: LM1B from {name} {kw or ''}".rstrip())
+            return raw
+        except Exception as e:  # network, missing repo, script-based repo: try the next source
+            errors.append(f"{name}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+    raise UserError("could not load LM1B from the Hugging Face hub (" + "; ".join(errors) + "); it needs "
+                    "internet access; offline, use --dataset text --data_files with a local copy")
+
+
 def load_text_splits(dataset: str, data_files: str | None = None, data_dir: str = "data",
                      log=print):
     """The raw text splits of ``dataset`` as a DatasetDict with ``train``, ``valid``, ``test``.
@@ -82,12 +102,7 @@ def load_text_splits(dataset: str, data_files: str | None = None, data_dir: str 
                 ds["train"], ds[split] = _carve(ds["train"], n_hold)
                 log(f"data: carved a {split} split of {n_hold} lines off {files['train']} (seeded, deterministic)")
     elif dataset == "lm1b":
-        from datasets import load_dataset
-        try:
-            raw = load_dataset("lm1b")
-        except Exception as e:
-            raise UserError(f"could not load LM1B from the Hugging Face hub ({type(e).__name__}: {e}); "
-                            "it needs internet access, or use --dataset text --data_files FILE") from e
+        raw = _load_lm1b(log)
         train, valid = _carve(raw["train"], 10000)
         ds = DatasetDict(train=train, valid=valid, test=raw["test"])
     else:
