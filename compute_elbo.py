@@ -45,7 +45,7 @@ def main(argv=None):
     if args.num_examples < 0 or args.batch_size < 1 or args.eval_steps < 1:
         raise UserError("need --num_examples >= 0, --batch_size >= 1 and --eval_steps >= 1")
     device = pick_device(args.device)
-    run = load_for_inference(args.checkpoint, device)
+    run = load_for_inference(args.checkpoint, device, task="lm")
     cfg, tok, diffusion = run.cfg, run.tokenizer, run.diffusion
     if args.eval_steps > cfg.num_steps:
         raise UserError(f"--eval_steps {args.eval_steps} exceeds the checkpoint's number of diffusion steps T={cfg.num_steps}")

@@ -1,30 +1,40 @@
-"""Compute text-generation metrics for a file of samples (one sample per line).
+"""Compute text-generation metrics for generated samples.
 
-Usage (unconditional generation, the only mode so far)::
+Usage::
 
+    # unconditional generation: one sample per line, BLEU against a reference set
     python compute_metric.py --samples generation_results/x.txt --references data/bible/test.txt \
         [--max_references N] [--max_samples N] [--seed S] [--out FILE.json] [--overwrite]
 
-Prints a table and writes JSON (default ``<samples>.metrics.json``; never overwritten without
-``--overwrite``). Bad input gives one ``error: ...`` line on stderr and exit code 2.
+    # seq2seq (DiffuSeq-format JSON lines with recover/reference/source): one file, several
+    # per-seed files, or a folder of them (every *json file in it, sorted by name)
+    python compute_metric.py --mode seq2seq --samples FILE_OR_FOLDER [FILE ...] \
+        [--bertscore_model minilm|PATH|none] [--bertscore_layer K] [--mbr] [--out FILE.json] [--overwrite]
+
+Prints a table and writes JSON (default ``<samples>.metrics.json`` in unconditional mode;
+in seq2seq mode ``FOLDER/seq2seq_metrics.json`` for a folder and ``<first file>.seq2seq_metrics.json``
+for files). Outputs are never overwritten without ``--overwrite``. Bad input gives one
+``error: ...`` line on stderr and exit code 2.
 
 Input conventions: samples are read line by line (UTF-8) and *every* line is a sample, so an
 empty line is an empty sample (counted and warned about, never dropped). Empty lines in the
 references file are not references and are dropped (also warned about). The metric
-conventions are in :mod:`evaluation.text_metrics`.
+conventions are in :mod:`evaluation.text_metrics` (unconditional) and :mod:`evaluation.seq2seq`.
 
-New modes (e.g. ``seq2seq``) plug in through :data:`MODES`: a function taking the parsed
+Modes plug in through :data:`MODES`: a function taking the parsed
 arguments and returning ``(metrics, inputs)`` dicts.
 """
 from __future__ import annotations
 
 import argparse
+import glob
 import os
 import random
 import sys
 import time
 from typing import Callable
 
+from evaluation import seq2seq
 from evaluation.text_metrics import CONVENTIONS, summarise_unconditional
 from runtime.errors import UserError as InputError
 from runtime.io import write_json_atomic
@@ -89,7 +99,10 @@ def run_unconditional(args: argparse.Namespace) -> tuple[dict, dict]:
     """BLEU vs a reference set, self-BLEU, distinct-n and length for unconditional samples."""
     if args.references is None:
         raise InputError("--references is required in unconditional mode")
-    sample_lines = read_lines(args.samples, "samples")
+    if len(args.samples) != 1:
+        raise InputError(f"unconditional mode takes one --samples file, got {len(args.samples)}")
+    samples_path = args.samples[0]
+    sample_lines = read_lines(samples_path, "samples")
     reference_lines = read_lines(args.references, "references")
 
     empty_in_file = sum(1 for line in sample_lines if not line.strip())
@@ -111,7 +124,7 @@ def run_unconditional(args: argparse.Namespace) -> tuple[dict, dict]:
 
     metrics = summarise_unconditional(samples, references)
     inputs = {
-        "samples": args.samples,
+        "samples": samples_path,
         "references": args.references,
         "sample_lines_in_file": len(sample_lines),
         "empty_sample_lines_in_file": empty_in_file,
@@ -126,22 +139,99 @@ def run_unconditional(args: argparse.Namespace) -> tuple[dict, dict]:
     return metrics, inputs
 
 
-# Mode name -> function(args) -> (metrics, inputs). A seq2seq mode is added here later.
+SEQ2SEQ_OUT_NAME = "seq2seq_metrics.json"
+
+
+def seq2seq_files(paths: list[str], out_path: str | None) -> list[str]:
+    """The per-seed output files: the given files in order, or a folder's ``*json`` files sorted by
+    name (DiffuSeq's ``sorted(glob(folder/*json))``) minus metric files written by this script."""
+    if len(paths) == 1 and os.path.isdir(paths[0]):
+        out = os.path.abspath(out_path) if out_path else None
+        files = [f for f in sorted(glob.glob(os.path.join(glob.escape(paths[0]), "*json")))
+                 if os.path.isfile(f) and not f.endswith("metrics.json") and os.path.abspath(f) != out]
+        if not files:
+            raise InputError(f"folder {paths[0]} holds no *json output files")
+        return files
+    for p in paths:
+        if os.path.isdir(p):
+            raise InputError(f"{p} is a folder; give either one folder or one or more files")
+    return list(paths)
+
+
+def run_seq2seq(args: argparse.Namespace) -> tuple[dict, dict]:
+    """BLEU, ROUGE-L, BERTScore, dist-1, length; self-BLEU and div-4 across several seed files."""
+    for flag in ("references", "tokenizer", "max_samples", "max_references"):
+        if getattr(args, flag) is not None:
+            raise InputError(f"--{flag} is not used in seq2seq mode (references come from the files)")
+    files = seq2seq_files(args.samples, args.out)
+    if args.mbr and len(files) < 2:
+        raise InputError("--mbr needs at least 2 output files (one per seed)")
+    rows_per_seed = [seq2seq.read_outputs(f) for f in files]
+    bert = None if args.bertscore_model.lower() == "none" else args.bertscore_model
+    device = args.device or ("cuda" if _cuda_available() else "cpu")
+    metrics = seq2seq.evaluate_outputs(rows_per_seed, bertscore_model=bert, mbr=args.mbr, names=files,
+                                       bertscore_layer=args.bertscore_layer, device=device,
+                                       batch_size=args.bertscore_batch_size)
+    inputs = {
+        "samples": args.samples,
+        "files": files,
+        "rows_per_file": len(rows_per_seed[0]),
+        "references_from": files[0],
+        "mbr": args.mbr,
+        "bertscore_model": args.bertscore_model,
+        "bertscore_layer": args.bertscore_layer,
+        "device": device,
+    }
+    return metrics, inputs
+
+
+def _cuda_available() -> bool:
+    import torch
+    return torch.cuda.is_available()
+
+
+# Mode name -> function(args) -> (metrics, inputs).
 MODES: dict[str, Callable[[argparse.Namespace], tuple[dict, dict]]] = {
     "unconditional": run_unconditional,
+    "seq2seq": run_seq2seq,
 }
+MODE_CONVENTIONS = {"unconditional": CONVENTIONS, "seq2seq": seq2seq.CONVENTIONS}
+
+
+def default_out_path(args: argparse.Namespace) -> str:
+    first = args.samples[0]
+    if args.mode == "seq2seq":
+        if len(args.samples) == 1 and os.path.isdir(first):
+            return os.path.join(first, SEQ2SEQ_OUT_NAME)
+        return f"{first}.{SEQ2SEQ_OUT_NAME}"
+    return f"{first}.metrics.json"
 
 
 # --------------------------------------------------------------------------- output
 
 
+def _shown(value) -> str:
+    return f"{value:.6f}" if isinstance(value, float) else str(value)
+
+
 def format_table(metrics: dict) -> str:
-    """Two-column text table; floats with 6 decimals."""
-    width = max(len(name) for name in metrics)
+    """Two-column text table of the scalar entries; floats with 6 decimals."""
+    scalars = {k: v for k, v in metrics.items() if not isinstance(v, (list, dict))}
+    width = max(len(name) for name in scalars)
     rows = [f"{'metric'.ljust(width)}  value", f"{'-' * width}  {'-' * 10}"]
-    for name, value in metrics.items():
-        shown = f"{value:.6f}" if isinstance(value, float) else str(value)
-        rows.append(f"{name.ljust(width)}  {shown}")
+    for name, value in scalars.items():
+        rows.append(f"{name.ljust(width)}  {_shown(value)}")
+    return "\n".join(rows)
+
+
+def format_per_file(per_file: list[dict], files: list[str]) -> str:
+    """One row per file, one column per numeric metric."""
+    cols = [k for k, v in per_file[0].items() if isinstance(v, float)]
+    names = [os.path.basename(f) for f in files]
+    width = max(len("file"), *(len(n) for n in names))
+    rows = ["  ".join(["file".ljust(width)] + [c.rjust(max(len(c), 8)) for c in cols])]
+    for name, m in zip(names, per_file):
+        rows.append("  ".join([name.ljust(width)] + [f"{m[c]:.4f}".rjust(max(len(c), 8)) for c in cols]))
     return "\n".join(rows)
 
 
@@ -172,7 +262,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description="Compute text-generation metrics for a samples file.")
     parser.add_argument("--mode", choices=sorted(MODES), default="unconditional",
                         help="which metric set to compute (default: unconditional)")
-    parser.add_argument("--samples", required=True, help="generated text, one sample per line")
+    parser.add_argument("--samples", required=True, nargs="+",
+                        help="unconditional: one file, one sample per line; seq2seq: one DiffuSeq-format "
+                             "JSON-lines file, several per-seed files, or a folder of them")
     parser.add_argument("--references", help="reference text, one sentence per line")
     parser.add_argument("--max_samples", type=positive_int, default=None,
                         help="evaluate a seeded random subset of this many samples (default: all)")
@@ -182,8 +274,22 @@ def build_parser() -> argparse.ArgumentParser:
                         help="round-trip the references through this tokenizer (a checkpoint directory, "
                              "a model directory or 'minilm') so they are formatted like decoded samples")
     parser.add_argument("--seed", type=int, default=0, help="seed for the subsets (default: 0)")
+    seq = parser.add_argument_group("seq2seq mode")
+    seq.add_argument("--bertscore_model", default="minilm",
+                     help="local encoder for BERTScore: 'minilm', a model directory, or 'none' to skip "
+                          "(default: minilm)")
+    seq.add_argument("--bertscore_layer", type=int, default=None,
+                     help="hidden layer for BERTScore embeddings (default: the last)")
+    seq.add_argument("--bertscore_batch_size", type=positive_int, default=64,
+                     help="sentence pairs per BERTScore batch (default: 64)")
+    seq.add_argument("--mbr", action="store_true",
+                     help="with several seed files: headline metrics on the MBR choice per source "
+                          "(default: on the first file)")
+    seq.add_argument("--device", default=None,
+                     help="device for BERTScore (default: cuda if available, else cpu)")
     parser.add_argument("--out", default=None,
-                        help="JSON output path (default: <samples>.metrics.json)")
+                        help="JSON output path (default: <samples>.metrics.json; seq2seq: "
+                             "FOLDER/seq2seq_metrics.json or <first file>.seq2seq_metrics.json)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing JSON output")
     return parser
 
@@ -191,7 +297,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Run the CLI; returns the exit code (0 ok, 2 bad input)."""
     args = build_parser().parse_args(argv)
-    out_path = args.out or f"{args.samples}.metrics.json"
+    out_path = args.out = args.out or default_out_path(args)
     start = time.perf_counter()
     try:
         # Refuse early so a long computation is not thrown away at the end.
@@ -206,7 +312,7 @@ def main(argv: list[str] | None = None) -> int:
             "mode": args.mode,
             "metrics": metrics,
             "inputs": inputs,
-            "conventions": CONVENTIONS,
+            "conventions": MODE_CONVENTIONS[args.mode],
             "seconds": round(seconds, 3),
         }
         write_output(out_path, payload, args.overwrite)
@@ -214,6 +320,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT
     print(format_table(metrics))
+    if "per_file" in metrics:
+        print("\nper file:")
+        print(format_per_file(metrics["per_file"], inputs["files"]))
     print(f"wrote {out_path}")
     print(f"took {seconds:.2f} s")
     return 0

@@ -56,7 +56,7 @@ def check_args(args, T: int, train_max_len: int) -> None:
 def main(argv=None):
     args = parse_args(argv)
     device = pick_device(args.device)
-    run = load_for_inference(args.checkpoint, device)
+    run = load_for_inference(args.checkpoint, device, task="lm")
     cfg, tok, diffusion = run.cfg, run.tokenizer, run.diffusion
     check_args(args, cfg.num_steps, cfg.max_len)
     max_len = args.max_len or cfg.max_len

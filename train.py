@@ -18,7 +18,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from runtime import checkpoint, dist
-from runtime.assemble import build_denoiser, build_diffusion, check_tokenizer
+from runtime.assemble import build_denoiser, build_diffusion, check_tokenizer, load_task_data
 from runtime.config import TrainConfig, build_parser, from_args, from_dict
 from runtime.errors import UserError, cli_main
 from runtime.runlog import RunLogger
@@ -38,10 +38,16 @@ def check_config(cfg: TrainConfig) -> None:
             raise UserError(f"--{name} must be at least 1, got {getattr(cfg, name)}")
     if cfg.eval_steps > cfg.num_steps:
         raise UserError(f"--eval_steps {cfg.eval_steps} exceeds the number of diffusion steps T={cfg.num_steps}")
-    if cfg.dataset == "text" and not cfg.data_files:
-        raise UserError("--dataset text needs --data_files")
-    if cfg.dataset != "text" and cfg.data_files:
-        raise UserError(f"--data_files is only used with --dataset text (got --dataset {cfg.dataset})")
+    if cfg.task == "lm":
+        if cfg.dataset not in lm.DATASETS:
+            raise UserError(f"--task lm: unknown --dataset {cfg.dataset!r}; choose one of {', '.join(lm.DATASETS)}")
+        if cfg.dataset == "text" and not cfg.data_files:
+            raise UserError("--dataset text needs --data_files")
+        if cfg.dataset != "text" and cfg.data_files:
+            raise UserError(f"--data_files is only used with --dataset text (got --dataset {cfg.dataset})")
+    elif cfg.dataset != "bible" and not cfg.data_files:
+        raise UserError(f"--task seq2seq --dataset {cfg.dataset} needs --data_files, a DiffuSeq folder with "
+                        "train.jsonl, valid.jsonl and test.jsonl")
     if cfg.lr <= 0:
         raise UserError(f"--lr must be positive, got {cfg.lr}")
 
@@ -63,10 +69,10 @@ def resume_source(cfg: TrainConfig):
 def load_word_freq(cfg: TrainConfig, tokenizer):
     if cfg.schedule != "spindle":
         return None, None
-    name = lm.dataset_name(cfg.dataset, cfg.data_files)
+    name = word_freq.data_name(cfg.task, cfg.dataset, cfg.data_files)
     path = cfg.word_freq_file or word_freq.default_path(cfg.model_name_or_path, name)
     data_flag = f" --data_files {cfg.data_files}" if cfg.data_files else ""
-    hint = (f"python word_freq.py --model_name_or_path {cfg.model_name_or_path} --dataset {cfg.dataset}"
+    hint = (f"python word_freq.py --task {cfg.task} --model_name_or_path {cfg.model_name_or_path} --dataset {cfg.dataset}"
             f"{data_flag}" + (f" --out {path}" if cfg.word_freq_file else ""))
     rec = word_freq.load(path, lm.vocab_fingerprint(tokenizer), len(tokenizer), create_hint=hint)
     return torch.tensor(rec["counts"]), {"path": path, "sha256": rec["sha256"], "tokenizer": rec["tokenizer"],
@@ -125,20 +131,19 @@ def run(cfg: TrainConfig, info: dist.DistInfo, log, resume_dir: str | None) -> N
     # ---- data (rank 0 builds the corpus and the tokenisation cache first)
     if not info.is_main:
         dist.barrier(info)
-    raw = lm.load_text_splits(cfg.dataset, cfg.data_files, cfg.data_dir, log=log)
-    data = lm.tokenize_splits({s: raw[s] for s in ("train", "valid")}, tokenizer, cfg.max_len, log=log)
+    data, collate = load_task_data(cfg, tokenizer, ("train", "valid"), log=log)
     if info.is_main:
         dist.barrier(info)
     train_set, valid_set = data["train"], data["valid"]
     dev = valid_set.shuffle(seed=cfg.seed).select(range(min(cfg.eval_examples, len(valid_set))))
     dev = dev.select(range(info.rank, len(dev), info.world_size))
-    collate = lm.collator_for(tokenizer)
     log(f"data: {cfg.dataset}: {len(train_set)} train / {len(valid_set)} valid lines; "
         f"dev ELBO on {min(cfg.eval_examples, len(valid_set))} examples, K={cfg.eval_steps}")
 
     derived = {"vocab_size": mlm.config.vocab_size, "mask_id": tokenizer.mask_token_id,
                "pad_id": tokenizer.pad_token_id, "vocab_fingerprint": lm.vocab_fingerprint(tokenizer),
-               "model_path": model_path, "length_counts": lm.length_counts(train_set, cfg.max_len),
+               "model_path": model_path,
+               "length_counts": lm.length_counts(train_set, cfg.max_len) if cfg.task == "lm" else None,
                "word_freq": wf_identity, "schedule": diffusion.schedule.describe()}
 
     # ---- optimisation
@@ -203,12 +208,15 @@ def run(cfg: TrainConfig, info: dist.DistInfo, log, resume_dir: str | None) -> N
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
                 nelbo = diffusion.nelbo(denoiser, batch["input_ids"], batch["noise_mask"], batch["attention_mask"],
                                         cfg.eval_steps, monte_carlo=True, generator=gen)
-            tot += torch.stack([nelbo.double().sum(), batch["noise_mask"].sum().double(), batch["n_words"].sum().double()])
+            words = batch["n_words"].sum().double() if "n_words" in batch else torch.zeros((), dtype=torch.float64, device=device)
+            tot += torch.stack([nelbo.double().sum(), batch["noise_mask"].sum().double(), words])
         dist.all_reduce_sum(tot, info)
         denoiser.train()
         per_tok = float(tot[0] / tot[1].clamp_min(1))
-        return {"nelbo_per_token": per_tok, "ppl_token": float(torch.exp(tot[0] / tot[1].clamp_min(1))),
-                "ppl_word": float(torch.exp(tot[0] / tot[2].clamp_min(1)))}
+        res = {"nelbo_per_token": per_tok, "ppl_token": float(torch.exp(tot[0] / tot[1].clamp_min(1)))}
+        if tot[2] > 0:  # seq2seq targets include generated padding: no per-word figure
+            res["ppl_word"] = float(torch.exp(tot[0] / tot[2]))
+        return res
 
     # ---- the loop
     from tqdm import tqdm
@@ -261,8 +269,9 @@ def run(cfg: TrainConfig, info: dist.DistInfo, log, resume_dir: str | None) -> N
             dev_metrics = evaluate()
             logger.log(step, "dev", **dev_metrics)
             if info.is_main:
+                per_word = f"  PPL/word {dev_metrics['ppl_word']:.2f}" if "ppl_word" in dev_metrics else ""
                 pbar.write(f"step {step}: dev NELBO/token {dev_metrics['nelbo_per_token']:.4f}  "
-                           f"PPL/token {dev_metrics['ppl_token']:.2f}  PPL/word {dev_metrics['ppl_word']:.2f}")
+                           f"PPL/token {dev_metrics['ppl_token']:.2f}{per_word}")
             if dev_metrics["nelbo_per_token"] < best:
                 best = dev_metrics["nelbo_per_token"]
                 logger.best(step, **dev_metrics)

@@ -1,6 +1,7 @@
 """Count token ids over a training split, for the spindle noise schedule.
 
     python word_freq.py --model_name_or_path minilm --dataset bible
+    python word_freq.py --task seq2seq --dataset qqp --data_files path/to/QQP     # counts the targets
 
 writes ``word_freq/<tokenizer>__<dataset>.json``; ``train.py --schedule spindle`` reads it.
 """
@@ -10,16 +11,16 @@ import argparse
 import time
 
 from runtime.errors import UserError, cli_main
-from textdata import lm, word_freq
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--task", default="lm", choices=("lm", "seq2seq"), help="seq2seq counts the target side")
     p.add_argument("--model_name_or_path", default="minilm", help="tokenizer: hub id, local directory, or 'minilm'")
-    p.add_argument("--dataset", default="bible", choices=lm.DATASETS)
-    p.add_argument("--data_files", default=None, help="for --dataset text: a file or a folder with train.txt")
+    p.add_argument("--dataset", default="bible", help="as for train.py")
+    p.add_argument("--data_files", default=None, help="as for train.py")
     p.add_argument("--data_dir", default="data", help="where the offline corpus is written")
-    p.add_argument("--max_len", type=int, default=512, help="count wordpieces up to this length per line")
+    p.add_argument("--max_len", type=int, default=512, help="count wordpieces up to this length per example")
     p.add_argument("--out", default=None, help="output file (default word_freq/<tokenizer>__<dataset>.json)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output file")
     return p.parse_args(argv)
@@ -31,22 +32,26 @@ def main(argv=None):
     from transformers import AutoTokenizer
 
     from models import resolve_model_path
+    from runtime.assemble import load_task_data
+    from runtime.config import TrainConfig
     from runtime.errors import refuse_overwrite
+    from textdata import lm, word_freq
 
     start = time.time()
-    name = lm.dataset_name(args.dataset, args.data_files)
+    name = word_freq.data_name(args.task, args.dataset, args.data_files)
     out = args.out or word_freq.default_path(args.model_name_or_path, name)
     refuse_overwrite(out, args.overwrite, "word-frequency file")
     try:
         tok = AutoTokenizer.from_pretrained(resolve_model_path(args.model_name_or_path))
     except OSError as e:
-        raise UserError(f"cannot load tokenizer {args.model_name_or_path}: {e}") from e
-    ds = lm.load_text_splits(args.dataset, args.data_files, args.data_dir)
-    train = lm.tokenize_splits({"train": ds["train"]}, tok, args.max_len)["train"]
-    counts = word_freq.count_tokens(train["input_ids"], len(tok))
+        raise UserError(f"cannot load tokenizer {args.model_name_or_path}: {str(e).splitlines()[0]}") from e
+    cfg = TrainConfig(task=args.task, dataset=args.dataset, data_files=args.data_files, data_dir=args.data_dir,
+                      max_len=args.max_len)
+    train = load_task_data(cfg, tok, ("train",))[0]["train"]
+    counts = word_freq.count_tokens(train["input_ids" if args.task == "lm" else "trg_ids"], len(tok))
     word_freq.save(out, counts, args.model_name_or_path, lm.vocab_fingerprint(tok), name)
     seen = int((counts > 0).sum())
-    print(f"word_freq: {int(counts.sum())} tokens from {len(train)} training lines of {name}; "
+    print(f"word_freq: {int(counts.sum())} tokens from {len(train)} training examples of {name}; "
           f"{seen} of {len(counts)} vocabulary entries seen; wrote {out} in {time.time() - start:.1f}s")
 
 

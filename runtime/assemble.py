@@ -49,15 +49,33 @@ class Loaded:
     diffusion: AbsorbingDiffusion
 
 
-def load_for_inference(path: str, device: torch.device, prefer: str = "best") -> Loaded:
+SCRIPT_FOR_TASK = {"lm": "predict.py / compute_elbo.py", "seq2seq": "predict_downstream_condition.py"}
+
+
+def load_task_data(cfg: TrainConfig, tokenizer, splits=("train", "valid"), log=print):
+    """Tokenised splits and the collator for the run's task: (DatasetDict, collate)."""
+    from textdata import lm
+    if cfg.task == "lm":
+        raw = lm.load_text_splits(cfg.dataset, cfg.data_files, cfg.data_dir, log=log)
+        data = lm.tokenize_splits({s: raw[s] for s in splits}, tokenizer, cfg.max_len, log=log)
+        return data, lm.collator_for(tokenizer)
+    from conditional_data import PairCollator, load_pair_splits, tokenize_pairs
+    raw = load_pair_splits(cfg.dataset, cfg.data_files, cfg.data_dir, splits=tuple(splits), log=log)
+    data = tokenize_pairs(raw, tokenizer, cfg.max_len, log=log)
+    # DiffuSeq style: every row is a max_len canvas and the model generates the target's padding
+    return data, PairCollator(tokenizer.pad_token_id, canvas_len=cfg.max_len)
+
+
+def load_for_inference(path: str, device: torch.device, prefer: str = "best", task: str = "lm") -> Loaded:
     """Rebuild tokenizer, network and process from a checkpoint (or a run directory)."""
     from transformers import AutoConfig, AutoModelForMaskedLM, AutoTokenizer
 
     ckpt_dir = checkpoint.resolve(path, prefer)
     run_info = checkpoint.read_run_config(ckpt_dir)
     cfg = from_dict(run_info["config"])
-    if cfg.task != "lm":
-        raise UserError(f"{ckpt_dir} is a {cfg.task} checkpoint; this script needs an unconditional (lm) one")
+    if cfg.task != task:
+        raise UserError(f"{ckpt_dir} is a {cfg.task} checkpoint but this script needs a {task} one; "
+                        f"use {SCRIPT_FOR_TASK.get(cfg.task, 'the script for that task')}")
     try:
         tokenizer = AutoTokenizer.from_pretrained(ckpt_dir)
         hf_config = AutoConfig.from_pretrained(ckpt_dir)

@@ -15,7 +15,8 @@ def opt(default, help: str, **kw):
 @dataclass
 class TrainConfig:
     # task and process
-    task: str = opt("lm", "lm: unconditional language modelling", choices=("lm",))
+    task: str = opt("lm", "lm: unconditional language modelling; seq2seq: conditional generation of trg from src",
+                    choices=("lm", "seq2seq"))
     process: str = opt("absorbing", "diffusion process", choices=("absorbing",))
     # model
     model_name_or_path: str = opt("minilm", "hub id, local directory, or 'minilm' (offline all-MiniLM-L6-v2)")
@@ -23,9 +24,11 @@ class TrainConfig:
     time_conditioning: str = opt("none", "none (time-agnostic decoding), token, or layerwise",
                                  choices=("none", "token", "layerwise"))
     # data
-    dataset: str = opt("bible", "bible (offline default), text (--data_files), or lm1b (hub)",
-                       choices=("bible", "text", "lm1b"))
-    data_files: str | None = opt(None, "for --dataset text: a text file or a folder with train.txt [valid.txt test.txt]")
+    dataset: str = opt("bible", "lm: bible (offline default), text (--data_files) or lm1b (hub); seq2seq: bible "
+                       "(KJV -> WEB verse pairs, offline) or a DiffuSeq task name (qqp, wiki_auto, quasar_t, "
+                       "commonsense_conversation, folder) with --data_files")
+    data_files: str | None = opt(None, "lm --dataset text: a text file or a folder with train.txt [valid.txt test.txt]; "
+                                 "seq2seq: a DiffuSeq folder with train.jsonl valid.jsonl test.jsonl")
     data_dir: str = opt("data", "where the offline corpus is written")
     max_len: int = opt(64, "maximum wordpieces per example, [CLS] and [SEP] included")
     # diffusion

@@ -56,3 +56,19 @@ def run_cli(*args: str, cwd: str, check: bool = True, env_extra: dict | None = N
     if check and proc.returncode != 0:
         raise AssertionError(f"{' '.join(args)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
     return proc
+
+
+@pytest.fixture(scope="session")
+def tiny_pairs(tmp_path_factory) -> str:
+    """A DiffuSeq-format folder (train/valid/test.jsonl) of KJV -> WEB verse pairs."""
+    import json
+
+    from textdata.bible import load_verse_pairs
+
+    pairs, _ = load_verse_pairs()
+    path = tmp_path_factory.mktemp("tiny_pairs")
+    chunks = {"train": pairs[:160], "valid": pairs[300:324], "test": pairs[400:412]}
+    for split, ps in chunks.items():
+        with open(path / f"{split}.jsonl", "w", encoding="utf-8") as f:
+            f.write("".join(json.dumps({"src": p.kjv, "trg": p.web}) + "\n" for p in ps))
+    return str(path)

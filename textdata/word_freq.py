@@ -18,6 +18,15 @@ from runtime.io import write_json_atomic
 FORMAT = "diffusion-word-freq-v1"
 
 
+def data_name(task: str, dataset: str, data_files: str | None) -> str:
+    """The dataset part of the file name: the LM corpus, or the seq2seq targets ('-pairs')."""
+    from textdata.lm import dataset_name
+    if task == "lm":
+        return dataset_name(dataset, data_files)
+    base = f"-{os.path.basename(os.path.normpath(data_files))}" if data_files else ""
+    return f"{dataset}{base}-pairs"
+
+
 def default_path(model_name: str, dataset: str, out_dir: str = "word_freq") -> str:
     """``word_freq/<tokenizer>__<dataset>.json``, both names made file-system safe."""
     def safe(s: str) -> str:

@@ -1,0 +1,274 @@
+"""DiffuSeq-format pair data: validation, loading, tokenisation and the seq2seq canvas.
+
+A DiffuSeq folder holds ``train.jsonl``, ``valid.jsonl`` (some releases: ``dev.jsonl``) and
+``test.jsonl``, one ``{"src": ..., "trg": ...}`` object per line. Each file is checked line by line
+by :func:`validate_jsonl` before ``datasets`` sees it, so a bad line is reported as ``FILE:LINE: ...``
+instead of an arrow error. :func:`tokenize_pairs` adds ``src_ids``/``trg_ids`` once and lets datasets
+cache them; :class:`PairCollator` lays a batch out as the canvas ``[CLS] src [SEP] | trg [SEP] [PAD]...``
+whose target region (``noise_mask``) is what the diffusion model corrupts and learns to restore.
+"""
+from __future__ import annotations
+
+import codecs
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+
+import torch
+
+from runtime.errors import UserError
+from textdata.lm import vocab_fingerprint
+
+SPLITS = ("train", "valid", "test")
+TOKENIZE_VERSION = "pairs-v2"  # bump when the tokenisation below changes, to invalidate the cache
+# The shortest max_len whose truncation still leaves [CLS] x [SEP] (max_len // 2 >= 3) and y [SEP].
+MIN_MAX_LEN = 6
+
+
+def _json_type(v) -> str:
+    """The JSON name of a decoded value, for error messages."""
+    if v is None:
+        return "null"
+    if isinstance(v, bool):
+        return "a boolean"
+    if isinstance(v, (int, float)):
+        return "a number"
+    if isinstance(v, str):
+        return "a string"
+    if isinstance(v, list):
+        return "an array"
+    return "an object"
+
+
+def _reject_constant(name: str):
+    # json.loads accepts NaN/Infinity, which are not JSON and which the arrow reader rejects
+    raise ValueError(f"{name} is not valid JSON")
+
+
+def validate_jsonl(path: str, strict: bool = True) -> int:
+    """Check a DiffuSeq-format file line by line; return its number of examples.
+
+    Every line must be valid UTF-8 and one JSON object with string fields ``"src"`` and ``"trg"``
+    (other fields are allowed). With ``strict`` (the default) blank lines and fields that are empty
+    after ``strip()`` are errors too; ``strict=False`` skips blank lines (as the datasets json reader
+    does) and accepts empty fields. A leading UTF-8 byte-order mark is accepted. An empty file, or
+    one with no examples, is an error. Every error is a one-line ``UserError`` naming ``FILE:LINE``.
+    """
+    path = os.fspath(path)
+    try:
+        f = open(path, "rb")
+    except OSError as e:
+        raise UserError(f"cannot read {path}: {e.strerror or e}") from None
+    n = lineno = 0
+    with f:
+        for lineno, raw in enumerate(f, 1):
+            where = f"{path}:{lineno}"
+            if lineno == 1 and raw.startswith(codecs.BOM_UTF8):
+                raw = raw[len(codecs.BOM_UTF8):]
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise UserError(f"{where}: not valid UTF-8 (byte 0x{raw[e.start]:02x} at byte {e.start + 1} "
+                                f"of the line)") from None
+            if not line.strip():
+                if strict:
+                    raise UserError(f"{where}: blank line (expected one JSON object per line)")
+                continue
+            try:
+                obj = json.loads(line, parse_constant=_reject_constant)
+            except json.JSONDecodeError as e:
+                raise UserError(f"{where}: malformed JSON ({e.msg} at column {e.colno})") from None
+            except (ValueError, RecursionError) as e:
+                raise UserError(f"{where}: malformed JSON ({type(e).__name__}: {e})") from None
+            if not isinstance(obj, dict):
+                raise UserError(f'{where}: expected a JSON object with "src" and "trg", got {_json_type(obj)}')
+            missing = [k for k in ("src", "trg") if k not in obj]
+            if missing:
+                raise UserError(f"{where}: missing " + " and ".join(f'"{k}"' for k in missing))
+            for k in ("src", "trg"):
+                if not isinstance(obj[k], str):
+                    raise UserError(f'{where}: "{k}" is {_json_type(obj[k])}, not a string')
+                if strict and not obj[k].strip():
+                    raise UserError(f'{where}: empty "{k}"')
+            n += 1
+    if lineno == 0:
+        raise UserError(f"{path} is empty (expected one JSON object per line)")
+    if n == 0:
+        raise UserError(f"{path} has no examples, only blank lines")
+    return n
+
+
+def _diffuseq_files(data_dir: str | None, dataset: str, splits) -> dict[str, str]:
+    """{split: path} in a DiffuSeq folder; ``dev.jsonl`` stands in for a missing ``valid.jsonl``."""
+    if not data_dir:
+        raise UserError(f"dataset {dataset!r} needs a data folder with train.jsonl, valid.jsonl and test.jsonl "
+                        f"(DiffuSeq format)")
+    if not os.path.isdir(data_dir):
+        what = "is not a folder" if os.path.exists(data_dir) else "does not exist"
+        raise UserError(f"data folder {data_dir} {what} (expected a DiffuSeq folder with train.jsonl, "
+                        f"valid.jsonl and test.jsonl)")
+    files = {}
+    for split in splits:
+        path = os.path.join(data_dir, f"{split}.jsonl")
+        dev = os.path.join(data_dir, "dev.jsonl")
+        if split == "valid" and not os.path.isfile(path) and os.path.isfile(dev):
+            path = dev
+        if not os.path.isfile(path):
+            also = f" (nor does {dev})" if split == "valid" else ""
+            raise UserError(f"{path} ({split} split) does not exist{also}")
+        files[split] = path
+    return files
+
+
+def load_pair_splits(dataset: str, data_dir: str | None = None, corpus_dir: str = "data", splits=SPLITS,
+                     log=print):
+    """The requested splits of a pair task as a DatasetDict with the string columns ``src``, ``trg``.
+
+    * ``bible``: the offline KJV -> WEB task, written by ``textdata.bible.write_pair_corpus`` to
+      ``corpus_dir/bible_pairs`` (``data_dir`` is not used).
+    * any other name (``qqp``, ``wiki_auto``, ``quasar_t``, ``commonsense_conversation``, ``folder``):
+      ``data_dir`` is a DiffuSeq folder with ``train.jsonl``, ``valid.jsonl`` (or ``dev.jsonl``) and
+      ``test.jsonl``; the name only labels the log lines.
+
+    Each file is checked with :func:`validate_jsonl` and then read with the datasets json loader
+    (which caches the arrow table), one split at a time; other fields are dropped.
+    """
+    import datasets
+    from datasets import DatasetDict, load_dataset
+
+    splits = tuple(dict.fromkeys(splits))
+    unknown = [s for s in splits if s not in SPLITS]
+    if unknown or not splits:
+        raise UserError(f"unknown split(s) {', '.join(map(repr, unknown)) or '(none given)'}; "
+                        f"choose from {', '.join(SPLITS)}")
+    datasets.disable_progress_bars()  # our own log lines say what happened
+    if dataset == "bible":
+        from textdata.bible import write_pair_corpus
+        if data_dir:
+            log(f"data: bible: ignoring the data folder {data_dir} (the corpus is built offline)")
+        written = write_pair_corpus(os.path.join(corpus_dir, "bible_pairs"))
+        files = {s: written[s] for s in splits}
+    else:
+        files = _diffuseq_files(data_dir, dataset, splits)
+    counts = {s: validate_jsonl(p) for s, p in files.items()}
+    out = {}
+    for s in splits:
+        # one split at a time: loaded together, the splits must share one schema, extra fields included
+        try:
+            d = load_dataset("json", data_files={s: files[s]}, split=s)
+        except datasets.exceptions.DatasetGenerationError as e:
+            cause = str(e.__cause__ or e).splitlines()[0] if str(e.__cause__ or e) else type(e).__name__
+            raise UserError(f"datasets could not read {files[s]} ({cause}); fields other than \"src\" and "
+                            f"\"trg\" that appear only on some lines can cause this: remove them") from e
+        if len(d) != counts[s]:  # the validator and the arrow reader disagree about the file
+            raise UserError(f"{files[s]}: datasets read {len(d)} rows but the file has {counts[s]} examples")
+        out[s] = d.select_columns(["src", "trg"])
+        log(f"data: {dataset} {s}: {counts[s]} pairs from {files[s]}")
+    return DatasetDict(out)
+
+
+def tokenize_pairs(ds, tokenizer, max_len: int, log=print):
+    """Add ``src_ids = [CLS] src [SEP]`` and ``trg_ids = trg [SEP]`` to every split, fitting
+    ``len(src_ids) + len(trg_ids) <= max_len``; the raw ``src``/``trg`` text stays (for references).
+
+    Truncation, only for a pair that does not fit: first the source is cut just enough for the pair
+    to fit, but never below ``max_len // 2`` tokens (keeping [CLS] and its final [SEP]); then, if the
+    pair still does not fit, the target is cut to what is left (keeping its final [SEP]). The bool columns ``src_cut``/``trg_cut`` record it, and the counts
+    are logged per split. ``max_len >= 6`` so that a cut pair keeps ``[CLS] x [SEP] y [SEP]``.
+    The result is cached by datasets, keyed by the split's fingerprint, the vocabulary and ``max_len``.
+    """
+    from datasets import DatasetDict
+
+    if max_len < MIN_MAX_LEN:
+        raise UserError(f"--max_len must be at least {MIN_MAX_LEN} for pairs (the source is cut to max_len // 2 "
+                        f"tokens and must keep [CLS] x [SEP], the target y [SEP]), got {max_len}")
+    cls, sep = tokenizer.cls_token_id, tokenizer.sep_token_id
+    if cls is None or sep is None:
+        raise UserError("the tokenizer has no [CLS] or no [SEP] token, which the pair canvas needs")
+    vfp = vocab_fingerprint(tokenizer)
+    src_max = max_len // 2
+
+    def encode(batch):
+        enc_s = tokenizer(batch["src"], add_special_tokens=False, truncation=False, verbose=False)["input_ids"]
+        enc_t = tokenizer(batch["trg"], add_special_tokens=False, truncation=False, verbose=False)["input_ids"]
+        out = {"src_ids": [], "trg_ids": [], "src_cut": [], "trg_cut": []}
+        for s, t in zip(enc_s, enc_t):
+            x, y = [cls] + s + [sep], t + [sep]
+            src_cut = trg_cut = False
+            if len(x) + len(y) > max_len:
+                keep = max(src_max, max_len - len(y))  # cut the source only as much as needed
+                if len(x) > keep:
+                    x, src_cut = x[: keep - 1] + [sep], True
+                if len(x) + len(y) > max_len:
+                    y, trg_cut = y[: max_len - len(x) - 1] + [sep], True
+            out["src_ids"].append(x)
+            out["trg_ids"].append(y)
+            out["src_cut"].append(src_cut)
+            out["trg_cut"].append(trg_cut)
+        return out
+
+    result = {}
+    for split, d in ds.items():
+        missing = [c for c in ("src", "trg") if c not in d.column_names]
+        if missing:
+            raise UserError(f"the {split} split has no {' or '.join(missing)} column (columns: {d.column_names})")
+        fp = hashlib.sha256(f"{d._fingerprint}-{vfp}-{max_len}-{TOKENIZE_VERSION}".encode()).hexdigest()[:16]
+        d = d.map(encode, batched=True, batch_size=1000, new_fingerprint=fp, desc=f"tokenising {split}")
+        n_src, n_trg = sum(d["src_cut"]), sum(d["trg_cut"])
+        log(f"data: {split}: {len(d)} pairs; source cut in {n_src} (never below {src_max} tokens), target cut "
+            f"in {n_trg} (max_len {max_len})")
+        result[split] = d
+    return DatasetDict(result)
+
+
+@dataclass
+class PairCollator:
+    """Lays out a batch as the seq2seq canvas ``[CLS] src [SEP] | trg [SEP] [PAD]...``.
+
+    Every row has the same length ``canvas_len`` (DiffuSeq style: the target region is ``trg [SEP]``
+    followed by [PAD]s, and the model learns to generate that padding, which decides the output
+    length); with ``canvas_len=None`` the batch's longest ``len(src_ids) + len(trg_ids)`` is used.
+    Returns ``input_ids`` [B, L] long, ``attention_mask`` [B, L] long (all ones: padding in the target
+    region is a token to predict), ``noise_mask`` [B, L] bool (the target region, positions >= src_len),
+    ``src_len`` [B] long and ``trg_len`` [B] long (with the target's [SEP], without the padding).
+    """
+
+    pad_id: int
+    canvas_len: int | None = None
+
+    def __call__(self, rows: list[dict]) -> dict:
+        if not rows:
+            raise ValueError("PairCollator got an empty batch")
+        src_len = torch.tensor([len(r["src_ids"]) for r in rows], dtype=torch.long)
+        trg_len = torch.tensor([len(r["trg_ids"]) for r in rows], dtype=torch.long)
+        longest = int((src_len + trg_len).max())
+        L = longest if self.canvas_len is None else self.canvas_len
+        if longest > L:
+            raise UserError(f"a pair of {longest} tokens does not fit the canvas of {L}; tokenise with "
+                            f"max_len <= canvas_len")
+        ids = torch.full((len(rows), L), self.pad_id, dtype=torch.long)
+        for i, r in enumerate(rows):
+            pair = list(r["src_ids"]) + list(r["trg_ids"])
+            ids[i, : len(pair)] = torch.tensor(pair, dtype=torch.long)
+        noise = torch.arange(L)[None] >= src_len[:, None]
+        return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "noise_mask": noise,
+                "src_len": src_len, "trg_len": trg_len}
+
+
+def extract_target(ids: list[int] | torch.Tensor, src_len: int, sep_id: int, pad_id: int,
+                   special_ids=()) -> list[int]:
+    """The generated target of one canvas row ``ids`` [L]: the tokens from ``src_len`` up to (not
+    including) the first [SEP] or [PAD], with any other ``special_ids`` (e.g. a left-over [MASK]) dropped."""
+    if isinstance(ids, torch.Tensor):
+        if ids.dim() != 1:
+            raise ValueError(f"extract_target takes one row [L], got shape {tuple(ids.shape)}")
+        ids = ids.tolist()
+    drop = set(special_ids)
+    out = []
+    for i in ids[src_len:]:
+        if i == sep_id or i == pad_id:
+            break
+        if i not in drop:
+            out.append(i)
+    return out

@@ -1,0 +1,155 @@
+"""Conditional (seq2seq) sampling from a DiffusionBERT checkpoint, with MBR decoding.
+
+    python predict_downstream_condition.py --checkpoint outputs/cond --split test --mbr_size 10 --steps 200
+    python predict_downstream_condition.py --mbr_only generation_results/x/seed*.jsonl --out_dir generation_results/x-mbr
+
+The source ``[CLS] src [SEP]`` is never noised and stays fixed; the target region is denoised from
+all-[MASK] and its length is decided by the generated padding (DiffuSeq style): the output is the
+target up to the first [SEP]/[PAD]. Each of the S candidates uses seed ``--seed + k``. Writes
+DiffuSeq's output format (one JSON object per line: ``recover``, ``reference``, ``source``) to
+``generation_results/<name>/seed<k>.jsonl``, the MBR selection to ``mbr.jsonl`` and the copy
+baseline (the source itself as the output) to ``copy_source.jsonl``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+
+import torch
+
+from runtime.assemble import load_for_inference, load_task_data
+from runtime.dist import pick_device
+from runtime.errors import UserError, cli_main
+from runtime.io import write_json_atomic, write_text_atomic
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--checkpoint", help="checkpoint directory, or a run directory (uses its best)")
+    p.add_argument("--split", default="test", choices=("train", "valid", "test"))
+    p.add_argument("--num_examples", type=int, default=0, help="decode the first N examples of the split (0: all)")
+    p.add_argument("--steps", type=int, default=200, help="sampling iterations (grid over 0..T)")
+    p.add_argument("--topk", type=int, default=0)
+    p.add_argument("--top_p", type=float, default=1.0)
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--batch_size", type=int, default=32)
+    p.add_argument("--mbr_size", type=int, default=1, help="S candidates per source (seeds --seed .. --seed+S-1)")
+    p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--no_cache", action="store_true", help="call the network at every step")
+    p.add_argument("--mbr_only", nargs="+", default=None, metavar="FILE",
+                   help="skip sampling: run MBR over existing candidate files (ours or DiffuSeq's)")
+    p.add_argument("--name", default=None, help="output folder name under --out_dir")
+    p.add_argument("--out_dir", default="generation_results")
+    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--device", default="auto")
+    return p.parse_args(argv)
+
+
+def jsonl(rows: list[dict]) -> str:
+    return "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
+
+
+def mbr_rows(candidate_rows: list[list[dict]]) -> list[dict]:
+    """Per source, the candidate with the largest summed sentence-BLEU against the others."""
+    from evaluation.seq2seq import mbr_select
+    n = len(candidate_rows[0])
+    for k, rows in enumerate(candidate_rows[1:], 1):
+        if len(rows) != n or any(a["source"] != b["source"] for a, b in zip(candidate_rows[0], rows)):
+            raise UserError(f"candidate file {k + 1} does not have the same sources in the same order as the first")
+    picks = mbr_select([[rows[i]["recover"] for rows in candidate_rows] for i in range(n)])
+    return [candidate_rows[k][i] for i, k in enumerate(picks)]
+
+
+def prepare_out(folder: str, overwrite: bool) -> None:
+    if os.path.exists(folder) and os.listdir(folder) and not overwrite:
+        raise UserError(f"output folder {folder} already exists; pass --overwrite or choose another --name")
+    os.makedirs(folder, exist_ok=True)
+
+
+def run_mbr_only(args) -> None:
+    from evaluation.seq2seq import read_outputs
+    if len(args.mbr_only) < 2:
+        raise UserError("--mbr_only needs at least 2 candidate files")
+    folder = os.path.join(args.out_dir, args.name or "mbr")
+    prepare_out(folder, args.overwrite)
+    rows = [read_outputs(p) for p in args.mbr_only]
+    out = os.path.join(folder, "mbr.jsonl")
+    write_text_atomic(out, jsonl(mbr_rows(rows)))
+    print(f"mbr: selected among {len(rows)} candidates for {len(rows[0])} sources; wrote {out}")
+
+
+@cli_main
+def main(argv=None):
+    args = parse_args(argv)
+    if args.mbr_only:
+        if args.checkpoint:
+            raise UserError("--mbr_only works on existing files; do not also give --checkpoint")
+        return run_mbr_only(args)
+    if not args.checkpoint:
+        raise UserError("give --checkpoint (or --mbr_only FILES)")
+    for name in ("steps", "batch_size", "mbr_size"):
+        if getattr(args, name) < 1:
+            raise UserError(f"--{name} must be at least 1, got {getattr(args, name)}")
+    if args.num_examples < 0 or args.topk < 0 or not 0.0 < args.top_p <= 1.0 or args.temperature <= 0:
+        raise UserError("need --num_examples >= 0, --topk >= 0, 0 < --top_p <= 1 and --temperature > 0")
+    device = pick_device(args.device)
+    run = load_for_inference(args.checkpoint, device, task="seq2seq")
+    cfg, tok, diffusion = run.cfg, run.tokenizer, run.diffusion
+    if args.steps > cfg.num_steps:
+        raise UserError(f"--steps {args.steps} exceeds the checkpoint's number of diffusion steps T={cfg.num_steps}")
+    use_cache = not args.no_cache and run.denoiser.time_agnostic
+
+    run_name = os.path.basename(os.path.dirname(os.path.dirname(os.path.abspath(run.ckpt_dir))))
+    folder = os.path.join(args.out_dir, args.name or f"{run_name}_{args.split}_steps{args.steps}_mbr{args.mbr_size}_seed{args.seed}")
+    prepare_out(folder, args.overwrite)
+
+    from conditional_data import extract_target
+    data, collate = load_task_data(cfg, tok, (args.split,))
+    data = data[args.split]
+    if args.num_examples:
+        data = data.select(range(min(args.num_examples, len(data))))
+    special = tuple(i for i in (tok.cls_token_id, tok.sep_token_id, tok.pad_token_id, tok.mask_token_id) if i is not None)
+
+    def decode(ids) -> str:
+        return " ".join(tok.decode([i for i in ids if i not in special]).split())
+
+    sources = [decode(r) for r in data["src_ids"]]
+    references = [decode(r) for r in data["trg_ids"]]
+    write_text_atomic(os.path.join(folder, "copy_source.jsonl"),
+                      jsonl([{"recover": s, "reference": r, "source": s} for s, r in zip(sources, references)]))
+    timings, candidates = [], []
+    for k in range(args.mbr_size):
+        seed = args.seed + k
+        gen = torch.Generator(device=device).manual_seed(seed)
+        recovers: list[str] = []
+        calls = rows_eval = 0
+        start = time.time()
+        for i in range(0, len(data), args.batch_size):
+            batch = collate([data[j] for j in range(i, min(i + args.batch_size, len(data)))])
+            ids, att, noise = (batch[k_].to(device) for k_ in ("input_ids", "attention_mask", "noise_mask"))
+            out = diffusion.sample(run.denoiser, ids, noise, att, args.steps, args.topk, args.top_p,
+                                   args.temperature, cache=use_cache, generator=gen)
+            calls += out.network_calls
+            rows_eval += out.row_evaluations
+            for row, src_len in zip(out.x0.cpu(), batch["src_len"].tolist()):
+                recovers.append(decode(extract_target(row, src_len, tok.sep_token_id, tok.pad_token_id, special)))
+        wall = time.time() - start
+        rows = [{"recover": h, "reference": r, "source": s} for h, r, s in zip(recovers, references, sources)]
+        write_text_atomic(os.path.join(folder, f"seed{seed}.jsonl"), jsonl(rows))
+        candidates.append(rows)
+        timings.append({"seed": seed, "wall_seconds": wall, "network_calls": calls, "row_evaluations": rows_eval})
+        print(f"decode: seed {seed}: {len(rows)} sources in {wall:.1f}s ({len(rows) / wall:.2f} sequences/s), "
+              f"{calls} network calls", flush=True)
+    if args.mbr_size > 1:
+        write_text_atomic(os.path.join(folder, "mbr.jsonl"), jsonl(mbr_rows(candidates)))
+    write_json_atomic(os.path.join(folder, "decode.json"),
+                      {"checkpoint": run.ckpt_dir, **{k: v for k, v in vars(args).items() if k != "checkpoint"},
+                       "cache": use_cache, "num_sources": len(data), "timings": timings, "device": str(device)})
+    print(f"decode: wrote {args.mbr_size} candidate file(s){' and mbr.jsonl' if args.mbr_size > 1 else ''} "
+          f"and copy_source.jsonl to {folder}")
+
+
+if __name__ == "__main__":
+    main()

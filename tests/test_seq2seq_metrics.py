@@ -1,0 +1,504 @@
+"""Tests for evaluation.seq2seq and ``compute_metric.py --mode seq2seq``.
+
+Hand-computed values use nltk's method4: the m-th zero precision (m = 1, 2, ...) of a hypothesis
+of length c > 1 becomes ``1 / (2**m * 5 / ln c) / den`` with den = max(1, #hyp n-grams); the
+score is ``bp * (p1 p2 p3 p4) ** (1/4)`` with ``bp = exp(1 - r/c)`` when c <= r. DiffuSeq's
+``get_bleu(a, b)`` puts ``a`` in the *reference* slot and ``b`` in the hypothesis slot.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import subprocess
+import sys
+import warnings
+
+import numpy as np
+import pytest
+from nltk.translate.bleu_score import SmoothingFunction, sentence_bleu
+
+import compute_metric
+from evaluation.seq2seq import (
+    avg_len,
+    avg_len_words,
+    bert_score,
+    bert_score_f1,
+    bleu,
+    bleu_recover_as_hypothesis,
+    diffuseq_bleu,
+    dist_1,
+    div_4,
+    evaluate_outputs,
+    greedy_cosine_prf,
+    mbr_select,
+    read_outputs,
+    rouge_l,
+    rouge_l_per_sentence,
+    self_bleu,
+    sentence_bleu_m4,
+    strip_special,
+)
+from runtime.errors import UserError
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+LN2, LN4 = math.log(2), math.log(4)
+# "a b c d" vs "a b d c" (either way round; both have 4 tokens): p1 = 4/4; bigrams (a,b) match
+# of 3 -> 1/3; trigrams 0 of 2 -> first zero: 1/(2*5/ln4)/2 = ln4/20; 4-grams 0 of 1 -> second
+# zero: 1/(4*5/ln4)/1 = ln4/20; bp = 1 (equal lengths).
+B_ABCD_ABDC = (1 * (1 / 3) * (LN4 / 20) * (LN4 / 20)) ** 0.25
+# "p q" vs itself: p1 = 2/2, p2 = 1/1, p3 = 0/1 -> 1/(2*5/ln2) = ln2/10, p4 = 0/1 -> 1/(4*5/ln2)
+# = ln2/20; bp = 1. Identical two-word sentences do not score 1 under method4.
+B_PQ = (1 * 1 * (LN2 / 10) * (LN2 / 20)) ** 0.25
+
+
+def nltk_m4(hyp: str, ref: str) -> float:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return sentence_bleu([ref.split()], hyp.split(), smoothing_function=SmoothingFunction().method4)
+
+
+def write_rows(path, rows) -> str:
+    with open(path, "w", encoding="utf-8") as f:
+        for rec, ref, src in rows:
+            f.write(json.dumps({"recover": rec, "reference": ref, "source": src}) + "\n")
+    return str(path)
+
+
+# --------------------------------------------------------------------------- stripping / reading
+
+
+def test_strip_special_like_diffuseq():
+    text = "  [CLS] a b [SEP] [PAD] [PAD] "
+    # strip() first, then delete the tokens; the spaces around them stay.
+    assert strip_special(text) == " a b   "
+    assert strip_special(text, pad=False) == " a b  [PAD] [PAD]"  # DiffuSeq's reference treatment
+    assert strip_special("x  y") == "x  y"  # no whitespace normalisation
+    assert strip_special("[CLS][SEP][PAD]") == ""
+
+
+def test_read_outputs_reads_rows(tmp_path):
+    path = tmp_path / "a.json"
+    path.write_text('{"recover": "r1", "reference": "g1", "source": "s1", "extra": 3}\n'
+                    '{"source": "s2", "reference": "g2", "recover": "r2"}\n', encoding="utf-8")
+    assert read_outputs(str(path)) == [{"recover": "r1", "reference": "g1", "source": "s1"},
+                                       {"recover": "r2", "reference": "g2", "source": "s2"}]
+
+
+GOOD = '{"recover": "r", "reference": "g", "source": "s"}\n'
+
+
+@pytest.mark.parametrize("content, line, message", [
+    (GOOD + '{"recover": "r", "reference": "g", "source": \n', 2, "not valid JSON"),
+    ('{"recover": "r", "source": "s"}\n', 1, "missing key(s) reference"),
+    (GOOD + GOOD + '["r", "g", "s"]\n', 3, "expected a JSON object"),
+    (GOOD + '{"recover": 5, "reference": "g", "source": "s"}\n', 2, "'recover' must be a string"),
+    (GOOD + "\n" + GOOD, 2, "empty line"),
+])
+def test_read_outputs_errors_name_file_and_line(tmp_path, content, line, message):
+    path = tmp_path / "bad.json"
+    path.write_text(content, encoding="utf-8")
+    with pytest.raises(UserError) as e:
+        read_outputs(str(path))
+    assert str(e.value).startswith(f"{path}:{line}: {message}")
+
+
+def test_read_outputs_file_errors(tmp_path):
+    with pytest.raises(UserError, match="does not exist"):
+        read_outputs(str(tmp_path / "nope.json"))
+    (tmp_path / "empty.json").write_text("", encoding="utf-8")
+    with pytest.raises(UserError, match="has no rows"):
+        read_outputs(str(tmp_path / "empty.json"))
+    (tmp_path / "latin.json").write_bytes('{"recover": "caf\xe9"}\n'.encode("latin-1"))
+    with pytest.raises(UserError, match="not valid UTF-8"):
+        read_outputs(str(tmp_path / "latin.json"))
+
+
+# --------------------------------------------------------------------------- BLEU
+
+
+def test_sentence_bleu_equals_nltk_bit_for_bit():
+    rng = random.Random(0)
+    vocab = "a b c d e".split()
+
+    def sent():  # lengths 0..8 cover empty, one-word and no-4-gram sentences
+        return " ".join(rng.choice(vocab) for _ in range(rng.randint(0, 8)))
+
+    for _ in range(3000):
+        h, r = sent(), sent()
+        assert sentence_bleu_m4(h, r) == nltk_m4(h, r), (h, r)
+        assert diffuseq_bleu(h, r) == nltk_m4(r, h), (h, r)  # DiffuSeq: first argument is the reference
+
+
+def test_bleu_method4_by_hand():
+    assert sentence_bleu_m4("a b c d", "a b d c") == pytest.approx(B_ABCD_ABDC, rel=1e-12)
+    assert sentence_bleu_m4("p q", "p q") == pytest.approx(B_PQ, rel=1e-12)
+    assert sentence_bleu_m4("a b", "c d") == 0.0  # no unigram match
+    assert sentence_bleu_m4("", "a b") == 0.0
+
+    # DiffuSeq order, get_bleu(recover="a b c", reference="a b c d e"): hypothesis = the gold
+    # "a b c d e" (c = 5) against reference "a b c" (r = 3): bp = 1 (c > r);
+    # p1 = 3/5, p2 = 2/4, p3 = 1/3, p4 = 0/2 -> 1/(2*5/ln5)/2 = ln5/20.
+    diffuseq = (3 / 5 * 2 / 4 * 1 / 3 * math.log(5) / 20) ** 0.25
+    # Usual order: hypothesis "a b c" (c = 3) vs "a b c d e" (r = 5): bp = exp(1 - 5/3);
+    # p1 = p2 = p3 = 1, p4 = 0/1 -> 1/(2*5/ln3) = ln3/10.
+    usual = math.exp(1 - 5 / 3) * (math.log(3) / 10) ** 0.25
+    assert diffuseq_bleu("a b c", "a b c d e") == pytest.approx(diffuseq, rel=1e-12)
+    assert sentence_bleu_m4("a b c", "a b c d e") == pytest.approx(usual, rel=1e-12)
+    assert abs(diffuseq - usual) > 1e-3
+
+    hyps, refs = ["a b c", "a b c d", " p  q "], ["a b c d e", "a b d c", "p q"]
+    assert bleu(hyps, refs) == pytest.approx((diffuseq + B_ABCD_ABDC + B_PQ) / 3, rel=1e-12)
+    assert bleu_recover_as_hypothesis(hyps, refs) == pytest.approx((usual + B_ABCD_ABDC + B_PQ) / 3, rel=1e-12)
+
+
+# --------------------------------------------------------------------------- ROUGE-L, dist-1, length
+
+
+def test_rouge_l_by_hand():
+    # LCS("a b c d e", "a c e f") = "a c e" = 3; P = 3/5, R = 3/4, F = 2PR/(P+R) = (9/10)/(27/20) = 2/3.
+    assert rouge_l_per_sentence(["a b c d e"], ["a c e f"])[0] == pytest.approx(2 / 3, abs=1e-6)
+    # torchmetrics lower-cases and drops punctuation: identical after normalisation -> 1.
+    assert rouge_l_per_sentence(["The Cat!"], ["the cat"])[0] == pytest.approx(1.0, abs=1e-6)
+    # LCS("x y", "y x") = 1: P = R = F = 1/2; the mean is per sentence: (2/3 + 1/2) / 2 = 7/12.
+    assert rouge_l(["a b c d e", "x y"], ["a c e f", "y x"]) == pytest.approx(7 / 12, abs=1e-6)
+    assert rouge_l([""], ["a b"]) == 0.0
+
+
+def test_rouge_l_equals_the_rougescore_module():
+    from torchmetrics.text.rouge import ROUGEScore
+
+    module = ROUGEScore(rouge_keys="rougeL")
+    pairs = [("the cat sat on the mat", "a cat was on the mat"), ("how do i learn ?", "how can i learn python")]
+    for h, r in pairs:
+        assert rouge_l_per_sentence([h], [r])[0] == module(h, r)["rougeL_fmeasure"].tolist()
+
+
+def test_dist_1_and_lengths_by_hand():
+    # "a a b": 2 unique / 3; "" counts as 0 (DiffuSeq returns 0, it does not skip it); "x y": 1.
+    assert dist_1(["a a b", "", "x y"]) == pytest.approx((2 / 3 + 0 + 1) / 3, abs=1e-15)
+    # DiffuSeq's length: split(' '), so " a b  " (what "[CLS] a b [SEP] [PAD]" strips to) is
+    # ['', 'a', 'b', '', ''] = 5 pieces; "a b c" = 3 -> mean 4. Word count: (2 + 3) / 2.
+    stripped = [strip_special("[CLS] a b [SEP] [PAD]"), "a b c"]
+    assert avg_len(stripped) == 4.0
+    assert avg_len_words(stripped) == 2.5
+
+
+# --------------------------------------------------------------------------- across candidates
+
+
+def test_div_4_by_hand():
+    # Source 1: 4-grams (a,b,c,d), (b,c,d,e) | (a,b,c,d) | none -> 2 unique of 3.
+    # Source 2: (a,b,c,d) twice -> 1 of 2. Mean over sources: (2/3 + 1/2) / 2 = 7/12.
+    cands = [["a b c d e", "a b c d", "x y"], ["a b c d", "a b c d"]]
+    assert div_4(cands) == pytest.approx(7 / 12, abs=1e-15)
+    assert div_4([["a b", "c d e"]]) == 0.0  # no 4-gram at all
+
+
+def test_self_bleu_by_hand():
+    # Source 1, pairs i < j: (0,1) = B_ABCD_ABDC, (0,2) = (1,2) = 0 (no shared word) -> mean / 3.
+    # Source 2: all three pairs are "p q" vs "p q" = B_PQ. Then the mean over the two sources.
+    cands = [["a b c d", "a b d c", "x y z"], ["p q", "p q", "p q"]]
+    assert self_bleu(cands) == pytest.approx((B_ABCD_ABDC / 3 + B_PQ) / 2, rel=1e-12)
+    assert self_bleu([["a b c", "a b c d e"]]) == pytest.approx(diffuseq_bleu("a b c", "a b c d e"), rel=1e-15)
+    assert self_bleu([["only one"]]) == 0.0
+
+
+def test_mbr_picks_the_consensus():
+    cands = [
+        ["w x y z", "a b c d e", "a b c d f", "a b c x e"],  # index 1 shares most with the others
+        ["one two three four", "the cat sat on the mat", "the cat sat on a mat", "the cat sat on the mat"],
+    ]
+    assert mbr_select(cands) == [1, 1]  # 1 and 3 tie in row 2: the lower index wins
+    assert mbr_select([["a b", "c d", "e f"]]) == [0]  # all scores 0: the lowest index
+
+
+def test_mbr_uses_diffuseq_argument_order():
+    # Candidate i scores sum_j get_bleu(c_i, c_j) = BLEU(hyp=c_j | ref=c_i).
+    # c0 = "a": BLEU(hyp "a a" | ref "a") = (1/2 * ln2/10 * ln2/20 * ln2/40)^(1/4) ~ 0.0675 (+ 0 for "b").
+    # c1 = "a a": BLEU(hyp "a" | ref "a a") = bp = exp(1 - 2/1) ~ 0.368 (one word: only p1 = 1 counts).
+    # The usual order would swap the two scores and pick 0.
+    s0 = (0.5 * (LN2 / 10) * (LN2 / 20) * (LN2 / 40)) ** 0.25
+    assert s0 < math.exp(-1)
+    assert mbr_select([["a", "a a", "b"]]) == [1]
+
+
+def test_mbr_matches_a_literal_select_best():
+    rng = random.Random(3)
+    vocab = "a b c d".split()
+    cands = [[" ".join(rng.choice(vocab) for _ in range(rng.randint(1, 7))) for _ in range(5)] for _ in range(40)]
+    expected = []
+    for cs in cands:
+        m = [[nltk_m4(s2, s1) for s2 in cs] for s1 in cs]  # get_bleu(s1, s2)
+        for i in range(len(cs)):
+            m[i][i] = 0
+        expected.append(int(np.argmax(np.sum(m, -1))))
+    assert mbr_select(cands) == expected
+
+
+# --------------------------------------------------------------------------- whole evaluation vs DiffuSeq's loop
+
+
+def literal_diffuseq(rows_per_seed, use_mbr):
+    """DiffuSeq's eval loop written out with nltk/torchmetrics/numpy (no BERTScore)."""
+    from torchmetrics.text.rouge import ROUGEScore
+
+    rouge = ROUGEScore(rouge_keys="rougeL")
+    get_bleu = lambda a, b: nltk_m4(b, a)  # sentence_bleu([a.split()], b.split())
+
+    def clean(t, pad):
+        t = t.strip().replace("[SEP]", "").replace("[CLS]", "").replace("[SEP]", "")
+        return t.replace("[PAD]", "") if pad else t
+
+    recs = [[clean(r["recover"], True) for r in rows] for rows in rows_per_seed]
+    refs = [clean(r["reference"], False) for r in rows_per_seed[0]]
+
+    def scores(rec):
+        d1 = [len(set(x.split())) / len(x.split()) if x.split() else 0 for x in rec]
+        return {"bleu": np.mean([get_bleu(a, b) for a, b in zip(rec, refs)]),
+                "rouge_l": np.mean([rouge(a, b)["rougeL_fmeasure"].tolist() for a, b in zip(rec, refs)]),
+                "dist_1": np.mean(d1), "avg_len": np.mean([len(x.split(" ")) for x in rec])}
+
+    per_source = list(zip(*recs))
+    if use_mbr:
+        best = []
+        for v in per_source:
+            m = [[get_bleu(a, b) for b in v] for a in v]
+            for i in range(len(v)):
+                m[i][i] = 0
+            best.append(v[int(np.argmax(np.sum(m, -1)))])
+        out = scores(best)
+    else:
+        out = scores(recs[0])
+    sb, d4 = [], []
+    for v in per_source:
+        pairs = [get_bleu(v[i], v[j]) for i in range(len(v)) for j in range(i + 1, len(v))]
+        sb.append(np.mean(pairs or [0]))
+        grams = [g for x in v for g in zip(*(x.split()[k:] for k in range(4)))]
+        d4.append(len(set(grams)) / len(grams) if grams else 0)
+    out.update(self_bleu=np.mean(sb), div_4=np.mean(d4))
+    return out
+
+
+@pytest.mark.parametrize("use_mbr", [False, True])
+def test_evaluate_outputs_equals_diffuseq_loop(use_mbr):
+    rng = random.Random(5)
+    vocab = "the a cat dog sat ran on mat ? ,".split()
+
+    def sent(lo=0):
+        return " ".join(rng.choice(vocab) for _ in range(rng.randint(lo, 9)))
+
+    sources = [f"[CLS] {sent(1)} [SEP]" for _ in range(12)]
+    # DiffuSeq deletes [PAD] from recover only: a reference keeps it as a word.
+    refs = [f"[CLS] {sent(1)} [SEP]" + " [PAD]" * rng.randint(0, 1) for _ in range(12)]
+    files = [[{"recover": f"[CLS] {sent()} [SEP]" + " [PAD]" * rng.randint(0, 3), "reference": r, "source": s}
+              for s, r in zip(sources, refs)] for _ in range(4)]
+    got = evaluate_outputs(files, bertscore_model=None, mbr=use_mbr)
+    want = literal_diffuseq(files, use_mbr)
+    for key, value in want.items():
+        assert got[key] == float(value), key
+    assert got["num_files"] == 4 and len(got["per_file"]) == 4 and "bertscore_f1" not in got
+
+
+def test_evaluate_outputs_rejects_different_sources():
+    a = [{"recover": "x", "reference": "y", "source": "[CLS] s1 [SEP]"}, {"recover": "x", "reference": "y", "source": "s2"}]
+    b = [{"recover": "x", "reference": "y", "source": "s1"}, {"recover": "x", "reference": "y", "source": "s3"}]
+    assert evaluate_outputs([a, [dict(r) for r in a]], bertscore_model=None)["num_sources"] == 2
+    with pytest.raises(UserError, match=r"^B:2: source differs from A:2"):
+        evaluate_outputs([a, b], bertscore_model=None, names=["A", "B"])  # row 1 matches once stripped
+    with pytest.raises(UserError, match="B has 1 rows but A has 2"):
+        evaluate_outputs([a, a[:1]], bertscore_model=None, names=["A", "B"])
+
+
+# --------------------------------------------------------------------------- BERTScore
+
+
+def test_greedy_cosine_prf_by_hand():
+    import torch
+
+    # hyp tokens h1 = (1,0), h2 = (0,1); ref tokens r1 = (2,0), r2 = (1,1), r3 = (-1,0); one padded
+    # hyp slot (masked out). cos(h1,r1) = 1, cos(h1,r2) = cos(h2,r2) = 1/sqrt2, cos(h1,r3) = -1,
+    # cos(h2,r1) = cos(h2,r3) = 0.
+    # P = mean over hyp of the best ref match = (1 + 1/sqrt2) / 2.
+    # R = mean over ref of the best hyp match = (1 + 1/sqrt2 + 0) / 3.
+    hyp = torch.tensor([[[1.0, 0.0], [0.0, 1.0], [5.0, 5.0]]])
+    ref = torch.tensor([[[2.0, 0.0], [1.0, 1.0], [-1.0, 0.0]]])
+    hm = torch.tensor([[True, True, False]])
+    rm = torch.tensor([[True, True, True]])
+    P, R, F = greedy_cosine_prf(hyp, hm, ref, rm)
+    p, r = (1 + 2 ** -0.5) / 2, (1 + 2 ** -0.5) / 3
+    assert P.item() == pytest.approx(p, abs=1e-12)
+    assert R.item() == pytest.approx(r, abs=1e-12)
+    assert F.item() == pytest.approx(2 * p * r / (p + r), abs=1e-12)
+    # Swapping roles swaps P and R; a side with no token gives 0.
+    P2, R2, _ = greedy_cosine_prf(ref, rm, hyp, hm)
+    assert (P2.item(), R2.item()) == pytest.approx((r, p), abs=1e-12)
+    zero = greedy_cosine_prf(hyp, torch.zeros_like(hm), ref, rm)
+    assert [t.item() for t in zero] == [0.0, 0.0, 0.0]
+
+
+def test_bert_score_minilm():
+    hyps = ["the cat sat on the mat", "how do i learn python quickly ?", "stock markets fell sharply today", ""]
+    refs = ["the cat sat on the mat", "what is the fastest way to learn python ?", "my grandmother bakes bread", "hello"]
+    res = bert_score(hyps, refs, batch_size=2)
+    f = res.f1_per_sentence
+    assert f[0] == pytest.approx(1.0, abs=1e-5)  # identical pair
+    assert f[2] < f[1] < 1 - 1e-3  # unrelated < paraphrase < identical
+    assert f[3] == 0.0  # empty hypothesis: no token to match
+    assert res.name == "minilm layer 6/6" and res.f1 == pytest.approx(np.mean(f), abs=1e-15)
+
+    swapped = bert_score(refs, hyps)
+    assert swapped.precision_per_sentence == pytest.approx(res.recall_per_sentence, abs=1e-6)
+    assert swapped.recall_per_sentence == pytest.approx(res.precision_per_sentence, abs=1e-6)
+    assert swapped.f1_per_sentence == pytest.approx(f, abs=1e-6)
+    assert res.precision_per_sentence[1] != pytest.approx(res.recall_per_sentence[1], abs=1e-4)
+
+    low = bert_score_f1(hyps[:3], refs[:3], layer=2)
+    assert low["model"] == "minilm layer 2/6" and low["f1"] != pytest.approx(np.mean(f[:3]), abs=1e-4)
+    with pytest.raises(UserError, match="layer must be in 0..6"):
+        bert_score(hyps, refs, layer=7)
+
+
+# --------------------------------------------------------------------------- CLI
+
+
+# Two sources, three seeds. Per-source candidates (after stripping):
+#   source 0: "a b c d", "a b d c", "x y z"     source 1: "p q", "p q", "p q"
+SEEDS = [
+    [("[CLS] a b c d [SEP] [PAD]", "[CLS] a b c d [SEP]", "[CLS] src zero [SEP]"),
+     ("[CLS] p q [SEP]", "[CLS] p q [SEP]", "[CLS] src one [SEP]")],
+    [("a b d c", "a b c d", "src zero"), ("p q [PAD]", "p q", "src one")],
+    [("x y z", "a b c d", "src zero"), ("p q", "p q", "src one")],
+]
+
+
+def make_seeds(folder):
+    folder.mkdir(exist_ok=True)
+    return [write_rows(folder / f"seed{k}.json", rows) for k, rows in enumerate(SEEDS)]
+
+
+def load(path):
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
+
+
+def err_lines(capsys):
+    return [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+
+
+def test_cli_single_file(tmp_path, capsys):
+    first = make_seeds(tmp_path / "run")[0]
+    assert compute_metric.main(["--mode", "seq2seq", "--samples", first]) == 0
+    out = capsys.readouterr().out
+    assert "bleu" in out and "minilm layer 6/6" in out
+    report = load(first + ".seq2seq_metrics.json")
+    m = report["metrics"]
+    # Row 1: "a b c d" vs itself -> 1; row 2: "p q" vs itself -> B_PQ.
+    assert m["bleu"] == pytest.approx((1 + B_PQ) / 2, rel=1e-12)
+    assert m["rouge_l"] == pytest.approx(1.0, abs=1e-6)
+    assert m["bertscore_f1"] == pytest.approx(1.0, abs=1e-5) and m["bertscore_model"] == "minilm layer 6/6"
+    assert m["dist_1"] == 1.0
+    # " a b c d  " -> 7 pieces, " p q " -> 4 pieces (DiffuSeq's split(' ')); words: 4 and 2.
+    assert (m["avg_len"], m["avg_len_words"]) == (5.5, 3.0)
+    assert "self_bleu" not in m and m["num_files"] == 1 and m["num_sources"] == 2
+    assert report["mode"] == "seq2seq" and "method4" in report["conventions"]
+
+
+def test_cli_folder_of_seeds(tmp_path, capsys):
+    folder = tmp_path / "run"
+    make_seeds(folder)
+    args = ["--mode", "seq2seq", "--samples", str(folder), "--bertscore_model", "none"]
+    assert compute_metric.main(args) == 0
+    assert "per file:" in capsys.readouterr().out
+    report = load(folder / "seq2seq_metrics.json")
+    m = report["metrics"]
+    assert m["self_bleu"] == pytest.approx((B_ABCD_ABDC / 3 + B_PQ) / 2, rel=1e-12)  # see test_self_bleu_by_hand
+    # div-4: source 0 has 4-grams (a,b,c,d), (a,b,d,c) -> 2/2 = 1; source 1 has none -> 0.
+    assert m["div_4"] == 0.5
+    assert m["bleu"] == pytest.approx((1 + B_PQ) / 2, rel=1e-12) and m["metrics_on"] == "the first file"
+    # Seed 2 ("x y z" vs "a b c d": no match; "p q" -> B_PQ).
+    assert [f["bleu"] for f in m["per_file"]] == pytest.approx([(1 + B_PQ) / 2, (B_ABCD_ABDC + B_PQ) / 2, B_PQ / 2])
+    assert "bertscore_f1" not in m
+    assert [os.path.basename(f) for f in report["inputs"]["files"]] == ["seed0.json", "seed1.json", "seed2.json"]
+
+    # Re-running on the folder skips the metrics file now in it, and --mbr picks per source:
+    # source 0 scores B, B, 0 (tie -> "a b c d"), source 1 all tie -> seed 0: same as the first file.
+    assert compute_metric.main(args + ["--mbr", "--overwrite"]) == 0
+    m2 = load(folder / "seq2seq_metrics.json")["metrics"]
+    assert m2["num_files"] == 3 and m2["metrics_on"].startswith("MBR")
+    assert m2["bleu"] == m["bleu"] and m2["self_bleu"] == m["self_bleu"]
+
+    # Files given one by one behave like the folder.
+    files = [str(folder / f"seed{k}.json") for k in range(3)]
+    assert compute_metric.main(["--mode", "seq2seq", "--samples", *files, "--bertscore_model", "none"]) == 0
+    m3 = load(files[0] + ".seq2seq_metrics.json")["metrics"]
+    assert (m3["self_bleu"], m3["div_4"]) == (m["self_bleu"], m["div_4"])
+
+
+def test_cli_mismatched_sources_is_one_error_line(tmp_path, capsys):
+    files = make_seeds(tmp_path / "run")
+    bad = write_rows(tmp_path / "run" / "seed3.json",
+                     [("a", "a b c d", "src zero"), ("p", "p q", "another source")])
+    assert compute_metric.main(["--mode", "seq2seq", "--samples", files[0], bad, "--bertscore_model", "none"]) == 2
+    err = err_lines(capsys)
+    assert err == [f"error: {bad}:2: source differs from {files[0]}:2; "
+                   "the files must hold the same sources in the same order"]
+    assert not os.path.exists(files[0] + ".seq2seq_metrics.json")
+
+    short = write_rows(tmp_path / "short.json", [("a", "a b c d", "src zero")])
+    assert compute_metric.main(["--mode", "seq2seq", "--samples", files[0], short, "--bertscore_model", "none"]) == 2
+    assert "has 1 rows but" in err_lines(capsys)[0]
+
+
+def test_cli_refuses_to_overwrite(tmp_path, capsys):
+    folder = tmp_path / "run"
+    make_seeds(folder)
+    out = tmp_path / "m.json"
+    args = ["--mode", "seq2seq", "--samples", str(folder), "--bertscore_model", "none", "--out", str(out)]
+    assert compute_metric.main(args) == 0
+    before = out.read_text(encoding="utf-8")
+    assert compute_metric.main(args + ["--mbr"]) == 2
+    err = err_lines(capsys)
+    assert len(err) == 1 and err[0].startswith(f"error: output file {out} already exists")
+    assert out.read_text(encoding="utf-8") == before
+    assert compute_metric.main(args + ["--mbr", "--overwrite"]) == 0
+    assert load(out)["inputs"]["mbr"] is True
+
+
+def test_cli_argument_errors(tmp_path, capsys):
+    folder = tmp_path / "run"
+    files = make_seeds(folder)
+    # unconditional mode still takes exactly one --samples file
+    assert compute_metric.main(["--samples", files[0], files[1], "--references", files[0]]) == 2
+    assert "takes one --samples file, got 2" in err_lines(capsys)[0]
+    assert compute_metric.main(["--mode", "seq2seq", "--samples", files[0], "--references", files[0]]) == 2
+    assert "--references is not used in seq2seq mode" in err_lines(capsys)[0]
+    assert compute_metric.main(["--mode", "seq2seq", "--samples", files[0], "--mbr", "--bertscore_model", "none"]) == 2
+    assert "--mbr needs at least 2" in err_lines(capsys)[0]
+    assert compute_metric.main(["--mode", "seq2seq", "--samples", files[0], str(folder), "--out",
+                                str(tmp_path / "x.json")]) == 2
+    assert "is a folder" in err_lines(capsys)[0]
+    empty = tmp_path / "empty_dir"
+    empty.mkdir()
+    assert compute_metric.main(["--mode", "seq2seq", "--samples", str(empty)]) == 2
+    assert "holds no *json output files" in err_lines(capsys)[0]
+
+
+def test_cli_process_end_to_end(tmp_path):
+    folder = tmp_path / "run"
+    make_seeds(folder)
+    cmd = [sys.executable, os.path.join(REPO_ROOT, "compute_metric.py"), "--mode", "seq2seq",
+           "--samples", str(folder), "--bertscore_model", "none"]
+    env = dict(os.environ, PYTHONPATH=REPO_ROOT, HF_HUB_OFFLINE="1")
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=str(tmp_path), env=env, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "self_bleu" in proc.stdout and "div_4" in proc.stdout
+    assert load(folder / "seq2seq_metrics.json")["metrics"]["div_4"] == 0.5
+    bad = write_rows(folder / "seed9.json", [("a", "b", "c")])
+    proc = subprocess.run(cmd + ["--overwrite"], capture_output=True, text=True, cwd=str(tmp_path), env=env,
+                          timeout=120)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines() == [
+        f"error: {bad} has 1 rows but {folder / 'seed0.json'} has 2; "
+        "the files must hold the same sources in the same order"]
