@@ -47,10 +47,8 @@ def main(argv=None):
     device = pick_device(args.device)
     run = load_for_inference(args.checkpoint, device, task="lm")
     cfg, tok, diffusion = run.cfg, run.tokenizer, run.diffusion
-    if args.eval_steps > cfg.num_steps:
-        raise UserError(f"--eval_steps {args.eval_steps} exceeds the checkpoint's number of diffusion steps T={cfg.num_steps}")
-    run_name = os.path.basename(os.path.dirname(os.path.dirname(os.path.abspath(run.ckpt_dir))))
-    out = args.out or os.path.join("generation_results", f"elbo_{run_name}_{os.path.basename(run.ckpt_dir)}_{args.split}"
+    run.check_steps(args.eval_steps, "--eval_steps")
+    out = args.out or os.path.join("generation_results", f"elbo_{run.run_name}_{os.path.basename(run.ckpt_dir)}_{args.split}"
                                    f"_K{args.eval_steps}_n{args.num_examples}_seed{args.seed}"
                                    f"{'_mc' if args.monte_carlo else ''}.json")
     refuse_overwrite(out, args.overwrite, "ELBO result")

@@ -40,12 +40,10 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def check_args(args, T: int, train_max_len: int) -> None:
+def check_args(args, train_max_len: int) -> None:
     for name in ("num_samples", "steps", "batch_size"):
         if getattr(args, name) < 1:
             raise UserError(f"--{name} must be at least 1, got {getattr(args, name)}")
-    if args.steps > T:
-        raise UserError(f"--steps {args.steps} exceeds the checkpoint's number of diffusion steps T={T}")
     if args.topk < 0 or not 0.0 < args.top_p <= 1.0 or args.temperature <= 0:
         raise UserError("need --topk >= 0, 0 < --top_p <= 1 and --temperature > 0")
     if args.max_len is not None and not 3 <= args.max_len <= train_max_len:
@@ -58,15 +56,15 @@ def main(argv=None):
     device = pick_device(args.device)
     run = load_for_inference(args.checkpoint, device, task="lm")
     cfg, tok, diffusion = run.cfg, run.tokenizer, run.diffusion
-    check_args(args, cfg.num_steps, cfg.max_len)
+    check_args(args, cfg.max_len)
+    run.check_steps(args.steps, "--steps")
     max_len = args.max_len or cfg.max_len
     use_cache = not args.no_cache
     if use_cache and not run.denoiser.time_agnostic:
         print(f"predict: the denoiser is conditioned on t ({cfg.time_conditioning}); caching is off")
         use_cache = False
 
-    name = args.name or (f"{os.path.basename(os.path.dirname(os.path.dirname(os.path.abspath(run.ckpt_dir))))}"
-                         f"_{os.path.basename(run.ckpt_dir)}_steps{args.steps}_topk{args.topk}_p{args.top_p}"
+    name = args.name or (f"{run.run_name}_{os.path.basename(run.ckpt_dir)}_steps{args.steps}_topk{args.topk}_p{args.top_p}"
                          f"_temp{args.temperature}_n{args.num_samples}_seed{args.seed}")
     out_txt = os.path.join(args.out_dir, f"{name}.txt")
     out_json = os.path.join(args.out_dir, f"{name}.json")

@@ -97,12 +97,10 @@ def main(argv=None):
     device = pick_device(args.device)
     run = load_for_inference(args.checkpoint, device, task="seq2seq")
     cfg, tok, diffusion = run.cfg, run.tokenizer, run.diffusion
-    if args.steps > cfg.num_steps:
-        raise UserError(f"--steps {args.steps} exceeds the checkpoint's number of diffusion steps T={cfg.num_steps}")
+    run.check_steps(args.steps, "--steps")
     use_cache = not args.no_cache and run.denoiser.time_agnostic
 
-    run_name = os.path.basename(os.path.dirname(os.path.dirname(os.path.abspath(run.ckpt_dir))))
-    folder = os.path.join(args.out_dir, args.name or f"{run_name}_{args.split}_steps{args.steps}_mbr{args.mbr_size}_seed{args.seed}")
+    folder = os.path.join(args.out_dir, args.name or f"{run.run_name}_{args.split}_steps{args.steps}_mbr{args.mbr_size}_seed{args.seed}")
     prepare_out(folder, args.overwrite)
 
     from conditional_data import extract_target

@@ -28,8 +28,8 @@ case "$PRESET" in
     DATA_ARGS=(--dataset bible)
     # spindle off (mutual), as the original does for seq2seq
     TRAIN_ARGS=(--model_name_or_path minilm --task seq2seq --max_len 80 --num_steps 2000 --schedule mutual
-                --batch_size 12 --lr 1.5e-4 --warmup_steps 30 --max_steps 400
-                --eval_every 100 --eval_examples 48 --eval_steps 16 --save_every 100 --log_every 10)
+                --batch_size 12 --lr 2e-4 --warmup_steps 50 --max_steps 800
+                --eval_every 200 --eval_examples 48 --eval_steps 16 --save_every 200 --log_every 10)
     DECODE_ARGS=(--split test --num_examples 100 --steps 40 --mbr_size 3 --batch_size 50 --seed 42)
     ;;
   qqp|wiki_auto|quasar_t|commonsense_conversation|folder)

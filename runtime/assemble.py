@@ -48,6 +48,15 @@ class Loaded:
     denoiser: BertDenoiser
     diffusion: AbsorbingDiffusion
 
+    @property
+    def run_name(self) -> str:
+        """The run directory's name (``<run>/checkpoints/<name>``), for naming outputs."""
+        return os.path.basename(os.path.dirname(os.path.dirname(os.path.abspath(self.ckpt_dir))))
+
+    def check_steps(self, n: int, flag: str) -> None:
+        if n > self.cfg.num_steps:
+            raise UserError(f"{flag} {n} exceeds the checkpoint's number of diffusion steps T={self.cfg.num_steps}")
+
 
 SCRIPT_FOR_TASK = {"lm": "predict.py / compute_elbo.py", "seq2seq": "predict_downstream_condition.py"}
 
