@@ -31,7 +31,9 @@ RESUMABLE_CHANGES = {"resume", "max_steps", "eval_every", "save_every", "log_eve
 
 
 def check_config(cfg: TrainConfig) -> None:
-    """Reject impossible flag combinations before any work is done."""
+    """Reject impossible flag combinations before any work is done; resolve ``--schedule auto``."""
+    if cfg.schedule == "auto":
+        cfg.schedule = "spindle" if cfg.task == "lm" else "mutual"
     positive = ["batch_size", "accumulation_steps", "max_steps", "num_steps", "max_len", "eval_steps", "eval_examples"]
     for name in positive:
         if getattr(cfg, name) < 1:

@@ -33,7 +33,8 @@ class TrainConfig:
     max_len: int = opt(64, "maximum wordpieces per example, [CLS] and [SEP] included")
     # diffusion
     num_steps: int = opt(2048, "T, the number of diffusion steps")
-    schedule: str = opt("spindle", "noise schedule", choices=("mutual", "cosine", "spindle"))
+    schedule: str = opt("auto", "noise schedule; auto: spindle for lm, mutual for seq2seq (as the original)",
+                        choices=("auto", "mutual", "cosine", "spindle"))
     spindle_form: str = opt("released", "spindle: released-code form or paper form (Eq. 10-12)",
                             choices=("released", "paper"))
     word_freq_lambda: float = opt(0.3, "spindle lambda")

@@ -20,7 +20,7 @@ def cond_run(tmp_path_factory, tiny_bert, tiny_pairs):
     cwd = tmp_path_factory.mktemp("cond")
     run = cwd / "run"
     run_cli("train.py", "--task", "seq2seq", "--dataset", "folder", "--data_files", tiny_pairs,
-            "--model_name_or_path", tiny_bert, "--schedule", "mutual", "--num_steps", "50", "--max_len", "48",
+            "--model_name_or_path", tiny_bert, "--num_steps", "50", "--max_len", "48",
             "--batch_size", "8", "--max_steps", "3", "--eval_every", "3", "--eval_examples", "8",
             "--eval_steps", "4", "--lr", "1e-3", "--warmup_steps", "0", "--log_every", "1",
             "--out_dir", str(run), "--log_dir", str(cwd / "logs"), cwd=str(cwd))
@@ -61,6 +61,12 @@ def test_decode_with_mbr_and_metrics(cond_run, tiny_pairs):
     run_cli("predict_downstream_condition.py", "--mbr_only", *(str(out / f"seed{s}.jsonl") for s in (5, 6, 7)),
             "--name", "mbr2", "--out_dir", str(cwd / "gen"), cwd=str(cwd))
     assert read_jsonl(cwd / "gen" / "mbr2" / "mbr.jsonl") == mbr
+
+
+def test_spindle_is_off_by_default_for_seq2seq(cond_run):
+    _, run = cond_run
+    info = json.load(open(run / "checkpoints" / "last" / "run_config.json"))
+    assert info["config"]["schedule"] == "mutual" and info["derived"]["word_freq"] is None
 
 
 def test_task_mismatch_is_one_error_line(cond_run, tmp_path):
