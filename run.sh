@@ -11,14 +11,7 @@ cd "$(dirname "$0")"
 
 PRESET=${1:-demo}
 shift || true
-PY=${PYTHON:-python}
-NGPU=${NGPU:-1}
-STAMP=$(date +%Y%m%d-%H%M%S)
-if [ "$NGPU" -gt 1 ]; then
-  TRAIN=(torchrun --standalone --nproc_per_node "$NGPU" train.py)
-else
-  TRAIN=("$PY" train.py)
-fi
+. scripts/launch.sh
 
 case "$PRESET" in
   demo)
