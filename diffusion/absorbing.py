@@ -116,11 +116,15 @@ class AbsorbingDiffusion:
         return x0.masked_fill(masked, self.mask_id)
 
     # ------------------------------------------------------------------ bound
-    def log_p_hat(self, logits: torch.Tensor) -> torch.Tensor:
-        """Zero masking (the [MASK] logit is never predicted), then log-softmax in float32. [N, V]."""
+    def zero_mask(self, logits: torch.Tensor) -> torch.Tensor:
+        """A float32 copy of ``[N, V]`` logits with the [MASK] logit at -inf (never predicted)."""
         logits = logits.to(torch.float32, copy=True)  # never write into the caller's tensor
         logits[:, self.mask_id] = float("-inf")
-        return logits.log_softmax(-1)
+        return logits
+
+    def log_p_hat(self, logits: torch.Tensor) -> torch.Tensor:
+        """Zero masking, then log-softmax in float32. [N, V]."""
+        return self.zero_mask(logits).log_softmax(-1)
 
     def kl(self, logp: torch.Tensor, x0: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor,
            s: torch.Tensor, noise_mask: torch.Tensor) -> torch.Tensor:
@@ -272,9 +276,8 @@ class AbsorbingDiffusion:
                 logits = denoise(x[fresh_rows], t[fresh_rows], attention_mask[fresh_rows], masked[fresh_rows])
                 calls += 1
                 rows_evaluated += int(fresh_rows.sum())
-                logits = logits.to(torch.float32, copy=True)
-                logits[:, self.mask_id] = float("-inf")  # zero masking, then one log-softmax
-                fresh = filter_logits(logits, topk, top_p, temperature).log_softmax(-1)
+                # zero masking and filtering on the logits, then a single log-softmax
+                fresh = filter_logits(self.zero_mask(logits), topk, top_p, temperature).log_softmax(-1)
             if not fresh_rows.any() and torch.equal(masked, cache_mask):
                 logp = cache_logp  # nothing changed anywhere: no copy
             elif reuse_rows.any():
