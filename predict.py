@@ -16,7 +16,7 @@ import torch
 
 from runtime.assemble import load_for_inference
 from runtime.dist import pick_device
-from runtime.errors import UserError, cli_main, refuse_overwrite
+from runtime.errors import UserError, check_sampling_flags, cli_main, refuse_overwrite, require_at_least_one
 from runtime.io import write_json_atomic, write_text_atomic
 from textdata.lm import LengthPrior, canvas
 
@@ -41,11 +41,8 @@ def parse_args(argv=None):
 
 
 def check_args(args, train_max_len: int) -> None:
-    for name in ("num_samples", "steps", "batch_size"):
-        if getattr(args, name) < 1:
-            raise UserError(f"--{name} must be at least 1, got {getattr(args, name)}")
-    if args.topk < 0 or not 0.0 < args.top_p <= 1.0 or args.temperature <= 0:
-        raise UserError("need --topk >= 0, 0 < --top_p <= 1 and --temperature > 0")
+    require_at_least_one(args, "num_samples", "steps", "batch_size")
+    check_sampling_flags(args)
     if args.max_len is not None and not 3 <= args.max_len <= train_max_len:
         raise UserError(f"--max_len must be between 3 and the training --max_len {train_max_len}, got {args.max_len}")
 

@@ -21,7 +21,7 @@ import torch
 
 from runtime.assemble import load_for_inference, load_task_data
 from runtime.dist import pick_device
-from runtime.errors import UserError, cli_main
+from runtime.errors import UserError, check_sampling_flags, cli_main, require_at_least_one
 from runtime.io import write_json_atomic, write_text_atomic
 
 
@@ -89,11 +89,10 @@ def main(argv=None):
         return run_mbr_only(args)
     if not args.checkpoint:
         raise UserError("give --checkpoint (or --mbr_only FILES)")
-    for name in ("steps", "batch_size", "mbr_size"):
-        if getattr(args, name) < 1:
-            raise UserError(f"--{name} must be at least 1, got {getattr(args, name)}")
-    if args.num_examples < 0 or args.topk < 0 or not 0.0 < args.top_p <= 1.0 or args.temperature <= 0:
-        raise UserError("need --num_examples >= 0, --topk >= 0, 0 < --top_p <= 1 and --temperature > 0")
+    require_at_least_one(args, "steps", "batch_size", "mbr_size")
+    check_sampling_flags(args)
+    if args.num_examples < 0:
+        raise UserError(f"--num_examples must be 0 (all) or more, got {args.num_examples}")
     device = pick_device(args.device)
     run = load_for_inference(args.checkpoint, device, task="seq2seq")
     cfg, tok, diffusion = run.cfg, run.tokenizer, run.diffusion

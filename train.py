@@ -20,7 +20,7 @@ from torch.utils.data import DataLoader
 from runtime import checkpoint, dist
 from runtime.assemble import build_denoiser, build_diffusion, check_tokenizer, load_task_data
 from runtime.config import TrainConfig, build_parser, from_args, from_dict
-from runtime.errors import UserError, cli_main
+from runtime.errors import UserError, cli_main, require_at_least_one
 from runtime.runlog import RunLogger
 from runtime.training import ResumableSampler, lr_lambda, rng_state, seed_everything, set_rng_state
 from textdata import lm, word_freq
@@ -34,10 +34,8 @@ def check_config(cfg: TrainConfig) -> None:
     """Reject impossible flag combinations before any work is done; resolve ``--schedule auto``."""
     if cfg.schedule == "auto":
         cfg.schedule = "spindle" if cfg.task == "lm" else "mutual"
-    positive = ["batch_size", "accumulation_steps", "max_steps", "num_steps", "max_len", "eval_steps", "eval_examples"]
-    for name in positive:
-        if getattr(cfg, name) < 1:
-            raise UserError(f"--{name} must be at least 1, got {getattr(cfg, name)}")
+    require_at_least_one(cfg, "batch_size", "accumulation_steps", "max_steps", "num_steps", "max_len",
+                         "eval_steps", "eval_examples")
     if cfg.eval_steps > cfg.num_steps:
         raise UserError(f"--eval_steps {cfg.eval_steps} exceeds the number of diffusion steps T={cfg.num_steps}")
     if cfg.task == "lm":

@@ -26,3 +26,16 @@ def refuse_overwrite(path, overwrite: bool, what: str = "output file") -> None:
     import os
     if os.path.exists(path) and not overwrite:
         raise UserError(f"{what} {path} already exists; pass --overwrite to replace it or choose another name")
+
+
+def require_at_least_one(ns, *names: str) -> None:
+    """Each named flag (an attribute of ``ns``) must be a count of at least 1."""
+    for name in names:
+        if getattr(ns, name) < 1:
+            raise UserError(f"--{name} must be at least 1, got {getattr(ns, name)}")
+
+
+def check_sampling_flags(ns) -> None:
+    """``--topk``, ``--top_p`` and ``--temperature`` as the samplers accept them."""
+    if ns.topk < 0 or not 0.0 < ns.top_p <= 1.0 or ns.temperature <= 0:
+        raise UserError("need --topk >= 0, 0 < --top_p <= 1 and --temperature > 0")
