@@ -11,6 +11,10 @@ Usage::
     python compute_metric.py --mode seq2seq --samples FILE_OR_FOLDER [FILE ...] \
         [--bertscore_model minilm|PATH|none] [--bertscore_layer K] [--mbr] [--out FILE.json] [--overwrite]
 
+    # compare decoding settings: one generation folder each (seed*.jsonl + decode.json, as written by
+    # predict_downstream_condition.py); MBR metrics, diversity across the seeds, wall time, network calls
+    python compute_metric.py --mode compare --samples generation_results/a generation_results/b ... --out cmp.json
+
 Prints a table and writes JSON (default ``<samples>.metrics.json`` in unconditional mode;
 in seq2seq mode ``FOLDER/seq2seq_metrics.json`` for a folder and ``<first file>.seq2seq_metrics.json``
 for files). Outputs are never overwritten without ``--overwrite``. Bad input gives one
@@ -28,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import glob
+import json
 import os
 import random
 import sys
@@ -185,6 +190,54 @@ def run_seq2seq(args: argparse.Namespace) -> tuple[dict, dict]:
     return metrics, inputs
 
 
+def decode_cost(folder: str) -> dict:
+    """Wall time and network calls of a decoding run, from its ``decode.json``."""
+    path = os.path.join(folder, "decode.json")
+    try:
+        with open(path, encoding="utf-8") as f:
+            info = json.load(f)
+        timings, n = info["timings"], info["num_sources"]
+    except (OSError, ValueError, KeyError) as e:
+        raise InputError(f"cannot read the timings in {path}: {e}")
+    return {"wall_seconds": sum(t["wall_seconds"] for t in timings),
+            "network_calls": sum(t["network_calls"] for t in timings),
+            "calls_per_sequence": sum(t["row_evaluations"] for t in timings) / max(1, n * len(timings)),
+            "device": info.get("device")}
+
+
+def run_compare(args: argparse.Namespace) -> tuple[dict, dict]:
+    """One row per generation folder: metrics of the MBR choice over its ``seed*.jsonl`` files,
+    self-BLEU/div-4 across them, and the decoding cost from ``decode.json``."""
+    rows = []
+    device = args.device or ("cuda" if _cuda_available() else "cpu")
+    bert = None if args.bertscore_model.lower() == "none" else args.bertscore_model
+    for folder in args.samples:
+        files = sorted(glob.glob(os.path.join(glob.escape(folder), "seed*.jsonl")))
+        if not os.path.isdir(folder) or not files:
+            raise InputError(f"{folder} is not a generation folder with seed*.jsonl files")
+        m = seq2seq.evaluate_outputs([seq2seq.read_outputs(f) for f in files], bertscore_model=bert,
+                                     mbr=len(files) > 1, names=files, bertscore_layer=args.bertscore_layer,
+                                     device=device, batch_size=args.bertscore_batch_size)
+        m.pop("per_file", None)
+        rows.append({"setting": os.path.basename(os.path.normpath(folder)), **m, **decode_cost(folder)})
+    n = {r["num_sources"] for r in rows}
+    if len(n) > 1:
+        raise InputError(f"the folders decode different numbers of sources ({sorted(n)}); compare like with like")
+    return {"rows": rows}, {"samples": args.samples, "bertscore_model": args.bertscore_model, "device": device}
+
+
+def format_compare(rows: list[dict]) -> str:
+    """A markdown table of the compared settings."""
+    cols = [("setting", "{}"), ("bleu", "{:.4f}"), ("rouge_l", "{:.4f}"), ("bertscore_f1", "{:.4f}"),
+            ("dist_1", "{:.4f}"), ("avg_len", "{:.1f}"), ("self_bleu", "{:.4f}"), ("calls_per_sequence", "{:.0f}"),
+            ("wall_seconds", "{:.1f}")]
+    cols = [(c, f) for c, f in cols if any(c in r for r in rows)]
+    lines = ["| " + " | ".join(c for c, _ in cols) + " |", "|" + "---|" * len(cols)]
+    for r in rows:
+        lines.append("| " + " | ".join(f.format(r[c]) if r.get(c) is not None else "-" for c, f in cols) + " |")
+    return "\n".join(lines)
+
+
 def _cuda_available() -> bool:
     import torch
     return torch.cuda.is_available()
@@ -194,12 +247,15 @@ def _cuda_available() -> bool:
 MODES: dict[str, Callable[[argparse.Namespace], tuple[dict, dict]]] = {
     "unconditional": run_unconditional,
     "seq2seq": run_seq2seq,
+    "compare": run_compare,
 }
-MODE_CONVENTIONS = {"unconditional": CONVENTIONS, "seq2seq": seq2seq.CONVENTIONS}
+MODE_CONVENTIONS = {"unconditional": CONVENTIONS, "seq2seq": seq2seq.CONVENTIONS, "compare": seq2seq.CONVENTIONS}
 
 
 def default_out_path(args: argparse.Namespace) -> str:
     first = args.samples[0]
+    if args.mode == "compare":
+        return os.path.join(args.samples[0], "compare_metrics.json")
     if args.mode == "seq2seq":
         if len(args.samples) == 1 and os.path.isdir(first):
             return os.path.join(first, SEQ2SEQ_OUT_NAME)
@@ -319,7 +375,7 @@ def main(argv: list[str] | None = None) -> int:
     except InputError as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT
-    print(format_table(metrics))
+    print(format_compare(metrics["rows"]) if args.mode == "compare" else format_table(metrics))
     if "per_file" in metrics:
         print("\nper file:")
         print(format_per_file(metrics["per_file"], inputs["files"]))

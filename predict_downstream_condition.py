@@ -1,11 +1,13 @@
-"""Conditional (seq2seq) sampling from a DiffusionBERT checkpoint, with MBR decoding.
+"""Conditional (seq2seq) sampling from a DiffusionBERT or DiffuSeq checkpoint, with MBR decoding.
 
     python predict_downstream_condition.py --checkpoint outputs/cond --split test --mbr_size 10 --steps 200
+    python predict_downstream_condition.py --checkpoint outputs/diffuseq --decode_respacing adp_20 --mbr_size 10
     python predict_downstream_condition.py --mbr_only generation_results/x/seed*.jsonl --out_dir generation_results/x-mbr
 
-The source ``[CLS] src [SEP]`` is never noised and stays fixed; the target region is denoised from
-all-[MASK] and its length is decided by the generated padding (DiffuSeq style): the output is the
-target up to the first [SEP]/[PAD]. Each of the S candidates uses seed ``--seed + k``. Writes
+The process comes from the checkpoint. The source ``[CLS] src [SEP]`` is never noised and stays fixed;
+the target region is denoised (absorbing: from all-[MASK] over ``--steps`` iterations; gaussian: from
+N(0, I) over the steps chosen by ``--decode_respacing``, with clamping) and its length is decided by
+the generated padding (DiffuSeq style): the output is the target up to the first [SEP]/[PAD]. Each of the S candidates uses seed ``--seed + k``. Writes
 DiffuSeq's output format (one JSON object per line: ``recover``, ``reference``, ``source``) to
 ``generation_results/<name>/seed<k>.jsonl``, the MBR selection to ``mbr.jsonl`` and the copy
 baseline (the source itself as the output) to ``copy_source.jsonl``.
@@ -30,7 +32,12 @@ def parse_args(argv=None):
     p.add_argument("--checkpoint", help="checkpoint directory, or a run directory (uses its best)")
     p.add_argument("--split", default="test", choices=("train", "valid", "test"))
     p.add_argument("--num_examples", type=int, default=0, help="decode the first N examples of the split (0: all)")
-    p.add_argument("--steps", type=int, default=200, help="sampling iterations (grid over 0..T)")
+    p.add_argument("--steps", type=int, default=None, help="absorbing: sampling iterations (grid over 0..T; default 200)")
+    p.add_argument("--decode_respacing", default=None,
+                   help="gaussian: full (all T steps, the default), uniform_N, adp_N (Tang et al.'s adaptive decay) "
+                        "or a comma-separated list of steps")
+    p.add_argument("--weights", default="ema", choices=("ema", "raw"),
+                   help="gaussian: decode with the EMA of the weights (default, as DiffuSeq) or the raw weights")
     p.add_argument("--topk", type=int, default=0)
     p.add_argument("--top_p", type=float, default=1.0)
     p.add_argument("--temperature", type=float, default=1.0)
@@ -89,17 +96,41 @@ def main(argv=None):
         return run_mbr_only(args)
     if not args.checkpoint:
         raise UserError("give --checkpoint (or --mbr_only FILES)")
-    require_at_least_one(args, "steps", "batch_size", "mbr_size")
+    require_at_least_one(args, "batch_size", "mbr_size")
     check_sampling_flags(args)
     if args.num_examples < 0:
         raise UserError(f"--num_examples must be 0 (all) or more, got {args.num_examples}")
     device = pick_device(args.device)
-    run = load_for_inference(args.checkpoint, device, task="seq2seq")
+    if device.type == "cpu":
+        torch.set_flush_denormal(True)
+    run = load_for_inference(args.checkpoint, device, task="seq2seq", weights=args.weights)
     cfg, tok, diffusion = run.cfg, run.tokenizer, run.diffusion
-    run.check_steps(args.steps, "--steps")
-    use_cache = not args.no_cache and run.denoiser.time_agnostic
+    gaussian = cfg.process == "gaussian"
+    if gaussian:
+        if args.steps is not None:
+            raise UserError(f"{run.ckpt_dir} is a gaussian (DiffuSeq) checkpoint: choose its steps with "
+                            f"--decode_respacing uniform_{args.steps} (or adp_N, full), not --steps")
+        if args.topk or args.top_p != 1.0 or args.temperature != 1.0 or args.no_cache:
+            raise UserError("--topk, --top_p, --temperature and --no_cache are absorbing-sampler flags; a gaussian "
+                            "checkpoint samples with clamping")
+        from diffusion import parse_respacing
+        try:
+            timesteps = parse_respacing(args.decode_respacing, cfg.num_steps)
+        except ValueError as e:
+            raise UserError(f"--decode_respacing: {e}") from e
+        setting = f"respacing{args.decode_respacing or 'full'}"
+        use_cache = False
+    else:
+        if args.decode_respacing is not None or args.weights != "ema":
+            raise UserError("--decode_respacing and --weights are for gaussian (DiffuSeq) checkpoints; "
+                            "an absorbing checkpoint takes --steps")
+        args.steps = 200 if args.steps is None else args.steps
+        require_at_least_one(args, "steps")
+        run.check_steps(args.steps, "--steps")
+        setting = f"steps{args.steps}"
+        use_cache = not args.no_cache and run.denoiser.time_agnostic
 
-    folder = os.path.join(args.out_dir, args.name or f"{run.run_name}_{args.split}_steps{args.steps}_mbr{args.mbr_size}_seed{args.seed}")
+    folder = os.path.join(args.out_dir, args.name or f"{run.run_name}_{args.split}_{setting}_mbr{args.mbr_size}_seed{args.seed}")
     prepare_out(folder, args.overwrite)
 
     from conditional_data import extract_target
@@ -126,8 +157,11 @@ def main(argv=None):
         for i in range(0, len(data), args.batch_size):
             batch = collate([data[j] for j in range(i, min(i + args.batch_size, len(data)))])
             ids, att, noise = (batch[k_].to(device) for k_ in ("input_ids", "attention_mask", "noise_mask"))
-            out = diffusion.sample(run.denoiser, ids, noise, att, args.steps, args.topk, args.top_p,
-                                   args.temperature, cache=use_cache, generator=gen)
+            if gaussian:
+                out = diffusion.sample(run.denoiser, ids, noise, timesteps, generator=gen)
+            else:
+                out = diffusion.sample(run.denoiser, ids, noise, att, args.steps, args.topk, args.top_p,
+                                       args.temperature, cache=use_cache, generator=gen)
             calls += out.network_calls
             rows_eval += out.row_evaluations
             for row, src_len in zip(out.x0.cpu(), batch["src_len"].tolist()):
@@ -143,7 +177,8 @@ def main(argv=None):
         write_text_atomic(os.path.join(folder, "mbr.jsonl"), jsonl(mbr_rows(candidates)))
     write_json_atomic(os.path.join(folder, "decode.json"),
                       {"checkpoint": run.ckpt_dir, **{k: v for k, v in vars(args).items() if k != "checkpoint"},
-                       "cache": use_cache, "num_sources": len(data), "timings": timings, "device": str(device)})
+                       "process": cfg.process, "cache": use_cache, "num_sources": len(data), "timings": timings,
+                       "device": str(device), **({"timesteps": timesteps} if gaussian else {})})
     print(f"decode: wrote {args.mbr_size} candidate file(s){' and mbr.jsonl' if args.mbr_size > 1 else ''} "
           f"and copy_source.jsonl to {folder}")
 

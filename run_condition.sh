@@ -6,6 +6,12 @@
 #                                              quasar_t, commonsense_conversation, or `folder` for any such folder
 #   NGPU=4 bash run_condition.sh qqp path/to/QQP   the same under torchrun (DDP)
 #
+#   bash run_condition.sh diffuseq             DiffuSeq (continuous, from scratch) offline demo, full-chain MBR decoding
+#   bash run_condition.sh diffuseq qqp path/to/QQP       the same on a DiffuSeq folder (paper size, bert-base vocabulary)
+#   bash run_condition.sh diffuseq_post [RUN]  Tang et al.'s post-training of a DiffuSeq run (default: the newest
+#                                              outputs/diffuseq-*), then a table: full chain / uniform_20 / adp_20,
+#                                              before and after post-training
+#
 # Extra arguments after the preset (and folder) go to train.py.
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -13,6 +19,12 @@ cd "$(dirname "$0")"
 PRESET=${1:-demo}
 shift || true
 . scripts/launch.sh
+
+case "$PRESET" in
+  diffuseq|diffuseq_post)
+    exec bash scripts/diffuseq.sh "$PRESET" "$@"
+    ;;
+esac
 
 case "$PRESET" in
   demo)
@@ -38,7 +50,7 @@ case "$PRESET" in
     DECODE_ARGS=(--split test --steps 200 --mbr_size 10 --batch_size 128 --seed 42)
     ;;
   *)
-    echo "error: unknown preset '$PRESET' (use: demo, qqp, wiki_auto, quasar_t, commonsense_conversation, folder)" >&2
+    echo "error: unknown preset '$PRESET' (use: demo, qqp, wiki_auto, quasar_t, commonsense_conversation, folder, diffuseq, diffuseq_post)" >&2
     exit 2
     ;;
 esac

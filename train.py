@@ -1,6 +1,9 @@
-"""Train a DiffusionBERT (absorbing diffusion on a pretrained BERT-family masked LM).
+"""Train a diffusion LM: DiffusionBERT (absorbing diffusion on a pretrained BERT-family masked LM) or
+DiffuSeq (Gaussian diffusion on embeddings, --process gaussian), optionally post-trained (Tang et al.).
 
     python train.py --dataset bible --model_name_or_path minilm --schedule spindle --max_steps 400
+    python train.py --task seq2seq --process gaussian --hidden_size 128 --num_layers 2 ...
+    python train.py --task seq2seq --process gaussian --post_train outputs/diffuseq --simi_penalty l2_noise_random ...
     torchrun --nproc_per_node 4 train.py ...            # DDP, decided by the RANK variable
 
 Writes ``<out_dir>/checkpoints/{last,best}`` (see runtime/checkpoint.py), ``<out_dir>/metrics.jsonl``
@@ -18,9 +21,11 @@ import torch
 from torch.utils.data import DataLoader
 
 from runtime import checkpoint, dist
-from runtime.assemble import build_denoiser, build_diffusion, check_tokenizer, load_task_data
+from runtime.assemble import (build_denoiser, build_diffusion, build_gaussian_denoiser, check_tokenizer,
+                              load_task_data, load_tokenizer)
 from runtime.config import TrainConfig, build_parser, from_args, from_dict
 from runtime.errors import UserError, cli_main, require_at_least_one
+from runtime.objective import Objective
 from runtime.runlog import RunLogger
 from runtime.training import ResumableSampler, lr_lambda, rng_state, seed_everything, set_rng_state
 from textdata import lm, word_freq
@@ -28,14 +33,35 @@ from textdata import lm, word_freq
 # Settings that may change between a run and its resumption; anything else must match.
 RESUMABLE_CHANGES = {"resume", "max_steps", "eval_every", "save_every", "log_every", "device",
                      "num_workers", "overwrite", "log_dir", "eval_examples"}
+# What a --post_train run must share with the checkpoint it starts from (the network and its inputs).
+POST_TRAIN_SAME = ("process", "task", "model_name_or_path", "emb_dim", "hidden_size", "num_layers", "num_heads",
+                   "max_len", "num_steps", "schedule", "dataset", "data_files")
+PROCESS_SCHEDULES = {"absorbing": ("mutual", "cosine", "spindle"), "gaussian": ("sqrt", "linear", "cosine")}
 
 
 def check_config(cfg: TrainConfig) -> None:
     """Reject impossible flag combinations before any work is done; resolve ``--schedule auto``."""
     if cfg.schedule == "auto":
-        cfg.schedule = "spindle" if cfg.task == "lm" else "mutual"
+        cfg.schedule = "sqrt" if cfg.process == "gaussian" else "spindle" if cfg.task == "lm" else "mutual"
+    if cfg.schedule not in PROCESS_SCHEDULES[cfg.process]:
+        raise UserError(f"--schedule {cfg.schedule} is not a {cfg.process} schedule; choose one of "
+                        f"{', '.join(PROCESS_SCHEDULES[cfg.process])}")
     require_at_least_one(cfg, "batch_size", "accumulation_steps", "max_steps", "num_steps", "max_len",
                          "eval_steps", "eval_examples")
+    if cfg.process == "gaussian":
+        if cfg.task != "seq2seq":
+            raise UserError("--process gaussian (DiffuSeq) is a seq2seq model; add --task seq2seq")
+        if cfg.time_conditioning != "none" or cfg.from_scratch:
+            raise UserError("--time_conditioning and --from_scratch are --process absorbing flags (the gaussian "
+                            "transformer is always trained from scratch and always conditioned on t)")
+        require_at_least_one(cfg, "emb_dim", "hidden_size", "num_layers", "num_heads")
+        if not 0.0 <= cfg.ema_rate < 1.0:
+            raise UserError(f"--ema_rate must be in [0, 1), got {cfg.ema_rate}")
+        if cfg.simi_noise <= 0:
+            raise UserError(f"--simi_noise must be positive, got {cfg.simi_noise}")
+    elif cfg.post_train or cfg.simi_penalty != "none":
+        raise UserError("--post_train and --simi_penalty are for --process gaussian (Tang et al.'s post-training)")
+
     if cfg.eval_steps > cfg.num_steps:
         raise UserError(f"--eval_steps {cfg.eval_steps} exceeds the number of diffusion steps T={cfg.num_steps}")
     if cfg.task == "lm":
@@ -66,6 +92,26 @@ def resume_source(cfg: TrainConfig):
     return ckpt_dir
 
 
+def post_train_source(cfg: TrainConfig) -> str:
+    """The gaussian checkpoint to post-train from. Its network and data settings (POST_TRAIN_SAME) are
+    inherited where this run leaves them at their defaults; a different explicit value is an error."""
+    ckpt_dir = checkpoint.resolve(cfg.post_train, prefer="best")
+    stored = from_dict(checkpoint.read_run_config(ckpt_dir)["config"])
+    if stored.process != "gaussian":
+        raise UserError(f"--post_train {ckpt_dir} is a {stored.process} checkpoint; post-training needs a gaussian one")
+    defaults = TrainConfig()
+    diffs = []
+    for k in POST_TRAIN_SAME:
+        mine, theirs = getattr(cfg, k), getattr(stored, k)
+        if mine == getattr(defaults, k):
+            setattr(cfg, k, theirs)
+        elif mine != theirs:
+            diffs.append(f"--{k}: checkpoint {theirs!r} vs now {mine!r}")
+    if diffs:
+        raise UserError(f"--post_train {ckpt_dir} was trained with other settings ({'; '.join(diffs)})")
+    return ckpt_dir
+
+
 def load_word_freq(cfg: TrainConfig, tokenizer):
     if cfg.schedule != "spindle":
         return None, None
@@ -88,6 +134,7 @@ def set_dropout(model: torch.nn.Module, p: float) -> None:
 @cli_main
 def main(argv=None):
     cfg = from_args(build_parser(TrainConfig, __doc__.splitlines()[0]).parse_args(argv))
+    post_dir = post_train_source(cfg) if cfg.post_train else None  # before the checks: it fills in flags
     check_config(cfg)
     resume_dir = resume_source(cfg) if cfg.resume else None
     ckpt_root = os.path.join(cfg.out_dir, "checkpoints")
@@ -98,23 +145,22 @@ def main(argv=None):
     info = dist.setup(cfg.device)
     log = print if info.is_main else (lambda *a, **k: None)
     try:
-        run(cfg, info, log, resume_dir)
+        run(cfg, info, log, resume_dir, post_dir)
     finally:
         dist.cleanup(info)
 
 
-def run(cfg: TrainConfig, info: dist.DistInfo, log, resume_dir: str | None) -> None:
+def build_model(cfg: TrainConfig, log):
+    """(denoiser, tokenizer, model_path, hf_config) for the run's process."""
     from models import load_masked_lm
-
-    device = info.device
-    ckpt_root = os.path.join(cfg.out_dir, "checkpoints")
-    seed_everything(cfg.seed)  # identical initialisation on every rank
-    use_bf16 = cfg.bf16 and device.type == "cuda" and torch.cuda.is_bf16_supported()
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
-
-    # ---- model and tokenizer
+    if cfg.process == "gaussian":
+        tokenizer, model_path = load_tokenizer(cfg.model_name_or_path)
+        check_tokenizer(tokenizer, len(tokenizer), model_path, need_mask=False)
+        denoiser = build_gaussian_denoiser(cfg, len(tokenizer))
+        n = sum(p.numel() for p in denoiser.parameters())
+        log(f"model: DiffuSeq transformer from scratch, {n / 1e6:.2f}M parameters (emb {cfg.emb_dim}, hidden "
+            f"{cfg.hidden_size}, {cfg.num_layers} layers, {cfg.num_heads} heads, vocab {len(tokenizer)} from {model_path})")
+        return denoiser, tokenizer, model_path, denoiser.config
     try:
         mlm, tokenizer, model_path = load_masked_lm(cfg.model_name_or_path, cfg.from_scratch, log=log)
     except OSError as e:
@@ -124,7 +170,35 @@ def run(cfg: TrainConfig, info: dist.DistInfo, log, resume_dir: str | None) -> N
         raise UserError(f"--max_len {cfg.max_len} exceeds the model's {mlm.config.max_position_embeddings} positions")
     if cfg.dropout is not None:
         set_dropout(mlm, cfg.dropout)
-    denoiser = build_denoiser(cfg, mlm, tokenizer).to(device)
+    return build_denoiser(cfg, mlm, tokenizer), tokenizer, model_path, mlm.config
+
+
+def run(cfg: TrainConfig, info: dist.DistInfo, log, resume_dir: str | None, post_dir: str | None = None) -> None:
+
+    device = info.device
+    ckpt_root = os.path.join(cfg.out_dir, "checkpoints")
+    seed_everything(cfg.seed)  # identical initialisation on every rank
+    use_bf16 = cfg.bf16 and device.type == "cuda" and torch.cuda.is_bf16_supported()
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    else:
+        # softmax gradients over a 30k vocabulary underflow to denormals, which are very slow on x86
+        # CPUs (DiffuSeq's rounding head: 1.23 -> 0.77 s per step in our measurement); flush them to 0
+        torch.set_flush_denormal(True)
+
+    # ---- model and tokenizer
+    denoiser, tokenizer, model_path, hf_config = build_model(cfg, log)
+    if post_dir and not resume_dir:
+        state = checkpoint.load_state(post_dir, "ema.pt")
+        if lm.vocab_fingerprint(tokenizer) != checkpoint.read_run_config(post_dir)["derived"]["vocab_fingerprint"]:
+            raise UserError(f"--post_train {post_dir} was trained with another tokenizer than {model_path}")
+        denoiser.load_state_dict(state)
+        log(f"post-training: starting from the EMA weights of {post_dir}")
+    denoiser.to(device)
+    ema = None
+    if cfg.process == "gaussian":
+        ema = [p.detach().clone() for p in denoiser.parameters()]
     counts, wf_identity = load_word_freq(cfg, tokenizer)
     diffusion = build_diffusion(cfg, tokenizer.mask_token_id, tokenizer.pad_token_id, counts)
 
@@ -140,11 +214,13 @@ def run(cfg: TrainConfig, info: dist.DistInfo, log, resume_dir: str | None) -> N
     log(f"data: {cfg.dataset}: {len(train_set)} train / {len(valid_set)} valid lines; "
         f"dev ELBO on {min(cfg.eval_examples, len(valid_set))} examples, K={cfg.eval_steps}")
 
-    derived = {"vocab_size": mlm.config.vocab_size, "mask_id": tokenizer.mask_token_id,
+    derived = {"vocab_size": hf_config.vocab_size, "mask_id": tokenizer.mask_token_id,
                "pad_id": tokenizer.pad_token_id, "vocab_fingerprint": lm.vocab_fingerprint(tokenizer),
                "model_path": model_path,
                "length_counts": lm.length_counts(train_set, cfg.max_len) if cfg.task == "lm" else None,
-               "word_freq": wf_identity, "schedule": diffusion.schedule.describe()}
+               "word_freq": wf_identity, "post_trained_from": post_dir,
+               "schedule": (diffusion.describe(cfg.schedule) if cfg.process == "gaussian"
+                            else diffusion.schedule.describe())}
 
     # ---- optimisation
     params = [p for p in denoiser.parameters() if p.requires_grad]
@@ -154,10 +230,12 @@ def run(cfg: TrainConfig, info: dist.DistInfo, log, resume_dir: str | None) -> N
                                {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr,
                               fused=device.type == "cuda")
     sched = torch.optim.lr_scheduler.LambdaLR(optim, lr_lambda(cfg.warmup_steps, cfg.max_steps, cfg.decay))
-    model = denoiser
+    objective = Objective(denoiser, diffusion, cfg)
+    model = objective  # one forward per micro-step, even when the loss calls the network twice
     if info.enabled:
         model = torch.nn.parallel.DistributedDataParallel(
-            denoiser, device_ids=[device.index] if device.type == "cuda" else None)
+            objective, device_ids=[device.index] if device.type == "cuda" else None)
+    ema_updates = 0
 
     sampler = ResumableSampler(train_set, info.world_size, info.rank, cfg.seed)
     step, epoch, pos, best = 0, 0, 0, float("inf")
@@ -167,6 +245,12 @@ def run(cfg: TrainConfig, info: dist.DistInfo, log, resume_dir: str | None) -> N
         optim.load_state_dict(ts["optimizer"])
         sched.load_state_dict(ts["scheduler"])
         step, epoch, pos, best = ts["step"], ts["epoch"], ts["position"], ts["best"]
+        objective.load_state_dict_extra(ts)
+        if ema is not None:
+            ema_saved = checkpoint.load_state(resume_dir, "ema.pt", map_location=device)
+            for (n, _), e in zip(denoiser.named_parameters(), ema):
+                e.copy_(ema_saved[n])
+            ema_updates = ts["ema_updates"]
         set_rng_state(ts["rng"][info.rank] if info.rank < len(ts["rng"]) else ts["rng"][0])
         log(f"resume: {resume_dir} at step {step} (epoch {epoch}, example {pos * info.world_size})")
     else:
@@ -190,33 +274,50 @@ def run(cfg: TrainConfig, info: dist.DistInfo, log, resume_dir: str | None) -> N
         if not info.is_main:
             return
         run_config = {"config": dataclasses.asdict(cfg), "derived": derived,
-                      "step": step, "best_dev_nelbo_per_token": best, **(extra or {})}
+                      "step": step, f"best_dev_{objective.dev_key}": best, **(extra or {})}
         training_state = {"optimizer": optim.state_dict(), "scheduler": sched.state_dict(), "step": step,
-                          "epoch": epoch, "position": pos, "best": best, "rng": states}
+                          "epoch": epoch, "position": pos, "best": best, "rng": states,
+                          "ema_updates": ema_updates, **objective.state_dict_extra()}
         files = {"word_freq.json": wf_identity["path"]} if wf_identity else None
+        ema_state = None
+        if ema is not None:
+            ema_state = denoiser.state_dict()  # buffers as they are, parameters replaced by their averages
+            ema_state.update({n: e.clone() for (n, _), e in zip(denoiser.named_parameters(), ema)})
+            ema_state = {"ema.pt": ema_state}
         checkpoint.save(os.path.join(ckpt_root, name), run_config=run_config, model_state=denoiser.state_dict(),
-                        hf_config=mlm.config, tokenizer=tokenizer, training_state=training_state, extra_files=files)
+                        hf_config=hf_config, tokenizer=tokenizer, training_state=training_state, extra_files=files,
+                        extra_states=ema_state)
+
+    @torch.no_grad()
+    def update_ema() -> None:
+        """EMA with decay min(ema_rate, (1 + n) / (10 + n)): early on the average forgets the random
+        initialisation quickly; after about 90k updates it is DiffuSeq's constant 0.9999."""
+        nonlocal ema_updates
+        rate = min(cfg.ema_rate, (1 + ema_updates) / (10 + ema_updates))
+        torch._foreach_lerp_(ema, [p.detach() for p in denoiser.parameters()], 1.0 - rate)
+        ema_updates += 1
 
     @torch.no_grad()
     def evaluate() -> dict:
-        """Dev NELBO on the fixed subset: Monte Carlo over the K-step grid with a fixed generator."""
+        """Dev metric on the fixed subset with a fixed generator: absorbing, the Monte Carlo NELBO over the
+        K-step grid; gaussian, the unweighted loss at uniform t, computed with the EMA weights."""
+        swapped = None
+        if ema is not None:
+            swapped = [p.detach().clone() for p in denoiser.parameters()]
+            torch._foreach_copy_([p.data for p in denoiser.parameters()], ema)
         denoiser.eval()
         gen = torch.Generator(device=device).manual_seed(cfg.seed)
-        tot = torch.zeros(3, dtype=torch.float64, device=device)  # nelbo, tokens, words
+        tot = None
         for batch in DataLoader(dev, batch_size=cfg.batch_size, collate_fn=collate):
             batch = {k: v.to(device) for k, v in batch.items()}
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
-                nelbo = diffusion.nelbo(denoiser, batch["input_ids"], batch["noise_mask"], batch["attention_mask"],
-                                        cfg.eval_steps, monte_carlo=True, generator=gen)
-            words = batch["n_words"].sum().double() if "n_words" in batch else torch.zeros((), dtype=torch.float64, device=device)
-            tot += torch.stack([nelbo.double().sum(), batch["noise_mask"].sum().double(), words])
+                part = objective.dev_totals(denoiser, batch, gen)
+            tot = part if tot is None else tot + part
         dist.all_reduce_sum(tot, info)
+        if swapped is not None:
+            torch._foreach_copy_([p.data for p in denoiser.parameters()], swapped)
         denoiser.train()
-        per_tok = float(tot[0] / tot[1].clamp_min(1))
-        res = {"nelbo_per_token": per_tok, "ppl_token": float(torch.exp(tot[0] / tot[1].clamp_min(1)))}
-        if tot[2] > 0:  # seq2seq targets include generated padding: no per-word figure
-            res["ppl_word"] = float(torch.exp(tot[0] / tot[2]))
-        return res
+        return objective.dev_metrics(tot)
 
     # ---- the loop
     from tqdm import tqdm
@@ -229,7 +330,7 @@ def run(cfg: TrainConfig, info: dist.DistInfo, log, resume_dir: str | None) -> N
     run_start = time.time()
     while step < cfg.max_steps:
         optim.zero_grad(set_to_none=True)
-        stats = torch.zeros(4, dtype=torch.float64, device=device)  # loss, nelbo sum, noised tokens, ce
+        stats = torch.zeros(len(objective.stat_names), dtype=torch.float64, device=device)
         for micro in range(cfg.accumulation_steps):
             try:
                 batch = next(loader_iter)
@@ -242,16 +343,17 @@ def run(cfg: TrainConfig, info: dist.DistInfo, log, resume_dir: str | None) -> N
             last = micro == cfg.accumulation_steps - 1
             sync = contextlib.nullcontext() if (last or not info.enabled) else model.no_sync()
             with sync, torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
-                out = diffusion.loss(model, batch["input_ids"], batch["noise_mask"], batch["attention_mask"],
-                                     low_discrepancy=cfg.low_discrepancy)
+                out = model(batch)
                 (out.loss / cfg.accumulation_steps).backward()  # mean, not sum, over micro-batches
-            stats += torch.stack([out.loss.detach().double(), out.nelbo.sum().double(),
-                                  out.num_tokens.double(), out.ce.double()])
+            objective.after_backward(out, info)
+            stats += objective.stats(out)
             tok_since += int(batch["attention_mask"].sum())
         if cfg.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(denoiser.parameters(), cfg.grad_clip)
         optim.step()
         sched.step()
+        if ema is not None:
+            update_ema()
         step += 1
         pbar.update(1)
         if step % cfg.log_every == 0 or step == cfg.max_steps:
@@ -259,28 +361,29 @@ def run(cfg: TrainConfig, info: dist.DistInfo, log, resume_dir: str | None) -> N
             now = time.time()
             tok_s = tok_since * info.world_size / max(now - t_last, 1e-9)
             t_last, tok_since = now, 0
-            loss = float(stats[0]) / (cfg.accumulation_steps * info.world_size)
-            metrics = {"loss": loss, "nelbo_per_token": float(stats[1] / stats[2].clamp_min(1)),
-                       "ce": float(stats[3]) / (cfg.accumulation_steps * info.world_size),
+            metrics = {**objective.summarise(stats, cfg.accumulation_steps * info.world_size),
                        "lr": sched.get_last_lr()[0], "tokens_per_s": tok_s}
+            loss = metrics["loss"]
             pbar.set_postfix(loss=f"{loss:.3f}", lr=f"{metrics['lr']:.2e}", tok_s=f"{tok_s:.0f}")
             logger.log(step, "train", **metrics)
         if (cfg.eval_every and step % cfg.eval_every == 0) or step == cfg.max_steps:
             dev_metrics = evaluate()
             logger.log(step, "dev", **dev_metrics)
-            if info.is_main:
+            if info.is_main and objective.gaussian:
+                pbar.write(f"step {step}: dev loss (EMA) {dev_metrics['loss']:.4f}  mse {dev_metrics['mse']:.4f}")
+            elif info.is_main:
                 per_word = f"  PPL/word {dev_metrics['ppl_word']:.2f}" if "ppl_word" in dev_metrics else ""
                 pbar.write(f"step {step}: dev NELBO/token {dev_metrics['nelbo_per_token']:.4f}  "
                            f"PPL/token {dev_metrics['ppl_token']:.2f}{per_word}")
-            if dev_metrics["nelbo_per_token"] < best:
-                best = dev_metrics["nelbo_per_token"]
+            if dev_metrics[objective.dev_key] < best:
+                best = dev_metrics[objective.dev_key]
                 logger.best(step, **dev_metrics)
                 save("best", {"dev": dev_metrics})
         if step % cfg.save_every == 0 or step == cfg.max_steps:
             save("last")
     pbar.close()
     logger.close()
-    log(f"done: {step} steps in {time.time() - run_start:.0f}s; best dev NELBO/token {best:.4f}; "
+    log(f"done: {step} steps in {time.time() - run_start:.0f}s; best dev {objective.dev_key} {best:.4f}; "
         f"checkpoints in {ckpt_root}/{{best,last}}")
 
 

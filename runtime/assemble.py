@@ -7,20 +7,47 @@ from dataclasses import dataclass
 
 import torch
 
-from diffusion import AbsorbingDiffusion, make_schedule
-from models import BertDenoiser, spare_token_ids
+from diffusion import AbsorbingDiffusion, GaussianDiffusion, gaussian_betas, make_schedule
+from models import BertDenoiser, DiffuSeqTransformer, spare_token_ids
 from runtime import checkpoint
 from runtime.config import TrainConfig, from_dict
 from runtime.errors import UserError
 
 
-def build_diffusion(cfg: TrainConfig, mask_id: int, pad_id: int | None, counts=None) -> AbsorbingDiffusion:
+GAUSSIAN_DROPOUT = 0.1  # DiffuSeq's default
+
+
+def build_diffusion(cfg: TrainConfig, mask_id: int | None, pad_id: int | None, counts=None):
+    """The run's process: ``AbsorbingDiffusion`` or ``GaussianDiffusion``."""
     try:
+        if cfg.process == "gaussian":
+            return GaussianDiffusion(gaussian_betas(cfg.schedule, cfg.num_steps))
         schedule = make_schedule(cfg.schedule, counts=counts, lam=cfg.word_freq_lambda,
                                  form=cfg.spindle_form, pad_id=pad_id)
         return AbsorbingDiffusion(schedule, cfg.num_steps, mask_id, cfg.hybrid_lambda)
     except ValueError as e:
         raise UserError(str(e)) from e
+
+
+def build_gaussian_denoiser(cfg: TrainConfig, vocab_size: int) -> DiffuSeqTransformer:
+    try:
+        return DiffuSeqTransformer(vocab_size, cfg.emb_dim, cfg.hidden_size, cfg.num_layers, cfg.num_heads,
+                                   cfg.max_len, cfg.num_steps,
+                                   GAUSSIAN_DROPOUT if cfg.dropout is None else cfg.dropout)
+    except ValueError as e:
+        raise UserError(str(e)) from e
+
+
+def load_tokenizer(name_or_path: str):
+    """The tokenizer of a hub id / local directory / ``minilm`` (what --process gaussian uses)."""
+    from transformers import AutoTokenizer
+
+    from models import resolve_model_path
+    path = resolve_model_path(name_or_path)
+    try:
+        return AutoTokenizer.from_pretrained(path), path
+    except (OSError, ValueError) as e:
+        raise UserError(f"cannot load the tokenizer of {name_or_path}: {str(e).splitlines()[0]}") from e
 
 
 def build_denoiser(cfg: TrainConfig, mlm, tokenizer) -> BertDenoiser:
@@ -30,12 +57,12 @@ def build_denoiser(cfg: TrainConfig, mlm, tokenizer) -> BertDenoiser:
         raise UserError(str(e)) from e
 
 
-def check_tokenizer(tokenizer, vocab_size: int, where: str) -> None:
+def check_tokenizer(tokenizer, vocab_size: int, where: str, need_mask: bool = True) -> None:
     """A tokenizer whose size differs from the network's vocabulary cannot belong to it."""
     if len(tokenizer) != vocab_size:
         raise UserError(f"tokenizer in {where} has {len(tokenizer)} entries but the model's vocabulary has "
                         f"{vocab_size}; the tokenizer does not match the checkpoint")
-    if tokenizer.mask_token_id is None:
+    if need_mask and tokenizer.mask_token_id is None:
         raise UserError(f"tokenizer in {where} has no [MASK] token; absorbing diffusion needs one")
 
 
@@ -45,8 +72,8 @@ class Loaded:
     cfg: TrainConfig
     run_info: dict
     tokenizer: object
-    denoiser: BertDenoiser
-    diffusion: AbsorbingDiffusion
+    denoiser: BertDenoiser | DiffuSeqTransformer
+    diffusion: AbsorbingDiffusion | GaussianDiffusion
 
     @property
     def run_name(self) -> str:
@@ -75,8 +102,12 @@ def load_task_data(cfg: TrainConfig, tokenizer, splits=("train", "valid"), log=p
     return data, PairCollator(tokenizer.pad_token_id, canvas_len=cfg.max_len)
 
 
-def load_for_inference(path: str, device: torch.device, prefer: str = "best", task: str = "lm") -> Loaded:
-    """Rebuild tokenizer, network and process from a checkpoint (or a run directory)."""
+def load_for_inference(path: str, device: torch.device, prefer: str = "best", task: str = "lm",
+                       weights: str = "ema") -> Loaded:
+    """Rebuild tokenizer, network and process from a checkpoint (or a run directory).
+
+    ``weights``: for a gaussian checkpoint, ``ema`` (ema.pt, the default, as DiffuSeq decodes) or
+    ``raw`` (model.pt); absorbing checkpoints have only model.pt."""
     from transformers import AutoConfig, AutoModelForMaskedLM, AutoTokenizer
 
     ckpt_dir = checkpoint.resolve(path, prefer)
@@ -90,14 +121,17 @@ def load_for_inference(path: str, device: torch.device, prefer: str = "best", ta
         hf_config = AutoConfig.from_pretrained(ckpt_dir)
     except (OSError, ValueError) as e:
         raise UserError(f"cannot load the tokenizer/config stored in {ckpt_dir}: {e}") from e
-    check_tokenizer(tokenizer, hf_config.vocab_size, ckpt_dir)
-    mlm = AutoModelForMaskedLM.from_config(hf_config)
-    denoiser = build_denoiser(cfg, mlm, tokenizer)
-    state = checkpoint.load_state(ckpt_dir, "model.pt")
+    check_tokenizer(tokenizer, hf_config.vocab_size, ckpt_dir, need_mask=cfg.process == "absorbing")
+    if cfg.process == "gaussian":
+        denoiser = build_gaussian_denoiser(cfg, hf_config.vocab_size)
+        state = checkpoint.load_state(ckpt_dir, "ema.pt" if weights == "ema" else "model.pt")
+    else:
+        denoiser = build_denoiser(cfg, AutoModelForMaskedLM.from_config(hf_config), tokenizer)
+        state = checkpoint.load_state(ckpt_dir, "model.pt")
     try:
         denoiser.load_state_dict(state)
     except RuntimeError as e:
-        raise UserError(f"the weights in {ckpt_dir}/model.pt do not fit the stored model config: "
+        raise UserError(f"the weights in {ckpt_dir} do not fit the stored model config: "
                         f"{str(e).splitlines()[0]}") from e
     denoiser.to(device).eval()
     counts = None

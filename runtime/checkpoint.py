@@ -6,6 +6,7 @@ Layout of ``<out_dir>/checkpoints/{last,best}/``::
     config.json         the transformers model config (the network is rebuilt from it, offline)
     tokenizer files     tokenizer.save_pretrained
     model.pt            the denoiser's state dict (never with DDP's ``module.`` prefix)
+    ema.pt              gaussian only: the EMA of the weights (what decoding uses by default)
     training_state.pt   optimizer, scheduler, step, data position, RNG states (resume only)
     word_freq.json      copy of the spindle token counts, if used
 
@@ -26,8 +27,10 @@ RUN_CONFIG = "run_config.json"
 
 
 def save(ckpt_dir: str, *, run_config: dict, model_state: dict, hf_config=None, tokenizer=None,
-         training_state: dict | None = None, extra_files: dict[str, str] | None = None) -> str:
-    """Write a checkpoint directory atomically. ``extra_files`` maps names to source paths to copy."""
+         training_state: dict | None = None, extra_files: dict[str, str] | None = None,
+         extra_states: dict[str, dict] | None = None) -> str:
+    """Write a checkpoint directory atomically. ``extra_files`` maps names to source paths to copy;
+    ``extra_states`` maps file names to objects for ``torch.save`` (e.g. ``ema.pt``)."""
     parent = os.path.dirname(os.path.abspath(ckpt_dir))
     os.makedirs(parent, exist_ok=True)
     tmp = f"{ckpt_dir}.tmp-{os.getpid()}"
@@ -42,6 +45,8 @@ def save(ckpt_dir: str, *, run_config: dict, model_state: dict, hf_config=None, 
     torch.save(model_state, os.path.join(tmp, "model.pt"))
     if training_state is not None:
         torch.save(training_state, os.path.join(tmp, "training_state.pt"))
+    for name, obj in (extra_states or {}).items():
+        torch.save(obj, os.path.join(tmp, name))
     for name, src in (extra_files or {}).items():
         shutil.copyfile(src, os.path.join(tmp, name))
     old = f"{ckpt_dir}.old"

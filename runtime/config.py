@@ -17,9 +17,12 @@ class TrainConfig:
     # task and process
     task: str = opt("lm", "lm: unconditional language modelling; seq2seq: conditional generation of trg from src",
                     choices=("lm", "seq2seq"))
-    process: str = opt("absorbing", "diffusion process", choices=("absorbing",))
+    process: str = opt("absorbing", "absorbing: DiffusionBERT (discrete masking on a pretrained BERT); gaussian: "
+                       "DiffuSeq (continuous diffusion on embeddings, transformer from scratch; --task seq2seq)",
+                       choices=("absorbing", "gaussian"))
     # model
-    model_name_or_path: str = opt("minilm", "hub id, local directory, or 'minilm' (offline all-MiniLM-L6-v2)")
+    model_name_or_path: str = opt("minilm", "hub id, local directory, or 'minilm' (offline all-MiniLM-L6-v2); "
+                                  "with --process gaussian only its tokenizer is used")
     from_scratch: bool = opt(False, "same config, randomly initialised weights")
     time_conditioning: str = opt("none", "none (time-agnostic decoding), token, or layerwise",
                                  choices=("none", "token", "layerwise"))
@@ -33,14 +36,30 @@ class TrainConfig:
     max_len: int = opt(64, "maximum wordpieces per example, [CLS] and [SEP] included")
     # diffusion
     num_steps: int = opt(2048, "T, the number of diffusion steps")
-    schedule: str = opt("auto", "noise schedule; auto: spindle for lm, mutual for seq2seq (as the original)",
-                        choices=("auto", "mutual", "cosine", "spindle"))
+    schedule: str = opt("auto", "noise schedule; absorbing: mutual, cosine or spindle; gaussian: sqrt, linear or "
+                        "cosine; auto: spindle for lm, mutual for seq2seq, sqrt for gaussian (as the originals)",
+                        choices=("auto", "mutual", "cosine", "spindle", "sqrt", "linear"))
     spindle_form: str = opt("released", "spindle: released-code form or paper form (Eq. 10-12)",
                             choices=("released", "paper"))
     word_freq_lambda: float = opt(0.3, "spindle lambda")
     word_freq_file: str | None = opt(None, "token counts from word_freq.py (default word_freq/<tokenizer>__<dataset>.json)")
     hybrid_lambda: float = opt(0.01, "weight of the auxiliary cross-entropy term")
     low_discrepancy: bool = opt(False, "stratify t across the batch (MDLM's low-discrepancy sampler)")
+    # gaussian (DiffuSeq) model and training
+    emb_dim: int = opt(128, "gaussian: word-embedding (diffusion) dimension D")
+    hidden_size: int = opt(768, "gaussian: transformer hidden size")
+    num_layers: int = opt(12, "gaussian: transformer layers")
+    num_heads: int = opt(12, "gaussian: attention heads")
+    timestep_sampler: str = opt("lossaware", "gaussian: how t is drawn in training", choices=("uniform", "lossaware"))
+    ema_rate: float = opt(0.9999, "gaussian: EMA decay of the weights (decoding uses the EMA by default)")
+    # post-training (Tang et al. 2023)
+    post_train: str | None = opt(None, "gaussian: continue from this checkpoint (its EMA weights) with a fresh "
+                                 "optimizer into --out_dir; the model and data flags must match it")
+    simi_penalty: str = opt("none", "gaussian distance penalty: l2_noise_random (released), self_renoise "
+                            "(the paper's figure) or none", choices=("none", "l2_noise_random", "self_renoise"))
+    simi_lambda: float = opt(-2.0, "penalty weight, released sign convention: the loss SUBTRACTS simi_lambda * "
+                             "penalty, so -2 pulls predictions together with weight 2")
+    simi_noise: float = opt(0.05, "neighbourhood of t: |sqrt(1-abar_t') - sqrt(1-abar_t)| <= simi_noise")
     # optimisation
     batch_size: int = opt(32, "examples per micro-batch per process")
     accumulation_steps: int = opt(1, "micro-batches per optimizer step")
@@ -50,7 +69,7 @@ class TrainConfig:
     decay: str = opt("linear", "learning-rate decay after warm-up", choices=("linear", "cosine", "constant"))
     max_steps: int = opt(10000, "optimizer steps")
     grad_clip: float = opt(1.0, "gradient-norm clipping (0: off)")
-    dropout: float | None = opt(None, "override the model's dropout probabilities")
+    dropout: float | None = opt(None, "override the model's dropout probabilities (gaussian default 0.1)")
     bf16: bool = opt(True, "bf16 autocast on CUDA (ignored on CPU)", bool_optional=True)
     # evaluation, checkpoints, logging
     eval_every: int = opt(1000, "dev-set ELBO every N optimizer steps (0: only at the end)")

@@ -1,0 +1,90 @@
+# DiffuSeq and Tang et al.'s post-training; started by run_condition.sh (diffuseq | diffuseq_post).
+#
+#   diffuseq [TASK FOLDER]   train the Gaussian model from scratch, decode the full chain with MBR, metrics
+#   diffuseq_post [RUN]      post-train RUN with the distance penalty, then decode full / uniform_20 / adp_20
+#                            with the RUN and the post-trained checkpoints and print the comparison table
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PRESET=$1
+shift
+. scripts/launch.sh
+export TOKENIZERS_PARALLELISM=false
+
+# decode one setting of one run into generation_results/<name> (kept if it is already there)
+decode() {  # run name respacing
+  local out=generation_results/$2
+  if [ -f "$out/decode.json" ]; then
+    echo "-- $2: reusing $out"
+  else
+    echo "-- $2: decoding with --decode_respacing $3"
+    "$PY" predict_downstream_condition.py --checkpoint "$1" --decode_respacing "$3" "${DECODE_ARGS[@]}" --name "$2"
+  fi
+}
+
+demo_or_folder() {  # sets DATA_ARGS, MODEL_ARGS, TRAIN_ARGS, DECODE_ARGS, TAG from "bible" or TASK FOLDER
+  if [ "${1:-bible}" = bible ]; then
+    export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1
+    TAG=demo
+    DATA_ARGS=(--dataset bible)
+    # a small transformer that trains in minutes on a CPU; the paper's is bert-base size with emb 128
+    MODEL_ARGS=(--model_name_or_path minilm --max_len 80 --emb_dim 64 --hidden_size 128 --num_layers 2 --num_heads 2)
+    TRAIN_ARGS=(--batch_size 32 --lr 1e-3 --warmup_steps 100 --max_steps 900 --eval_every 300 --eval_examples 128
+                --save_every 300 --log_every 20)
+    POST_ARGS=(--batch_size 32 --max_steps 300 --eval_every 150 --eval_examples 128 --save_every 150 --log_every 20)
+    # the full 2000-step chain is the expensive part on a CPU: the first 24 test pairs, MBR over 3 seeds
+    DECODE_ARGS=(--split test --num_examples 24 --mbr_size 3 --batch_size 24 --seed 42)
+  else
+    FOLDER=${2:?"usage: bash run_condition.sh diffuseq TASK path/to/folder (train.jsonl valid.jsonl test.jsonl)"}
+    TAG=$1
+    DATA_ARGS=(--dataset "$1" --data_files "$FOLDER")
+    # DiffuSeq's released setup: bert-base-uncased vocabulary, emb 128, bert-base encoder, T=2000, sqrt,
+    # lossaware, lr 1e-4, batch 2048 (here 64 per process with accumulation), 50k steps, EMA 0.9999
+    ACC=$(( (2048 + 64 * NGPU - 1) / (64 * NGPU) ))
+    MODEL_ARGS=(--model_name_or_path bert-base-uncased --max_len 128 --emb_dim 128 --hidden_size 768 --num_layers 12 --num_heads 12)
+    TRAIN_ARGS=(--batch_size 64 --accumulation_steps $ACC --lr 1e-4 --warmup_steps 0 --max_steps 50000
+                --eval_every 2000 --eval_examples 1000 --save_every 2000 --log_every 50 --num_workers 4)
+    POST_ARGS=(--batch_size 64 --accumulation_steps $ACC --max_steps 10000 --eval_every 1000 --eval_examples 1000
+               --save_every 1000 --log_every 50 --num_workers 4)
+    DECODE_ARGS=(--split test --mbr_size 10 --batch_size 256 --seed 42)
+  fi
+}
+
+START=$(date +%s)
+case "$PRESET" in
+  diffuseq)
+    demo_or_folder "$@"
+    [ $# -ge 2 ] && shift 2 || shift $#
+    RUN=outputs/diffuseq-$TAG-$STAMP
+    echo "== 1/3 training DiffuSeq -> $RUN"
+    "${TRAIN[@]}" --task seq2seq --process gaussian --schedule sqrt --timestep_sampler lossaware --num_steps 2000 \
+      "${MODEL_ARGS[@]}" "${TRAIN_ARGS[@]}" "${DATA_ARGS[@]}" --out_dir "$RUN" "$@"
+    NAME=$(basename "$RUN")
+    echo "== 2/3 decoding the full chain (T=2000) with MBR"
+    decode "$RUN" "$NAME-full" full
+    echo "== 3/3 metrics"
+    "$PY" compute_metric.py --mode compare --samples "generation_results/$NAME-full" --out "generation_results/$NAME-full/compare_metrics.json"
+    echo "== done in $(( $(date +%s) - START ))s; checkpoints in $RUN/checkpoints; next: bash run_condition.sh diffuseq_post $RUN"
+    ;;
+  diffuseq_post)
+    BASE=${1:-$(ls -dt outputs/diffuseq-* 2>/dev/null | grep -v -- '-post-' | head -n 1 || true)}
+    [ -n "$BASE" ] && [ -d "$BASE" ] || { echo "error: no DiffuSeq run to post-train (run: bash run_condition.sh diffuseq)" >&2; exit 2; }
+    [ $# -ge 1 ] && shift
+    BASE_NAME=$(basename "$BASE")
+    case "$BASE_NAME" in diffuseq-demo-*) demo_or_folder bible ;; *) demo_or_folder "${BASE_NAME#diffuseq-}" _ ;; esac
+    RUN=outputs/$BASE_NAME-post-$STAMP
+    echo "== 1/3 post-training $BASE with the distance penalty (l2_noise_random, simi_lambda -2, simi_noise 0.05) -> $RUN"
+    "${TRAIN[@]}" --post_train "$BASE" --simi_penalty l2_noise_random --simi_lambda -2 --simi_noise 0.05 \
+      --lr 1e-4 --decay constant --warmup_steps 0 "${POST_ARGS[@]}" --out_dir "$RUN" "$@"
+    NAME=$(basename "$RUN")
+    echo "== 2/3 decoding: full chain, uniform_20 and adp_20, before and after post-training"
+    for SET in full uniform_20 adp_20; do
+      decode "$BASE" "$BASE_NAME-$SET" "$SET"
+      decode "$RUN" "$NAME-$SET" "$SET"
+    done
+    echo "== 3/3 comparison (MBR metrics; self-BLEU across the seeds; wall time summed over the seeds)"
+    DIRS=()
+    for W in "$BASE_NAME" "$NAME"; do for SET in full uniform_20 adp_20; do DIRS+=("generation_results/$W-$SET"); done; done
+    "$PY" compute_metric.py --mode compare --samples "${DIRS[@]}" --out "generation_results/$NAME-compare.json"
+    echo "== done in $(( $(date +%s) - START ))s"
+    ;;
+esac

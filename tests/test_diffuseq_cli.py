@@ -1,0 +1,130 @@
+"""DiffuSeq and post-training end to end through the real scripts, on a tiny transformer:
+train --process gaussian -> resume -> --post_train -> predict_downstream_condition --decode_respacing
+-> compute_metric --mode compare, and the mismatches that must give one error line."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from conftest import run_cli
+
+
+def read_jsonl(path):
+    with open(path, encoding="utf-8") as f:
+        return [json.loads(line) for line in f]
+
+
+def gauss_args(tiny_bert, tiny_pairs, out, max_steps=4, extra=(), T=100):
+    return ("train.py", "--task", "seq2seq", "--process", "gaussian", "--dataset", "folder", "--data_files", tiny_pairs,
+            "--model_name_or_path", tiny_bert, "--num_steps", str(T), "--eval_steps", str(min(T, 64)), "--max_len", "48", "--emb_dim", "8",
+            "--hidden_size", "16", "--num_layers", "1", "--num_heads", "2", "--batch_size", "8",
+            "--max_steps", str(max_steps), "--eval_every", "2", "--eval_examples", "8", "--save_every", "2",
+            "--lr", "1e-3", "--warmup_steps", "0", "--decay", "constant", "--log_every", "1", "--ema_rate", "0.9",
+            "--out_dir", str(out), "--log_dir", str(out) + "_logs", *extra)
+
+
+def train_losses(run):
+    return {r["step"]: r["loss"] for r in read_jsonl(run / "metrics.jsonl") if r.get("split") == "train"}
+
+
+@pytest.fixture(scope="module")
+def gauss_run(tmp_path_factory, tiny_bert, tiny_pairs):
+    cwd = tmp_path_factory.mktemp("gauss")
+    run = cwd / "run"
+    run_cli(*gauss_args(tiny_bert, tiny_pairs, run), cwd=str(cwd))
+    return cwd, run
+
+
+def test_checkpoint_holds_ema_and_config(gauss_run):
+    _, run = gauss_run
+    last = run / "checkpoints" / "last"
+    cfg = json.load(open(last / "run_config.json"))
+    assert cfg["config"]["process"] == "gaussian" and cfg["config"]["schedule"] == "sqrt"
+    assert cfg["derived"]["schedule"]["alphabar_0"] < 1
+    raw, ema = torch.load(last / "model.pt"), torch.load(last / "ema.pt")
+    assert raw.keys() == ema.keys()
+    assert any(not torch.equal(raw[k], ema[k]) for k in raw)  # the average lags the weights
+    ts = torch.load(last / "training_state.pt", weights_only=False)
+    assert ts["ema_updates"] == 4 and int(ts["timestep_sampler"]["count"].sum()) == 4 * 8
+
+
+def test_resume_is_exact_with_lossaware_and_ema(tmp_path, tiny_bert, tiny_pairs):
+    # T = 4: the lossaware sampler is half warm at the checkpoint (step 4 of 8, 10 losses needed per t)
+    run, part = tmp_path / "run", tmp_path / "part"
+    run_cli(*gauss_args(tiny_bert, tiny_pairs, run, max_steps=8, T=4, extra=("--save_every", "4")), cwd=str(tmp_path))
+    run_cli(*gauss_args(tiny_bert, tiny_pairs, part, max_steps=4, T=4, extra=("--save_every", "4")), cwd=str(tmp_path))
+    run_cli(*gauss_args(tiny_bert, tiny_pairs, part, max_steps=8, T=4, extra=("--save_every", "4", "--resume", str(part))),
+            cwd=str(tmp_path))
+    assert len(train_losses(run)) == 8 and train_losses(part) == train_losses(run)
+    ts = torch.load(run / "checkpoints" / "last" / "training_state.pt", weights_only=False)
+    assert int(ts["timestep_sampler"]["count"].min()) >= 10  # the sampler was used warm after the resume
+    for name in ("model.pt", "ema.pt"):
+        a = torch.load(run / "checkpoints" / "last" / name)
+        b = torch.load(part / "checkpoints" / "last" / name)
+        assert all(torch.equal(a[k], b[k]) for k in a), name
+
+
+def test_post_train_decode_and_compare(gauss_run, tiny_bert, tiny_pairs):
+    cwd, run = gauss_run
+    post = cwd / "post"
+    # model/data flags are inherited from the checkpoint
+    run_cli("train.py", "--post_train", str(run), "--simi_penalty", "l2_noise_random", "--simi_noise", "0.2",
+            "--lr", "1e-4", "--decay", "constant", "--warmup_steps", "0", "--batch_size", "8", "--max_steps", "2",
+            "--eval_every", "2", "--eval_examples", "8", "--save_every", "2", "--log_every", "1",
+            "--out_dir", str(post), "--log_dir", str(cwd / "logs"), cwd=str(cwd))
+    cfg = json.load(open(post / "checkpoints" / "last" / "run_config.json"))
+    assert cfg["config"]["hidden_size"] == 16 and cfg["derived"]["post_trained_from"].startswith(str(run))
+    rows = [r for r in read_jsonl(post / "metrics.jsonl") if r.get("split") == "train"]
+    assert rows and all(r["penalty"] > 0 for r in rows)
+
+    gen = cwd / "gen"
+    for ckpt, tag in ((run, "base"), (post, "post")):
+        for spec in ("full", "uniform_5", "adp_10"):
+            run_cli("predict_downstream_condition.py", "--checkpoint", str(ckpt), "--decode_respacing", spec,
+                    "--mbr_size", "2", "--batch_size", "6", "--name", f"{tag}-{spec}", "--out_dir", str(gen),
+                    cwd=str(cwd))
+    info = json.load(open(gen / "post-adp_10" / "decode.json"))
+    assert info["process"] == "gaussian" and info["timesteps"] == [0, 33, 42, 50, 58, 67, 75, 83, 91, 99]
+    assert all(t["network_calls"] == 2 * 10 for t in info["timings"])  # 2 batches x 10 steps
+    a, b = read_jsonl(gen / "post-adp_10" / "seed42.jsonl"), read_jsonl(gen / "post-adp_10" / "mbr.jsonl")
+    n = sum(1 for _ in open(f"{tiny_pairs}/test.jsonl"))
+    assert len(a) == len(b) == n and all(set(r) == {"recover", "reference", "source"} for r in b)
+    assert all("[CLS]" not in r["recover"] and "[SEP]" not in r["recover"] for r in a)
+
+    out = cwd / "cmp.json"
+    dirs = [str(gen / f"{t}-{s}") for t in ("base", "post") for s in ("full", "uniform_5", "adp_10")]
+    p = run_cli("compute_metric.py", "--mode", "compare", "--samples", *dirs, "--bertscore_model", "none",
+                "--out", str(out), cwd=str(cwd))
+    assert "| post-adp_10 |" in p.stdout
+    res = {r["setting"]: r for r in json.load(open(out))["metrics"]["rows"]}
+    assert res["base-full"]["calls_per_sequence"] == 100 and res["base-adp_10"]["calls_per_sequence"] == 10
+    assert all(0 <= r["bleu"] <= 1 and 0 <= r["self_bleu"] <= 1 for r in res.values())
+
+
+def one_error_line(proc, *needles):
+    assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-2000:]
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("error:") and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    for n in needles:
+        assert n in last, last
+
+
+def test_mismatches_give_one_error_line(tmp_path, gauss_run, tiny_bert, tiny_pairs):
+    cwd, run = gauss_run
+    dec = ("predict_downstream_condition.py", "--checkpoint", str(run), "--out_dir", str(tmp_path / "g"))
+    one_error_line(run_cli(*dec, "--steps", "10", cwd=str(cwd), check=False), "--decode_respacing uniform_10")
+    one_error_line(run_cli(*dec, "--decode_respacing", "adp_500", cwd=str(cwd), check=False), "exceed", "T=100")
+    one_error_line(run_cli(*dec, "--topk", "5", cwd=str(cwd), check=False), "absorbing")
+    one_error_line(run_cli("predict.py", "--checkpoint", str(run), cwd=str(cwd), check=False),
+                   "seq2seq checkpoint", "predict_downstream_condition.py")
+    # a different network than the checkpoint's, and post-training an unknown process
+    one_error_line(run_cli("train.py", "--post_train", str(run), "--hidden_size", "32", "--out_dir",
+                           str(tmp_path / "p"), cwd=str(cwd), check=False), "--hidden_size: checkpoint 16 vs now 32")
+    one_error_line(run_cli(*gauss_args(tiny_bert, tiny_pairs, tmp_path / "lm", extra=("--task", "lm")), cwd=str(cwd),
+                           check=False), "--task seq2seq")
+    one_error_line(run_cli(*gauss_args(tiny_bert, tiny_pairs, tmp_path / "sch", extra=("--schedule", "spindle")),
+                           cwd=str(cwd), check=False), "not a gaussian schedule")
+    one_error_line(run_cli("train.py", "--simi_penalty", "l2_noise_random", "--out_dir", str(tmp_path / "a"),
+                           cwd=str(cwd), check=False), "--process gaussian")
