@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import math
 import os
+import signal
 import sys
 import time
 
@@ -32,7 +34,8 @@ from textdata import lm, word_freq
 
 # Settings that may change between a run and its resumption; anything else must match.
 RESUMABLE_CHANGES = {"resume", "max_steps", "eval_every", "save_every", "log_every", "device",
-                     "num_workers", "overwrite", "log_dir", "eval_examples"}
+                     "num_workers", "overwrite", "log_dir", "eval_examples", "keep_last", "max_bad_steps",
+                     "out_dir"}  # a run directory may be moved or copied and resumed there
 # What a --post_train run must share with the checkpoint it starts from (the network and its inputs).
 POST_TRAIN_SAME = ("process", "task", "model_name_or_path", "emb_dim", "hidden_size", "num_layers", "num_heads",
                    "max_len", "num_steps", "schedule", "dataset", "data_files")
@@ -47,7 +50,9 @@ def check_config(cfg: TrainConfig) -> None:
         raise UserError(f"--schedule {cfg.schedule} is not a {cfg.process} schedule; choose one of "
                         f"{', '.join(PROCESS_SCHEDULES[cfg.process])}")
     require_at_least_one(cfg, "batch_size", "accumulation_steps", "max_steps", "num_steps", "max_len",
-                         "eval_steps", "eval_examples")
+                         "eval_steps", "eval_examples", "save_every", "log_every", "max_bad_steps")
+    if cfg.keep_last < 0:
+        raise UserError(f"--keep_last must be 0 or more, got {cfg.keep_last}")
     if cfg.process == "gaussian":
         if cfg.task != "seq2seq":
             raise UserError("--process gaussian (DiffuSeq) is a seq2seq model; add --task seq2seq")
@@ -212,7 +217,8 @@ def run(cfg: TrainConfig, info: dist.DistInfo, log, resume_dir: str | None, post
     dev = valid_set.shuffle(seed=cfg.seed).select(range(min(cfg.eval_examples, len(valid_set))))
     dev = dev.select(range(info.rank, len(dev), info.world_size))
     log(f"data: {cfg.dataset}: {len(train_set)} train / {len(valid_set)} valid lines; "
-        f"dev ELBO on {min(cfg.eval_examples, len(valid_set))} examples, K={cfg.eval_steps}")
+        f"dev {'loss (EMA weights)' if cfg.process == 'gaussian' else f'ELBO, K={cfg.eval_steps},'} on "
+        f"{min(cfg.eval_examples, len(valid_set))} examples")
 
     derived = {"vocab_size": hf_config.vocab_size, "mask_id": tokenizer.mask_token_id,
                "pad_id": tokenizer.pad_token_id, "vocab_fingerprint": lm.vocab_fingerprint(tokenizer),
@@ -328,6 +334,15 @@ def run(cfg: TrainConfig, info: dist.DistInfo, log, resume_dir: str | None, post
     denoiser.train()
     t_last, tok_since = time.time(), 0
     run_start = time.time()
+    bad_in_row = bad_total = 0
+    # test hook: make the loss NaN at these (1-based) steps, e.g. DLM_FAULT_NAN_STEPS=3,4
+    fault_nan = {int(x) for x in os.environ.get("DLM_FAULT_NAN_STEPS", "").split(",") if x.strip()}
+
+    # SIGINT/SIGTERM: finish the current step, save checkpoints/last, exit with 128 + signal number
+    stop_signal = torch.zeros(1, device=device)
+    def on_signal(signum, frame):
+        stop_signal.fill_(signum)
+    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
     while step < cfg.max_steps:
         optim.zero_grad(set_to_none=True)
         stats = torch.zeros(len(objective.stat_names), dtype=torch.float64, device=device)
@@ -344,25 +359,44 @@ def run(cfg: TrainConfig, info: dist.DistInfo, log, resume_dir: str | None, post
             sync = contextlib.nullcontext() if (last or not info.enabled) else model.no_sync()
             with sync, torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
                 out = model(batch)
+                if step + 1 in fault_nan:
+                    out.loss = out.loss * float("nan")
                 (out.loss / cfg.accumulation_steps).backward()  # mean, not sum, over micro-batches
             objective.after_backward(out, info)
             stats += objective.stats(out)
             tok_since += int(batch["attention_mask"].sum())
-        if cfg.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(denoiser.parameters(), cfg.grad_clip)
-        optim.step()
+        # DDP has averaged the gradients, so a non-finite loss on any rank makes the norm non-finite on
+        # every rank: all ranks skip the same updates without extra communication
+        norm = torch.nn.utils.clip_grad_norm_(denoiser.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else math.inf)
+        if torch.isfinite(norm) and torch.isfinite(stats[0]):
+            optim.step()
+            if ema is not None:
+                update_ema()
+            bad_in_row = 0
+        else:
+            bad_in_row += 1
+            bad_total += 1
+            if info.is_main:
+                pbar.write(f"step {step + 1}: non-finite loss or gradient, update skipped ({bad_in_row} in a row, "
+                           f"{bad_total} in all)")
+            logger.log(step + 1, "skip", skipped_in_row=bad_in_row, skipped_total=bad_total)
         sched.step()
-        if ema is not None:
-            update_ema()
         step += 1
         pbar.update(1)
+        if bad_in_row >= cfg.max_bad_steps:
+            save("last")  # no update since the last finite one: this is the last good state
+            pbar.close()
+            logger.close()
+            raise UserError(f"{bad_in_row} non-finite losses in a row at step {step}; stopped. The last good state "
+                            f"is in {ckpt_root}/last (resume with --resume {cfg.out_dir}); lower --lr, keep "
+                            f"--grad_clip on, or check the data")
         if step % cfg.log_every == 0 or step == cfg.max_steps:
             dist.all_reduce_sum(stats, info)
             now = time.time()
             tok_s = tok_since * info.world_size / max(now - t_last, 1e-9)
             t_last, tok_since = now, 0
             metrics = {**objective.summarise(stats, cfg.accumulation_steps * info.world_size),
-                       "lr": sched.get_last_lr()[0], "tokens_per_s": tok_s}
+                       "lr": sched.get_last_lr()[0], "tokens_per_s": tok_s, "skipped_steps": bad_total}
             loss = metrics["loss"]
             pbar.set_postfix(loss=f"{loss:.3f}", lr=f"{metrics['lr']:.2e}", tok_s=f"{tok_s:.0f}")
             logger.log(step, "train", **metrics)
@@ -381,6 +415,20 @@ def run(cfg: TrainConfig, info: dist.DistInfo, log, resume_dir: str | None, post
                 save("best", {"dev": dev_metrics})
         if step % cfg.save_every == 0 or step == cfg.max_steps:
             save("last")
+            if cfg.keep_last and info.is_main:
+                checkpoint.snapshot(ckpt_root, "last", step, cfg.keep_last)
+        if info.enabled:
+            dist.all_reduce_max(stop_signal, info)  # a signal seen by one rank stops every rank
+        if stop_signal.item() and step < cfg.max_steps:
+            signum = int(stop_signal.item())
+            save("last")
+            pbar.close()
+            logger.close()
+            log(f"received {signal.Signals(signum).name}: saved {ckpt_root}/last at step {step}; "
+                f"continue with --resume {cfg.out_dir}")
+            raise SystemExit(128 + signum)
+    for s_, h in previous.items():
+        signal.signal(s_, h)
     pbar.close()
     logger.close()
     log(f"done: {step} steps in {time.time() - run_start:.0f}s; best dev {objective.dev_key} {best:.4f}; "

@@ -43,6 +43,8 @@ def save(ckpt_dir: str, *, run_config: dict, model_state: dict, hf_config=None, 
     if tokenizer is not None:
         tokenizer.save_pretrained(tmp)
     torch.save(model_state, os.path.join(tmp, "model.pt"))
+    if os.environ.get("DLM_FAULT_CRASH_IN_SAVE"):  # test hook: die with a half-written checkpoint
+        os._exit(99)
     if training_state is not None:
         torch.save(training_state, os.path.join(tmp, "training_state.pt"))
     for name, obj in (extra_states or {}).items():
@@ -56,6 +58,21 @@ def save(ckpt_dir: str, *, run_config: dict, model_state: dict, hf_config=None, 
     os.replace(tmp, ckpt_dir)
     shutil.rmtree(old, ignore_errors=True)
     return ckpt_dir
+
+
+def snapshot(ckpt_root: str, name: str, step: int, keep: int) -> str:
+    """Copy ``<ckpt_root>/<name>`` to ``step-<step>`` (atomically) and delete all but the ``keep``
+    newest ``step-*`` snapshots."""
+    dst = os.path.join(ckpt_root, f"step-{step:09d}")
+    tmp = f"{dst}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(os.path.join(ckpt_root, name), tmp)
+    shutil.rmtree(dst, ignore_errors=True)
+    os.replace(tmp, dst)
+    snaps = sorted(d for d in os.listdir(ckpt_root) if d.startswith("step-") and ".tmp-" not in d)
+    for old in snaps[:-keep]:
+        shutil.rmtree(os.path.join(ckpt_root, old), ignore_errors=True)
+    return dst
 
 
 def resolve(path: str, prefer: str = "best") -> str:

@@ -76,6 +76,8 @@ class TrainConfig:
     eval_examples: int = opt(512, "dev examples used for the ELBO (a fixed, seeded subset)")
     eval_steps: int = opt(64, "K, the ELBO grid size for the dev estimate")
     save_every: int = opt(1000, "write the last checkpoint every N optimizer steps")
+    keep_last: int = opt(0, "also keep the K most recent checkpoints as checkpoints/step-<N> (0: only last/best)")
+    max_bad_steps: int = opt(10, "stop (saving the last good state) after this many non-finite losses in a row")
     log_every: int = opt(10, "log training metrics every N optimizer steps")
     out_dir: str = opt("outputs/run", "run directory: checkpoints/best, checkpoints/last, metrics.jsonl")
     log_dir: str = opt("logs", "fitlog directory")

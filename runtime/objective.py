@@ -42,7 +42,8 @@ class Objective(nn.Module):
         """Feed every rank's per-example losses to the lossaware sampler (identical state on all ranks)."""
         if self.gaussian:
             t, losses = dist.all_gather_cat(out.t, info), dist.all_gather_cat(out.per_example.float(), info)
-            self.timestep_sampler.update(t, losses)
+            ok = torch.isfinite(losses)  # a non-finite loss is skipped by the loop; keep it out of the history
+            self.timestep_sampler.update(t[ok], losses[ok])
 
     def stats(self, out) -> torch.Tensor:
         """One micro-batch's statistics [len(stat_names)] float64, summed over micro-batches and ranks."""
