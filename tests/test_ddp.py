@@ -3,7 +3,6 @@ the gradient that one process gets from the same two micro-batches with ``loss /
 train.py does), for the real training objective (runtime/objective.py) of both processes."""
 from __future__ import annotations
 
-import os
 import socket
 from types import SimpleNamespace
 
