@@ -100,13 +100,12 @@ class GaussianDiffusion:
 
     def __init__(self, betas: torch.Tensor):
         self.betas = betas.double()
-        self.num_steps = T = len(betas)
+        self.num_steps = len(betas)
         self.alphabar = torch.cumprod(1 - self.betas, 0)
         self.sqrt_ab = self.alphabar.sqrt()
         self.sqrt_1m_ab = (1 - self.alphabar).sqrt()
         # Tang et al.'s neighbourhoods: t' with |a_t' - a_t| <= noise, a_t = sqrt(1 - alphabar_t) increasing
         self._neighbourhood: tuple[float, torch.Tensor, torch.Tensor] | None = None
-        assert T == len(self.alphabar)
 
     # ---- forward process
     def _coef(self, table: torch.Tensor, t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
