@@ -160,7 +160,6 @@ def build_model(cfg: TrainConfig, log):
     from models import load_masked_lm
     if cfg.process == "gaussian":
         tokenizer, model_path = load_tokenizer(cfg.model_name_or_path)
-        check_tokenizer(tokenizer, len(tokenizer), model_path, need_mask=False)
         denoiser = build_gaussian_denoiser(cfg, len(tokenizer))
         n = sum(p.numel() for p in denoiser.parameters())
         log(f"model: DiffuSeq transformer from scratch, {n / 1e6:.2f}M parameters (emb {cfg.emb_dim}, hidden "
