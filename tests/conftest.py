@@ -45,11 +45,17 @@ def tiny_corpus(tmp_path_factory) -> str:
     return str(path)
 
 
-def run_cli(*args: str, cwd: str, check: bool = True, env_extra: dict | None = None):
-    """Run one of the repository's scripts as a user would; returns the CompletedProcess."""
+def cli_env(cwd: str, env_extra: dict | None = None) -> dict:
+    """The environment the scripts run in under test: offline, two threads, a per-test datasets cache."""
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
                PYTHONPATH=ROOT, OMP_NUM_THREADS="2", HF_DATASETS_CACHE=os.path.join(cwd, ".hf_cache"))
     env.update(env_extra or {})
+    return env
+
+
+def run_cli(*args: str, cwd: str, check: bool = True, env_extra: dict | None = None):
+    """Run one of the repository's scripts as a user would; returns the CompletedProcess."""
+    env = cli_env(cwd, env_extra)
     cmd = [sys.executable, os.path.join(ROOT, args[0]), *args[1:]] if args[0].endswith(".py") else [sys.executable, *args]
     proc = subprocess.run(cmd, cwd=cwd, env=env,
                           capture_output=True, text=True, timeout=600)

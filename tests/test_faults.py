@@ -13,7 +13,7 @@ import time
 import pytest
 import torch
 
-from conftest import ROOT, run_cli
+from conftest import ROOT, cli_env, run_cli
 from test_diffuseq_cli import gauss_args, train_losses
 
 STEPS = 10
@@ -32,11 +32,10 @@ def straight(tmp_path_factory, tiny_bert, tiny_pairs):
     return cwd / "run"
 
 
-def start(cmd_args, cwd, env_extra=None):
-    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
-               PYTHONPATH=ROOT, OMP_NUM_THREADS="2", HF_DATASETS_CACHE=os.path.join(cwd, ".hf_cache"), **(env_extra or {}))
-    return subprocess.Popen([sys.executable, os.path.join(ROOT, cmd_args[0]), *cmd_args[1:]], cwd=cwd, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+def start(cmd_args, cwd):
+    """Start a script in the background (run_cli's environment), to signal or kill it."""
+    return subprocess.Popen([sys.executable, os.path.join(ROOT, cmd_args[0]), *cmd_args[1:]], cwd=cwd,
+                            env=cli_env(cwd), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
 def wait_for_step(run, proc, k, timeout=300):
