@@ -215,6 +215,9 @@ class AbsorbingDiffusion:
     def unmask_weights(self, t: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
         """Reverse-model ``w`` for every row: [B, 1] (token-independent) or [B, V] (spindle), floored
         at ``REVERSE_W_MIN``."""
+        if t.numel() > 1 and bool((t == t[0]).all()) and bool((s == s[0]).all()):
+            # the sampler's case: one (t, s) for the whole batch; compute one row, return a view
+            return self.unmask_weights(t[:1], s[:1]).expand(t.shape[0], -1)
         a_s = self.schedule.alpha_vocab(s.double() / self.T)
         a_t = self.schedule.alpha_vocab(t.double() / self.T)
         return _safe_w(a_s, a_t).clamp_min(REVERSE_W_MIN)
@@ -232,6 +235,8 @@ class AbsorbingDiffusion:
         w = self.unmask_weights(t, s)
         if w.shape[-1] == 1:
             u = w[b_idx, 0]
+        elif w.stride(0) == 0:  # one row shared by the batch: a matrix-vector product, no [N, V] temporary
+            u = (logp.exp() @ w[0].float()).double()
         else:
             u = (logp.exp() * w[b_idx].float()).sum(-1).double()
         draw = torch.rand(u.shape, dtype=torch.float64, device=u.device, generator=generator) < u

@@ -129,7 +129,9 @@ def _normalise(joint: torch.Tensor, x0: torch.Tensor, x_t: torch.Tensor, mask_id
 
 def _kl_rows(q: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
     """``sum_v q log(q / p)`` per row: 0 where q = 0, +inf where q > 0 = p."""
-    ratio = torch.where(q > 0, q / p, torch.ones_like(q))
+    # p is replaced where q = 0 *before* dividing: a 0/0 in the unused branch would make the
+    # gradient NaN (torch.where passes 0 * nan back to p)
+    ratio = torch.where(q > 0, q / torch.where(q > 0, p, torch.ones_like(p)), torch.ones_like(q))
     return (q * torch.log(ratio)).sum(-1)
 
 
@@ -264,6 +266,78 @@ def reference_kl(logits_full: torch.Tensor, x0: torch.Tensor, x_t: torch.Tensor,
                                       max_elements, w_min).sum(-1)
 
 
+# ---------------------------------------------------------------------------- the dense design
+# The original DiffusionBERT / D3PM code works on [B, L, V] tensors at every position: x_t is drawn
+# with Gumbel noise over V, the posteriors are products of one-hot rows and matrix columns, and the
+# reverse draw is a Gumbel-max over V again. The functions below do the same (float64, every
+# position, no closed forms beyond reading matrix entries), so ``bench.py --reference`` can time
+# that design. They equal the explicit-matrix functions above (tests/test_diffusion.py) and cost
+# O(B L V) per call instead of O(N V^2).
+def _gumbel_argmax(probs: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """One draw per row of ``probs`` [..., V] by Gumbel-max over all V entries (float64)."""
+    u = torch.rand(probs.shape, dtype=torch.float64, device=probs.device, generator=generator)
+    g = -torch.log(-torch.log(u.clamp(1e-300, 1.0 - 1e-16)))
+    return (torch.log(probs.double()) + g).argmax(-1)
+
+
+def dense_q_sample(x0: torch.Tensor, t: torch.Tensor, noise_mask: torch.Tensor, schedule: Schedule, T: int,
+                   mask_id: int, V: int, generator: torch.Generator | None = None) -> torch.Tensor:
+    """``x_t ~ q(x_t | x0)`` from the [B, L, V] marginal ``onehot(x0) @ Qbar_t`` by Gumbel-max. [B, L]."""
+    return _gumbel_argmax(reference_q_probs(x0, t, noise_mask, schedule, T, mask_id, V), generator)
+
+
+def dense_reverse_probs(logits_full: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor, s: torch.Tensor,
+                        schedule: Schedule, T: int, mask_id: int, w_min: float = REVERSE_W_MIN) -> torch.Tensor:
+    """``p(x_s | x_t) = sum_{x0'} p_hat(x0') q(x_s | x_t, x0')`` [B, L, V] (float64), from [B, L, V] tensors.
+
+    Under the absorbing matrices ``q(x_s | x_t, x0')`` is non-zero only at ``x_s = x0'`` and at
+    [MASK], so the sum over x0' is two [B, L, V] products (no [V, V] matrix): with ``Z(x0') =
+    Qbar_t[x0', x_t]``, ``p(v) = p_hat(v) Qbar_s[v, v] Q_{s->t}[v, x_t] / Z(v)`` and
+    ``p([MASK]) += sum_x0' p_hat(x0') Qbar_s[x0', MASK] Q_{s->t}[MASK, x_t] / Z(x0')``; where ``Z = 0``
+    the structural answer of :func:`_reverse_group` is used. Equals :func:`reference_reverse_probs`.
+    """
+    B, L, V = logits_full.shape
+    p_hat = reference_p_hat(logits_full, mask_id)                                   # [B, L, V]
+    a_s, a_t = (a[:, None, :].expand(B, L, V) for a in floored_reverse_alphas(schedule, t, s, T, V, w_min))
+    cols = x_t.unsqueeze(-1)
+    col_st = one_step_matrix(a_s, a_t, mask_id, cols=cols).squeeze(-1)             # Q_{s->t}[v, x_t]
+    Z = cumulative_matrix(a_t, mask_id, cols=cols).squeeze(-1)                     # Qbar_t[v, x_t]
+    is_mask = torch.arange(V, device=x_t.device) == mask_id
+    keep_s = torch.where(is_mask, torch.ones_like(a_s), a_s)                       # Qbar_s[v, v]
+    to_mask_s = torch.where(is_mask, torch.ones_like(a_s), 1.0 - a_s)              # Qbar_s[v, MASK]
+    defined = Z > 0
+    inv_Z = torch.where(defined, 1.0 / Z.clamp_min(1e-300), torch.zeros_like(Z))
+    keep = torch.where(is_mask, torch.zeros_like(a_s), keep_s * col_st * inv_Z)    # x_s = x0' (not [MASK])
+    to_mask = to_mask_s * col_st[..., mask_id:mask_id + 1] * inv_Z                 # x_s = [MASK]
+    p = p_hat * keep
+    p[..., mask_id] += (p_hat * to_mask).sum(-1)
+    lost = (p_hat * (~defined)).sum(-1)                                            # x_t unreachable from x0'
+    x_t_masked = (x_t == mask_id).unsqueeze(-1)
+    p = p + torch.where(x_t_masked, p_hat * (~defined), torch.zeros_like(p))
+    visible = torch.nn.functional.one_hot(x_t, V).double() * lost.unsqueeze(-1)
+    return p + torch.where(x_t_masked, torch.zeros_like(p), visible)
+
+
+def dense_kl_per_position(logits_full: torch.Tensor, x0: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor,
+                          s: torch.Tensor, noise_mask: torch.Tensor, schedule: Schedule, T: int, mask_id: int,
+                          w_min: float = REVERSE_W_MIN) -> torch.Tensor:
+    """``KL(q(x_s | x_t, x0) || p(x_s | x_t))`` [B, L] (float64) computed at every position as [B, L, V]
+    tensors, then kept on ``noise_mask``. Differentiable in ``logits_full``."""
+    B, L, V = logits_full.shape
+    q = reference_posterior(x0, x_t, t, s, noise_mask, schedule, T, mask_id, V, max_elements=B * L * V)
+    p = dense_reverse_probs(logits_full, x_t, t, s, schedule, T, mask_id, w_min)
+    return torch.where(noise_mask, _kl_rows(q, p), torch.zeros((), dtype=torch.float64, device=x0.device))
+
+
+def dense_sample_step(logits_full: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor, s: torch.Tensor,
+                      noise_mask: torch.Tensor, schedule: Schedule, T: int, mask_id: int,
+                      generator: torch.Generator | None = None, w_min: float = REVERSE_W_MIN) -> torch.Tensor:
+    """One reverse step of the dense design: a Gumbel-max draw from ``p(x_s | x_t)`` at every position. [B, L]."""
+    x_s = _gumbel_argmax(dense_reverse_probs(logits_full, x_t, t, s, schedule, T, mask_id, w_min), generator)
+    return torch.where(noise_mask, x_s, x_t)
+
+
 __all__ = ["one_step_matrix", "cumulative_matrix", "forward_alpha_rows", "reverse_alpha_rows",
            "reference_p_hat", "reference_q_probs", "reference_posterior", "reference_reverse_probs",
-           "reference_kl_per_position", "reference_kl"]
+           "reference_kl_per_position", "reference_kl", "dense_q_sample", "dense_reverse_probs",
+           "dense_kl_per_position", "dense_sample_step"]

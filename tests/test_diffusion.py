@@ -19,6 +19,10 @@ REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 from diffusion import AbsorbingDiffusion, Cosine, Mutual, Spindle, filter_logits
 from diffusion.reference import (
     cumulative_matrix,
+    dense_kl_per_position,
+    dense_q_sample,
+    dense_reverse_probs,
+    dense_sample_step,
     forward_alpha_rows,
     one_step_matrix,
     reference_kl,
@@ -325,6 +329,38 @@ def test_reference_blocking_does_not_change_results():
     rev_full = reference_reverse_probs(logits, x_t, t, s, sched, T, MASK)
     rev_tiny = reference_reverse_probs(logits, x_t, t, s, sched, T, MASK, max_elements=1)
     torch.testing.assert_close(rev_tiny, rev_full, rtol=0, atol=1e-14)
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_dense_design_equals_the_matrix_reference(name):
+    """bench.py --reference times the [B, L, V] design of the original code; it must compute the same
+    reverse model and KL as the explicit-matrix oracle, and draw x_t / x_s from the right laws."""
+    sched = SCHEDULES[name]()
+    T = 25
+    g = torch.Generator().manual_seed(7)
+    x0, nm, _ = make_batch(12, 8, g, seq2seq_rows=2)
+    diff = AbsorbingDiffusion(sched, T, MASK)
+    t, s = _random_pairs(12, T, g)
+    x_t = diff.q_sample(x0, t, nm, g)
+    logits = torch.randn(12, 8, V, dtype=torch.float64, generator=g)
+    torch.testing.assert_close(dense_reverse_probs(logits, x_t, t, s, sched, T, MASK),
+                               reference_reverse_probs(logits, x_t, t, s, sched, T, MASK), rtol=0, atol=1e-12)
+    torch.testing.assert_close(dense_kl_per_position(logits, x0, x_t, t, s, nm, sched, T, MASK),
+                               reference_kl_per_position(logits, x0, x_t, t, s, nm, sched, T, MASK),
+                               rtol=1e-10, atol=1e-12)
+    # the draws: q(x_t | x0) masks noised positions at rate 1 - alpha_t, nothing else changes
+    x0r, nmr = x0[:1].expand(4000, -1), nm[:1].expand(4000, -1)
+    tr = torch.full((4000,), T // 2)
+    xt = dense_q_sample(x0r, tr, nmr, sched, T, MASK, V, g)
+    assert bool((xt[~nmr] == x0r[~nmr]).all()) and bool(((xt == x0r) | (xt == MASK)).all())
+    rate = (xt == MASK).double().mean(0)[nm[0]]
+    expect = 1 - diff.alpha(tr[:1], x0[:1], nm[:1]).expand(1, x0.shape[1])[0][nm[0]]
+    assert float((rate - expect).abs().max()) < 0.04
+    # the reverse draw at s = 0 reveals every position and never emits [MASK]
+    x_m = x0.masked_fill(nm, MASK)
+    x_s = dense_sample_step(logits, x_m, torch.full((12,), T), torch.zeros(12, dtype=torch.long), nm, sched, T,
+                            MASK, g)
+    assert not bool((x_s == MASK).any()) and bool((x_s[~nm] == x0[~nm]).all())
 
 
 # =============================================================================== the key test

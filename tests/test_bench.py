@@ -1,0 +1,45 @@
+"""bench.py end to end at a tiny shape (--quick): it runs every measurement, its dense reference computes
+the same bound as the fast path, and the JSON holds the ratios the README reports."""
+from __future__ import annotations
+
+import json
+import math
+
+from conftest import run_cli
+
+
+def test_bench_absorbing_quick(tmp_path, tiny_bert):
+    out = tmp_path / "bench.json"
+    proc = run_cli("bench.py", "--quick", "--model", tiny_bert, "--batch_size", "2", "--seq_len", "12",
+                   "--num_steps", "64", "--lengths", "8,12", "--step_grid", "4,8", "--reference", "--json", str(out),
+                   cwd=str(tmp_path))
+    r = json.load(open(out))
+    assert r["kl_fast_vs_dense_rel_diff"] < 1e-4  # the [B, L, V] design computes the same bound
+    for k in ("floor", "ours", "full_projection", "reference"):
+        assert r["train"][k] > 0
+    s = r["sample"]
+    assert s["cache_off"]["calls"] == 8 and s["cache_on"]["calls"] <= 8
+    # with the cache a sequence is never evaluated more often than it has positions to reveal (+1)
+    assert s["cache_on"]["rows_per_sequence"] <= s["cache_on"]["positions_per_sequence"] + 1
+    assert s["reference"]["seconds_per_iteration"] > 0
+    assert set(r["by_length"]) == {"8", "12"} and set(r["by_steps"]) == {"4", "8"}
+    assert r["by_steps"]["8"]["cache_off_calls"] == 8
+    assert all(v is None or v > 0 for v in r["memory_mb"].values())
+    assert "step / floor" in proc.stdout and "reference / ours" in proc.stdout
+
+
+def test_bench_gaussian_quick(tmp_path, tiny_bert):
+    out = tmp_path / "g.json"
+    run_cli("bench.py", "--quick", "--process", "gaussian", "--model", tiny_bert, "--batch_size", "2",
+            "--seq_len", "12", "--num_steps", "40", "--emb_dim", "8", "--hidden_size", "16", "--num_layers", "1",
+            "--num_heads", "2", "--json", str(out), cwd=str(tmp_path))
+    r = json.load(open(out))
+    assert r["decode_adp_20"]["calls"] == 20
+    assert math.isfinite(r["reverse"]["ratio"]) and r["reverse"]["ratio"] > 0
+    assert r["train"]["ours"] > 0 and r["train"]["floor"] > 0
+
+
+def test_bench_rejects_bad_flags(tmp_path):
+    proc = run_cli("bench.py", "--lengths", "a,b", cwd=str(tmp_path), check=False)
+    assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [
+        "error: --lengths and --step_grid are comma-separated integers"]
