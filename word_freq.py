@@ -21,6 +21,7 @@ def parse_args(argv=None):
     p.add_argument("--data_files", default=None, help="as for train.py")
     p.add_argument("--data_dir", default="data", help="where the offline corpus is written")
     p.add_argument("--max_len", type=int, default=512, help="count wordpieces up to this length per example")
+    p.add_argument("--skip_bad_lines", action="store_true", help="as for train.py: skip bad data lines (counted)")
     p.add_argument("--out", default=None, help="output file (default word_freq/<tokenizer>__<dataset>.json)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output file")
     return p.parse_args(argv)
@@ -46,7 +47,7 @@ def main(argv=None):
     except OSError as e:
         raise UserError(f"cannot load tokenizer {args.model_name_or_path}: {str(e).splitlines()[0]}") from e
     cfg = TrainConfig(task=args.task, dataset=args.dataset, data_files=args.data_files, data_dir=args.data_dir,
-                      max_len=args.max_len)
+                      max_len=args.max_len, skip_bad_lines=args.skip_bad_lines)
     train = load_task_data(cfg, tok, ("train",))[0]["train"]
     counts = word_freq.count_tokens(train["input_ids" if args.task == "lm" else "trg_ids"], len(tok))
     word_freq.save(out, counts, args.model_name_or_path, lm.vocab_fingerprint(tok), name)

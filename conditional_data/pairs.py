@@ -3,13 +3,13 @@
 A DiffuSeq folder holds ``train.jsonl``, ``valid.jsonl`` (some releases: ``dev.jsonl``) and
 ``test.jsonl``, one ``{"src": ..., "trg": ...}`` object per line. Each file is checked line by line
 by :func:`validate_jsonl` before ``datasets`` sees it, so a bad line is reported as ``FILE:LINE: ...``
-instead of an arrow error. :func:`tokenize_pairs` adds ``src_ids``/``trg_ids`` once and lets datasets
-cache them; :class:`PairCollator` lays a batch out as the canvas ``[CLS] src [SEP] | trg [SEP] [PAD]...``
+instead of an arrow error (or, with ``--skip_bad_lines``, skipped and counted in the log).
+:func:`tokenize_pairs` adds ``src_ids``/``trg_ids`` once and lets datasets cache them;
+:class:`PairCollator` lays a batch out as the canvas ``[CLS] src [SEP] | trg [SEP] [PAD]...``
 whose target region (``noise_mask``) is what the diffusion model corrupts and learns to restore.
 """
 from __future__ import annotations
 
-import codecs
 import hashlib
 import json
 import os
@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import torch
 
 from runtime.errors import UserError
+from textdata.lines import SKIP_HINT, decode, read_lines, without_bad_lines
 from textdata.lm import vocab_fingerprint
 
 SPLITS = ("train", "valid", "test")
@@ -46,52 +47,50 @@ def _reject_constant(name: str):
     raise ValueError(f"{name} is not valid JSON")
 
 
-def validate_jsonl(path: str, strict: bool = True) -> int:
+def pair_problem(raw: bytes, lineno: int = 0, strict: bool = True) -> str | None:
+    """Why one raw line of a DiffuSeq file is not an example, or None if it is one (``""``: a blank
+    line that non-strict reading passes over). See :func:`validate_jsonl` for the rules."""
+    line, reason = decode(raw)
+    if reason:
+        return reason
+    if not line.strip():
+        return "blank line (expected one JSON object per line)" if strict else ""
+    try:
+        obj = json.loads(line.rstrip("\r\n"), parse_constant=_reject_constant)  # columns within this line
+    except json.JSONDecodeError as e:
+        return f"malformed JSON ({e.msg.removesuffix(' at')} at column {e.colno})"  # some msgs end in "at"
+    except (ValueError, RecursionError) as e:
+        return f"malformed JSON ({type(e).__name__}: {e})"
+    if not isinstance(obj, dict):
+        return f'expected a JSON object with "src" and "trg", got {_json_type(obj)}'
+    missing = [k for k in ("src", "trg") if k not in obj]
+    if missing:
+        return "missing " + " and ".join(f'"{k}"' for k in missing)
+    for k in ("src", "trg"):
+        if not isinstance(obj[k], str):
+            return f'"{k}" is {_json_type(obj[k])}, not a string'
+        if strict and not obj[k].strip():
+            return f'empty "{k}"'
+    return None
+
+
+def validate_jsonl(path: str, strict: bool = True, hint: str = "") -> int:
     """Check a DiffuSeq-format file line by line; return its number of examples.
 
     Every line must be valid UTF-8 and one JSON object with string fields ``"src"`` and ``"trg"``
     (other fields are allowed). With ``strict`` (the default) blank lines and fields that are empty
     after ``strip()`` are errors too; ``strict=False`` skips blank lines (as the datasets json reader
     does) and accepts empty fields. A leading UTF-8 byte-order mark is accepted. An empty file, or
-    one with no examples, is an error. Every error is a one-line ``UserError`` naming ``FILE:LINE``.
+    one with no examples, is an error. Every error is a one-line ``UserError`` naming ``FILE:LINE``
+    (``hint``, if given, is appended to a bad line's message).
     """
     path = os.fspath(path)
-    try:
-        f = open(path, "rb")
-    except OSError as e:
-        raise UserError(f"cannot read {path}: {e.strerror or e}") from None
     n = lineno = 0
-    with f:
-        for lineno, raw in enumerate(f, 1):
-            where = f"{path}:{lineno}"
-            if lineno == 1 and raw.startswith(codecs.BOM_UTF8):
-                raw = raw[len(codecs.BOM_UTF8):]
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError as e:
-                raise UserError(f"{where}: not valid UTF-8 (byte 0x{raw[e.start]:02x} at byte {e.start + 1} "
-                                f"of the line)") from None
-            if not line.strip():
-                if strict:
-                    raise UserError(f"{where}: blank line (expected one JSON object per line)")
-                continue
-            try:
-                obj = json.loads(line, parse_constant=_reject_constant)
-            except json.JSONDecodeError as e:
-                raise UserError(f"{where}: malformed JSON ({e.msg} at column {e.colno})") from None
-            except (ValueError, RecursionError) as e:
-                raise UserError(f"{where}: malformed JSON ({type(e).__name__}: {e})") from None
-            if not isinstance(obj, dict):
-                raise UserError(f'{where}: expected a JSON object with "src" and "trg", got {_json_type(obj)}')
-            missing = [k for k in ("src", "trg") if k not in obj]
-            if missing:
-                raise UserError(f"{where}: missing " + " and ".join(f'"{k}"' for k in missing))
-            for k in ("src", "trg"):
-                if not isinstance(obj[k], str):
-                    raise UserError(f'{where}: "{k}" is {_json_type(obj[k])}, not a string')
-                if strict and not obj[k].strip():
-                    raise UserError(f'{where}: empty "{k}"')
-            n += 1
+    for lineno, raw in read_lines(path):
+        reason = pair_problem(raw, lineno, strict)
+        if reason:
+            raise UserError(f"{path}:{lineno}: {reason}" + (f"; {hint}" if hint else ""))
+        n += reason is None
     if lineno == 0:
         raise UserError(f"{path} is empty (expected one JSON object per line)")
     if n == 0:
@@ -122,7 +121,7 @@ def _diffuseq_files(data_dir: str | None, dataset: str, splits) -> dict[str, str
 
 
 def load_pair_splits(dataset: str, data_dir: str | None = None, corpus_dir: str = "data", splits=SPLITS,
-                     log=print):
+                     log=print, skip_bad_lines: bool = False):
     """The requested splits of a pair task as a DatasetDict with the string columns ``src``, ``trg``.
 
     * ``bible``: the offline KJV -> WEB task, written by ``textdata.bible.write_pair_corpus`` to
@@ -132,7 +131,9 @@ def load_pair_splits(dataset: str, data_dir: str | None = None, corpus_dir: str 
       ``test.jsonl``; the name only labels the log lines.
 
     Each file is checked with :func:`validate_jsonl` and then read with the datasets json loader
-    (which caches the arrow table), one split at a time; other fields are dropped.
+    (which caches the arrow table), one split at a time; other fields are dropped. With
+    ``skip_bad_lines`` a bad line is skipped instead of being an error: the count and the first few
+    are logged per file, and datasets reads a cleaned copy (``textdata.lines.without_bad_lines``).
     """
     import datasets
     from datasets import DatasetDict, load_dataset
@@ -151,12 +152,17 @@ def load_pair_splits(dataset: str, data_dir: str | None = None, corpus_dir: str 
         files = {s: written[s] for s in splits}
     else:
         files = _diffuseq_files(data_dir, dataset, splits)
-    counts = {s: validate_jsonl(p) for s, p in files.items()}
+    counts, read = {}, {}
+    for s, p in files.items():
+        if skip_bad_lines:
+            read[s], counts[s] = without_bad_lines(p, pair_problem, log)
+        else:
+            read[s], counts[s] = p, validate_jsonl(p, hint=SKIP_HINT)
     out = {}
     for s in splits:
         # one split at a time: loaded together, the splits must share one schema, extra fields included
         try:
-            d = load_dataset("json", data_files={s: files[s]}, split=s)
+            d = load_dataset("json", data_files={s: read[s]}, split=s)
         except datasets.exceptions.DatasetGenerationError as e:
             cause = str(e.__cause__ or e).splitlines()[0] if str(e.__cause__ or e) else type(e).__name__
             raise UserError(f"datasets could not read {files[s]} ({cause}); fields other than \"src\" and "

@@ -92,11 +92,13 @@ def load_task_data(cfg: TrainConfig, tokenizer, splits=("train", "valid"), log=p
     """Tokenised splits and the collator for the run's task: (DatasetDict, collate)."""
     from textdata import lm
     if cfg.task == "lm":
-        raw = lm.load_text_splits(cfg.dataset, cfg.data_files, cfg.data_dir, log=log)
+        raw = lm.load_text_splits(cfg.dataset, cfg.data_files, cfg.data_dir, log=log,
+                                  skip_bad_lines=cfg.skip_bad_lines)
         data = lm.tokenize_splits({s: raw[s] for s in splits}, tokenizer, cfg.max_len, log=log)
         return data, lm.collator_for(tokenizer)
     from conditional_data import PairCollator, load_pair_splits, tokenize_pairs
-    raw = load_pair_splits(cfg.dataset, cfg.data_files, cfg.data_dir, splits=tuple(splits), log=log)
+    raw = load_pair_splits(cfg.dataset, cfg.data_files, cfg.data_dir, splits=tuple(splits), log=log,
+                           skip_bad_lines=cfg.skip_bad_lines)
     data = tokenize_pairs(raw, tokenizer, cfg.max_len, log=log)
     # DiffuSeq style: every row is a max_len canvas and the model generates the target's padding
     return data, PairCollator(tokenizer.pad_token_id, canvas_len=cfg.max_len)

@@ -34,6 +34,9 @@ class TrainConfig:
                                  "seq2seq: a DiffuSeq folder with train.jsonl valid.jsonl test.jsonl")
     data_dir: str = opt("data", "where the offline corpus is written")
     max_len: int = opt(64, "maximum wordpieces per example, [CLS] and [SEP] included")
+    skip_bad_lines: bool = opt(False, "skip bad data lines (counted and logged per file) instead of stopping at "
+                               "the first: seq2seq lines that are not one JSON object with non-empty string "
+                               "src/trg, and lines that are not UTF-8")
     # diffusion
     num_steps: int = opt(2048, "T, the number of diffusion steps")
     schedule: str = opt("auto", "noise schedule; absorbing: mutual, cosine or spindle; gaussian: sqrt, linear or "
@@ -71,6 +74,8 @@ class TrainConfig:
     grad_clip: float = opt(1.0, "gradient-norm clipping (0: off)")
     dropout: float | None = opt(None, "override the model's dropout probabilities (gaussian default 0.1)")
     bf16: bool = opt(True, "bf16 autocast on CUDA (ignored on CPU)", bool_optional=True)
+    compile: bool = opt(False, "torch.compile the network's encoder (worth it for long GPU runs; "
+                        "bench.py --compile measures it)")
     # evaluation, checkpoints, logging
     eval_every: int = opt(1000, "dev-set ELBO every N optimizer steps (0: only at the end)")
     eval_examples: int = opt(512, "dev examples used for the ELBO (a fixed, seeded subset)")
@@ -84,7 +89,7 @@ class TrainConfig:
     resume: str | None = opt(None, "resume from a run directory or a checkpoint directory")
     seed: int = opt(42, "random seed")
     device: str = opt("auto", "auto, cpu, cuda, cuda:1, ...")
-    num_workers: int = opt(0, "DataLoader workers")
+    num_workers: int = opt(-1, "DataLoader workers (-1: 4 per process on CUDA, 0 on the CPU)")
     overwrite: bool = opt(False, "allow --out_dir to hold an earlier run (its checkpoints are replaced)")
 
 

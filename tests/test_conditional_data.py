@@ -9,6 +9,7 @@ import torch
 from conditional_data import (SPLITS, PairCollator, extract_target, load_pair_splits, tokenize_pairs,
                               validate_jsonl)
 from runtime.errors import UserError
+from textdata.lines import SKIP_HINT
 
 
 @pytest.fixture(autouse=True)
@@ -176,7 +177,7 @@ def test_bad_line_is_reported_before_datasets_reads_the_file(tmp_path):
     write(root / "valid.jsonl", GOOD + '{"src": "a", "trg": ""}\n')
     with pytest.raises(UserError) as e:
         load_pair_splits("qqp", str(root), log=lambda *_: None)
-    assert str(e.value) == f'{root / "valid.jsonl"}:2: empty "trg"'
+    assert str(e.value) == f'{root / "valid.jsonl"}:2: empty "trg"; {SKIP_HINT}'
 
 
 def test_bible_task_loads(tmp_path):

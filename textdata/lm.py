@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from runtime.errors import UserError
+from textdata.lines import SKIP_HINT, first_problem, utf8_problem, without_bad_lines
 
 DATASETS = ("bible", "text", "lm1b")
 SPLITS = ("train", "valid", "test")
@@ -36,14 +37,54 @@ def _carve(ds, n_holdout: int, seed: int = 1234):
     return parts["train"], parts["test"]
 
 
-def _load_text_files(files: dict[str, str]):
+def _only_blank(path: str, chunk: int = 1 << 20) -> bool:
+    """Whether a file holds nothing but whitespace (it stops at the first other byte)."""
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            if block.strip():
+                return False
+    return True
+
+
+def _unicode_error(e: BaseException) -> bool:
+    while e is not None:
+        if isinstance(e, UnicodeDecodeError):
+            return True
+        e = e.__cause__ or e.__context__
+    return False
+
+
+def _load_text_files(files: dict[str, str], skip_bad_lines: bool = False, log=print):
+    """The datasets "text" loader over ``{split: path}``, with one-line errors naming the file.
+
+    A line that is not UTF-8 is found only when the loader fails on it (good files cost no extra
+    pass): it is a ``FILE:LINE`` error, or with ``skip_bad_lines`` the file is read without such
+    lines (counted and logged, ``textdata.lines.without_bad_lines``). Blank lines are not bad here:
+    :func:`tokenize_splits` drops and counts them.
+    """
+    import datasets
     from datasets import load_dataset
+
     for split, path in files.items():
         if not os.path.isfile(path):
             raise UserError(f"data file {path} ({split} split) does not exist")
         if os.path.getsize(path) == 0:
             raise UserError(f"data file {path} ({split} split) is empty")
-    return load_dataset("text", data_files=files)
+        if _only_blank(path):
+            raise UserError(f"data file {path} ({split} split) has only blank lines")
+    try:
+        return load_dataset("text", data_files=files)
+    except datasets.exceptions.DatasetGenerationError as e:
+        if not _unicode_error(e):
+            raise
+    if skip_bad_lines:
+        return load_dataset("text", data_files={s: without_bad_lines(p, utf8_problem, log)[0]
+                                                for s, p in files.items()})
+    for path in files.values():
+        where = first_problem(path, utf8_problem)
+        if where:
+            raise UserError(f"{where}; {SKIP_HINT}")
+    raise UserError(f"datasets could not decode {', '.join(files.values())} as UTF-8")
 
 
 # LM1B on the hub is a loading-script dataset, which datasets >= 4 no longer runs; its parquet
@@ -67,12 +108,13 @@ def _load_lm1b(log):
 
 
 def load_text_splits(dataset: str, data_files: str | None = None, data_dir: str = "data",
-                     log=print):
+                     log=print, skip_bad_lines: bool = False):
     """The raw text splits of ``dataset`` as a DatasetDict with ``train``, ``valid``, ``test``.
 
     * ``bible``: the offline default corpus (KJV and WEB verses), written to ``data_dir/bible``.
     * ``text``: ``data_files`` is a file (valid/test are carved off deterministically) or a folder
-      with ``train.txt`` and optional ``valid.txt``/``test.txt``; one example per line.
+      with ``train.txt`` and optional ``valid.txt``/``test.txt``; one example per line. A line that
+      is not UTF-8 is an error, or skipped (and counted) with ``skip_bad_lines``.
     * ``lm1b``: ``datasets.load_dataset("lm1b")`` (needs the hub); valid is carved from train.
     """
     import datasets
@@ -95,7 +137,7 @@ def load_text_splits(dataset: str, data_files: str | None = None, data_dir: str 
             files = {"train": data_files}
         else:
             raise UserError(f"--data_files {data_files} does not exist")
-        ds = _load_text_files(files)
+        ds = _load_text_files(files, skip_bad_lines, log)
         n_hold = max(1, min(5000, len(ds["train"]) // 100))
         for split in ("valid", "test"):
             if split not in ds:
@@ -129,7 +171,7 @@ def tokenize_splits(ds, tokenizer, max_len: int, log=print):
     sep = tokenizer.sep_token_id if tokenizer.sep_token_id is not None else tokenizer.eos_token_id
 
     def encode(batch):
-        enc = tokenizer(batch["text"], add_special_tokens=True, truncation=False)["input_ids"]
+        enc = tokenizer(batch["text"], add_special_tokens=True, truncation=False, verbose=False)["input_ids"]
         ids, trunc, words = [], [], []
         for text, e in zip(batch["text"], enc):
             cut = len(e) > max_len
