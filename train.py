@@ -35,7 +35,7 @@ from textdata import lm, word_freq
 # Settings that may change between a run and its resumption; anything else must match.
 RESUMABLE_CHANGES = {"resume", "max_steps", "eval_every", "save_every", "log_every", "device",
                      "num_workers", "overwrite", "log_dir", "eval_examples", "keep_last", "max_bad_steps",
-                     "out_dir"}  # a run directory may be moved or copied and resumed there
+                     "out_dir", "compile"}  # a run directory may be moved or copied and resumed there
 # What a --post_train run must share with the checkpoint it starts from (the network and its inputs).
 POST_TRAIN_SAME = ("process", "task", "model_name_or_path", "emb_dim", "hidden_size", "num_layers", "num_heads",
                    "max_len", "num_steps", "schedule", "dataset", "data_files")
@@ -51,6 +51,8 @@ def check_config(cfg: TrainConfig) -> None:
                         f"{', '.join(PROCESS_SCHEDULES[cfg.process])}")
     require_at_least_one(cfg, "batch_size", "accumulation_steps", "max_steps", "num_steps", "max_len",
                          "eval_steps", "eval_examples", "save_every", "log_every", "max_bad_steps")
+    if cfg.num_workers < -1:
+        raise UserError(f"--num_workers must be -1 (automatic) or more, got {cfg.num_workers}")
     if cfg.keep_last < 0:
         raise UserError(f"--keep_last must be 0 or more, got {cfg.keep_last}")
     if cfg.process == "gaussian":
@@ -122,7 +124,8 @@ def load_word_freq(cfg: TrainConfig, tokenizer):
         return None, None
     name = word_freq.data_name(cfg.task, cfg.dataset, cfg.data_files)
     path = cfg.word_freq_file or word_freq.default_path(cfg.model_name_or_path, name)
-    data_flag = f" --data_files {cfg.data_files}" if cfg.data_files else ""
+    data_flag = ((f" --data_files {cfg.data_files}" if cfg.data_files else "")
+                 + (" --skip_bad_lines" if cfg.skip_bad_lines else ""))
     hint = (f"python word_freq.py --task {cfg.task} --model_name_or_path {cfg.model_name_or_path} --dataset {cfg.dataset}"
             f"{data_flag}" + (f" --out {path}" if cfg.word_freq_file else ""))
     rec = word_freq.load(path, lm.vocab_fingerprint(tokenizer), len(tokenizer), create_hint=hint)
@@ -200,6 +203,9 @@ def run(cfg: TrainConfig, info: dist.DistInfo, log, resume_dir: str | None, post
         denoiser.load_state_dict(state)
         log(f"post-training: starting from the EMA weights of {post_dir}")
     denoiser.to(device)
+    if cfg.compile:  # the encoder only: the loss selects a data-dependent number of positions
+        encoder = denoiser.mlm.base_model if cfg.process == "absorbing" else denoiser.encoder
+        encoder.compile(dynamic=True)
     ema = None
     if cfg.process == "gaussian":
         ema = [p.detach().clone() for p in denoiser.parameters()]
@@ -265,10 +271,13 @@ def run(cfg: TrainConfig, info: dist.DistInfo, log, resume_dir: str | None, post
     if info.is_main:
         os.makedirs(cfg.out_dir, exist_ok=True)
 
+    # workers overlap collation with the GPU's work; on the CPU they would only take its cores
+    num_workers = cfg.num_workers if cfg.num_workers >= 0 else (4 if device.type == "cuda" else 0)
+
     def make_loader(epoch: int, start: int):
         sampler.set_position(epoch, start)
         return DataLoader(train_set, batch_size=cfg.batch_size, sampler=sampler, collate_fn=collate,
-                          num_workers=cfg.num_workers, pin_memory=device.type == "cuda", drop_last=False,
+                          num_workers=num_workers, pin_memory=device.type == "cuda", drop_last=False,
                           generator=torch.Generator())  # keeps the global RNG untouched (exact resume)
 
     def save(name: str, extra: dict | None = None) -> None:
@@ -334,15 +343,22 @@ def run(cfg: TrainConfig, info: dist.DistInfo, log, resume_dir: str | None, post
     t_last, tok_since = time.time(), 0
     run_start = time.time()
     bad_in_row = bad_total = 0
-    # test hook: make the loss NaN at these (1-based) steps, e.g. DLM_FAULT_NAN_STEPS=3,4
-    fault_nan = {int(x) for x in os.environ.get("DLM_FAULT_NAN_STEPS", "").split(",") if x.strip()}
+    # test hooks: make the loss NaN at these (1-based) steps, e.g. DLM_FAULT_NAN_STEPS=3,4; raise a
+    # RuntimeError at step DLM_FAULT_RAISE_STEP; DLM_FAULT_RANK=r restricts both to rank r
+    faulty = os.environ.get("DLM_FAULT_RANK", str(info.rank)) == str(info.rank)
+    fault_nan = {int(x) for x in os.environ.get("DLM_FAULT_NAN_STEPS", "").split(",") if x.strip() and faulty}
+    fault_raise = int(os.environ.get("DLM_FAULT_RAISE_STEP", "0")) if faulty else 0
 
-    # SIGINT/SIGTERM: finish the current step, save checkpoints/last, exit with 128 + signal number
+    # SIGINT/SIGTERM: finish the current step, save checkpoints/last, exit with 128 + signal number. When
+    # torchrun sends SIGTERM because another rank died, this rank's next collective raises instead (gloo:
+    # "Connection closed by peer") and it exits with that error; torchrun SIGKILLs one still busy after 30 s
     stop_signal = torch.zeros(1, device=device)
     def on_signal(signum, frame):
         stop_signal.fill_(signum)
     previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
     while step < cfg.max_steps:
+        if step + 1 == fault_raise:
+            raise RuntimeError(f"DLM_FAULT_RAISE_STEP: injected failure at step {step + 1} on rank {info.rank}")
         optim.zero_grad(set_to_none=True)
         stats = torch.zeros(len(objective.stat_names), dtype=torch.float64, device=device)
         for micro in range(cfg.accumulation_steps):

@@ -11,7 +11,12 @@ from torch.utils.data import DistributedSampler
 
 class ResumableSampler(DistributedSampler):
     """``DistributedSampler`` (seeded, reshuffled with ``set_epoch``) that can start mid-epoch, so a
-    resumed run sees exactly the examples an uninterrupted run would."""
+    resumed run sees exactly the examples an uninterrupted run would.
+
+    Rank r takes every world-th index of one shuffled permutation, so the shards are disjoint and cover
+    the data. When the size is not a multiple of the world size, the permutation is padded with its own
+    first indices so that every rank gets the same number of examples (and of steps): those few examples
+    are seen twice in the epoch. ``start`` counts examples of this rank's shard, the same on every rank."""
 
     def __init__(self, dataset, num_replicas: int, rank: int, seed: int):
         super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed, drop_last=False)

@@ -1,0 +1,173 @@
+"""DDP under faults, on the CPU (gloo): the sampler gives every rank a disjoint shard; a NaN loss on one
+rank skips the update on every rank; only rank 0 writes; a failure on one rank ends the whole job
+promptly with its message shown. Three short torchrun runs of the tiny DiffuSeq model."""
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import torch
+from conftest import ROOT, cli_env
+from test_faults import args, ckpt_step
+
+from runtime.training import ResumableSampler
+
+# Runs train.py and saves, at exit, what only each rank knows: its own weights (rank 1 writes no
+# checkpoint) and the loss of each of its micro-batches.
+PROBE = '''
+import os, runpy, sys, torch
+from runtime.objective import Objective
+nets, losses = [], []
+init, stats = torch.nn.parallel.DistributedDataParallel.__init__, Objective.stats
+def record_net(self, module, *a, **k):
+    nets.append(module)
+    init(self, module, *a, **k)
+def record_loss(self, out):
+    losses.append(out.loss.item())
+    return stats(self, out)
+torch.nn.parallel.DistributedDataParallel.__init__, Objective.stats = record_net, record_loss
+sys.argv = sys.argv[1:]
+try:
+    runpy.run_path(sys.argv[0], run_name="__main__")
+finally:
+    torch.save({"weights": nets[0].denoiser.state_dict(), "losses": losses},
+               os.path.join(os.environ["PROBE_DIR"], f"rank{os.environ['RANK']}.pt"))
+'''
+
+
+def shards(n: int, epoch: int = 0, start: int = 0) -> list[list[int]]:
+    samplers = [ResumableSampler(range(n), num_replicas=2, rank=r, seed=0) for r in range(2)]
+    for s in samplers:
+        s.set_position(epoch, start)
+    return [list(s) for s in samplers]
+
+
+def test_sampler_gives_disjoint_shards_reshuffled_per_epoch():
+    n = 40
+    a, b = shards(n)
+    assert len(a) == len(b) == n // 2 and not set(a) & set(b) and sorted(a + b) == list(range(n))
+    a1, b1 = shards(n, epoch=1)
+    assert not set(a1) & set(b1) and sorted(a1 + b1) == list(range(n))
+    assert a1 != a and set(a1) != set(a)  # set_epoch reshuffles, across ranks too
+    assert shards(n, epoch=1) == [a1, b1]  # and is the same on every call (exact resume)
+    # a resumed run starts both ranks at the same local position: the rest of the epoch stays disjoint
+    a5, b5 = shards(n, epoch=1, start=5)
+    assert a5 == a1[5:] and b5 == b1[5:] and not set(a5) & set(b5)
+    assert sorted(a1[:5] + b1[:5] + a5 + b5) == list(range(n))
+    # an odd size: DistributedSampler pads with the first shuffled indices, so one example is seen twice
+    a, b = shards(7)
+    assert len(a) == len(b) == 4 and len(set(a) & set(b)) == 1 and set(a + b) == set(range(7))
+
+
+def torchrun(script: str, cmd_args: list, cwd, env_extra: dict | None = None, timeout: float = 120):
+    """Run ``script`` on two gloo ranks; returns (exit code, output, [(time, line)], time of the exit). A run
+    that outlives ``timeout`` (a hang) is killed, launcher and ranks, and fails the test."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", script, *cmd_args]
+    # one thread per rank: the two ranks share two cores
+    env = cli_env(str(cwd), {"OMP_NUM_THREADS": "1", **(env_extra or {})})
+    proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    out_dir = cmd_args[cmd_args.index("--out_dir") + 1]
+    hung = threading.Event()
+
+    def kill():
+        hung.set()
+        proc.kill()
+        for pid in ranks_of(out_dir):  # the ranks run in sessions of their own: kill each
+            os.kill(pid, signal.SIGKILL)
+
+    watchdog = threading.Timer(timeout, kill)
+    watchdog.start()
+    lines = [(time.monotonic(), line) for line in proc.stdout]  # until the launcher and both ranks are gone
+    proc.wait()
+    ended = time.monotonic()
+    watchdog.cancel()
+    out = "".join(line for _, line in lines)
+    assert not hung.is_set(), f"torchrun hung; killed after {timeout} s:\n{out[-3000:]}"
+    return proc.returncode, out, lines, ended
+
+
+def ranks_of(out_dir) -> list[int]:
+    """The live processes with this run directory on their command line (the launcher and the ranks)."""
+    pids = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                if str(out_dir).encode() in f.read():
+                    pids.append(int(pid))
+        except OSError:  # ended meanwhile
+            pass
+    return pids
+
+
+def test_nan_on_one_rank_skips_on_every_rank_and_only_rank0_writes(tmp_path, tiny_bert, tiny_pairs):
+    cwd, probe = tmp_path / "cwd", tmp_path / "probe"
+    cwd.mkdir()
+    probe.mkdir()
+    (probe / "probe.py").write_text(PROBE)
+    run = cwd / "run"
+    a = args(tiny_bert, tiny_pairs, run, max_steps=6, extra=("--keep_last", "10", "--accumulation_steps", "2"))
+    rc, out, _, _ = torchrun(str(probe / "probe.py"), [os.path.join(ROOT, a[0]), *a[1:]], cwd,
+                             {"DLM_FAULT_NAN_STEPS": "3,4", "DLM_FAULT_RANK": "1", "PROBE_DIR": str(probe)})
+    assert rc == 0, out[-3000:]
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    # one writer: every record once (log_every 1, eval only at the end)
+    assert [r["step"] for r in rows if r["split"] == "train"] == [1, 2, 3, 4, 5, 6]
+    assert [r["step"] for r in rows if r["split"] == "skip"] == [3, 4]
+    assert [r["step"] for r in rows if r["split"] == "dev"] == [6]
+    assert [r for r in rows if r["split"] == "train"][-1]["skipped_steps"] == 2
+    assert out.count("update skipped") == 2 and out.count("done: 6 steps") == 1
+    s2, s4, s6 = (torch.load(run / "checkpoints" / f"step-00000000{k}" / "model.pt") for k in (2, 4, 6))
+    assert all(torch.equal(s2[k], s4[k]) for k in s2)  # no update at steps 3 and 4 ...
+    assert any(not torch.equal(s4[k], s6[k]) for k in s4)  # ... and training went on
+    # rank 1, whose loss was NaN, skipped the same updates: the replicas end with the same weights
+    r0, r1 = torch.load(probe / "rank0.pt"), torch.load(probe / "rank1.pt")
+    nan = [[math.isnan(x) for x in r["losses"]] for r in (r0, r1)]  # 2 micro-batches a step
+    assert nan == [[False] * 12, [False] * 4 + [True] * 4 + [False] * 4]
+    w0, w1 = r0["weights"], r1["weights"]
+    assert w0.keys() == s6.keys() and all(torch.equal(w0[k], s6[k]) and torch.equal(w1[k], s6[k]) for k in s6)
+    # exactly one set of files, all where they belong
+    assert sorted(os.listdir(run)) == ["checkpoints", "metrics.jsonl"]
+    assert sorted(os.listdir(run / "checkpoints")) == ["best", "last", "step-000000002", "step-000000004",
+                                                       "step-000000006"]
+    assert sorted(os.listdir(cwd)) == [".hf_cache", "run", "run_logs"]
+    assert len(os.listdir(cwd / "run_logs")) == 1  # one fitlog log
+    assert sorted(os.listdir(probe)) == ["probe.py", "rank0.pt", "rank1.pt"]
+    assert sorted(os.listdir(tiny_pairs)) == ["test.jsonl", "train.jsonl", "valid.jsonl"]
+    assert not ranks_of(run)
+
+
+def test_failure_on_one_rank_stops_every_rank_promptly(tmp_path, tiny_bert, tiny_pairs):
+    run = tmp_path / "run"
+    a = args(tiny_bert, tiny_pairs, run, max_steps=1000)
+    rc, out, lines, ended = torchrun(os.path.join(ROOT, a[0]), list(a[1:]), tmp_path,
+                                     {"DLM_FAULT_RAISE_STEP": "3", "DLM_FAULT_RANK": "1"})
+    msg = "RuntimeError: DLM_FAULT_RAISE_STEP: injected failure at step 3 on rank 1"
+    assert rc != 0 and msg in out, out[-3000:]
+    failed = next(t for t, line in lines if msg in line)
+    # rank 0 learns of it at its next collective; a rank that sat out torchrun's SIGTERM would be
+    # killed only 30 s later
+    assert ended - failed < 20, out[-3000:]
+    assert not ranks_of(run)
+    assert sorted(os.listdir(run / "checkpoints")) == ["last"]
+    assert ckpt_step(run) == 2
+
+
+def test_user_error_on_one_rank_ends_the_job_with_one_message(tmp_path, tiny_bert, tiny_pairs):
+    # rank 0 reads the data first while rank 1 waits at a barrier: the error is raised on rank 0 only
+    data = tmp_path / "data"
+    shutil.copytree(tiny_pairs, data)
+    (data / "train.jsonl").write_text("")
+    run = tmp_path / "run"
+    a = args(tiny_bert, str(data), run)
+    rc, out, lines, ended = torchrun(os.path.join(ROOT, a[0]), list(a[1:]), tmp_path)
+    errors = [(t, line) for t, line in lines if line.startswith("error: ")]
+    assert rc != 0 and len(errors) == 1 and f"{data / 'train.jsonl'} is empty" in errors[0][1], out[-3000:]
+    assert ended - errors[0][0] < 20, out[-3000:]
+    assert not ranks_of(run)
