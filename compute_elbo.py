@@ -5,7 +5,9 @@
 On a seeded subset of the checkpoint's dataset split, computes for each example
 ``NLL <= -log p(n) + sum_k KL_k`` (the length term plus the K-step diffusion bound; ALGORITHMS.md
 section 1) and reports ``exp(total / wordpieces)`` (per token, [CLS]/[SEP]/[PAD] excluded) and
-``exp(total / whitespace words)`` (per word, DiffusionBERT's LM1B convention). Same seed, same number.
+``exp(total / whitespace words)`` (per word, DiffusionBERT's LM1B convention). Same seed, same number,
+also under ``torchrun --nproc_per_node N`` (batches are shared out among the ranks, each batch has its
+own seed, and rank 0 adds the per-batch sums in batch order).
 """
 from __future__ import annotations
 
@@ -15,10 +17,9 @@ import os
 import time
 
 import torch
-from torch.utils.data import DataLoader
 
 from runtime.assemble import load_for_inference
-from runtime.dist import pick_device
+from runtime import dist
 from runtime.errors import UserError, cli_main, refuse_overwrite
 from runtime.io import write_json_atomic
 from textdata import lm
@@ -44,7 +45,16 @@ def main(argv=None):
     args = parse_args(argv)
     if args.num_examples < 0 or args.batch_size < 1 or args.eval_steps < 1:
         raise UserError("need --num_examples >= 0, --batch_size >= 1 and --eval_steps >= 1")
-    device = pick_device(args.device)
+    info = dist.setup(args.device)
+    try:
+        evaluate(args, info)
+    finally:
+        dist.cleanup(info)
+
+
+def evaluate(args, info: dist.DistInfo) -> None:
+    device = info.device
+    log = print if info.is_main else (lambda *a, **k: None)
     run = load_for_inference(args.checkpoint, device, task="lm")
     cfg, tok, diffusion = run.cfg, run.tokenizer, run.diffusion
     run.check_steps(args.eval_steps, "--eval_steps")
@@ -53,39 +63,48 @@ def main(argv=None):
                                    f"{'_mc' if args.monte_carlo else ''}.json")
     refuse_overwrite(out, args.overwrite, "ELBO result")
 
-    raw = lm.load_text_splits(cfg.dataset, cfg.data_files, cfg.data_dir)
-    data = lm.tokenize_splits({args.split: raw[args.split]}, tok, cfg.max_len)[args.split]
+    with dist.main_first(info):  # rank 0 builds the datasets cache
+        raw = lm.load_text_splits(cfg.dataset, cfg.data_files, cfg.data_dir, log=log, skip_bad_lines=cfg.skip_bad_lines)
+        data = lm.tokenize_splits({args.split: raw[args.split]}, tok, cfg.max_len, log=log)[args.split]
     if args.num_examples and args.num_examples < len(data):
         data = data.shuffle(seed=args.seed).select(range(args.num_examples))
     prior = lm.LengthPrior(run.run_info["derived"]["length_counts"])
-    gen = torch.Generator(device=device).manual_seed(args.seed)
-    tot = {"diffusion_nll": 0.0, "length_nll": 0.0, "tokens": 0, "words": 0}
     start = time.time()
-    loader = DataLoader(data, batch_size=args.batch_size, collate_fn=lm.collator_for(tok))
-    for i, batch in enumerate(loader):
+    collate = lm.collator_for(tok)
+    num_batches = -(-len(data) // args.batch_size)
+    sums = {}  # batch index -> (diffusion NLL, length NLL, tokens, words)
+    for b in dist.my_batches(num_batches, info):
+        batch = collate([data[j] for j in range(b * args.batch_size, min((b + 1) * args.batch_size, len(data)))])
         batch = {k: v.to(device) for k, v in batch.items()}
+        gen = torch.Generator(device=device).manual_seed(dist.batch_seed(args.seed, b))
         nelbo = diffusion.nelbo(run.denoiser, batch["input_ids"], batch["noise_mask"], batch["attention_mask"],
                                 args.eval_steps, monte_carlo=args.monte_carlo, generator=gen)
         n = batch["noise_mask"].sum(-1)
-        tot["diffusion_nll"] += float(nelbo.double().sum())
-        tot["length_nll"] += float(-prior.log_prob(n.cpu()).sum())
-        tot["tokens"] += int(n.sum())
-        tot["words"] += int(batch["n_words"].sum())
-        print(f"elbo: batch {i + 1}/{len(loader)}, {time.time() - start:.0f}s", flush=True)
+        sums[b] = (float(nelbo.double().sum()), float(-prior.log_prob(n.cpu()).sum()), int(n.sum()),
+                   int(batch["n_words"].sum()))
+        log(f"elbo: batch {len(sums) * info.world_size}/{num_batches}, {time.time() - start:.0f}s", flush=True)
+    parts = dist.gather_to_main(sums, info)
+    if not info.is_main:
+        return
+    for part in parts[1:]:
+        sums.update(part)
+    tot = {"diffusion_nll": 0.0, "length_nll": 0.0, "tokens": 0, "words": 0}
+    for b in range(num_batches):  # a fixed order of addition: the same float for any number of ranks
+        for key, v in zip(tot, sums[b]):
+            tot[key] += v
     nll = tot["diffusion_nll"] + tot["length_nll"]
     res = {"checkpoint": run.ckpt_dir, "split": args.split, "num_examples": len(data), "eval_steps": args.eval_steps,
            "monte_carlo": args.monte_carlo, "seed": args.seed, **tot, "nll_bound": nll,
            "nelbo_per_token": nll / tot["tokens"], "ppl_token": math.exp(nll / tot["tokens"]),
            "ppl_word": math.exp(nll / tot["words"]),
            "ppl_token_diffusion_only": math.exp(tot["diffusion_nll"] / tot["tokens"]),
-           "seconds": time.time() - start,
+           "seconds": time.time() - start, "ranks": info.world_size,
            "convention": "NLL bound = -log p(n) + K-step diffusion NELBO; per token excludes [CLS]/[SEP]/[PAD]; "
                          "per word divides by whitespace words of the text"}
     write_json_atomic(out, res)
     print(f"elbo: {len(data)} {args.split} examples, K={args.eval_steps}: NELBO {nll / tot['tokens']:.4f} nats/token; "
           f"PPL <= {res['ppl_token']:.2f} per wordpiece, <= {res['ppl_word']:.2f} per word "
           f"(length term {tot['length_nll'] / tot['tokens']:.4f} nats/token); wrote {out} in {res['seconds']:.0f}s")
-
 
 if __name__ == "__main__":
     main()

@@ -5,6 +5,11 @@
 Each sample's length n is drawn from the training-length histogram stored in the checkpoint, then
 ``[CLS] [MASK]*n [SEP]`` is denoised over a grid of ``--steps`` timesteps. Writes one sample per
 line to ``generation_results/<name>.txt`` (and the settings and timings to ``<name>.json``).
+
+    torchrun --nproc_per_node 4 predict.py --checkpoint outputs/demo --num_samples 1000
+
+Under torchrun the batches are shared out among the ranks and rank 0 writes them in order; each batch
+has its own seed (from ``--seed`` and its index), so the file is the same for any number of ranks.
 """
 from __future__ import annotations
 
@@ -14,8 +19,8 @@ import time
 
 import torch
 
+from runtime import dist
 from runtime.assemble import load_for_inference
-from runtime.dist import pick_device
 from runtime.errors import UserError, check_sampling_flags, cli_main, refuse_overwrite, require_at_least_one
 from runtime.io import write_json_atomic, write_text_atomic
 from textdata.lm import LengthPrior, canvas
@@ -50,7 +55,16 @@ def check_args(args, train_max_len: int) -> None:
 @cli_main
 def main(argv=None):
     args = parse_args(argv)
-    device = pick_device(args.device)
+    info = dist.setup(args.device)
+    try:
+        sample_all(args, info)
+    finally:
+        dist.cleanup(info)
+
+
+def sample_all(args, info: dist.DistInfo) -> None:
+    device = info.device
+    log = print if info.is_main else (lambda *a, **k: None)
     run = load_for_inference(args.checkpoint, device, task="lm")
     cfg, tok, diffusion = run.cfg, run.tokenizer, run.diffusion
     check_args(args, cfg.max_len)
@@ -58,27 +72,27 @@ def main(argv=None):
     max_len = args.max_len or cfg.max_len
     use_cache = not args.no_cache
     if use_cache and not run.denoiser.time_agnostic:
-        print(f"predict: the denoiser is conditioned on t ({cfg.time_conditioning}); caching is off")
+        log(f"predict: the denoiser is conditioned on t ({cfg.time_conditioning}); caching is off")
         use_cache = False
 
     name = args.name or (f"{run.run_name}_{os.path.basename(run.ckpt_dir)}_steps{args.steps}_topk{args.topk}_p{args.top_p}"
                          f"_temp{args.temperature}_n{args.num_samples}_seed{args.seed}")
     out_txt = os.path.join(args.out_dir, f"{name}.txt")
     out_json = os.path.join(args.out_dir, f"{name}.json")
-    refuse_overwrite(out_txt, args.overwrite, "generation file")
-    os.makedirs(args.out_dir, exist_ok=True)
+    refuse_overwrite(out_txt, args.overwrite, "generation file")  # every rank checks before any work
 
     gen_len = torch.Generator().manual_seed(args.seed)
     lengths = LengthPrior(run.run_info["derived"]["length_counts"]).sample(args.num_samples, max_len - 2, gen_len)
     order = torch.argsort(lengths, stable=True)  # similar lengths share a batch: little padding
-    gen = torch.Generator(device=device).manual_seed(args.seed)
-    texts: list[str] = [""] * args.num_samples
+    num_batches = -(-args.num_samples // args.batch_size)
+    texts: dict[int, str] = {}
     calls = rows = 0
     start = time.time()
-    for i in range(0, args.num_samples, args.batch_size):
-        idx = order[i:i + args.batch_size]
+    for b in dist.my_batches(num_batches, info):
+        idx = order[b * args.batch_size:(b + 1) * args.batch_size]
         ids, att, noise = (x.to(device) for x in canvas(lengths[idx], tok.cls_token_id, tok.sep_token_id,
                                                          tok.pad_token_id, tok.mask_token_id))
+        gen = torch.Generator(device=device).manual_seed(dist.batch_seed(args.seed, b))
         out = diffusion.sample(run.denoiser, ids, noise, att, args.steps, args.topk, args.top_p,
                                args.temperature, cache=use_cache, generator=gen)
         calls += out.network_calls
@@ -86,20 +100,26 @@ def main(argv=None):
         for j, row in zip(idx.tolist(), out.x0.cpu()):
             n = int(lengths[j])
             texts[j] = " ".join(tok.decode(row[1:n + 1], skip_special_tokens=True).split())
-        print(f"predict: {min(i + args.batch_size, args.num_samples)}/{args.num_samples} samples, "
-              f"{time.time() - start:.1f}s", flush=True)
+        log(f"predict: {len(texts) * info.world_size}/{args.num_samples} samples, {time.time() - start:.1f}s",
+            flush=True)
+    parts = dist.gather_to_main((texts, calls, rows), info)
+    if not info.is_main:
+        return
     wall = time.time() - start
-
-    write_text_atomic(out_txt, "".join(t + "\n" for t in texts))
+    for part_texts, part_calls, part_rows in parts[1:]:
+        texts.update(part_texts)
+        calls += part_calls
+        rows += part_rows
+    os.makedirs(args.out_dir, exist_ok=True)
+    write_text_atomic(out_txt, "".join(texts[j] + "\n" for j in range(args.num_samples)))
     meta = {"checkpoint": run.ckpt_dir, "samples": out_txt, **{k: v for k, v in vars(args).items() if k != "checkpoint"},
             "cache": use_cache, "wall_seconds": wall, "network_calls": calls, "row_evaluations": rows,
-            "sequences_per_second": args.num_samples / wall, "device": str(device),
+            "sequences_per_second": args.num_samples / wall, "device": str(device), "ranks": info.world_size,
             "threads": torch.get_num_threads()}
     write_json_atomic(out_json, meta)
     print(f"predict: wrote {args.num_samples} samples to {out_txt} in {wall:.1f}s "
           f"({args.num_samples / wall:.2f} sequences/s); {calls} network calls, {rows} sequence evaluations "
-          f"({'cache on' if use_cache else 'cache off'})")
-
+          f"({'cache on' if use_cache else 'cache off'}{f', {info.world_size} ranks' if info.enabled else ''})")
 
 if __name__ == "__main__":
     main()

@@ -11,6 +11,10 @@ the generated padding (DiffuSeq style): the output is the target up to the first
 DiffuSeq's output format (one JSON object per line: ``recover``, ``reference``, ``source``) to
 ``generation_results/<name>/seed<k>.jsonl``, the MBR selection to ``mbr.jsonl`` and the copy
 baseline (the source itself as the output) to ``copy_source.jsonl``.
+
+Under ``torchrun --nproc_per_node N`` the batches are shared out among the ranks; every batch has its
+own seed (from the candidate's seed and the batch index) and rank 0 writes the files in input order,
+so they are the same for any number of ranks.
 """
 from __future__ import annotations
 
@@ -21,8 +25,8 @@ import time
 
 import torch
 
+from runtime import dist
 from runtime.assemble import load_for_inference, load_task_data
-from runtime.dist import pick_device
 from runtime.errors import UserError, check_sampling_flags, cli_main, require_at_least_one
 from runtime.io import write_json_atomic, write_text_atomic
 
@@ -51,6 +55,8 @@ def parse_args(argv=None):
     p.add_argument("--out_dir", default="generation_results")
     p.add_argument("--overwrite", action="store_true")
     p.add_argument("--device", default="auto")
+    p.add_argument("--skip_bad_lines", action="store_true",
+                   help="skip bad lines of the split's file (counted and logged); on if the checkpoint was trained so")
     return p.parse_args(argv)
 
 
@@ -100,7 +106,16 @@ def main(argv=None):
     check_sampling_flags(args)
     if args.num_examples < 0:
         raise UserError(f"--num_examples must be 0 (all) or more, got {args.num_examples}")
-    device = pick_device(args.device)
+    info = dist.setup(args.device)
+    try:
+        decode_all(args, info)
+    finally:
+        dist.cleanup(info)
+
+
+def decode_all(args, info: dist.DistInfo) -> None:
+    device = info.device
+    log = print if info.is_main else (lambda *a, **k: None)
     if device.type == "cpu":
         torch.set_flush_denormal(True)
     run = load_for_inference(args.checkpoint, device, task="seq2seq", weights=args.weights)
@@ -131,10 +146,14 @@ def main(argv=None):
         use_cache = not args.no_cache and run.denoiser.time_agnostic
 
     folder = os.path.join(args.out_dir, args.name or f"{run.run_name}_{args.split}_{setting}_mbr{args.mbr_size}_seed{args.seed}")
-    prepare_out(folder, args.overwrite)
+    if info.is_main:
+        prepare_out(folder, args.overwrite)
+    dist.barrier(info)  # nothing runs on the other ranks if rank 0 refused the folder (it exits)
 
     from conditional_data import extract_target
-    data, collate = load_task_data(cfg, tok, (args.split,))
+    args.skip_bad_lines = cfg.skip_bad_lines = args.skip_bad_lines or cfg.skip_bad_lines
+    with dist.main_first(info):  # rank 0 builds the datasets cache
+        data, collate = load_task_data(cfg, tok, (args.split,), log=log)
     data = data[args.split]
     if args.num_examples:
         data = data.select(range(min(args.num_examples, len(data))))
@@ -145,18 +164,21 @@ def main(argv=None):
 
     sources = [decode(r) for r in data["src_ids"]]
     references = [decode(r) for r in data["trg_ids"]]
-    write_text_atomic(os.path.join(folder, "copy_source.jsonl"),
-                      jsonl([{"recover": s, "reference": r, "source": s} for s, r in zip(sources, references)]))
+    if info.is_main:
+        write_text_atomic(os.path.join(folder, "copy_source.jsonl"),
+                          jsonl([{"recover": s, "reference": r, "source": s} for s, r in zip(sources, references)]))
+    num_batches = -(-len(data) // args.batch_size)
     timings, candidates = [], []
     for k in range(args.mbr_size):
         seed = args.seed + k
-        gen = torch.Generator(device=device).manual_seed(seed)
-        recovers: list[str] = []
+        recovers: dict[int, list[str]] = {}
         calls = rows_eval = 0
         start = time.time()
-        for i in range(0, len(data), args.batch_size):
+        for b in dist.my_batches(num_batches, info):
+            i = b * args.batch_size
             batch = collate([data[j] for j in range(i, min(i + args.batch_size, len(data)))])
             ids, att, noise = (batch[k_].to(device) for k_ in ("input_ids", "attention_mask", "noise_mask"))
+            gen = torch.Generator(device=device).manual_seed(dist.batch_seed(seed, b))
             if gaussian:
                 out = diffusion.sample(run.denoiser, ids, noise, timesteps, generator=gen)
             else:
@@ -164,21 +186,32 @@ def main(argv=None):
                                        args.temperature, cache=use_cache, generator=gen)
             calls += out.network_calls
             rows_eval += out.row_evaluations
-            for row, src_len in zip(out.x0.cpu(), batch["src_len"].tolist()):
-                recovers.append(decode(extract_target(row, src_len, tok.sep_token_id, tok.pad_token_id, special)))
+            recovers[b] = [decode(extract_target(row, src_len, tok.sep_token_id, tok.pad_token_id, special))
+                           for row, src_len in zip(out.x0.cpu(), batch["src_len"].tolist())]
+        parts = dist.gather_to_main((recovers, calls, rows_eval), info)
+        if not info.is_main:
+            continue
         wall = time.time() - start
-        rows = [{"recover": h, "reference": r, "source": s} for h, r, s in zip(recovers, references, sources)]
+        for part, part_calls, part_rows in parts[1:]:
+            recovers.update(part)
+            calls += part_calls
+            rows_eval += part_rows
+        hyps = [h for b in range(num_batches) for h in recovers[b]]
+        rows = [{"recover": h, "reference": r, "source": s} for h, r, s in zip(hyps, references, sources)]
         write_text_atomic(os.path.join(folder, f"seed{seed}.jsonl"), jsonl(rows))
         candidates.append(rows)
         timings.append({"seed": seed, "wall_seconds": wall, "network_calls": calls, "row_evaluations": rows_eval})
         print(f"decode: seed {seed}: {len(rows)} sources in {wall:.1f}s ({len(rows) / wall:.2f} sequences/s), "
               f"{calls} network calls", flush=True)
+    if not info.is_main:
+        return
     if args.mbr_size > 1:
         write_text_atomic(os.path.join(folder, "mbr.jsonl"), jsonl(mbr_rows(candidates)))
     write_json_atomic(os.path.join(folder, "decode.json"),
                       {"checkpoint": run.ckpt_dir, **{k: v for k, v in vars(args).items() if k != "checkpoint"},
                        "process": cfg.process, "cache": use_cache, "num_sources": len(data), "timings": timings,
-                       "device": str(device), **({"timesteps": timesteps} if gaussian else {})})
+                       "device": str(device), "ranks": info.world_size,
+                       **({"timesteps": timesteps} if gaussian else {})})
     print(f"decode: wrote {args.mbr_size} candidate file(s){' and mbr.jsonl' if args.mbr_size > 1 else ''} "
           f"and copy_source.jsonl to {folder}")
 

@@ -222,9 +222,10 @@ class AbsorbingDiffusion:
         a_t = self.schedule.alpha_vocab(t.double() / self.T)
         return _safe_w(a_s, a_t).clamp_min(REVERSE_W_MIN)
 
-    def step(self, logp: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor, s: torch.Tensor,
+    def step(self, p_hat: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor, s: torch.Tensor,
              noise_mask: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-        """One reverse step ``x_t -> x_s`` given (filtered) ``log p_hat`` [N, V] at the masked positions.
+        """One reverse step ``x_t -> x_s`` given the (filtered) ``p_hat`` [N, V] at the masked positions
+        (probabilities, 0 at [MASK]; the sampler keeps probabilities so no step needs an exp over V).
 
         A masked position becomes v with probability ``p_hat(v) w(v)`` and stays [MASK] otherwise:
         draw "unmask" with probability ``u = sum_v p_hat(v) w(v)``, then v from ``p_hat(v) w(v) / u``.
@@ -236,15 +237,15 @@ class AbsorbingDiffusion:
         if w.shape[-1] == 1:
             u = w[b_idx, 0]
         elif w.stride(0) == 0:  # one row shared by the batch: a matrix-vector product, no [N, V] temporary
-            u = (logp.exp() @ w[0].float()).double()
+            u = (p_hat.float() @ w[0].float()).double()
         else:
-            u = (logp.exp() * w[b_idx].float()).sum(-1).double()
+            u = (p_hat.float() * w[b_idx].float()).sum(-1).double()
         draw = torch.rand(u.shape, dtype=torch.float64, device=u.device, generator=generator) < u
         if bool((s == 0).all()):
             draw = torch.ones_like(draw)  # alpha_0 = 1: every remaining [MASK] is revealed
         x_s = x_t.clone()
         if draw.any():
-            q = logp[draw].double().exp()  # only the positions that unmask need a draw
+            q = p_hat[draw].double()  # only the positions that unmask need a draw
             if w.shape[-1] != 1:
                 q = q * w[b_idx[draw]]
             vals = x_s[masked]
@@ -260,14 +261,14 @@ class AbsorbingDiffusion:
         """Ancestral sampling from ``x`` (noised positions set to [MASK]) over a grid of ``steps``.
 
         ``cache`` (MDLM): with a time-agnostic denoiser the output depends on ``x_t`` only, so a row
-        whose tokens did not change since its last evaluation reuses its filtered ``log p_hat``; the
+        whose tokens did not change since its last evaluation reuses its filtered ``p_hat``; the
         network is called only on rows that changed. Only valid when the denoiser ignores t.
         """
         x = x.masked_fill(noise_mask, self.mask_id)
         grid = self.timesteps(steps).to(x.device)
         B = x.shape[0]
         calls = rows_evaluated = 0
-        cache_x = cache_mask = cache_logp = None
+        cache_x = cache_mask = cache_p = None
         for k in range(grid.numel() - 1):
             masked = (x == self.mask_id) & noise_mask
             active = masked.any(-1)
@@ -281,21 +282,21 @@ class AbsorbingDiffusion:
                 logits = denoise(x[fresh_rows], t[fresh_rows], attention_mask[fresh_rows], masked[fresh_rows])
                 calls += 1
                 rows_evaluated += int(fresh_rows.sum())
-                # zero masking and filtering on the logits, then a single log-softmax
-                fresh = filter_logits(self.zero_mask(logits), topk, top_p, temperature).log_softmax(-1)
+                # zero masking and filtering on the logits, then a single softmax
+                fresh = filter_logits(self.zero_mask(logits), topk, top_p, temperature).softmax(-1)
             if not fresh_rows.any() and torch.equal(masked, cache_mask):
-                logp = cache_logp  # nothing changed anywhere: no copy
+                p_hat = cache_p  # nothing changed anywhere: no copy
             elif reuse_rows.any():
                 # splice: reused rows keep their cached entries (row-major order is preserved)
-                logp = cache_logp.new_empty(int(masked.sum()), cache_logp.shape[-1])
+                p_hat = cache_p.new_empty(int(masked.sum()), cache_p.shape[-1])
                 pos_fresh = fresh_rows[:, None].expand_as(masked)[masked]
-                logp[~pos_fresh] = cache_logp[(reuse_rows[:, None] & cache_mask)[cache_mask]]
+                p_hat[~pos_fresh] = cache_p[(reuse_rows[:, None] & cache_mask)[cache_mask]]
                 if fresh_rows.any():
-                    logp[pos_fresh] = fresh
+                    p_hat[pos_fresh] = fresh
             else:
-                logp = fresh
-            x_new = self.step(logp, x, t, s, noise_mask, generator)
+                p_hat = fresh
+            x_new = self.step(p_hat, x, t, s, noise_mask, generator)
             if cache:
-                cache_x, cache_mask, cache_logp = x, masked, logp
+                cache_x, cache_mask, cache_p = x, masked, p_hat
             x = x_new
         return SampleOutput(x, calls, rows_evaluated)

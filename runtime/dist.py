@@ -1,6 +1,7 @@
 """Single process or DDP, decided by the ``RANK`` variable that torchrun sets (as nanoGPT does)."""
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import dataclass
 
@@ -79,3 +80,37 @@ def all_gather_cat(t: torch.Tensor, info: DistInfo) -> torch.Tensor:
     parts = [torch.zeros_like(padded) for _ in range(info.world_size)]
     dist.all_gather(parts, padded)
     return torch.cat([p[: int(s.item())] for p, s in zip(parts, sizes)])
+
+
+# ---------------------------------------------------------------------------- sharded inference
+# predict.py, predict_downstream_condition.py and compute_elbo.py split their batches among ranks
+# (batch i goes to rank i mod world_size), seed each batch from (seed, i), and rank 0 merges the
+# results in input order: the output is the same for any number of ranks.
+def batch_seed(seed: int, index: int) -> int:
+    """The RNG seed of batch ``index`` of a run seeded with ``seed`` (independent streams per batch)."""
+    import numpy as np
+    return int(np.random.SeedSequence([seed, index]).generate_state(1, dtype=np.uint64)[0] >> 1)
+
+
+def my_batches(num_batches: int, info: DistInfo) -> range:
+    """The batch indices this rank computes."""
+    return range(info.rank, num_batches, info.world_size)
+
+
+def gather_to_main(obj, info: DistInfo) -> list | None:
+    """``[obj of rank 0, obj of rank 1, ...]`` on rank 0, ``None`` on the other ranks (picklable objects)."""
+    if not info.enabled:
+        return [obj]
+    out = [None] * info.world_size if info.is_main else None
+    dist.gather_object(obj, out, dst=0)
+    return out
+
+
+@contextlib.contextmanager
+def main_first(info: DistInfo):
+    """Rank 0 runs the block first (e.g. builds a dataset cache), then the other ranks."""
+    if not info.is_main:
+        barrier(info)
+    yield
+    if info.is_main:
+        barrier(info)

@@ -173,3 +173,25 @@ def test_torchrun_two_ranks_gloo(tmp_path, trained, tiny_bert, tiny_corpus):
     import torch
     state = torch.load(out / "checkpoints" / "last" / "training_state.pt", weights_only=False)
     assert len(state["rng"]) == 2  # every rank's RNG is saved for an exact resume
+
+
+def test_torchrun_shards_sampling_and_elbo(tmp_path, trained):
+    """predict.py and compute_elbo.py under torchrun: the batches are shared out between 2 gloo ranks, and
+    rank 0 writes exactly what one process writes (each batch has its own seed)."""
+    cwd, _, run, _ = trained
+    common = ["--checkpoint", str(run), "--num_samples", "7", "--steps", "16", "--batch_size", "2",
+              "--seed", "5", "--out_dir", str(tmp_path)]
+    elbo = ["--checkpoint", str(run), "--num_examples", "10", "--eval_steps", "4", "--batch_size", "3",
+            "--seed", "3"]
+    run_cli("predict.py", *common, "--name", "one", cwd=str(cwd))
+    run_cli("compute_elbo.py", *elbo, "--out", str(tmp_path / "elbo1.json"), cwd=str(cwd))
+    torchrun = ("-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2")
+    proc = run_cli(*torchrun, os.path.join(ROOT, "predict.py"), *common, "--name", "two", cwd=str(cwd))
+    assert proc.stdout.count("predict: wrote 7 samples") == 1  # rank 0 alone reports and writes
+    run_cli(*torchrun, os.path.join(ROOT, "compute_elbo.py"), *elbo, "--out", str(tmp_path / "elbo2.json"), cwd=str(cwd))
+    one, two = ((tmp_path / f"{n}.txt").read_bytes() for n in ("one", "two"))
+    assert one == two and len(one.splitlines()) == 7
+    assert json.load(open(tmp_path / "two.json"))["ranks"] == 2
+    r1, r2 = (json.load(open(tmp_path / f"elbo{n}.json")) for n in (1, 2))
+    assert r1["nll_bound"] == r2["nll_bound"] and r1["tokens"] == r2["tokens"] and r2["ranks"] == 2
+    assert sorted(os.listdir(tmp_path)) == ["elbo1.json", "elbo2.json", "one.json", "one.txt", "two.json", "two.txt"]

@@ -4,11 +4,12 @@ train --process gaussian -> resume -> --post_train -> predict_downstream_conditi
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 import torch
 
-from conftest import run_cli
+from conftest import ROOT, run_cli
 
 
 def read_jsonl(path):
@@ -101,6 +102,24 @@ def test_post_train_decode_and_compare(gauss_run, tiny_bert, tiny_pairs):
     res = {r["setting"]: r for r in json.load(open(out))["metrics"]["rows"]}
     assert res["base-full"]["calls_per_sequence"] == 100 and res["base-adp_10"]["calls_per_sequence"] == 10
     assert all(0 <= r["bleu"] <= 1 and 0 <= r["self_bleu"] <= 1 for r in res.values())
+
+
+def test_torchrun_decoding_matches_one_process_and_repeats(tmp_path, gauss_run):
+    """Sharded decoding under torchrun (2 gloo ranks) writes the same files as one process, and the same
+    checkpoint, seed and flags give byte-identical files again."""
+    cwd, run = gauss_run
+    dec = ["--checkpoint", str(run), "--decode_respacing", "uniform_4", "--mbr_size", "2", "--batch_size", "5",
+           "--out_dir", str(tmp_path)]
+    for name in ("one", "again"):
+        run_cli("predict_downstream_condition.py", *dec, "--name", name, cwd=str(cwd))
+    run_cli("-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+            os.path.join(ROOT, "predict_downstream_condition.py"), *dec, "--name", "two", cwd=str(cwd))
+    files = ("seed42.jsonl", "seed43.jsonl", "mbr.jsonl", "copy_source.jsonl")
+    for f in files:
+        one = (tmp_path / "one" / f).read_bytes()
+        assert one and one == (tmp_path / "again" / f).read_bytes() == (tmp_path / "two" / f).read_bytes(), f
+    assert json.load(open(tmp_path / "two" / "decode.json"))["ranks"] == 2
+    assert sorted(os.listdir(tmp_path / "two")) == sorted((*files, "decode.json"))
 
 
 def one_error_line(proc, *needles):

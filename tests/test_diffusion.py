@@ -484,8 +484,8 @@ def test_reverse_step_empirical_distribution(name):
     for t_val, s_val in [(30, 18), (10, 9), (25, 0)]:
         t, s = torch.tensor([t_val]), torch.tensor([s_val])
         ref = reference_reverse_probs(logits, x_t, t, s, sched, T, MASK)[0]  # [L, V]
-        logp = diff.log_p_hat(logits[masked]).repeat(copies, 1)
-        out = diff.step(logp, x_t.repeat(copies, 1), t.repeat(copies), s.repeat(copies),
+        p_hat = diff.log_p_hat(logits[masked]).exp().repeat(copies, 1)
+        out = diff.step(p_hat, x_t.repeat(copies, 1), t.repeat(copies), s.repeat(copies),
                         nm.repeat(copies, 1), g)
         assert bool((out[:, [0, 2, 5]] == x_t[:, [0, 2, 5]]).all()), "visible tokens changed"
         for pos in (1, 3, 4):
