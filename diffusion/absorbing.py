@@ -141,11 +141,13 @@ class AbsorbingDiffusion:
             return -(w[b_idx].float() * logp_x0)
         # Spindle: q uses the sentence's own statistic; p only the corpus constant (Eq. in ALGORITHMS.md).
         w_q = _safe_w(self.alpha(s, x0, noise_mask), self.alpha(t, x0, noise_mask))[masked]  # [N] float64
-        rows = self.unmask_weights(t, s).float()[b_idx]  # [N, V], reverse model: no x0
+        W = self.unmask_weights(t, s).float()  # [B, V], reverse model: no x0
 
-        w_p_x0 = rows.gather(-1, x0_m[:, None]).squeeze(-1)
-        # 1 - sum_v p_hat(v) w(v): sum the small terms, subtract in float64 (float32 1 - w cancels)
-        stay = 1.0 - (logp.exp() * rows).sum(-1).double()
+        w_p_x0 = W[b_idx, x0_m]
+        # 1 - sum_v p_hat(v) w(v): sum the small terms, subtract in float64 (float32 1 - w cancels). One
+        # [N, V] x [V, B] product instead of gathering an [N, V] copy of the rows (measured in bench.py)
+        unmask_mass = (logp.exp() @ W.t()).gather(1, b_idx[:, None]).squeeze(1)
+        stay = 1.0 - unmask_mass.double()
         unmask_term = torch.xlogy(w_q, w_q) - w_q * (logp_x0 + torch.log(w_p_x0))
         stay_term = torch.xlogy(1.0 - w_q, 1.0 - w_q) - torch.where(
             w_q < 1.0, (1.0 - w_q) * torch.log(stay.clamp_min(1e-30)), torch.zeros_like(w_q))
