@@ -138,6 +138,17 @@ def interleaved(clock: Clock, fns: dict, repeats: int, warmup: int = 1) -> dict:
     return {k: statistics.median(v) for k, v in times.items()}
 
 
+def optimizer_step(optim, amp, loss_fn):
+    """A callable doing one training step: zero grads, ``loss_fn()`` under autocast, backward, step."""
+    def run():
+        optim.zero_grad(set_to_none=True)
+        with amp():
+            loss = loss_fn()
+        loss.backward()
+        optim.step()
+    return run
+
+
 def peak_of(clock: Clock, fn) -> float | None:
     clock.reset_peak()
     fn()
@@ -191,13 +202,7 @@ def bench_absorbing(args, device: torch.device, clock: Clock, amp) -> dict:
         return tuple(x.to(device) for x in random_rows(B, L, V, specials, tok.cls_token_id, tok.sep_token_id, gen))
 
     def train_step(loss_fn):
-        def run():
-            optim.zero_grad(set_to_none=True)
-            with amp():
-                loss = loss_fn()
-            loss.backward()
-            optim.step()
-        return run
+        return optimizer_step(optim, amp, loss_fn)
 
     def train_variants(L: int, with_reference: bool) -> dict:
         x0, nm, att = batch(L)
@@ -376,13 +381,7 @@ def bench_gaussian(args, device: torch.device, clock: Clock, amp) -> dict:
            "emb_dim": args.emb_dim, "hidden": args.hidden_size, "layers": args.num_layers, "T": T}
 
     def step(loss_fn):
-        def run():
-            optim.zero_grad(set_to_none=True)
-            with amp():
-                loss = loss_fn()
-            loss.backward()
-            optim.step()
-        return run
+        return optimizer_step(optim, amp, loss_fn)
 
     def floor():
         t = torch.randint(0, T, (B,), device=device)

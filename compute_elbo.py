@@ -45,16 +45,13 @@ def main(argv=None):
     args = parse_args(argv)
     if args.num_examples < 0 or args.batch_size < 1 or args.eval_steps < 1:
         raise UserError("need --num_examples >= 0, --batch_size >= 1 and --eval_steps >= 1")
-    info = dist.setup(args.device)
-    try:
+    with dist.session(args.device) as info:
         evaluate(args, info)
-    finally:
-        dist.cleanup(info)
 
 
 def evaluate(args, info: dist.DistInfo) -> None:
     device = info.device
-    log = print if info.is_main else (lambda *a, **k: None)
+    log = info.log
     run = load_for_inference(args.checkpoint, device, task="lm")
     cfg, tok, diffusion = run.cfg, run.tokenizer, run.diffusion
     run.check_steps(args.eval_steps, "--eval_steps")

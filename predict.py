@@ -55,16 +55,13 @@ def check_args(args, train_max_len: int) -> None:
 @cli_main
 def main(argv=None):
     args = parse_args(argv)
-    info = dist.setup(args.device)
-    try:
+    with dist.session(args.device) as info:
         sample_all(args, info)
-    finally:
-        dist.cleanup(info)
 
 
 def sample_all(args, info: dist.DistInfo) -> None:
     device = info.device
-    log = print if info.is_main else (lambda *a, **k: None)
+    log = info.log
     run = load_for_inference(args.checkpoint, device, task="lm")
     cfg, tok, diffusion = run.cfg, run.tokenizer, run.diffusion
     check_args(args, cfg.max_len)

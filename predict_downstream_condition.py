@@ -106,16 +106,13 @@ def main(argv=None):
     check_sampling_flags(args)
     if args.num_examples < 0:
         raise UserError(f"--num_examples must be 0 (all) or more, got {args.num_examples}")
-    info = dist.setup(args.device)
-    try:
+    with dist.session(args.device) as info:
         decode_all(args, info)
-    finally:
-        dist.cleanup(info)
 
 
 def decode_all(args, info: dist.DistInfo) -> None:
     device = info.device
-    log = print if info.is_main else (lambda *a, **k: None)
+    log = info.log
     if device.type == "cpu":
         torch.set_flush_denormal(True)
     run = load_for_inference(args.checkpoint, device, task="seq2seq", weights=args.weights)

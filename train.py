@@ -150,12 +150,8 @@ def main(argv=None):
         raise UserError(f"{cfg.out_dir} already holds checkpoints; use --resume {cfg.out_dir} to continue, "
                         "--overwrite to start over, or another --out_dir")
 
-    info = dist.setup(cfg.device)
-    log = print if info.is_main else (lambda *a, **k: None)
-    try:
-        run(cfg, info, log, resume_dir, post_dir)
-    finally:
-        dist.cleanup(info)
+    with dist.session(cfg.device) as info:
+        run(cfg, info, info.log, resume_dir, post_dir)
 
 
 def build_model(cfg: TrainConfig, log):

@@ -24,6 +24,11 @@ class DistInfo:
     def is_main(self) -> bool:
         return self.rank == 0
 
+    def log(self, *args, **kwargs) -> None:
+        """``print`` on rank 0, nothing elsewhere."""
+        if self.is_main:
+            print(*args, **kwargs)
+
 
 def pick_device(requested: str | None) -> torch.device:
     if requested and requested != "auto":
@@ -48,6 +53,16 @@ def setup(requested_device: str | None = None) -> DistInfo:
 def cleanup(info: DistInfo) -> None:
     if info.enabled and dist.is_initialized():
         dist.destroy_process_group()
+
+
+@contextlib.contextmanager
+def session(requested_device: str | None = None):
+    """``with session(args.device) as info:`` -- :func:`setup`, then :func:`cleanup` however the block ends."""
+    info = setup(requested_device)
+    try:
+        yield info
+    finally:
+        cleanup(info)
 
 
 def all_reduce_sum(t: torch.Tensor, info: DistInfo) -> torch.Tensor:

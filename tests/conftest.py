@@ -78,3 +78,19 @@ def tiny_pairs(tmp_path_factory) -> str:
         with open(path / f"{split}.jsonl", "w", encoding="utf-8") as f:
             f.write("".join(json.dumps({"src": p.kjv, "trg": p.web}) + "\n" for p in ps))
     return str(path)
+
+
+@pytest.fixture
+def private_hf_cache(tmp_path, monkeypatch):
+    """A datasets cache of the test's own (for in-process loading; the CLI runs get one from cli_env)."""
+    import datasets
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", str(tmp_path / "hf_cache"))
+
+
+@pytest.fixture(scope="session")
+def tok():
+    """The MiniLM (bert-base-uncased) tokenizer."""
+    from transformers import AutoTokenizer
+
+    from models import resolve_model_path
+    return AutoTokenizer.from_pretrained(resolve_model_path("minilm"))

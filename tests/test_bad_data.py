@@ -19,19 +19,9 @@ from textdata.lines import SHOW, SKIP_HINT
 LONG = 100_000  # characters in "a 100k-character line"
 
 
-@pytest.fixture(autouse=True)
-def _private_hf_cache(tmp_path, monkeypatch):
-    """Each test gets its own datasets cache (the cleaned copies live there too)."""
-    import datasets
-    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", str(tmp_path / "hf_cache"))
-
-
-@pytest.fixture(scope="module")
-def tok():
-    from transformers import AutoTokenizer
-
-    from models import resolve_model_path
-    return AutoTokenizer.from_pretrained(resolve_model_path("minilm"))
+# each test gets its own datasets cache (conftest.private_hf_cache): no result comes from an earlier
+# run's arrow files, and the cleaned copies of --skip_bad_lines live there too
+pytestmark = pytest.mark.usefixtures("private_hf_cache")
 
 
 def good(i: int, tag: str = "train") -> bytes:
