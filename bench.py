@@ -204,6 +204,19 @@ def bench_absorbing(args, device: torch.device, clock: Clock, amp) -> dict:
     def train_step(loss_fn):
         return optimizer_step(optim, amp, loss_fn)
 
+    def reference_loss(x0, nm, att):
+        """The same bound as ``diffusion.loss`` (T x KL + hybrid CE), the dense [B, L, V] way."""
+        B = x0.shape[0]
+        tr = torch.randint(1, T + 1, (B,), generator=gen).to(device)
+        xt = ref.dense_q_sample(x0, tr, nm, schedule, T, mask_id, V)
+        logits = denoiser(xt, tr, att, None)
+        kl = ref.dense_kl_per_position(logits, x0, xt, tr, tr - 1, nm, schedule, T, mask_id)
+        logp = torch.log_softmax(logits.double().masked_fill(
+            torch.arange(V, device=device) == mask_id, float("-inf")), -1)
+        m = (xt == mask_id) & nm
+        ce = -logp.gather(-1, x0.unsqueeze(-1)).squeeze(-1)[m].mean()
+        return T * kl.sum() / nm.sum() + diffusion.hybrid_lambda * ce
+
     def train_variants(L: int, with_reference: bool) -> dict:
         x0, nm, att = batch(L)
         B = x0.shape[0]
@@ -222,17 +235,7 @@ def bench_absorbing(args, device: torch.device, clock: Clock, amp) -> dict:
                "ours": train_step(lambda: diffusion.loss(denoiser, x0, nm, att).loss),
                "full_projection": train_step(lambda: diffusion.loss(full_projection_denoiser, x0, nm, att).loss)}
         if with_reference:
-            def reference():
-                tr = torch.randint(1, T + 1, (B,), generator=gen).to(device)
-                xt = ref.dense_q_sample(x0, tr, nm, schedule, T, mask_id, V)
-                logits = denoiser(xt, tr, att, None)
-                kl = ref.dense_kl_per_position(logits, x0, xt, tr, tr - 1, nm, schedule, T, mask_id)
-                logp = torch.log_softmax(logits.double().masked_fill(
-                    torch.arange(V, device=device) == mask_id, float("-inf")), -1)
-                m = (xt == mask_id) & nm
-                ce = -logp.gather(-1, x0.unsqueeze(-1)).squeeze(-1)[m].mean()
-                return T * kl.sum() / nm.sum() + 0.01 * ce
-            fns["reference"] = train_step(reference)
+            fns["reference"] = train_step(lambda: reference_loss(x0, nm, att))
         out = interleaved(clock, fns, args.repeats)
         out["tokens"] = int(att.sum())
         return out
@@ -241,7 +244,7 @@ def bench_absorbing(args, device: torch.device, clock: Clock, amp) -> dict:
     x0, nm, att = batch(args.seq_len)
     memory = {"train_ours": peak_of(clock, train_step(lambda: diffusion.loss(denoiser, x0, nm, att).loss))}
     train = train_variants(args.seq_len, args.reference)
-    res["train"] = {k: v for k, v in train.items()}
+    res["train"] = dict(train)
     res["train"]["tokens_per_s"] = train["tokens"] / train["ours"]
 
     # -- does the reference compute the same bound? (same x_t, t, logits)
@@ -316,8 +319,7 @@ def bench_absorbing(args, device: torch.device, clock: Clock, amp) -> dict:
                                       "projected_seconds": sec * S, "projected_seconds_per_sequence": sec * S / B}
         memory["sample_reference"] = peak_of(clock, reference_iters)
         denoiser.train()
-        memory["train_reference"] = peak_of(clock, train_step(lambda: _reference_loss_for_memory(
-            denoiser, diffusion, schedule, ref, x0, nm, att, T, mask_id, V, gen, device)))
+        memory["train_reference"] = peak_of(clock, train_step(lambda: reference_loss(x0, nm, att)))
     denoiser.train()
 
     # -- scaling with length (training step and cached sampling) and with sampling steps
@@ -351,13 +353,6 @@ def bench_absorbing(args, device: torch.device, clock: Clock, amp) -> dict:
 def _amp_call(amp, fn):
     with amp():
         fn()
-
-
-def _reference_loss_for_memory(denoiser, diffusion, schedule, ref, x0, nm, att, T, mask_id, V, gen, device):
-    tr = torch.randint(1, T + 1, (x0.shape[0],), generator=gen).to(device)
-    xt = ref.dense_q_sample(x0, tr, nm, schedule, T, mask_id, V)
-    logits = denoiser(xt, tr, att, None)
-    return T * ref.dense_kl_per_position(logits, x0, xt, tr, tr - 1, nm, schedule, T, mask_id).sum() / nm.sum()
 
 
 # ----------------------------------------------------------------------------------- gaussian
