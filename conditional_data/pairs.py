@@ -47,7 +47,7 @@ def _reject_constant(name: str):
     raise ValueError(f"{name} is not valid JSON")
 
 
-def pair_problem(raw: bytes, lineno: int = 0, strict: bool = True) -> str | None:
+def pair_problem(raw: bytes, strict: bool = True) -> str | None:
     """Why one raw line of a DiffuSeq file is not an example, or None if it is one (``""``: a blank
     line that non-strict reading passes over). See :func:`validate_jsonl` for the rules."""
     line, reason = decode(raw)
@@ -87,7 +87,7 @@ def validate_jsonl(path: str, strict: bool = True, hint: str = "") -> int:
     path = os.fspath(path)
     n = lineno = 0
     for lineno, raw in read_lines(path):
-        reason = pair_problem(raw, lineno, strict)
+        reason = pair_problem(raw, strict)
         if reason:
             raise UserError(f"{path}:{lineno}: {reason}" + (f"; {hint}" if hint else ""))
         n += reason is None

@@ -1,7 +1,7 @@
 """Bad lines in data files: finding them (``FILE:LINE: reason``) and, with ``--skip_bad_lines``,
 skipping them with a count in the log instead of stopping.
 
-Both loaders check files in bytes, line by line, with a ``problem(raw, lineno) -> reason | None``
+Both loaders check files in bytes, line by line, with a ``problem(raw) -> reason | None``
 function of their own (``textdata.lm``: UTF-8 only; ``conditional_data.pairs``: one DiffuSeq object
 per line). Without ``--skip_bad_lines`` the first bad line is an error. With it, one log line per
 file gives the number skipped and the first few, and ``datasets`` reads a cleaned copy holding only
@@ -42,14 +42,14 @@ def decode(raw: bytes) -> tuple[str | None, str | None]:
         return None, f"not valid UTF-8 (byte 0x{raw[e.start]:02x} at byte {e.start + 1} of the line)"
 
 
-def utf8_problem(raw: bytes, lineno: int) -> str | None:
+def utf8_problem(raw: bytes) -> str | None:
     return decode(raw)[1]
 
 
 def first_problem(path: str, problem) -> str | None:
     """``FILE:LINE: reason`` of the first bad line of ``path``, or None if there is none."""
     for lineno, raw in read_lines(path):
-        reason = problem(raw, lineno)
+        reason = problem(raw)
         if reason is not None:
             return f"{path}:{lineno}: {reason}"
     return None
@@ -72,7 +72,7 @@ def without_bad_lines(path: str, problem, log=print) -> tuple[str, int]:
     sha = hashlib.sha256()
     for n, raw in read_lines(path):
         sha.update(raw)
-        reason = problem(raw, n)
+        reason = problem(raw)
         if reason is not None:
             n_bad += 1
             if len(first) < SHOW:
@@ -90,7 +90,7 @@ def without_bad_lines(path: str, problem, log=print) -> tuple[str, int]:
         tmp = f"{out}.tmp{os.getpid()}"
         with open(tmp, "wb") as f:
             for lineno, raw in read_lines(path):
-                if problem(raw, lineno) is None:
+                if problem(raw) is None:
                     f.write(raw if raw.endswith(b"\n") else raw + b"\n")
         os.replace(tmp, out)
     more = f"; {n_bad - len(first)} more" if n_bad > len(first) else ""
