@@ -9,7 +9,8 @@ Usage::
     # seq2seq (DiffuSeq-format JSON lines with recover/reference/source): one file, several
     # per-seed files, or a folder of them (every *json file in it, sorted by name)
     python compute_metric.py --mode seq2seq --samples FILE_OR_FOLDER [FILE ...] \
-        [--bertscore_model minilm|PATH|none] [--bertscore_layer K] [--mbr] [--out FILE.json] [--overwrite]
+        [--bertscore_model minilm|PATH|none] [--bertscore_layer K] [--mbr [--mbr_order reversed]] \
+        [--out FILE.json] [--overwrite]
 
     # compare decoding settings: one generation folder each (seed*.jsonl + decode.json, as written by
     # predict_downstream_condition.py); MBR metrics, diversity across the seeds, wall time, network calls
@@ -149,8 +150,13 @@ SEQ2SEQ_OUT_NAME = "seq2seq_metrics.json"
 
 def seq2seq_files(paths: list[str], out_path: str | None) -> list[str]:
     """The per-seed output files: the given files in order, or a folder's ``*json`` files sorted by
-    name (DiffuSeq's ``sorted(glob(folder/*json))``) minus metric files written by this script."""
+    name (DiffuSeq's ``sorted(glob(folder/*json))``) minus metric files written by this script.
+    A folder written by predict_downstream_condition.py (it has a ``decode.json``) gives its
+    ``seed*.jsonl`` files, sorted by name."""
     if len(paths) == 1 and os.path.isdir(paths[0]):
+        ours = sorted(glob.glob(os.path.join(glob.escape(paths[0]), "seed*.jsonl")))
+        if ours and os.path.isfile(os.path.join(paths[0], "decode.json")):
+            return ours
         out = os.path.abspath(out_path) if out_path else None
         files = [f for f in sorted(glob.glob(os.path.join(glob.escape(paths[0]), "*json")))
                  if os.path.isfile(f) and not f.endswith("metrics.json") and os.path.abspath(f) != out]
@@ -171,18 +177,21 @@ def run_seq2seq(args: argparse.Namespace) -> tuple[dict, dict]:
     files = seq2seq_files(args.samples, args.out)
     if args.mbr and len(files) < 2:
         raise InputError("--mbr needs at least 2 output files (one per seed)")
+    if args.mbr_order != "diffuseq" and not args.mbr:
+        raise InputError("--mbr_order only changes the --mbr choice; give --mbr too")
     rows_per_seed = [seq2seq.read_outputs(f) for f in files]
     bert = None if args.bertscore_model.lower() == "none" else args.bertscore_model
     device = args.device or ("cuda" if _cuda_available() else "cpu")
     metrics = seq2seq.evaluate_outputs(rows_per_seed, bertscore_model=bert, mbr=args.mbr, names=files,
                                        bertscore_layer=args.bertscore_layer, device=device,
-                                       batch_size=args.bertscore_batch_size)
+                                       batch_size=args.bertscore_batch_size, mbr_order=args.mbr_order)
     inputs = {
         "samples": args.samples,
         "files": files,
         "rows_per_file": len(rows_per_seed[0]),
         "references_from": files[0],
         "mbr": args.mbr,
+        "mbr_order": args.mbr_order,
         "bertscore_model": args.bertscore_model,
         "bertscore_layer": args.bertscore_layer,
         "device": device,
@@ -341,6 +350,11 @@ def build_parser() -> argparse.ArgumentParser:
     seq.add_argument("--mbr", action="store_true",
                      help="with several seed files: headline metrics on the MBR choice per source "
                           "(default: on the first file)")
+    seq.add_argument("--mbr_order", choices=seq2seq.ORDERS, default="diffuseq",
+                     help="BLEU argument order of the --mbr choice: diffuseq = DiffuSeq's current "
+                          "get_bleu, sentence_bleu([c_j], c_i) (default); reversed = its first release and "
+                          "DiffusionBERT, sentence_bleu([c_i], c_j). BLEU and self-BLEU are reported in both "
+                          "orders (bleu, bleu_reversed, self_bleu, self_bleu_reversed)")
     seq.add_argument("--device", default=None,
                      help="device for BERTScore (default: cuda if available, else cpu)")
     parser.add_argument("--out", default=None,

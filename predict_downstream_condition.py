@@ -7,10 +7,16 @@
 The process comes from the checkpoint. The source ``[CLS] src [SEP]`` is never noised and stays fixed;
 the target region is denoised (absorbing: from all-[MASK] over ``--steps`` iterations; gaussian: from
 N(0, I) over the steps chosen by ``--decode_respacing``, with clamping) and its length is decided by
-the generated padding (DiffuSeq style): the output is the target up to the first [SEP]/[PAD]. Each of the S candidates uses seed ``--seed + k``. Writes
+the generated padding (DiffuSeq style). Each of the S candidates uses seed ``--seed + k``. Writes
 DiffuSeq's output format (one JSON object per line: ``recover``, ``reference``, ``source``) to
 ``generation_results/<name>/seed<k>.jsonl``, the MBR selection to ``mbr.jsonl`` and the copy
 baseline (the source itself as the output) to ``copy_source.jsonl``.
+
+The strings are DiffuSeq's (``evaluation.seq2seq.decode_like_diffuseq``): each region of the canvas
+(source ``[CLS] src [SEP]``, reference ``trg [SEP]``, recover = the whole generated target region)
+without its trailing [PAD]s, decoded with the special tokens kept and BERT's clean-up of
+tokenization spaces. The metrics strip [CLS]/[SEP]/[PAD] as DiffuSeq's eval script does, so words
+generated after a [SEP] count, as there.
 
 Under ``torchrun --nproc_per_node N`` the batches are shared out among the ranks; every batch has its
 own seed (from the candidate's seed and the batch index) and rank 0 writes the files in input order,
@@ -64,14 +70,14 @@ def jsonl(rows: list[dict]) -> str:
     return "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
 
 
-def mbr_rows(candidate_rows: list[list[dict]]) -> list[dict]:
-    """Per source, the candidate with the largest summed sentence-BLEU against the others."""
-    from evaluation.seq2seq import mbr_select
+def mbr_rows(candidate_rows: list[list[dict]], names: list[str] | None = None) -> list[dict]:
+    """Per source, the candidate row with the largest summed sentence-BLEU against the others
+    (DiffuSeq's ``selectBest``, on the recovers stripped of [CLS]/[SEP]/[PAD]); the row is
+    returned as it was."""
+    from evaluation.seq2seq import check_same_sources, mbr_select, strip_special
+    check_same_sources(candidate_rows, names)
     n = len(candidate_rows[0])
-    for k, rows in enumerate(candidate_rows[1:], 1):
-        if len(rows) != n or any(a["source"] != b["source"] for a, b in zip(candidate_rows[0], rows)):
-            raise UserError(f"candidate file {k + 1} does not have the same sources in the same order as the first")
-    picks = mbr_select([[rows[i]["recover"] for rows in candidate_rows] for i in range(n)])
+    picks = mbr_select([[strip_special(rows[i]["recover"]) for rows in candidate_rows] for i in range(n)])
     return [candidate_rows[k][i] for i, k in enumerate(picks)]
 
 
@@ -89,7 +95,7 @@ def run_mbr_only(args) -> None:
     prepare_out(folder, args.overwrite)
     rows = [read_outputs(p) for p in args.mbr_only]
     out = os.path.join(folder, "mbr.jsonl")
-    write_text_atomic(out, jsonl(mbr_rows(rows)))
+    write_text_atomic(out, jsonl(mbr_rows(rows, args.mbr_only)))
     print(f"mbr: selected among {len(rows)} candidates for {len(rows[0])} sources; wrote {out}")
 
 
@@ -147,20 +153,15 @@ def decode_all(args, info: dist.DistInfo) -> None:
         prepare_out(folder, args.overwrite)
     dist.barrier(info)  # nothing runs on the other ranks if rank 0 refused the folder (it exits)
 
-    from conditional_data import extract_target
+    from evaluation.seq2seq import decode_like_diffuseq
     args.skip_bad_lines = cfg.skip_bad_lines = args.skip_bad_lines or cfg.skip_bad_lines
     with dist.main_first(info):  # rank 0 builds the datasets cache
         data, collate = load_task_data(cfg, tok, (args.split,), log=log)
     data = data[args.split]
     if args.num_examples:
         data = data.select(range(min(args.num_examples, len(data))))
-    special = tuple(i for i in (tok.cls_token_id, tok.sep_token_id, tok.pad_token_id, tok.mask_token_id) if i is not None)
-
-    def decode(ids) -> str:
-        return " ".join(tok.decode([i for i in ids if i not in special]).split())
-
-    sources = [decode(r) for r in data["src_ids"]]
-    references = [decode(r) for r in data["trg_ids"]]
+    sources = [decode_like_diffuseq(tok, r) for r in data["src_ids"]]
+    references = [decode_like_diffuseq(tok, r) for r in data["trg_ids"]]
     if info.is_main:
         write_text_atomic(os.path.join(folder, "copy_source.jsonl"),
                           jsonl([{"recover": s, "reference": r, "source": s} for s, r in zip(sources, references)]))
@@ -183,7 +184,7 @@ def decode_all(args, info: dist.DistInfo) -> None:
                                        args.temperature, cache=use_cache, generator=gen)
             calls += out.network_calls
             rows_eval += out.row_evaluations
-            recovers[b] = [decode(extract_target(row, src_len, tok.sep_token_id, tok.pad_token_id, special))
+            recovers[b] = [decode_like_diffuseq(tok, row[src_len:])
                            for row, src_len in zip(out.x0.cpu(), batch["src_len"].tolist())]
         parts = dist.gather_to_main((recovers, calls, rows_eval), info)
         if not info.is_main:

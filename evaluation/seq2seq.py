@@ -2,25 +2,33 @@
 
 Input: DiffuSeq-format output files, one JSON object per line with the keys ``recover``
 (generated text), ``reference`` (gold target) and ``source``. Several files = several
-candidates (seeds) per source, row k of every file belonging to source k.
+candidates (seeds) per source, row k of every file belonging to source k. The strings are
+DiffuSeq's (:func:`decode_like_diffuseq`: ``[CLS]``/``[SEP]`` kept, BERT's clean-up of
+tokenization spaces applied); files written by our older decoder, without special tokens and
+with ``i ' m`` spacing, are read the same way.
 
-Conventions (those of DiffuSeq's script, kept so that numbers are comparable):
+Conventions (those of DiffuSeq's current script, commit e44113d and later, so that numbers
+are comparable):
 
 * **Special tokens**: each text is ``.strip()``-ed *first*, then ``[SEP]``, ``[CLS]`` (and for
   ``recover`` also ``[PAD]``) are deleted with ``str.replace``. Nothing is normalised afterwards,
   so ``"[CLS] a b [SEP] [PAD]"`` becomes ``" a b  "``. Only ``avg_len`` sees the leftover spaces.
-* **BLEU** of a pair is ``sentence_bleu([recover.split()], reference.split(), method4)``: DiffuSeq
-  passes the *generated* text as the reference and the *gold* text as the hypothesis
-  (:func:`diffuseq_bleu`). MBR and self-BLEU use the same call on pairs of candidates.
-  :func:`sentence_bleu_m4` is the call with the usual roles, reported as
-  ``bleu_recover_as_hypothesis``.
+* **BLEU** of a pair is ``get_bleu(recover, reference) = sentence_bleu([reference.split()],
+  recover.split(), method4)``: the generated text is the hypothesis. Self-BLEU and MBR use the
+  same call on pairs of candidates: ``get_bleu(c_i, c_j)`` has ``c_j`` as the reference.
+* **Reversed order** (``order="reversed"``): ``sentence_bleu([recover.split()],
+  reference.split())``, the generated text in the reference slot, as in DiffuSeq's first release
+  (commit 8bfafcb) and DiffusionBERT's ``compute_metric.py``. Reported as ``bleu_reversed`` and
+  ``self_bleu_reversed``; ``mbr_select(..., order="reversed")`` chooses with it.
 * **ROUGE-L**: torchmetrics ``rougeL_fmeasure`` of ``(recover, reference)`` per sentence.
 * **dist-1**: per sentence unique/total whitespace unigrams, 0 for an empty sentence (it is
   counted, not skipped); **avg_len**: ``len(recover.split(' '))`` (single-space split, so the
   gaps left by removed special tokens count); ``avg_len_words`` uses ``str.split()``.
-* **self-BLEU** per source: mean over candidate pairs i < j of ``diffuseq_bleu(c_i, c_j)``;
+* **self-BLEU** per source: mean over candidate pairs i < j of ``get_bleu(c_i, c_j)``;
   **div-4** per source: unique/total 4-grams pooled over its candidates; both then averaged
   over sources.
+* **MBR** (``selectBest``): candidate i scores ``sum_{j != i} get_bleu(c_i, c_j)`` on the
+  stripped candidates; ``np.argmax`` takes the first maximum.
 * All averages are ``numpy.mean`` of per-item Python floats, as in DiffuSeq (numpy's pairwise
   summation, so the last bits agree too).
 
@@ -49,18 +57,20 @@ MAX_ORDER = 4
 SMOOTH_K = 5  # SmoothingFunction(k=5), nltk's default, used by method4
 
 CONVENTIONS = (
-    "DiffuSeq eval_seq2seq.py conventions: text.strip() then [SEP]/[CLS] (and [PAD] in recover) "
-    "removed by str.replace, no further whitespace normalisation; bleu = mean of nltk "
-    "sentence_bleu([recover.split()], reference.split(), SmoothingFunction().method4) (DiffuSeq's "
-    "argument order: generated text in the reference slot); bleu_recover_as_hypothesis = the "
-    "usual order; rouge_l = torchmetrics rougeL_fmeasure per sentence, averaged; dist_1 = per "
-    "sentence unique/total unigrams (0 if empty), averaged; avg_len = len(recover.split(' ')), "
-    "avg_len_words = len(recover.split()); self_bleu = per source mean over candidate pairs i<j of "
-    "sentence_bleu([c_i], c_j), then mean over sources; div_4 = per source distinct/total 4-grams "
-    "pooled over its candidates, then mean over sources; MBR = argmax_i sum_{j!=i} "
-    "sentence_bleu([c_i], c_j) (ties: lowest index); all means with numpy.mean; bertscore_f1 = "
-    "greedy cosine matching of one layer's token embeddings of a local model, no idf, no baseline "
-    "rescaling, [CLS]/[SEP]/[PAD] excluded from matching and averaging."
+    "DiffuSeq eval_seq2seq.py conventions (current script, commit e44113d and later): text.strip() then "
+    "[SEP]/[CLS] (and [PAD] in recover) removed by str.replace, no further whitespace normalisation; "
+    "bleu = mean of nltk sentence_bleu([reference.split()], recover.split(), SmoothingFunction().method4) "
+    "(get_bleu(recover, reference)); bleu_reversed = the reversed argument order of DiffuSeq's first "
+    "release and DiffusionBERT, sentence_bleu([recover.split()], reference.split()); rouge_l = "
+    "torchmetrics rougeL_fmeasure per sentence, averaged; dist_1 = per sentence unique/total unigrams "
+    "(0 if empty), averaged; avg_len = len(recover.split(' ')), avg_len_words = len(recover.split()); "
+    "self_bleu = per source mean over candidate pairs i<j of get_bleu(c_i, c_j) = "
+    "sentence_bleu([c_j], c_i), then mean over sources (self_bleu_reversed: sentence_bleu([c_i], c_j)); "
+    "div_4 = per source distinct/total 4-grams pooled over its candidates, then mean over sources; "
+    "MBR = argmax_i sum_{j!=i} get_bleu(c_i, c_j) on the stripped candidates (ties: lowest index); "
+    "all means with numpy.mean; bertscore_f1 = greedy cosine matching of one layer's token embeddings "
+    "of a local model, no idf, no baseline rescaling, [CLS]/[SEP]/[PAD] excluded from matching and "
+    "averaging."
 )
 
 
@@ -75,6 +85,26 @@ def strip_special(text: str, pad: bool = True) -> str:
     """
     text = text.strip().replace(EOS, "").replace(SOS, "").replace(SEP, "")
     return text.replace(PAD, "") if pad else text
+
+
+def decode_like_diffuseq(tokenizer, ids) -> str:
+    """The string DiffuSeq writes for the token ids ``[L]`` of one canvas region.
+
+    As DiffuSeq's ``decode_token`` (``basic_utils.py``): only the trailing [PAD] ids are dropped, the
+    rest is ``tokenizer.decode``-d with the special tokens kept (``[CLS] ... [SEP]``, and a [PAD]
+    generated before other tokens) and BERT's clean-up of tokenization spaces (``i ' m`` -> ``i'm``,
+    ``moon ?`` -> ``moon?``), which was the default under DiffuSeq's transformers 4.22;
+    transformers 5 turned it off by default, so it is asked for here.
+
+    Args:
+        tokenizer: a transformers tokenizer with a ``pad_token_id``.
+        ids: ``[L]`` ints (a list or a 1-d tensor).
+    """
+    ids = ids.tolist() if hasattr(ids, "tolist") else list(ids)
+    end = len(ids)
+    while end and ids[end - 1] == tokenizer.pad_token_id:
+        end -= 1
+    return tokenizer.decode(ids[:end], skip_special_tokens=False, clean_up_tokenization_spaces=True)
 
 
 def read_outputs(path: str) -> list[dict]:
@@ -186,29 +216,35 @@ def _bleu_m4(hyp: _Stats, ref: _Stats) -> float:
 
 
 def sentence_bleu_m4(hyp: str, ref: str) -> float:
-    """``sentence_bleu([ref.split()], hyp.split(), smoothing_function=method4)``: the usual roles."""
+    """``sentence_bleu([ref.split()], hyp.split(), smoothing_function=method4)``."""
     return _bleu_m4(_stats(hyp), _stats(ref))
 
 
-def diffuseq_bleu(recover: str, reference: str) -> float:
-    """DiffuSeq's ``get_bleu(recover, reference)`` = ``sentence_bleu([recover.split()], reference.split())``.
+ORDERS = ("diffuseq", "reversed")
 
-    The first argument fills nltk's *reference* slot, so this equals
-    ``sentence_bleu_m4(hyp=reference, ref=recover)``.
+
+def _check_order(order: str) -> None:
+    if order not in ORDERS:
+        raise ValueError(f"unknown BLEU order {order!r}; choose from {', '.join(ORDERS)}")
+
+
+def get_bleu(recover: str, reference: str, order: str = "diffuseq") -> float:
+    """DiffuSeq's ``get_bleu(recover, reference)``.
+
+    ``order="diffuseq"`` (its current script): ``sentence_bleu([reference.split()], recover.split())``,
+    the generated text as hypothesis. ``order="reversed"`` (its first release, DiffusionBERT's
+    ``compute_metric.py``): ``sentence_bleu([recover.split()], reference.split())``.
     """
-    return _bleu_m4(_stats(reference), _stats(recover))
+    _check_order(order)
+    if order == "reversed":
+        recover, reference = reference, recover
+    return _bleu_m4(_stats(recover), _stats(reference))
 
 
-def bleu(hyps: Sequence[str], refs: Sequence[str]) -> float:
-    """Mean DiffuSeq BLEU, ``np.mean(diffuseq_bleu(h, r))`` (generated text first, as DiffuSeq)."""
+def bleu(hyps: Sequence[str], refs: Sequence[str], order: str = "diffuseq") -> float:
+    """Mean sentence BLEU, ``np.mean(get_bleu(h, r, order))``."""
     _check_pairs(hyps, refs)
-    return float(np.mean([diffuseq_bleu(h, r) for h, r in zip(hyps, refs)]))
-
-
-def bleu_recover_as_hypothesis(hyps: Sequence[str], refs: Sequence[str]) -> float:
-    """Mean sentence BLEU with the generated text as nltk's hypothesis (not DiffuSeq's order)."""
-    _check_pairs(hyps, refs)
-    return float(np.mean([sentence_bleu_m4(h, r) for h, r in zip(hyps, refs)]))
+    return float(np.mean([get_bleu(h, r, order) for h, r in zip(hyps, refs)]))
 
 
 def _check_pairs(hyps: Sequence[str], refs: Sequence[str]) -> None:
@@ -280,9 +316,22 @@ def _check_candidates(candidate_lists: Sequence[Sequence[str]]) -> None:
         raise ValueError("every source needs at least one candidate")
 
 
-def self_bleu(candidate_lists: Sequence[Sequence[str]]) -> float:
-    """DiffuSeq self-BLEU: per source ``np.mean`` over pairs i < j of ``diffuseq_bleu(c_i, c_j)``
-    (0 for a single candidate), then ``np.mean`` over sources.
+def _bleu_matrix(cands: Sequence[str], order: str) -> list[list[float]]:
+    """``m[i][j] = get_bleu(c_i, c_j, order)`` for i != j, 0 on the diagonal."""
+    _check_order(order)
+    stats = [_stats(c) for c in cands]
+    n = len(stats)
+    m = [[0.0] * n for _ in range(n)]
+    for i in range(n):
+        for j in range(n):
+            if i != j:
+                m[i][j] = _bleu_m4(stats[i], stats[j]) if order == "diffuseq" else _bleu_m4(stats[j], stats[i])
+    return m
+
+
+def self_bleu(candidate_lists: Sequence[Sequence[str]], order: str = "diffuseq") -> float:
+    """DiffuSeq self-BLEU: per source ``np.mean`` over pairs i < j of ``get_bleu(c_i, c_j)`` =
+    ``sentence_bleu([c_j], c_i)`` (0 for a single candidate), then ``np.mean`` over sources.
 
     Args:
         candidate_lists: ``[num_sources][num_candidates]`` strings.
@@ -290,9 +339,8 @@ def self_bleu(candidate_lists: Sequence[Sequence[str]]) -> float:
     _check_candidates(candidate_lists)
     per_source = []
     for cands in candidate_lists:
-        stats = [_stats(c) for c in cands]
-        pairs = [_bleu_m4(stats[j], stats[i])
-                 for i in range(len(stats)) for j in range(i + 1, len(stats))]
+        m = _bleu_matrix(cands, order)
+        pairs = [m[i][j] for i in range(len(cands)) for j in range(i + 1, len(cands))]
         per_source.append(np.mean(pairs) if pairs else 0.0)
     return float(np.mean(per_source))
 
@@ -310,13 +358,14 @@ def div_4(candidate_lists: Sequence[Sequence[str]]) -> float:
     return float(np.mean(per_source))
 
 
-def mbr_select(candidates: Sequence[Sequence[str]]) -> list[int]:
+def mbr_select(candidates: Sequence[Sequence[str]], order: str = "diffuseq") -> list[int]:
     """Minimum-Bayes-risk choice per source, as DiffuSeq's ``selectBest``.
 
-    Candidate i scores ``sum_{j != i} diffuseq_bleu(c_i, c_j)``, i.e. nltk BLEU with c_j as
-    hypothesis and c_i as reference; the highest score wins, ties go to the lowest index
-    (``np.argmax``). The row sum is ``np.sum`` over the full row with a 0 on the diagonal, as
-    DiffuSeq does, so near-ties break the same way.
+    Candidate i scores ``sum_{j != i} get_bleu(c_i, c_j)`` = ``sum_{j != i} sentence_bleu([c_j], c_i)``:
+    c_i is the hypothesis, each other candidate a reference (``order="reversed"`` swaps the roles).
+    The highest score wins, ties go to the lowest index (``np.argmax``). The row sum is ``np.sum``
+    over the full row with a 0 on the diagonal, as DiffuSeq does, so near-ties break the same way.
+    DiffuSeq chooses among candidates stripped of special tokens (:func:`strip_special`).
 
     Args:
         candidates: ``[num_sources][num_candidates]`` strings.
@@ -325,16 +374,7 @@ def mbr_select(candidates: Sequence[Sequence[str]]) -> list[int]:
         ``[num_sources]`` indices into each source's candidate list.
     """
     _check_candidates(candidates)
-    chosen = []
-    for cands in candidates:
-        stats = [_stats(c) for c in cands]
-        scores = np.zeros((len(stats), len(stats)))
-        for i, s_i in enumerate(stats):
-            for j, s_j in enumerate(stats):
-                if i != j:
-                    scores[i, j] = _bleu_m4(s_j, s_i)
-        chosen.append(int(np.argmax(np.sum(scores, -1))))
-    return chosen
+    return [int(np.argmax(np.sum(_bleu_matrix(cands, order), -1))) for cands in candidates]
 
 
 # --------------------------------------------------------------------------- BERTScore
@@ -475,7 +515,7 @@ def pair_metrics(recovers: Sequence[str], references: Sequence[str], bertscore_m
     """BLEU, ROUGE-L, BERTScore F1, dist-1 and lengths of stripped ``recover``/``reference`` lists."""
     out = {
         "bleu": bleu(recovers, references),
-        "bleu_recover_as_hypothesis": bleu_recover_as_hypothesis(recovers, references),
+        "bleu_reversed": bleu(recovers, references, order="reversed"),
         "rouge_l": rouge_l(recovers, references),
     }
     if bertscore_model is not None:
@@ -491,7 +531,8 @@ def pair_metrics(recovers: Sequence[str], references: Sequence[str], bertscore_m
 
 def evaluate_outputs(rows_per_seed: Sequence[list[dict]], bertscore_model: str | None = "minilm",
                      mbr: bool = False, names: Sequence[str] | None = None,
-                     bertscore_layer: int | None = None, device: str = "cpu", batch_size: int = 64) -> dict:
+                     bertscore_layer: int | None = None, device: str = "cpu", batch_size: int = 64,
+                     mbr_order: str = "diffuseq") -> dict:
     """All seq2seq metrics for one or several (per-seed) output files.
 
     Args:
@@ -501,10 +542,12 @@ def evaluate_outputs(rows_per_seed: Sequence[list[dict]], bertscore_model: str |
         mbr: with >= 2 files, report the headline metrics on the MBR choice among the files'
             candidates (DiffuSeq ``--mbr``) instead of on the first file.
         names: file names for error messages.
+        mbr_order: the BLEU argument order of the MBR choice (:data:`ORDERS`).
 
     Returns:
         A flat dict: the headline metrics (``metrics_on`` says on what), and with >= 2 files
-        ``self_bleu``, ``div_4`` and ``per_file`` (a list of per-file metric dicts). The reference
+        ``self_bleu``, ``self_bleu_reversed``, ``div_4``, ``per_file`` (a list of per-file metric
+        dicts) and, with ``mbr``, ``mbr_choice`` (the chosen file's index per source). The reference
         of a source is the first file's (as DiffuSeq).
     """
     if not rows_per_seed:
@@ -522,13 +565,18 @@ def evaluate_outputs(rows_per_seed: Sequence[list[dict]], bertscore_model: str |
 
     per_source = [list(c) for c in zip(*recovers)]  # [num_sources][num_files]
     per_file = [pair_metrics(rec, references, **kw) for rec in recovers]
+    extra = {}
     if mbr:
-        picks = mbr_select(per_source)
+        picks = mbr_select(per_source, order=mbr_order)
         headline = pair_metrics([c[i] for c, i in zip(per_source, picks)], references, **kw)
         metrics_on = f"MBR choice among {num_files} candidates per source"
+        if mbr_order != "diffuseq":
+            metrics_on += f" ({mbr_order} BLEU order)"
+        extra["mbr_choice"] = picks
     else:
         headline = per_file[0]
         metrics_on = "the first file"
     return {"metrics_on": metrics_on, **headline,
-            "self_bleu": self_bleu(per_source), "div_4": div_4(per_source),
-            "num_sources": num_sources, "num_files": num_files, "per_file": per_file}
+            "self_bleu": self_bleu(per_source), "self_bleu_reversed": self_bleu(per_source, order="reversed"),
+            "div_4": div_4(per_source), "num_sources": num_sources, "num_files": num_files,
+            "per_file": per_file, **extra}

@@ -1,12 +1,20 @@
 """Tests for evaluation.seq2seq and ``compute_metric.py --mode seq2seq``.
 
+The oracles are (1) hand-computed values and (2) ``DiffuSeqEval`` below: DiffuSeq's current
+``scripts/eval_seq2seq.py`` (commit e44113d and later; Tang et al.'s copy runs the same second
+``get_bleu``) retyped function by function in plain python with nltk, torchmetrics and numpy, and
+its ``__main__`` loop minus BERTScore. Its ``get_bleu(recover, reference)`` is
+``sentence_bleu([reference.split()], recover.split(), method4)``: the generated text is the
+hypothesis. The reversed order (DiffuSeq's first release, commit 8bfafcb, and DiffusionBERT's
+``compute_metric.py``) is retyped as ``get_bleu_8bfafcb``.
+
 Hand-computed values use nltk's method4: the m-th zero precision (m = 1, 2, ...) of a hypothesis
 of length c > 1 becomes ``1 / (2**m * 5 / ln c) / den`` with den = max(1, #hyp n-grams); the
-score is ``bp * (p1 p2 p3 p4) ** (1/4)`` with ``bp = exp(1 - r/c)`` when c <= r. DiffuSeq's
-``get_bleu(a, b)`` puts ``a`` in the *reference* slot and ``b`` in the hypothesis slot.
+score is ``bp * (p1 p2 p3 p4) ** (1/4)`` with ``bp = exp(1 - r/c)`` when c <= r.
 """
 from __future__ import annotations
 
+import glob
 import json
 import math
 import os
@@ -15,22 +23,24 @@ import subprocess
 import sys
 import warnings
 
+import nltk
 import numpy as np
 import pytest
 from nltk.translate.bleu_score import SmoothingFunction, sentence_bleu
 
 import compute_metric
 from evaluation.seq2seq import (
+    ORDERS,
     avg_len,
     avg_len_words,
     bert_score,
     bert_score_f1,
     bleu,
-    bleu_recover_as_hypothesis,
-    diffuseq_bleu,
+    decode_like_diffuseq,
     dist_1,
     div_4,
     evaluate_outputs,
+    get_bleu,
     greedy_cosine_prf,
     mbr_select,
     read_outputs,
@@ -64,6 +74,144 @@ def write_rows(path, rows) -> str:
         for rec, ref, src in rows:
             f.write(json.dumps({"recover": rec, "reference": ref, "source": src}) + "\n")
     return str(path)
+
+
+# --------------------------------------------------------------------------- DiffuSeq's script, retyped
+# scripts/eval_seq2seq.py of Shark-NLP/DiffuSeq at its current commit, function by function (names
+# kept, BERTScore left out). The only change: warnings from nltk are silenced.
+
+
+def _sentence_bleu_m4(references, hypothesis):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return sentence_bleu(references, hypothesis, smoothing_function=SmoothingFunction().method4)
+
+
+def get_bleu_e44113d(recover, reference):
+    """The current get_bleu (DiffuSeq e44113d; the second, running definition in Tang et al.'s)."""
+    return _sentence_bleu_m4([reference.split()], recover.split())
+
+
+def get_bleu_8bfafcb(recover, reference):
+    """DiffuSeq's first release (8bfafcb) and DiffusionBERT's compute_metric.py: the reversed order."""
+    return _sentence_bleu_m4([recover.split()], reference.split())
+
+
+def select_best_index(sentences, get_bleu=get_bleu_e44113d):
+    """selectBest, returning idx instead of sentences[idx]."""
+    selfBleu = [[] for i in range(len(sentences))]
+    for i, s1 in enumerate(sentences):
+        for j, s2 in enumerate(sentences):
+            score = get_bleu(s1, s2)
+            selfBleu[i].append(score)
+    for i, s1 in enumerate(sentences):
+        selfBleu[i][i] = 0
+    idx = np.argmax(np.sum(selfBleu, -1))
+    return int(idx)
+
+
+def diversityOfSet(sentences, get_bleu=get_bleu_e44113d):
+    selfBleu = []
+    for i, sentence in enumerate(sentences):
+        for j in range(i + 1, len(sentences)):
+            score = get_bleu(sentence, sentences[j])
+            selfBleu.append(score)
+    if len(selfBleu) == 0:
+        selfBleu.append(0)
+    div4 = distinct_n_gram_inter_sent(sentences, 4)
+    return np.mean(selfBleu), div4
+
+
+def distinct_n_gram(hypn, n):
+    dist_list = []
+    for hyp in hypn:
+        hyp_ngrams = []
+        hyp_ngrams += nltk.ngrams(hyp.split(), n)
+        total_ngrams = len(hyp_ngrams)
+        unique_ngrams = len(list(set(hyp_ngrams)))
+        if total_ngrams == 0:
+            return 0
+        dist_list.append(unique_ngrams / total_ngrams)
+    return np.mean(dist_list)
+
+
+def distinct_n_gram_inter_sent(hypn, n):
+    hyp_ngrams = []
+    for hyp in hypn:
+        hyp_ngrams += nltk.ngrams(hyp.split(), n)
+    total_ngrams = len(hyp_ngrams)
+    unique_ngrams = len(list(set(hyp_ngrams)))
+    if total_ngrams == 0:
+        return 0
+    dist_n = unique_ngrams / total_ngrams
+    return dist_n
+
+
+def diffuseq_eval(folder, mbr, get_bleu=get_bleu_e44113d, sos="[CLS]", eos="[SEP]", sep="[SEP]", pad="[PAD]"):
+    """The script's __main__ loop over ``sorted(glob(folder/*json))``; returns what it prints (no
+    BERTScore): ``per_file`` metrics, then self-BLEU/div-4 or, with ``mbr``, the MBR metrics."""
+    from torchmetrics.text.rouge import ROUGEScore
+    rougeScore = ROUGEScore(rouge_keys="rougeL")  # the script's ROUGEScore() also computes rougeLsum,
+    # which needs nltk's punkt data; rougeL is computed the same way either way
+
+    files = sorted(glob.glob(f"{folder}/*json"))
+    sample_num = 0
+    with open(files[0], "r") as f:
+        for row in f:
+            sample_num += 1
+    sentenceDict, referenceDict, sourceDict = {}, {}, {}
+    for i in range(sample_num):
+        sentenceDict[i], referenceDict[i], sourceDict[i] = [], [], []
+    div4, selfBleu, out = [], [], {"per_file": []}
+    for path in files:
+        sources, references, recovers, bleu_, rougel, avg_len_, dist1 = [], [], [], [], [], [], []
+        with open(path, "r") as f:
+            cnt = 0
+            for row in f:
+                source = json.loads(row)["source"].strip()
+                reference = json.loads(row)["reference"].strip()
+                recover = json.loads(row)["recover"].strip()
+                source = source.replace(eos, "").replace(sos, "")
+                reference = reference.replace(eos, "").replace(sos, "").replace(sep, "")
+                recover = recover.replace(eos, "").replace(sos, "").replace(sep, "").replace(pad, "")
+                sources.append(source)
+                references.append(reference)
+                recovers.append(recover)
+                avg_len_.append(len(recover.split(" ")))
+                bleu_.append(get_bleu(recover, reference))
+                rougel.append(rougeScore(recover, reference)["rougeL_fmeasure"].tolist())
+                dist1.append(distinct_n_gram([recover], 1))
+                sentenceDict[cnt].append(recover)
+                referenceDict[cnt].append(reference)
+                sourceDict[cnt].append(source)
+                cnt += 1
+        out["per_file"].append({"bleu": np.mean(bleu_), "rouge_l": np.mean(rougel), "dist_1": np.mean(dist1),
+                                "avg_len": np.mean(avg_len_)})
+    if len(files) > 1:
+        if not mbr:
+            for k, v in sentenceDict.items():
+                if len(v) == 0:
+                    continue
+                sb, d4 = diversityOfSet(v, get_bleu)
+                selfBleu.append(sb)
+                div4.append(d4)
+            out["self_bleu"], out["div_4"] = np.mean(selfBleu), np.mean(div4)
+        else:
+            bleu_, rougel, avg_len_, dist1, recovers, references, sources = [], [], [], [], [], [], []
+            for k, v in sentenceDict.items():
+                if len(v) == 0 or len(referenceDict[k]) == 0:
+                    continue
+                recovers.append(v[select_best_index(v, get_bleu)])
+                references.append(referenceDict[k][0])
+                sources.append(sourceDict[k][0])
+            for (source, reference, recover) in zip(sources, references, recovers):
+                bleu_.append(get_bleu(recover, reference))
+                rougel.append(rougeScore(recover, reference)["rougeL_fmeasure"].tolist())
+                avg_len_.append(len(recover.split(" ")))
+                dist1.append(distinct_n_gram([recover], 1))
+            out["mbr"] = {"bleu": np.mean(bleu_), "rouge_l": np.mean(rougel), "dist_1": np.mean(dist1),
+                          "avg_len": np.mean(avg_len_)}
+    return out
 
 
 # --------------------------------------------------------------------------- stripping / reading
@@ -115,6 +263,67 @@ def test_read_outputs_file_errors(tmp_path):
         read_outputs(str(tmp_path / "latin.json"))
 
 
+# --------------------------------------------------------------------------- decoded strings
+
+
+def diffuseq_era_decode(tokens: list[str]) -> str:
+    """What DiffuSeq's ``tokenizer.decode(ids)`` gave under transformers 4.22 with a fast BERT tokenizer:
+    the WordPiece decoder joins the tokens with spaces and glues ``##`` pieces, then
+    ``clean_up_tokenization`` (on by default there) is applied, retyped here. (tokenizers < 0.13 also
+    rewrote " do not" as " don't" in its decoder; that is not reproduced.)"""
+    text = " ".join(tokens).replace(" ##", "")
+    return (text.replace(" .", ".").replace(" ?", "?").replace(" !", "!").replace(" ,", ",")
+            .replace(" ' ", "'").replace(" n't", "n't").replace(" 'm", "'m").replace(" 's", "'s")
+            .replace(" 've", "'ve").replace(" 're", "'re"))
+
+
+# (text, what DiffuSeq writes for [CLS] text [SEP] [PAD]...), worked out by hand. Word pieces:
+# cap ##ric ##orn, as ##cend ##ant, tab ##ern ##acle ##s, em ##bell ##ished.
+DECODED = [
+    ("I'm a triple Capricorn (Sun, Moon and ascendant in Capricorn). What does this say about me?",
+     "[CLS] i'm a triple capricorn ( sun, moon and ascendant in capricorn ). what does this say about me? [SEP]"),
+    ('Don\'t you think it\'s unbelievable, isn\'t it? Yes -- we\'ve seen "it" 3.5 times!',
+     '[CLS] don\'t you think it\'s unbelievable, isn\'t it? yes - - we\'ve seen " it " 3. 5 times! [SEP]'),
+    ("The Lord's tabernacles were embellished; they're gone.",
+     "[CLS] the lord's tabernacles were embellished ; they're gone. [SEP]"),
+]
+
+
+@pytest.mark.parametrize("text, expected", DECODED)
+def test_decode_like_diffuseq_by_hand(tok, text, expected):
+    import torch
+
+    ids = tok(text)["input_ids"]
+    padded = ids + [tok.pad_token_id] * 3
+    assert decode_like_diffuseq(tok, padded) == expected
+    assert decode_like_diffuseq(tok, torch.tensor(padded)) == expected
+    assert diffuseq_era_decode(tok.convert_ids_to_tokens(ids)) == expected
+
+
+def test_decode_like_diffuseq_keeps_inner_padding(tok):
+    # A generated target region: only the trailing [PAD]s go; a [PAD] before other tokens stays a word,
+    # which DiffuSeq's eval script then deletes from recover.
+    a, b = tok("a cat", add_special_tokens=False)["input_ids"], tok("sat", add_special_tokens=False)["input_ids"]
+    pad, sep = tok.pad_token_id, tok.sep_token_id
+    assert decode_like_diffuseq(tok, a + [sep, pad] + b + [pad, pad]) == "a cat [SEP] [PAD] sat"
+    assert strip_special(decode_like_diffuseq(tok, a + [sep, pad] + b + [pad, pad])).split() == ["a", "cat", "sat"]
+    assert decode_like_diffuseq(tok, [pad, pad]) == ""
+
+
+def test_decode_like_diffuseq_on_real_verses(tok):
+    from textdata.bible import load_verse_pairs
+
+    pairs, _ = load_verse_pairs()
+    texts = [t for p in pairs[:300] for t in (p.kjv, p.web)]
+    changed = 0
+    for text in texts:
+        ids = tok(text)["input_ids"] + [tok.pad_token_id] * 2
+        got = decode_like_diffuseq(tok, ids)
+        assert got == diffuseq_era_decode(tok.convert_ids_to_tokens(ids[:-2])), text
+        changed += got != tok.decode(ids[:-2], clean_up_tokenization_spaces=False)
+    assert changed > 50  # the clean-up matters on real text ("lord's", "it?", "said,")
+
+
 # --------------------------------------------------------------------------- BLEU
 
 
@@ -128,7 +337,8 @@ def test_sentence_bleu_equals_nltk_bit_for_bit():
     for _ in range(3000):
         h, r = sent(), sent()
         assert sentence_bleu_m4(h, r) == nltk_m4(h, r), (h, r)
-        assert diffuseq_bleu(h, r) == nltk_m4(r, h), (h, r)  # DiffuSeq: first argument is the reference
+        assert get_bleu(h, r) == get_bleu_e44113d(h, r), (h, r)
+        assert get_bleu(h, r, "reversed") == get_bleu_8bfafcb(h, r), (h, r)
 
 
 def test_bleu_method4_by_hand():
@@ -137,20 +347,23 @@ def test_bleu_method4_by_hand():
     assert sentence_bleu_m4("a b", "c d") == 0.0  # no unigram match
     assert sentence_bleu_m4("", "a b") == 0.0
 
-    # DiffuSeq order, get_bleu(recover="a b c", reference="a b c d e"): hypothesis = the gold
-    # "a b c d e" (c = 5) against reference "a b c" (r = 3): bp = 1 (c > r);
-    # p1 = 3/5, p2 = 2/4, p3 = 1/3, p4 = 0/2 -> 1/(2*5/ln5)/2 = ln5/20.
-    diffuseq = (3 / 5 * 2 / 4 * 1 / 3 * math.log(5) / 20) ** 0.25
-    # Usual order: hypothesis "a b c" (c = 3) vs "a b c d e" (r = 5): bp = exp(1 - 5/3);
-    # p1 = p2 = p3 = 1, p4 = 0/1 -> 1/(2*5/ln3) = ln3/10.
-    usual = math.exp(1 - 5 / 3) * (math.log(3) / 10) ** 0.25
-    assert diffuseq_bleu("a b c", "a b c d e") == pytest.approx(diffuseq, rel=1e-12)
-    assert sentence_bleu_m4("a b c", "a b c d e") == pytest.approx(usual, rel=1e-12)
-    assert abs(diffuseq - usual) > 1e-3
+    # get_bleu(recover="a b c", reference="a b c d e"), DiffuSeq's current order: hypothesis
+    # "a b c" (c = 3) vs "a b c d e" (r = 5): bp = exp(1 - 5/3); p1 = p2 = p3 = 1,
+    # p4 = 0/1 -> 1/(2*5/ln3) = ln3/10.
+    current = math.exp(1 - 5 / 3) * (math.log(3) / 10) ** 0.25
+    # Reversed (DiffuSeq 8bfafcb, DiffusionBERT): hypothesis = the gold "a b c d e" (c = 5) vs "a b c"
+    # (r = 3): bp = 1 (c > r); p1 = 3/5, p2 = 2/4, p3 = 1/3, p4 = 0/2 -> 1/(2*5/ln5)/2 = ln5/20.
+    reversed_ = (3 / 5 * 2 / 4 * 1 / 3 * math.log(5) / 20) ** 0.25
+    assert get_bleu("a b c", "a b c d e") == pytest.approx(current, rel=1e-12)
+    assert get_bleu("a b c", "a b c d e", "reversed") == pytest.approx(reversed_, rel=1e-12)
+    assert abs(current - reversed_) > 1e-3
 
     hyps, refs = ["a b c", "a b c d", " p  q "], ["a b c d e", "a b d c", "p q"]
-    assert bleu(hyps, refs) == pytest.approx((diffuseq + B_ABCD_ABDC + B_PQ) / 3, rel=1e-12)
-    assert bleu_recover_as_hypothesis(hyps, refs) == pytest.approx((usual + B_ABCD_ABDC + B_PQ) / 3, rel=1e-12)
+    assert bleu(hyps, refs) == pytest.approx((current + B_ABCD_ABDC + B_PQ) / 3, rel=1e-12)
+    assert bleu(hyps, refs, order="reversed") == pytest.approx((reversed_ + B_ABCD_ABDC + B_PQ) / 3, rel=1e-12)
+    assert ORDERS == ("diffuseq", "reversed")
+    with pytest.raises(ValueError, match="unknown BLEU order"):
+        bleu(hyps, refs, order="usual")
 
 
 # --------------------------------------------------------------------------- ROUGE-L, dist-1, length
@@ -201,7 +414,12 @@ def test_self_bleu_by_hand():
     # Source 2: all three pairs are "p q" vs "p q" = B_PQ. Then the mean over the two sources.
     cands = [["a b c d", "a b d c", "x y z"], ["p q", "p q", "p q"]]
     assert self_bleu(cands) == pytest.approx((B_ABCD_ABDC / 3 + B_PQ) / 2, rel=1e-12)
-    assert self_bleu([["a b c", "a b c d e"]]) == pytest.approx(diffuseq_bleu("a b c", "a b c d e"), rel=1e-15)
+    # The pair (c_0, c_1) scores get_bleu(c_0, c_1) = sentence_bleu([c_1], c_0): see
+    # test_bleu_method4_by_hand for these two values.
+    current = math.exp(1 - 5 / 3) * (math.log(3) / 10) ** 0.25
+    reversed_ = (3 / 5 * 2 / 4 * 1 / 3 * math.log(5) / 20) ** 0.25
+    assert self_bleu([["a b c", "a b c d e"]]) == pytest.approx(current, rel=1e-12)
+    assert self_bleu([["a b c", "a b c d e"]], order="reversed") == pytest.approx(reversed_, rel=1e-12)
     assert self_bleu([["only one"]]) == 0.0
 
 
@@ -215,90 +433,107 @@ def test_mbr_picks_the_consensus():
 
 
 def test_mbr_uses_diffuseq_argument_order():
-    # Candidate i scores sum_j get_bleu(c_i, c_j) = BLEU(hyp=c_j | ref=c_i).
-    # c0 = "a": BLEU(hyp "a a" | ref "a") = (1/2 * ln2/10 * ln2/20 * ln2/40)^(1/4) ~ 0.0675 (+ 0 for "b").
-    # c1 = "a a": BLEU(hyp "a" | ref "a a") = bp = exp(1 - 2/1) ~ 0.368 (one word: only p1 = 1 counts).
-    # The usual order would swap the two scores and pick 0.
-    s0 = (0.5 * (LN2 / 10) * (LN2 / 20) * (LN2 / 40)) ** 0.25
-    assert s0 < math.exp(-1)
-    assert mbr_select([["a", "a a", "b"]]) == [1]
+    # Candidate i scores sum_j get_bleu(c_i, c_j) = sum_j BLEU(hyp=c_i | ref=c_j); "b" shares nothing.
+    # c0 = "a": BLEU(hyp "a" | ref "a a") = bp = exp(1 - 2/1) ~ 0.368 (one word: only p1 = 1 counts).
+    # c1 = "a a": BLEU(hyp "a a" | ref "a") = (1/2 * ln2/10 * ln2/20 * ln2/40)^(1/4) ~ 0.0675.
+    # The reversed order (DiffuSeq 8bfafcb, DiffusionBERT) swaps the two scores and picks 1.
+    s1 = (0.5 * (LN2 / 10) * (LN2 / 20) * (LN2 / 40)) ** 0.25
+    assert s1 < math.exp(-1)
+    assert mbr_select([["a", "a a", "b"]]) == [0]
+    assert mbr_select([["a", "a a", "b"]], order="reversed") == [1]
 
 
-def test_mbr_matches_a_literal_select_best():
+def random_candidates(rng, num_sources, num_cands, special=True):
+    """Candidates as decoded files hold them: [CLS]/[SEP], [PAD] inside and at the end, empty ones, and
+    copies of one another (exact ties, also between strings that differ only in special tokens)."""
+    vocab = "the a cat dog sat on mat ? ,".split()
+    out = []
+    for _ in range(num_sources):
+        cands = []
+        for _ in range(num_cands):
+            words = [rng.choice(vocab) for _ in range(rng.randint(0, 7))]
+            if cands and rng.random() < 0.3:
+                words = strip_special(rng.choice(cands)).split()  # a copy: a tie
+            if special:
+                cut = rng.randint(0, len(words))
+                text = " ".join(["[CLS]"] + words[:cut] + ["[SEP]"] + ["[PAD]"] * rng.randint(0, 2) + words[cut:])
+                text += " [PAD]" * rng.randint(0, 2)
+            else:
+                text = " ".join(words)
+            cands.append(text)
+        out.append(cands)
+    return out
+
+
+@pytest.mark.parametrize("order", ORDERS)
+def test_mbr_and_self_bleu_match_the_literal_script(order):
+    get = {"diffuseq": get_bleu_e44113d, "reversed": get_bleu_8bfafcb}[order]
     rng = random.Random(3)
-    vocab = "a b c d".split()
-    cands = [[" ".join(rng.choice(vocab) for _ in range(rng.randint(1, 7))) for _ in range(5)] for _ in range(40)]
-    expected = []
-    for cs in cands:
-        m = [[nltk_m4(s2, s1) for s2 in cs] for s1 in cs]  # get_bleu(s1, s2)
-        for i in range(len(cs)):
-            m[i][i] = 0
-        expected.append(int(np.argmax(np.sum(m, -1))))
-    assert mbr_select(cands) == expected
+    cands = random_candidates(rng, 120, 5)
+    stripped = [[strip_special(c) for c in cs] for cs in cands]
+    assert mbr_select(stripped, order=order) == [select_best_index(cs, get) for cs in stripped]
+    assert self_bleu(stripped, order=order) == float(np.mean([diversityOfSet(cs, get)[0] for cs in stripped]))
+    assert div_4(stripped) == float(np.mean([diversityOfSet(cs, get)[1] for cs in stripped]))
+    # the sample has ties and cases where the order decides
+    assert any(len(set(cs)) < len(cs) for cs in stripped)
+    assert mbr_select(stripped, "diffuseq") != mbr_select(stripped, "reversed")
 
 
 # --------------------------------------------------------------------------- whole evaluation vs DiffuSeq's loop
 
 
-def literal_diffuseq(rows_per_seed, use_mbr):
-    """DiffuSeq's eval loop written out with nltk/torchmetrics/numpy (no BERTScore)."""
-    from torchmetrics.text.rouge import ROUGEScore
-
-    rouge = ROUGEScore(rouge_keys="rougeL")
-    get_bleu = lambda a, b: nltk_m4(b, a)  # sentence_bleu([a.split()], b.split())
-
-    def clean(t, pad):
-        t = t.strip().replace("[SEP]", "").replace("[CLS]", "").replace("[SEP]", "")
-        return t.replace("[PAD]", "") if pad else t
-
-    recs = [[clean(r["recover"], True) for r in rows] for rows in rows_per_seed]
-    refs = [clean(r["reference"], False) for r in rows_per_seed[0]]
-
-    def scores(rec):
-        d1 = [len(set(x.split())) / len(x.split()) if x.split() else 0 for x in rec]
-        return {"bleu": np.mean([get_bleu(a, b) for a, b in zip(rec, refs)]),
-                "rouge_l": np.mean([rouge(a, b)["rougeL_fmeasure"].tolist() for a, b in zip(rec, refs)]),
-                "dist_1": np.mean(d1), "avg_len": np.mean([len(x.split(" ")) for x in rec])}
-
-    per_source = list(zip(*recs))
-    if use_mbr:
-        best = []
-        for v in per_source:
-            m = [[get_bleu(a, b) for b in v] for a in v]
-            for i in range(len(v)):
-                m[i][i] = 0
-            best.append(v[int(np.argmax(np.sum(m, -1)))])
-        out = scores(best)
-    else:
-        out = scores(recs[0])
-    sb, d4 = [], []
-    for v in per_source:
-        pairs = [get_bleu(v[i], v[j]) for i in range(len(v)) for j in range(i + 1, len(v))]
-        sb.append(np.mean(pairs or [0]))
-        grams = [g for x in v for g in zip(*(x.split()[k:] for k in range(4)))]
-        d4.append(len(set(grams)) / len(grams) if grams else 0)
-    out.update(self_bleu=np.mean(sb), div_4=np.mean(d4))
-    return out
+def write_folder(folder, files) -> list[str]:
+    folder.mkdir(exist_ok=True)
+    paths = []
+    for k, rows in enumerate(files):
+        paths.append(write_rows(folder / f"seed{k}_step0.json",
+                                [(r["recover"], r["reference"], r["source"]) for r in rows]))
+    return paths
 
 
-@pytest.mark.parametrize("use_mbr", [False, True])
-def test_evaluate_outputs_equals_diffuseq_loop(use_mbr):
-    rng = random.Random(5)
+def random_outputs(seed, num_sources=12, num_files=4):
+    rng = random.Random(seed)
     vocab = "the a cat dog sat ran on mat ? ,".split()
 
     def sent(lo=0):
         return " ".join(rng.choice(vocab) for _ in range(rng.randint(lo, 9)))
 
-    sources = [f"[CLS] {sent(1)} [SEP]" for _ in range(12)]
+    sources = [f"[CLS] {sent(1)} [SEP] [SEP]" for _ in range(num_sources)]
     # DiffuSeq deletes [PAD] from recover only: a reference keeps it as a word.
-    refs = [f"[CLS] {sent(1)} [SEP]" + " [PAD]" * rng.randint(0, 1) for _ in range(12)]
-    files = [[{"recover": f"[CLS] {sent()} [SEP]" + " [PAD]" * rng.randint(0, 3), "reference": r, "source": s}
-              for s, r in zip(sources, refs)] for _ in range(4)]
+    refs = [f"[CLS] {sent(1)} [SEP]" + " [PAD]" * rng.randint(0, 1) for _ in range(num_sources)]
+    cands = random_candidates(rng, num_sources, num_files)
+    return [[{"recover": cands[i][k], "reference": refs[i], "source": sources[i]} for i in range(num_sources)]
+            for k in range(num_files)]
+
+
+@pytest.mark.parametrize("use_mbr", [False, True])
+def test_evaluate_outputs_equals_diffuseq_loop(tmp_path, use_mbr):
+    files = random_outputs(5)
+    write_folder(tmp_path / "run", files)
+    want = diffuseq_eval(tmp_path / "run", use_mbr)
     got = evaluate_outputs(files, bertscore_model=None, mbr=use_mbr)
-    want = literal_diffuseq(files, use_mbr)
-    for key, value in want.items():
+    for k, per_file in enumerate(want["per_file"]):
+        for key, value in per_file.items():
+            assert got["per_file"][k][key] == float(value), (k, key)
+    headline = want["mbr"] if use_mbr else want["per_file"][0]
+    for key, value in headline.items():
         assert got[key] == float(value), key
+    if not use_mbr:  # the script prints these only without --mbr
+        assert (got["self_bleu"], got["div_4"]) == (float(want["self_bleu"]), float(want["div_4"]))
     assert got["num_files"] == 4 and len(got["per_file"]) == 4 and "bertscore_f1" not in got
+
+
+def test_evaluate_outputs_reversed_order_equals_the_first_release(tmp_path):
+    files = random_outputs(6)
+    write_folder(tmp_path / "run", files)
+    got = evaluate_outputs(files, bertscore_model=None, mbr=True, mbr_order="reversed")
+    mbr = diffuseq_eval(tmp_path / "run", True, get_bleu_8bfafcb)["mbr"]
+    plain = diffuseq_eval(tmp_path / "run", False, get_bleu_8bfafcb)
+    assert got["bleu_reversed"] == float(mbr["bleu"]) and got["rouge_l"] == float(mbr["rouge_l"])
+    assert got["self_bleu_reversed"] == float(plain["self_bleu"])
+    assert got["per_file"][0]["bleu_reversed"] == float(plain["per_file"][0]["bleu"])
+    assert got["metrics_on"] == "MBR choice among 4 candidates per source (reversed BLEU order)"
+    assert got["mbr_choice"] != evaluate_outputs(files, bertscore_model=None, mbr=True)["mbr_choice"]
 
 
 def test_evaluate_outputs_rejects_different_sources():
@@ -434,6 +669,30 @@ def test_cli_folder_of_seeds(tmp_path, capsys):
     assert compute_metric.main(["--mode", "seq2seq", "--samples", *files, "--bertscore_model", "none"]) == 0
     m3 = load(files[0] + ".seq2seq_metrics.json")["metrics"]
     assert (m3["self_bleu"], m3["div_4"]) == (m["self_bleu"], m["div_4"])
+
+
+@pytest.mark.parametrize("use_mbr", [False, True])
+def test_cli_folder_equals_the_literal_script(tmp_path, capsys, use_mbr):
+    folder = tmp_path / "run"
+    write_folder(folder, random_outputs(7))
+    want = diffuseq_eval(folder, use_mbr)  # before the metrics file joins the folder's *json
+    args = ["--mode", "seq2seq", "--samples", str(folder), "--bertscore_model", "none"]
+    assert compute_metric.main(args + (["--mbr"] if use_mbr else [])) == 0
+    m = load(folder / "seq2seq_metrics.json")["metrics"]
+    headline = want["mbr"] if use_mbr else want["per_file"][0]
+    assert {k: m[k] for k in headline} == {k: float(v) for k, v in headline.items()}
+    assert [{k: f[k] for k in headline} for f in m["per_file"]] == [
+        {k: float(v) for k, v in f.items()} for f in want["per_file"]]
+    if not use_mbr:
+        assert (m["self_bleu"], m["div_4"]) == (float(want["self_bleu"]), float(want["div_4"]))
+        return
+    # The reversed order is a named option: the choice changes, and the report says so.
+    assert compute_metric.main(args + ["--mbr", "--mbr_order", "reversed", "--overwrite"]) == 0
+    r = load(folder / "seq2seq_metrics.json")
+    assert r["metrics"]["metrics_on"].endswith("(reversed BLEU order)") and r["inputs"]["mbr_order"] == "reversed"
+    assert r["metrics"]["mbr_choice"] != m["mbr_choice"]
+    assert compute_metric.main(args + ["--mbr_order", "reversed", "--overwrite"]) == 2
+    assert err_lines(capsys) == ["error: --mbr_order only changes the --mbr choice; give --mbr too"]
 
 
 def test_cli_mismatched_sources_is_one_error_line(tmp_path, capsys):
