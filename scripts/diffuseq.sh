@@ -56,8 +56,9 @@ case "$PRESET" in
     [ $# -ge 2 ] && shift 2 || shift $#
     RUN=outputs/diffuseq-$TAG-$STAMP
     echo "== 1/3 training DiffuSeq -> $RUN"
+    # DiffuSeq's loss as released: MSE, L_T and rounding NLL averaged over every position (mean_flat)
     "${TRAIN[@]}" --task seq2seq --process gaussian --schedule sqrt --timestep_sampler lossaware --num_steps 2000 \
-      "${MODEL_ARGS[@]}" "${TRAIN_ARGS[@]}" "${DATA_ARGS[@]}" --out_dir "$RUN" "$@"
+      --loss_average all "${MODEL_ARGS[@]}" "${TRAIN_ARGS[@]}" "${DATA_ARGS[@]}" --out_dir "$RUN" "$@"
     NAME=$(basename "$RUN")
     echo "== 2/3 decoding the full chain (T=2000) with MBR"
     decode "$RUN" "$NAME-full" full
@@ -73,8 +74,12 @@ case "$PRESET" in
     case "$BASE_NAME" in diffuseq-demo-*) demo_or_folder bible ;; *) demo_or_folder "${BASE_NAME#diffuseq-}" _ ;; esac
     RUN=outputs/$BASE_NAME-post-$STAMP
     echo "== 1/3 post-training $BASE with the distance penalty (l2_noise_random, simi_lambda -2, simi_noise 0.05) -> $RUN"
+    # Tang et al.'s release: loss (mse + mse' + 2 nll + 2 L_T + 2 * penalty) / 2 averaged over every position,
+    # their fill_noise_map neighbourhoods, lr 1e-4 held constant (their train_util.py calls _anneal_lr only on
+    # the fp16 path, which the release never takes)
     "${TRAIN[@]}" --post_train "$BASE" --simi_penalty l2_noise_random --simi_lambda -2 --simi_noise 0.05 \
-      --lr 1e-4 --decay constant --warmup_steps 0 "${POST_ARGS[@]}" --out_dir "$RUN" "$@"
+      --simi_maps released --loss_average all --lr 1e-4 --decay constant --warmup_steps 0 "${POST_ARGS[@]}" \
+      --out_dir "$RUN" "$@"
     NAME=$(basename "$RUN")
     echo "== 2/3 decoding: full chain, uniform_20 and adp_20, before and after post-training"
     for SET in full uniform_20 adp_20; do
