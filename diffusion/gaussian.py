@@ -183,8 +183,8 @@ class GaussianDiffusion:
         * ``complete``: every t' with ``|a_t' - a_t| <= simi_noise``, ``a_t = sqrt(1 - alphabar_t)``.
         * ``released`` (Tang et al.'s ``fill_noise_map``): the same ranges, except that a t with no step
           beyond the neighbourhood on a side gets no map entry there, so that side is empty: no step
-          above when ``a_{T-1} - a_t <= simi_noise`` (the top of the chain: t >= 1630 at T = 2000, sqrt,
-          0.05) and none below when ``a_t - a_0 <= simi_noise``.
+          above when ``a_{T-1} - a_t <= simi_noise`` (the top of the chain: t >= 1632 at T = 2000, sqrt,
+          0.05) and none below when ``a_t - a_0 <= simi_noise`` (there t = 0, 1).
         """
         if maps not in NEIGHBOUR_MAPS:
             raise ValueError(f"unknown neighbourhood maps {maps!r}; choose one of {', '.join(NEIGHBOUR_MAPS)}")
@@ -205,14 +205,15 @@ class GaussianDiffusion:
         probability 1/2 each, then t' uniform on that side of the neighbourhood. Returns ``t'`` [B] and
         ``valid`` [B] bool (False where that side is empty; there ``t' = t`` and the penalty is dropped).
 
-        From ``u = rand(2, B)`` (float64): below if ``u[0] < 1/2``; t' is the ``floor(u[1] * n) + 1``-th
-        step away from t on that side, n being the side's size."""
+        From ``u = rand(2, B)`` (float64): below if ``u[0] < 1/2``; on the side's range ``first..last``
+        (``lo[t]..t-1`` or ``t+1..hi[t]``), ``t' = first + floor(u[1] * n)``, n the side's size (the
+        released ``random.randint(first, last)``)."""
         lo, hi = (x.to(t.device) for x in self.neighbourhoods(simi_noise, maps))
         u = torch.rand((2,) + t.shape, device=t.device, generator=generator, dtype=torch.float64)
         below = u[0] < 0.5
+        first = torch.where(below, lo[t], t + 1)
         n_side = torch.where(below, t - lo[t], hi[t] - t)
-        offset = (u[1] * n_side).floor().long() + 1
-        t2 = torch.where(below, t - offset, t + offset)
+        t2 = first + (u[1] * n_side).floor().long()
         valid = n_side > 0
         return torch.where(valid, t2, t), valid
 
