@@ -66,6 +66,9 @@ def check_config(cfg: TrainConfig) -> None:
             raise UserError(f"--ema_rate must be in [0, 1), got {cfg.ema_rate}")
         if cfg.simi_noise <= 0:
             raise UserError(f"--simi_noise must be positive, got {cfg.simi_noise}")
+        if cfg.simi_penalty != "none" and cfg.simi_lambda > 0:
+            raise UserError(f"--simi_lambda must be 0 or negative with the l2 penalty (the loss subtracts "
+                            f"simi_lambda * penalty; the released -2 is a weight of 1), got {cfg.simi_lambda}")
     elif cfg.post_train or cfg.simi_penalty != "none":
         raise UserError("--post_train and --simi_penalty are for --process gaussian (Tang et al.'s post-training)")
 
@@ -88,7 +91,11 @@ def check_config(cfg: TrainConfig) -> None:
 def resume_source(cfg: TrainConfig):
     """The checkpoint to resume from, after checking that its config matches this one."""
     ckpt_dir = checkpoint.resolve(cfg.resume, prefer="last")
-    stored = from_dict(checkpoint.read_run_config(ckpt_dir)["config"])
+    raw = checkpoint.read_run_config(ckpt_dir)["config"]
+    if raw.get("simi_penalty", "none") != "none" and "simi_maps" not in raw:
+        raise UserError(f"{ckpt_dir} was post-trained before the loss followed Tang et al.'s release (penalty weight "
+                        "twice the released one, MSE target z0); it cannot be resumed: post-train again")
+    stored = from_dict(raw)
     diffs = [f"--{f.name}: checkpoint {getattr(stored, f.name)!r} vs now {getattr(cfg, f.name)!r}"
              for f in dataclasses.fields(cfg)
              if f.name not in RESUMABLE_CHANGES and getattr(stored, f.name) != getattr(cfg, f.name)]

@@ -11,9 +11,15 @@ Conventions:
   ``denoiser.logits(z [...,D]) -> [...,V]`` (the rounding head tied to Emb) and
   ``denoiser.embedding_weight`` [V, D].
 
-The loss is averaged over **target positions only** (DiffuSeq averages the MSE over every position,
-source and padding included; here the source never enters the loss because the model's output
-there is discarded). Target padding is part of the target: the model learns to generate [PAD].
+Averaging (``average``):
+
+* ``all`` (DiffuSeq as released, ``mean_flat``): the MSE and ``L_T`` are means over every position
+  of the canvas [L, D] (source, target and padding), and the rounding NLL is unmasked, a mean over
+  all L positions. The source tokens' embeddings are thus trained by the NLL too, and the network
+  learns to copy the source (its output there is discarded when sampling).
+* ``target``: all three are means over the target positions only (the source never enters the loss).
+
+Target padding is part of the target either way: the model learns to generate [PAD].
 """
 from __future__ import annotations
 
@@ -25,6 +31,8 @@ import torch
 from .absorbing import SampleOutput
 
 MAX_BETA = 0.999
+LOSS_AVERAGES = ("all", "target")
+NEIGHBOUR_MAPS = ("released", "complete")
 
 
 def _betas_from_alphabar(fn, T: int) -> torch.Tensor:
@@ -85,7 +93,7 @@ class GaussianLossOutput:
     loss: torch.Tensor         # scalar: mean of weights * per_example
     per_example: torch.Tensor  # [B] unweighted loss (what the lossaware sampler records)
     mse: torch.Tensor          # [B]
-    nll: torch.Tensor          # [B] rounding NLL, mean over target positions
+    nll: torch.Tensor          # [B] rounding NLL of z0, averaged as the loss's ``average`` says
     t_T: torch.Tensor          # [B] L_T
     penalty: torch.Tensor      # [B] distance penalty (zeros without post-training)
 
@@ -104,8 +112,8 @@ class GaussianDiffusion:
         self.alphabar = torch.cumprod(1 - self.betas, 0)
         self.sqrt_ab = self.alphabar.sqrt()
         self.sqrt_1m_ab = (1 - self.alphabar).sqrt()
-        # Tang et al.'s neighbourhoods: t' with |a_t' - a_t| <= noise, a_t = sqrt(1 - alphabar_t) increasing
-        self._neighbourhood: tuple[float, torch.Tensor, torch.Tensor] | None = None
+        # Tang et al.'s neighbourhoods, cached for one (simi_noise, maps): see neighbourhoods()
+        self._neighbourhood: tuple[tuple[float, str], torch.Tensor, torch.Tensor] | None = None
 
     # ---- forward process
     def _coef(self, table: torch.Tensor, t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
@@ -126,10 +134,15 @@ class GaussianDiffusion:
 
     # ---- loss
     @staticmethod
-    def _masked_mean(x: torch.Tensor, noise_mask: torch.Tensor) -> torch.Tensor:
-        """Mean over target positions (and the last dim if x is [B, L, D]) -> [B]."""
+    def _position_mean(x: torch.Tensor, noise_mask: torch.Tensor, average: str) -> torch.Tensor:
+        """Mean over positions (and the last dim if x is [B, L, D]) -> [B]: every position for ``all``
+        (DiffuSeq's ``mean_flat``), the target positions for ``target``."""
         if x.dim() == 3:
             x = x.mean(-1)
+        if average == "all":
+            return x.mean(1)
+        if average != "target":
+            raise ValueError(f"unknown loss average {average!r}; choose one of {', '.join(LOSS_AVERAGES)}")
         m = noise_mask.to(x.dtype)
         return (x * m).sum(1) / m.sum(1).clamp_min(1)
 
@@ -137,71 +150,101 @@ class GaussianDiffusion:
         """What x0_hat should be: z0, except at t = 0 where it is Emb(w) itself (DiffuSeq)."""
         return torch.where((t == 0)[:, None, None], emb, z0)
 
-    def _common_terms(self, denoiser, ids, noise_mask, emb, z0):
-        """Rounding NLL ``-log p(w | z0)`` through the tied head (target positions only) and ``L_T``."""
-        sel = noise_mask
+    def _common_terms(self, denoiser, ids, noise_mask, z0, average):
+        """Rounding NLL ``-log p(w | z0)`` through the tied head and ``L_T = mean |sqrt(alphabar_T) z0|^2``,
+        both of z0 (not Emb(w)), averaged as ``average`` says -> [B], [B]."""
+        sel = torch.ones_like(noise_mask) if average == "all" else noise_mask
         nll_tok = chunked_cross_entropy(denoiser.logits, z0[sel], ids[sel])
         nll = torch.zeros(ids.shape, dtype=nll_tok.dtype, device=ids.device)
         nll[sel] = nll_tok
-        nll = self._masked_mean(nll, noise_mask)
-        t_T = self._masked_mean((float(self.sqrt_ab[-1]) * z0).pow(2), noise_mask)
+        nll = self._position_mean(nll, noise_mask, average)
+        t_T = self._position_mean((float(self.sqrt_ab[-1]) * z0).pow(2), noise_mask, average)
         return nll, t_T
 
     def loss(self, denoiser, ids: torch.Tensor, noise_mask: torch.Tensor, t: torch.Tensor,
-             weights: torch.Tensor | None = None, generator=None) -> GaussianLossOutput:
-        """DiffuSeq's loss for ``ids`` [B, L] at steps ``t`` [B]: MSE(x0_hat, z0) + rounding NLL + L_T."""
+             weights: torch.Tensor | None = None, generator=None, average: str = "all") -> GaussianLossOutput:
+        """DiffuSeq's loss (``training_losses_seq2seq``) for ``ids`` [B, L] at steps ``t`` [B]:
+        MSE(x0_hat, z0) + rounding NLL + L_T, averaged as ``average`` says (module docstring)."""
         emb = denoiser.embed(ids)
         z0 = self.z0_from_embedding(emb, generator)
         x0_hat = denoiser(self.q_sample(z0, t, noise_mask, generator=generator), t)
-        mse = self._masked_mean((x0_hat.float() - self._target(emb, z0, t).float()).pow(2), noise_mask)
-        nll, t_T = self._common_terms(denoiser, ids, noise_mask, emb, z0)
+        mse = self._position_mean((x0_hat.float() - self._target(emb, z0, t).float()).pow(2), noise_mask, average)
+        nll, t_T = self._common_terms(denoiser, ids, noise_mask, z0, average)
         per_example = mse + nll + t_T
         w = torch.ones_like(per_example) if weights is None else weights.to(per_example.dtype)
         return GaussianLossOutput((w * per_example).mean(), per_example.detach(), mse.detach(), nll.detach(),
                                   t_T.detach(), torch.zeros_like(mse))
 
     # ---- Tang et al.'s post-training
-    def neighbourhoods(self, simi_noise: float) -> tuple[torch.Tensor, torch.Tensor]:
-        """``lo`` [T], ``hi`` [T]: the range of t' with ``|a_t' - a_t| <= simi_noise`` (inclusive)."""
-        if self._neighbourhood is None or self._neighbourhood[0] != simi_noise:
+    def neighbourhoods(self, simi_noise: float, maps: str = "released") -> tuple[torch.Tensor, torch.Tensor]:
+        """``lo`` [T], ``hi`` [T]: the steps t' that may be drawn below and above each t, as the inclusive
+        ranges ``lo[t]..t-1`` and ``t+1..hi[t]`` (``lo[t] = t`` or ``hi[t] = t``: that side is empty).
+
+        * ``complete``: every t' with ``|a_t' - a_t| <= simi_noise``, ``a_t = sqrt(1 - alphabar_t)``.
+        * ``released`` (Tang et al.'s ``fill_noise_map``): the same ranges, except that a t with no step
+          beyond the neighbourhood on a side gets no map entry there, so that side is empty: no step
+          above when ``a_{T-1} - a_t <= simi_noise`` (the top of the chain: t >= 1632 at T = 2000, sqrt,
+          0.05) and none below when ``a_t - a_0 <= simi_noise`` (there t = 0, 1).
+        """
+        if maps not in NEIGHBOUR_MAPS:
+            raise ValueError(f"unknown neighbourhood maps {maps!r}; choose one of {', '.join(NEIGHBOUR_MAPS)}")
+        key = (simi_noise, maps)
+        if self._neighbourhood is None or self._neighbourhood[0] != key:
             a = self.sqrt_1m_ab
             lo = torch.searchsorted(a, a - simi_noise, right=False)
             hi = torch.searchsorted(a, a + simi_noise, right=True) - 1
-            self._neighbourhood = (simi_noise, lo, hi)
+            if maps == "released":
+                t = torch.arange(self.num_steps)
+                lo = torch.where(lo == 0, t, lo)
+                hi = torch.where(hi == self.num_steps - 1, t, hi)
+            self._neighbourhood = (key, lo, hi)
         return self._neighbourhood[1], self._neighbourhood[2]
 
-    def neighbour_steps(self, t: torch.Tensor, simi_noise: float, generator=None):
-        """The released ``l2_noise_random`` draw: t' uniform on one random side of t inside its
-        neighbourhood. Returns ``t'`` [B] and ``valid`` [B] bool (False where that side is empty;
-        there ``t' = t`` and the penalty is dropped)."""
-        lo, hi = (x.to(t.device) for x in self.neighbourhoods(simi_noise))
+    def neighbour_steps(self, t: torch.Tensor, simi_noise: float, maps: str = "released", generator=None):
+        """The released ``l2_noise_random`` draw (``make_t_similar_by_noise``): a side of t with
+        probability 1/2 each, then t' uniform on that side of the neighbourhood. Returns ``t'`` [B] and
+        ``valid`` [B] bool (False where that side is empty; there ``t' = t`` and the penalty is dropped).
+
+        From ``u = rand(2, B)`` (float64): below if ``u[0] < 1/2``; on the side's range ``first..last``
+        (``lo[t]..t-1`` or ``t+1..hi[t]``), ``t' = first + floor(u[1] * n)``, n the side's size (the
+        released ``random.randint(first, last)``)."""
+        lo, hi = (x.to(t.device) for x in self.neighbourhoods(simi_noise, maps))
         u = torch.rand((2,) + t.shape, device=t.device, generator=generator, dtype=torch.float64)
-        left = u[0] < 0.5
-        n_side = torch.where(left, t - lo[t], hi[t] - t)
-        offset = (u[1] * n_side).floor().long() + 1
-        t2 = torch.where(left, t - offset, t + offset)
+        below = u[0] < 0.5
+        first = torch.where(below, lo[t], t + 1)
+        n_side = torch.where(below, t - lo[t], hi[t] - t)
+        t2 = first + (u[1] * n_side).floor().long()
         valid = n_side > 0
         return torch.where(valid, t2, t), valid
 
     def post_train_loss(self, denoiser, ids: torch.Tensor, noise_mask: torch.Tensor, t: torch.Tensor,
                         weights: torch.Tensor | None = None, *, simi_lambda: float = -2.0,
-                        simi_noise: float = 0.05, variant: str = "l2_noise_random",
-                        generator=None) -> GaussianLossOutput:
-        """Tang et al. (2023), Eq. 9 as released:
+                        simi_noise: float = 0.05, variant: str = "l2_noise_random", maps: str = "released",
+                        average: str = "all", generator=None) -> GaussianLossOutput:
+        """Tang et al. (2023), Eq. 9 as released (``training_losses_seq2seq`` with ``simi_penalty``):
 
-        ``1/2 [mse(f(z_t), target) + mse(f(z_t'), target) + 2 nll + 2 L_T] - simi_lambda * mean|f(z_t,t) - f(z_t',t')|^2``
+        ``1/2 [mse(f(z_t,t), Emb w) + mse(f(z_t',t'), Emb w) + 2 nll + 2 L_T - simi_lambda * valid * mean|f(z_t,t) - f(z_t',t')|^2]``
 
-        ``simi_lambda`` has the released sign convention: the code subtracts it, so the released
-        ``-2`` is a positive weight of 2 pulling the predictions at nearby noise levels together.
+        * The MSE target is ``Emb(w)`` at every t (DiffuSeq's own loss uses z0 for t > 0); the rounding
+          NLL and ``L_T`` are those of z0, doubled as released.
+        * The halving covers the penalty: the released ``simi_lambda = -2`` is a weight of 1.
+          ``simi_lambda`` must be <= 0 (the released code raises for a positive one).
+        * ``valid``: t' was drawn from a non-empty side (:meth:`neighbour_steps` with ``maps``).
+        * ``average``: as in :meth:`loss`; the penalty is averaged the same way.
+
+        Variants of z_t':
 
         * ``l2_noise_random`` (released, default): z_t and z_t' noised independently from the same z0;
           both predictions come from one batched network call.
         * ``self_renoise`` (the paper's figure): z_t' is the model's own (detached) prediction at t
           re-noised to t'; this needs a second, sequential call.
         """
+        if simi_lambda > 0:
+            raise ValueError(f"simi_lambda must be <= 0 with the l2 penalty (released sign convention: the loss "
+                             f"subtracts it), got {simi_lambda}")
         emb = denoiser.embed(ids)
         z0 = self.z0_from_embedding(emb, generator)
-        t2, valid = self.neighbour_steps(t, simi_noise, generator)
+        t2, valid = self.neighbour_steps(t, simi_noise, maps, generator)
         z_t = self.q_sample(z0, t, noise_mask, generator=generator)
         if variant == "l2_noise_random":
             z_t2 = self.q_sample(z0, t2, noise_mask, generator=generator)
@@ -213,12 +256,12 @@ class GaussianDiffusion:
             x0_hat2 = denoiser(torch.where(noise_mask[..., None], renoised, z0), t2)
         else:
             raise ValueError(f"unknown post-training penalty {variant!r}")
-        x0_hat, x0_hat2 = x0_hat.float(), x0_hat2.float()
-        mse1 = self._masked_mean((x0_hat - self._target(emb, z0, t).float()).pow(2), noise_mask)
-        mse2 = self._masked_mean((x0_hat2 - self._target(emb, z0, t2).float()).pow(2), noise_mask)
-        nll, t_T = self._common_terms(denoiser, ids, noise_mask, emb, z0)
-        penalty = self._masked_mean((x0_hat - x0_hat2).pow(2), noise_mask) * valid.to(x0_hat.dtype)
-        per_example = 0.5 * (mse1 + mse2 + 2 * nll + 2 * t_T) - simi_lambda * penalty
+        x0_hat, x0_hat2, target = x0_hat.float(), x0_hat2.float(), emb.float()
+        mse1 = self._position_mean((x0_hat - target).pow(2), noise_mask, average)
+        mse2 = self._position_mean((x0_hat2 - target).pow(2), noise_mask, average)
+        nll, t_T = self._common_terms(denoiser, ids, noise_mask, z0, average)
+        penalty = self._position_mean((x0_hat - x0_hat2).pow(2), noise_mask, average) * valid.to(x0_hat.dtype)
+        per_example = 0.5 * (mse1 + mse2 + 2 * nll + 2 * t_T - simi_lambda * penalty)
         w = torch.ones_like(per_example) if weights is None else weights.to(per_example.dtype)
         return GaussianLossOutput((w * per_example).mean(), per_example.detach(), (0.5 * (mse1 + mse2)).detach(),
                                   nll.detach(), t_T.detach(), penalty.detach())

@@ -7,8 +7,8 @@ from __future__ import annotations
 
 # Tang et al. (2023), "Can Diffusion Model Achieve Better Performance in Text Generation? Bridging
 # the Gap between Training and Inference!", adaptive decay sampling: the shares of the N steps given
-# to the low-, middle- and high-noise thirds of [0, T) (the released `adp` respacing).
-ADAPTIVE_DECAY_PROPORTIONS = (0.08400, 0.36760, 0.54840)
+# to the low-, middle- and high-noise thirds of [0, T), as the released `adp` respacing writes them.
+ADAPTIVE_DECAY_PROPORTIONS = (0.08400242284240157, 0.36759523570876984, 0.5484023414488285)
 
 
 def _check(T: int, n: int, name: str) -> None:
@@ -32,30 +32,42 @@ def uniform_timesteps(T: int, n: int) -> list[int]:
 
 
 def adaptive_decay_timesteps(T: int, n: int) -> list[int]:
-    """``adp_N`` (Tang et al. 2023, adaptive decay sampling).
+    """``adp_N`` (Tang et al. 2023, adaptive decay sampling), exactly as the released ``space_timesteps``
+    computes it for every T and N.
 
-    ``[0, T)`` is cut into three equal segments, low noise first. Segment i gets ``c_i`` evenly spaced
-    steps including both its ends, with ``c0 = max(round(p0 N), 1) + 1``, ``c1 = max(round(p1 N), 1) + 1``
-    and ``c2 = N - (c0 - 1) - (c1 - 1)``; the top step of the first two segments is dropped because
-    it is the bottom step of the next one. Few steps go to low noise, most to high noise. Points are
-    rounded half to even. For T = 2000 this gives the reference sets of ALGORITHMS.md §3, e.g.
-    ``adp_4 = [0, 667, 1334, 1999]``.
+    ``[0, T)`` is cut into three integer sections, low noise first, of ``T // 3`` steps each, the first
+    ``T % 3`` sections one longer (667/667/666 at T = 2000). Section i gets ``c_i`` steps, with
+    ``c0 = max(round(p0 N), 1) + 1``, ``c1 = max(round(p1 N), 1) + 1`` and ``c2 = N - (c0 - 1) - (c1 - 1)``
+    (``p`` = ``ADAPTIVE_DECAY_PROPORTIONS``): ``start + round(x)`` for ``x = 0, s, 2s, ...`` accumulated
+    in floating point, ``s = (size - 1) / (c_i - 1)``, rounded half to even; the first two sections drop
+    their top step (the section's last index, so no step is shared). Few steps go to low noise, most to
+    high noise. For T = 2000 this gives the sets of ALGORITHMS.md §3, e.g. ``adp_4 = [0, 667, 1334, 1999]``;
+    at T = 1000, ``adp_4 = [0, 334, 667, 999]``.
+
+    A section shorter than its count is an error, as in the release. N < 4 is an error here: the
+    released sets for N = 2, 3 do not reach step T - 1 (the top section gets 0 or 1 step).
     """
     _check(T, n, f"adp_{n}")
+    if n < 4:
+        raise ValueError(f"adp_{n}: need at least 4 steps (with fewer, the released sets do not reach step T-1)")
     p0, p1, _ = ADAPTIVE_DECAY_PROPORTIONS
     c0 = max(round(p0 * n), 1) + 1
     c1 = max(round(p1 * n), 1) + 1
-    c2 = n - (c0 - 1) - (c1 - 1)
-    if c2 < 2:
-        raise ValueError(f"adp_{n}: too few steps for the three segments (need N >= 4)")
-    # The thirds of [0, T) have real-valued ends T/3 and 2T/3; the last third starts at the first
-    # integer step above 2T/3 and ends at T - 1. This reproduces the released sets exactly.
-    b1, b2 = T / 3, 2 * T / 3
-    steps = (_linspace_int(0, b1, c0)[:-1] + _linspace_int(b1, b2, c1)[:-1]
-             + _linspace_int(-(-2 * T // 3), T - 1, c2))
+    counts = (c0, c1, n - (c0 - 1) - (c1 - 1))
+    steps, start = [], 0
+    for i, count in enumerate(counts):
+        size = T // 3 + (1 if i < T % 3 else 0)
+        if size < count:
+            raise ValueError(f"adp_{n}: T={T} is too small: a section of {size} steps cannot hold {count}")
+        stride = (size - 1) / (count - 1) if count > 1 else 1
+        x, section = 0.0, []
+        for _ in range(count):
+            section.append(start + round(x))
+            x += stride  # accumulated, as released: x = k * stride can round the other way
+        steps += sorted(section)[:-1] if i < 2 else section
+        start += size
     out = sorted(set(steps))
-    if len(out) != n:
-        raise ValueError(f"adp_{n}: T={T} is too small to place {n} distinct steps")
+    assert len(out) == n, (T, n, out)
     return out
 
 

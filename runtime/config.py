@@ -55,14 +55,20 @@ class TrainConfig:
     num_heads: int = opt(12, "gaussian: attention heads")
     timestep_sampler: str = opt("lossaware", "gaussian: how t is drawn in training", choices=("uniform", "lossaware"))
     ema_rate: float = opt(0.9999, "gaussian: EMA decay of the weights (decoding uses the EMA by default)")
+    loss_average: str = opt("all", "gaussian: all: the MSE, L_T and rounding NLL are means over every position, "
+                            "source and padding included (DiffuSeq as released: the source embeddings are trained "
+                            "too); target: means over the target positions only", choices=("all", "target"))
     # post-training (Tang et al. 2023)
     post_train: str | None = opt(None, "gaussian: continue from this checkpoint (its EMA weights) with a fresh "
                                  "optimizer into --out_dir; the model and data flags must match it")
     simi_penalty: str = opt("none", "gaussian distance penalty: l2_noise_random (released), self_renoise "
                             "(the paper's figure) or none", choices=("none", "l2_noise_random", "self_renoise"))
-    simi_lambda: float = opt(-2.0, "penalty weight, released sign convention: the loss SUBTRACTS simi_lambda * "
-                             "penalty, so -2 pulls predictions together with weight 2")
+    simi_lambda: float = opt(-2.0, "penalty weight, released convention: the loss is (mse + mse' + 2 nll + 2 L_T "
+                             "- simi_lambda * penalty) / 2, so -2 is a weight of 1; must be <= 0")
     simi_noise: float = opt(0.05, "neighbourhood of t: |sqrt(1-abar_t') - sqrt(1-abar_t)| <= simi_noise")
+    simi_maps: str = opt("released", "which t' the penalty draws: released (Tang et al.'s fill_noise_map: no step "
+                         "above t near the top of the chain, none below t near 0) or complete (the whole "
+                         "neighbourhood on both sides)", choices=("released", "complete"))
     # optimisation
     batch_size: int = opt(32, "examples per micro-batch per process")
     accumulation_steps: int = opt(1, "micro-batches per optimizer step")
@@ -118,7 +124,14 @@ def to_json(cfg) -> str:
     return json.dumps(dataclasses.asdict(cfg), indent=2, sort_keys=True)
 
 
+# What a stored config written before a field existed did, where that differs from the field's default:
+# such runs were trained that way, and a resumed or inspected run must say so.
+LEGACY_VALUES = {"loss_average": "target", "simi_maps": "complete"}
+
+
 def from_dict(d: dict, cls=TrainConfig):
-    """Rebuild a config from stored JSON; unknown keys (from newer versions) are ignored."""
+    """Rebuild a config from stored JSON; unknown keys (from newer versions) are ignored, and missing
+    keys take their ``LEGACY_VALUES`` (else their defaults)."""
     names = {f.name for f in dataclasses.fields(cls)}
-    return cls(**{k: v for k, v in d.items() if k in names})
+    legacy = {k: v for k, v in LEGACY_VALUES.items() if k in names and k not in d} if cls is TrainConfig else {}
+    return cls(**legacy, **{k: v for k, v in d.items() if k in names})

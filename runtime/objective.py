@@ -31,10 +31,11 @@ class Objective(nn.Module):
                                        low_discrepancy=self.cfg.low_discrepancy)
         t, w = self.timestep_sampler.sample(ids.shape[0], device=ids.device)
         if self.cfg.simi_penalty == "none":
-            out = self.diffusion.loss(self.denoiser, ids, noise_mask, t, w)
+            out = self.diffusion.loss(self.denoiser, ids, noise_mask, t, w, average=self.cfg.loss_average)
         else:
             out = self.diffusion.post_train_loss(self.denoiser, ids, noise_mask, t, w, simi_lambda=self.cfg.simi_lambda,
-                                                 simi_noise=self.cfg.simi_noise, variant=self.cfg.simi_penalty)
+                                                 simi_noise=self.cfg.simi_noise, variant=self.cfg.simi_penalty,
+                                                 maps=self.cfg.simi_maps, average=self.cfg.loss_average)
         out.t = t
         return out
 
@@ -64,11 +65,12 @@ class Objective(nn.Module):
     @torch.no_grad()
     def dev_totals(self, denoiser, batch: dict, generator: torch.Generator) -> torch.Tensor:
         """Dev statistics of one batch: absorbing [nelbo sum, noised tokens, words] (Monte Carlo ELBO over
-        the K-step grid); gaussian [loss sum, examples, mse sum] at uniform t (unweighted)."""
+        the K-step grid); gaussian [loss sum, examples, mse sum] of DiffuSeq's loss (also for a post-training
+        run) at uniform t (unweighted), averaged as the run's --loss_average says."""
         ids, noise_mask = batch["input_ids"], batch["noise_mask"]
         if self.gaussian:
             t = torch.randint(0, self.cfg.num_steps, (ids.shape[0],), device=ids.device, generator=generator)
-            out = self.diffusion.loss(denoiser, ids, noise_mask, t, generator=generator)
+            out = self.diffusion.loss(denoiser, ids, noise_mask, t, generator=generator, average=self.cfg.loss_average)
             return torch.stack([out.per_example.double().sum(), torch.tensor(float(ids.shape[0]), dtype=torch.float64,
                                 device=ids.device), out.mse.double().sum()])
         nelbo = self.diffusion.nelbo(denoiser, ids, noise_mask, batch["attention_mask"], self.cfg.eval_steps,

@@ -3,6 +3,9 @@
 #   diffuseq [TASK FOLDER]   train the Gaussian model from scratch, decode the full chain with MBR, metrics
 #   diffuseq_post [RUN]      post-train RUN with the distance penalty, then decode full / uniform_20 / adp_20
 #                            with the RUN and the post-trained checkpoints and print the comparison table
+#
+#   DECODE_SETS="uniform_20 adp_20" replaces the decoding settings (default: "full" for diffuseq,
+#   "full uniform_20 adp_20" for diffuseq_post); the full chain is the slow one on a CPU.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PRESET=$1
@@ -52,17 +55,24 @@ demo_or_folder() {  # sets DATA_ARGS, MODEL_ARGS, TRAIN_ARGS, DECODE_ARGS, TAG f
 START=$(date +%s)
 case "$PRESET" in
   diffuseq)
-    demo_or_folder "$@"
-    [ $# -ge 2 ] && shift 2 || shift $#
+    # diffuseq [bible] [train.py args] | diffuseq TASK FOLDER [train.py args]
+    case "${1:-bible}" in
+      bible) demo_or_folder bible; [ $# -ge 1 ] && shift ;;
+      --*) demo_or_folder bible ;;
+      *) demo_or_folder "$@"; shift 2 ;;
+    esac
     RUN=outputs/diffuseq-$TAG-$STAMP
     echo "== 1/3 training DiffuSeq -> $RUN"
+    # DiffuSeq's loss as released: MSE, L_T and rounding NLL averaged over every position (mean_flat)
     "${TRAIN[@]}" --task seq2seq --process gaussian --schedule sqrt --timestep_sampler lossaware --num_steps 2000 \
-      "${MODEL_ARGS[@]}" "${TRAIN_ARGS[@]}" "${DATA_ARGS[@]}" --out_dir "$RUN" "$@"
+      --loss_average all "${MODEL_ARGS[@]}" "${TRAIN_ARGS[@]}" "${DATA_ARGS[@]}" --out_dir "$RUN" "$@"
     NAME=$(basename "$RUN")
-    echo "== 2/3 decoding the full chain (T=2000) with MBR"
-    decode "$RUN" "$NAME-full" full
+    SETS=(${DECODE_SETS:-full})
+    echo "== 2/3 decoding with MBR: ${SETS[*]}"
+    DIRS=()
+    for SET in "${SETS[@]}"; do decode "$RUN" "$NAME-$SET" "$SET"; DIRS+=("generation_results/$NAME-$SET"); done
     echo "== 3/3 metrics"
-    "$PY" compute_metric.py --mode compare --samples "generation_results/$NAME-full" --out "generation_results/$NAME-full/compare_metrics.json"
+    "$PY" compute_metric.py --mode compare --samples "${DIRS[@]}" --out "${DIRS[0]}/compare_metrics.json"
     echo "== done in $(( $(date +%s) - START ))s; checkpoints in $RUN/checkpoints; next: bash run_condition.sh diffuseq_post $RUN"
     ;;
   diffuseq_post)
@@ -73,17 +83,22 @@ case "$PRESET" in
     case "$BASE_NAME" in diffuseq-demo-*) demo_or_folder bible ;; *) demo_or_folder "${BASE_NAME#diffuseq-}" _ ;; esac
     RUN=outputs/$BASE_NAME-post-$STAMP
     echo "== 1/3 post-training $BASE with the distance penalty (l2_noise_random, simi_lambda -2, simi_noise 0.05) -> $RUN"
+    # Tang et al.'s release: loss (mse + mse' + 2 nll + 2 L_T + 2 * penalty) / 2 averaged over every position,
+    # their fill_noise_map neighbourhoods, lr 1e-4 held constant (their train_util.py calls _anneal_lr only on
+    # the fp16 path, which the release never takes)
     "${TRAIN[@]}" --post_train "$BASE" --simi_penalty l2_noise_random --simi_lambda -2 --simi_noise 0.05 \
-      --lr 1e-4 --decay constant --warmup_steps 0 "${POST_ARGS[@]}" --out_dir "$RUN" "$@"
+      --simi_maps released --loss_average all --lr 1e-4 --decay constant --warmup_steps 0 "${POST_ARGS[@]}" \
+      --out_dir "$RUN" "$@"
     NAME=$(basename "$RUN")
-    echo "== 2/3 decoding: full chain, uniform_20 and adp_20, before and after post-training"
-    for SET in full uniform_20 adp_20; do
+    SETS=(${DECODE_SETS:-full uniform_20 adp_20})
+    echo "== 2/3 decoding: ${SETS[*]}, before and after post-training"
+    for SET in "${SETS[@]}"; do
       decode "$BASE" "$BASE_NAME-$SET" "$SET"
       decode "$RUN" "$NAME-$SET" "$SET"
     done
     echo "== 3/3 comparison (MBR metrics; self-BLEU across the seeds; wall time summed over the seeds)"
     DIRS=()
-    for W in "$BASE_NAME" "$NAME"; do for SET in full uniform_20 adp_20; do DIRS+=("generation_results/$W-$SET"); done; done
+    for W in "$BASE_NAME" "$NAME"; do for SET in "${SETS[@]}"; do DIRS+=("generation_results/$W-$SET"); done; done
     "$PY" compute_metric.py --mode compare --samples "${DIRS[@]}" --out "generation_results/$NAME-compare.json"
     echo "== done in $(( $(date +%s) - START ))s"
     ;;

@@ -8,8 +8,10 @@ import os
 
 import pytest
 import torch
+from nltk.translate.bleu_score import SmoothingFunction, sentence_bleu
 
 from conftest import ROOT, run_cli
+from released_diffuseq import space_timesteps_adp
 
 
 def read_jsonl(path):
@@ -28,6 +30,26 @@ def gauss_args(tiny_bert, tiny_pairs, out, max_steps=4, extra=(), T=100):
 
 def train_losses(run):
     return {r["step"]: r["loss"] for r in read_jsonl(run / "metrics.jsonl") if r.get("split") == "train"}
+
+
+def nltk_m4(ref: str, hyp: str) -> float:
+    return sentence_bleu([ref.split()], hyp.split(), smoothing_function=SmoothingFunction().method4)
+
+
+def diffuseq_mbr_bleu(folder) -> float:
+    """DiffuSeq's eval_seq2seq.py on a folder of seed*.jsonl, written out with nltk: strip, drop the
+    special tokens, MBR = argmax_i sum_{j != i} bleu([c_i], c_j) (first on ties), then the mean of
+    bleu([recover], reference) (its argument order)."""
+    files = sorted(f for f in os.listdir(folder) if f.startswith("seed") and f.endswith(".jsonl"))
+    seeds = [read_jsonl(os.path.join(folder, f)) for f in files]
+    clean = lambda x, pad: x.strip().replace("[SEP]", "").replace("[CLS]", "").replace("[PAD]" if pad else "[CLS]", "")
+    scores = []
+    for rows in zip(*seeds):
+        cands = [clean(r["recover"], True) for r in rows]
+        sums = [sum(nltk_m4(c, d) for j, d in enumerate(cands) if j != i) for i, c in enumerate(cands)]
+        best = max(range(len(cands)), key=lambda i: (sums[i], -i))
+        scores.append(nltk_m4(cands[best], clean(rows[0]["reference"], False)))
+    return sum(scores) / len(scores)
 
 
 @pytest.fixture(scope="module")
@@ -77,6 +99,8 @@ def test_post_train_decode_and_compare(gauss_run, tiny_bert, tiny_pairs):
             "--out_dir", str(post), "--log_dir", str(cwd / "logs"), cwd=str(cwd))
     cfg = json.load(open(post / "checkpoints" / "last" / "run_config.json"))
     assert cfg["config"]["hidden_size"] == 16 and cfg["derived"]["post_trained_from"].startswith(str(run))
+    assert (cfg["config"]["simi_maps"], cfg["config"]["loss_average"], cfg["config"]["simi_lambda"]) == \
+        ("released", "all", -2.0)
     rows = [r for r in read_jsonl(post / "metrics.jsonl") if r.get("split") == "train"]
     assert rows and all(r["penalty"] > 0 for r in rows)
 
@@ -87,7 +111,7 @@ def test_post_train_decode_and_compare(gauss_run, tiny_bert, tiny_pairs):
                     "--mbr_size", "2", "--batch_size", "6", "--name", f"{tag}-{spec}", "--out_dir", str(gen),
                     cwd=str(cwd))
     info = json.load(open(gen / "post-adp_10" / "decode.json"))
-    assert info["process"] == "gaussian" and info["timesteps"] == [0, 33, 42, 50, 58, 67, 75, 83, 91, 99]
+    assert info["process"] == "gaussian" and info["timesteps"] == sorted(space_timesteps_adp(100, 10))
     assert all(t["network_calls"] == 2 * 10 for t in info["timings"])  # 2 batches x 10 steps
     a, b = read_jsonl(gen / "post-adp_10" / "seed42.jsonl"), read_jsonl(gen / "post-adp_10" / "mbr.jsonl")
     n = sum(1 for _ in open(f"{tiny_pairs}/test.jsonl"))
@@ -101,7 +125,9 @@ def test_post_train_decode_and_compare(gauss_run, tiny_bert, tiny_pairs):
     assert "| post-adp_10 |" in p.stdout
     res = {r["setting"]: r for r in json.load(open(out))["metrics"]["rows"]}
     assert res["base-full"]["calls_per_sequence"] == 100 and res["base-adp_10"]["calls_per_sequence"] == 10
-    assert all(0 <= r["bleu"] <= 1 and 0 <= r["self_bleu"] <= 1 for r in res.values())
+    for name, r in res.items():
+        assert r["bleu"] == pytest.approx(diffuseq_mbr_bleu(gen / name), abs=1e-12), name
+        assert r["num_sources"] == n
 
 
 def test_torchrun_decoding_matches_one_process_and_repeats(tmp_path, gauss_run):
@@ -147,3 +173,30 @@ def test_mismatches_give_one_error_line(tmp_path, gauss_run, tiny_bert, tiny_pai
                            cwd=str(cwd), check=False), "not a gaussian schedule")
     one_error_line(run_cli("train.py", "--simi_penalty", "l2_noise_random", "--out_dir", str(tmp_path / "a"),
                            cwd=str(cwd), check=False), "--process gaussian")
+    # a positive simi_lambda with the l2 penalty (an error in the released code too)
+    one_error_line(run_cli("train.py", "--post_train", str(run), "--simi_penalty", "l2_noise_random", "--simi_lambda",
+                           "2", "--out_dir", str(tmp_path / "pos"), cwd=str(cwd), check=False),
+                   "--simi_lambda must be 0 or negative", "got 2.0")
+
+
+def test_old_configs_keep_their_behaviour(tmp_path):
+    """A config stored before --loss_average/--simi_maps existed loads with what that code did (target-only
+    averaging, complete maps); a post-training run of that code (penalty weight 2, MSE target z0) cannot
+    be resumed under the released loss."""
+    import train
+    from runtime.config import TrainConfig, from_dict
+    from runtime.errors import UserError
+
+    old = {k: v for k, v in json.loads(json.dumps(TrainConfig().__dict__)).items()
+           if k not in ("loss_average", "simi_maps")}
+    cfg = from_dict(old)
+    assert (cfg.loss_average, cfg.simi_maps) == ("target", "complete")
+    assert (TrainConfig().loss_average, TrainConfig().simi_maps) == ("all", "released")
+    assert from_dict({**old, "loss_average": "all"}).loss_average == "all"
+    ckpt = tmp_path / "ckpt"
+    ckpt.mkdir()
+    torch.save({}, ckpt / "model.pt")
+    (ckpt / "run_config.json").write_text(json.dumps({"config": {**old, "process": "gaussian",
+                                                                  "simi_penalty": "l2_noise_random"}}))
+    with pytest.raises(UserError, match="cannot be resumed"):
+        train.resume_source(TrainConfig(resume=str(ckpt)))
