@@ -34,6 +34,8 @@ from .schedules import Schedule
 # Token-independent schedules never reach it (w >= 1/T there).
 REVERSE_W_MIN = 1e-6
 
+LOSS_WEIGHTINGS = ("elbo", "released")
+
 Denoiser = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
@@ -168,17 +170,44 @@ class AbsorbingDiffusion:
 
     def loss(self, denoise: Denoiser, x0: torch.Tensor, noise_mask: torch.Tensor,
              attention_mask: torch.Tensor, low_discrepancy: bool = False,
-             generator: torch.Generator | None = None) -> LossOutput:
-        """Training loss: ``T * KL(t -> t-1)`` (an unbiased NELBO estimate) per noised token, plus
-        ``hybrid_lambda * CE(p_hat, x0)`` over masked positions (D3PM's hybrid loss)."""
+             generator: torch.Generator | None = None, weighting: str = "elbo") -> LossOutput:
+        """Training loss at one drawn t per example (uniform on 1..T), ``s = t - 1``.
+
+        ``weighting``:
+
+        * ``elbo``: ``T * KL(t -> s)`` summed per example (an unbiased NELBO estimate) over all noised
+          tokens of the batch, plus ``hybrid_lambda`` times the mean ``CE(p_hat, x0)`` over the masked
+          positions (D3PM's hybrid loss). The network's vocabulary projection runs at masked positions only.
+        * ``released`` (DiffusionBERT's ``compute_kl_reverse_process`` with ``DDP_main.py``): the KL
+          summed over the noised tokens with no factor T (at t = 1 it is the cross-entropy of the
+          last step), plus ``hybrid_lambda`` times ``CE(p_hat, x0)`` summed over *all* noised
+          tokens, masked or not, everything divided by the batch size. Relative to the KL term the
+          hybrid term weighs about ``t`` times more than under ``elbo``; the projection runs at every
+          noised position.
+
+        ``nelbo`` and ``ce`` are reported the same way under both (T * KL per example; mean CE over
+        masked positions), so logs stay comparable.
+        """
+        if weighting not in LOSS_WEIGHTINGS:
+            raise ValueError(f"unknown loss weighting {weighting!r}; choose one of {LOSS_WEIGHTINGS}")
         B = x0.shape[0]
         t = self.sample_t(B, x0.device, low_discrepancy, generator)
-        kl_b, ce_pos, masked = self.kl_per_example(denoise, x0, t, t - 1, noise_mask, attention_mask, generator)
-        nelbo = self.T * kl_b
-        num_tokens = noise_mask.sum()
-        num_masked = masked.sum()
+        x_t = self.q_sample(x0, t, noise_mask, generator)
+        masked = (x_t == self.mask_id) & noise_mask
+        released = weighting == "released"
+        logp_all = self.log_p_hat(denoise(x_t, t, attention_mask, noise_mask if released else masked))
+        logp = logp_all[masked[noise_mask]] if released else logp_all  # the masked rows, row-major
+        kl_pos = self.kl(logp, x0, x_t, t, t - 1, noise_mask)
+        kl_b = torch.zeros(B, device=x0.device, dtype=kl_pos.dtype).index_add_(0, masked.nonzero()[:, 0], kl_pos)
+        ce_pos = -logp.gather(-1, x0[masked][:, None]).squeeze(-1)
+        num_tokens, num_masked = noise_mask.sum(), masked.sum()
         ce = ce_pos.sum() / num_masked.clamp_min(1)
-        loss = nelbo.sum() / num_tokens.clamp_min(1) + self.hybrid_lambda * ce
+        nelbo = self.T * kl_b
+        if released:
+            ce_all = -logp_all.gather(-1, x0[noise_mask][:, None]).squeeze(-1)
+            loss = (kl_b.sum() + self.hybrid_lambda * ce_all.sum()) / B
+        else:
+            loss = nelbo.sum() / num_tokens.clamp_min(1) + self.hybrid_lambda * ce
         return LossOutput(loss, nelbo.detach(), ce.detach(), num_tokens, num_masked)
 
     def timesteps(self, n: int) -> torch.Tensor:
