@@ -842,7 +842,8 @@ def test_log_p_hat_does_not_write_into_the_denoiser_output():
 # sampling_step of discrete_diffusion_predict_fn), losses.py (kl_divergence_with_probs,
 # cross_entropy_with_probs), DDP_main.py (loss / batch_size) and transformers 4.21's
 # top_k_top_p_filtering (top_p = -1 turns nucleus filtering off). Released rows hold no [CLS]/[SEP]
-# (its denoise_fn adds them around the model call).
+# (its denoise_fn adds them around the model call). The transcription runs in float64 (the released code
+# in float32), so the comparison measures our rounding, not the cancellation in its 1 - sum(p q0).
 REL_EPS = 1e-20
 
 
@@ -851,10 +852,10 @@ class Released:
         betas = torch.cat([torch.zeros(1), 1.0 / (T - torch.arange(T, dtype=torch.float64))]).double()
         state = torch.cumprod(1 - betas, 0)
         state[-1] = 0.0
-        self.T, self.state = T, state.float()
-        wf = torch.log(COUNTS.float() + 1)
+        self.T, self.state = T, state
+        wf = torch.log(COUNTS + 1)
         self.word_freq = wf / wf.max()
-        self.lam_t = lam * torch.sin(torch.arange(T + 1) / T * math.pi)
+        self.lam_t = lam * torch.sin(torch.arange(T + 1, dtype=torch.float64) / T * math.pi)
 
     def noise_fn(self, q0, t, wfl):
         p = self.state[t]
@@ -877,7 +878,7 @@ class Released:
 
     def transition(self, x_hi, t, step):
         """q(x_{t+step} = x_hi | x_t = v) for every v."""
-        tp = torch.nn.functional.one_hot(x_hi, V).float()
+        tp = torch.nn.functional.one_hot(x_hi, V).double()
         for i in range(step):
             tp = self.qt_reverse(tp, t + step - 1 - i)
         return tp
@@ -885,10 +886,11 @@ class Released:
     def loss_terms(self, x0, tmask, logits, x_hi, t, hybrid):
         """compute_kl_reverse_process(x0, t) for one row with x_{t+1} = x_hi: base_loss + hybrid_loss."""
         tp = self.transition(x_hi, t, 1)
-        q = tp * self.qt_given_q0(torch.nn.functional.one_hot(x0, V).float(), t, torch.zeros(x0.shape))
+        zeros = torch.zeros(x0.shape, dtype=torch.float64)  # mutual: word_freq_lambda = 0
+        q = tp * self.qt_given_q0(torch.nn.functional.one_hot(x0, V).double(), t, zeros)
         q = q / q.sum(-1, keepdim=True)
-        probs = logits.softmax(-1)
-        p = tp * self.qt_given_q0(probs, t, torch.zeros(x0.shape))
+        probs = logits.double().softmax(-1)
+        p = tp * self.qt_given_q0(probs, t, zeros)
         p = p / p.sum(-1, keepdim=True)
         kl = torch.relu((q * (torch.log(q + REL_EPS) - torch.log(p + REL_EPS))).sum(-1))
         ce_t = -torch.log(torch.relu(p) + REL_EPS).gather(-1, x0[:, None]).squeeze(-1)
@@ -898,7 +900,7 @@ class Released:
 
     def sampling_logits(self, logits, x_t, t, step, temperature, topk):
         """sampling_step: p_forward(return_logits=True) at t, / temperature, top-k; [B, L, V]."""
-        probs = logits.softmax(-1)
+        probs = logits.double().softmax(-1)
         s = t - step
         post = torch.log(self.qt_given_q0(probs, s) + REL_EPS) + torch.log(self.transition(x_t, s, step) + REL_EPS)
         post = post / temperature
@@ -939,7 +941,7 @@ def test_released_loss_weighting_equals_the_transcribed_released_objective():
         tmask = (torch.arange(L - 2) < n).float()
         x0_r = torch.where(tmask.bool(), x0[b, 1:L - 1], torch.full((L - 2,), PAD))
         x_hi = torch.where(tmask.bool(), x_t[b, 1:L - 1], torch.full((L - 2,), MASK))
-        total += rel.loss_terms(x0_r, tmask, logits[b, 1:L - 1], x_hi, int(t[b]) - 1, hybrid).double()
+        total += rel.loss_terms(x0_r, tmask.double(), logits[b, 1:L - 1], x_hi, int(t[b]) - 1, hybrid)
     torch.testing.assert_close(out.loss.detach().double(), total / B, rtol=1e-5, atol=1e-6)
     # the hybrid term is the larger part here, and it covers unmasked tokens too
     masked = (x_t == MASK) & nm
@@ -972,12 +974,12 @@ def test_released_loss_weighting_with_spindle_sums_our_exact_kl(name):
 
 
 @pytest.mark.parametrize("name,T,t,step", [("mutual", 64, 40, 8), ("released-0.3", 64, 40, 8),
-                                           ("released-0.8", 64, 24, 4), ("released-0.3", 2048, 16, 8),
+                                           ("released-0.8", 64, 24, 4), ("released-0.3", 2048, 3, 2),
                                            ("released-0.3", 64, 8, 8)])
 @pytest.mark.parametrize("temperature,topk", [(1.0, 0), (0.1, 30), (0.5, 3)])
 def test_released_sampling_step_equals_the_transcribed_released_step(name, T, t, step, temperature, topk):
     """Posterior logits, [MASK] a candidate, temperature and top-k on them; spindle from the argmax of
-    p_hat; keep probability clipped at 0.999 (active at T = 2048, t = 16); s = 0 at (64, 8, 8)."""
+    p_hat; keep probability clipped at 0.999 (active at T = 2048, s = 1: 1 - 1/2048 > 0.999); s = 0 at (64, 8, 8)."""
     B, L = 6, 7
     sched = SCHEDULES[name]()
     diff = AbsorbingDiffusion(sched, T, MASK)
@@ -994,8 +996,8 @@ def test_released_sampling_step_equals_the_transcribed_released_step(name, T, t,
     p_hat = diff.zero_mask(logits[masked]).softmax(-1)
     tt, ss = torch.full((B,), t), torch.full((B,), t - step)
     ours = filter_logits(diff.released_logits(p_hat, x_t, tt, ss, nm, logits.argmax(-1)), topk, 1.0, temperature)
-    # both sides are float32 (as released); 1 / temperature scales their rounding differences
-    torch.testing.assert_close(ours.softmax(-1), expected[masked], rtol=1e-4 / temperature, atol=1e-6)
+    # ours is float32; 1 / temperature scales its rounding
+    torch.testing.assert_close(ours.softmax(-1).double(), expected[masked], rtol=1e-4 / temperature, atol=1e-6)
     if 0 < t - step:  # before the last step [MASK] keeps real mass somewhere
         assert float(expected[masked][:, MASK].max()) > 1e-3
     # unmasked positions: the released logits keep the token (every other value carries eps = 1e-20)
