@@ -19,8 +19,11 @@ case "$PRESET" in
     export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
     MODEL=minilm; DATASET=bible
     RUN=outputs/demo-$STAMP
+    # The released objective: at 500 steps its dev/test perplexity bound is lower than the ELBO
+    # weighting's (test, 128 examples, K=32: 141.3 vs 146.5 per wordpiece), for ~25% more time per step.
     TRAIN_ARGS=(--model_name_or_path $MODEL --dataset $DATASET --max_len 64
                 --num_steps 2048 --schedule spindle --word_freq_lambda 0.3 --time_conditioning none
+                --loss_weighting released
                 --batch_size 16 --accumulation_steps 1 --lr 1.5e-4 --warmup_steps 30 --max_steps 500
                 --eval_every 100 --eval_examples 128 --eval_steps 16 --save_every 100 --log_every 10)
     SAMPLE_ARGS=(--num_samples 64 --steps 128 --batch_size 32 --seed 42)
