@@ -2,8 +2,13 @@
 
     python predict.py --checkpoint outputs/demo --num_samples 200 --steps 128
 
-Each sample's length n is drawn from the training-length histogram stored in the checkpoint, then
-``[CLS] [MASK]*n [SEP]`` is denoised over a grid of ``--steps`` timesteps. Writes one sample per
+Each sample's length n is drawn from the training-length histogram stored in the checkpoint (or fixed
+with ``--length``), then ``[CLS] [MASK]*n [SEP]`` is denoised over a grid of ``--steps`` timesteps.
+
+    python predict.py --checkpoint outputs/demo --sampler released --steps 256 --topk 30 --temperature 0.1 --length 32
+
+is DiffusionBERT's released sampler with its predict.py settings (T = 512 walked in steps of 2 is the
+same t/T grid as 256 steps over any T; 32 wordpieces per sample). Writes one sample per
 line to ``generation_results/<name>.txt`` (and the settings and timings to ``<name>.json``).
 
     torchrun --nproc_per_node 4 predict.py --checkpoint outputs/demo --num_samples 1000
@@ -31,10 +36,17 @@ def parse_args(argv=None):
     p.add_argument("--checkpoint", required=True, help="checkpoint directory, or a run directory (uses its best)")
     p.add_argument("--num_samples", type=int, default=100)
     p.add_argument("--steps", type=int, default=128, help="sampling iterations (grid over 0..T)")
+    p.add_argument("--sampler", default="ours", choices=("ours", "released"),
+                   help="ours: top-k/top-p/temperature filter p_hat, then the exact reverse step; released: "
+                        "DiffusionBERT's sampler, they filter the posterior logits with [MASK] a candidate "
+                        "(its predict.py: --topk 30 --temperature 0.1, 256 steps)")
     p.add_argument("--topk", type=int, default=0, help="keep the k most likely tokens (0: all)")
     p.add_argument("--top_p", type=float, default=1.0, help="nucleus sampling mass (1: off)")
     p.add_argument("--temperature", type=float, default=1.0)
     p.add_argument("--max_len", type=int, default=None, help="longest sample in wordpieces incl. [CLS]/[SEP] (default: training --max_len)")
+    p.add_argument("--length", type=int, default=None,
+                   help="every sample has this many wordpieces between [CLS] and [SEP] (the released predict.py: "
+                        "32); default: drawn from the training-length histogram")
     p.add_argument("--batch_size", type=int, default=32)
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--no_cache", action="store_true", help="call the network at every step (no MDLM cache)")
@@ -50,6 +62,9 @@ def check_args(args, train_max_len: int) -> None:
     check_sampling_flags(args)
     if args.max_len is not None and not 3 <= args.max_len <= train_max_len:
         raise UserError(f"--max_len must be between 3 and the training --max_len {train_max_len}, got {args.max_len}")
+    longest = (args.max_len or train_max_len) - 2
+    if args.length is not None and not 1 <= args.length <= longest:
+        raise UserError(f"--length must be between 1 and {longest} (--max_len minus [CLS] and [SEP]), got {args.length}")
 
 
 @cli_main
@@ -72,14 +87,19 @@ def sample_all(args, info: dist.DistInfo) -> None:
         log(f"predict: the denoiser is conditioned on t ({cfg.time_conditioning}); caching is off")
         use_cache = False
 
-    name = args.name or (f"{run.run_name}_{os.path.basename(run.ckpt_dir)}_steps{args.steps}_topk{args.topk}_p{args.top_p}"
-                         f"_temp{args.temperature}_n{args.num_samples}_seed{args.seed}")
+    name = args.name or (f"{run.run_name}_{os.path.basename(run.ckpt_dir)}"
+                         f"{'_released' if args.sampler == 'released' else ''}_steps{args.steps}_topk{args.topk}_p{args.top_p}"
+                         f"_temp{args.temperature}{f'_len{args.length}' if args.length else ''}"
+                         f"_n{args.num_samples}_seed{args.seed}")
     out_txt = os.path.join(args.out_dir, f"{name}.txt")
     out_json = os.path.join(args.out_dir, f"{name}.json")
     refuse_overwrite(out_txt, args.overwrite, "generation file")  # every rank checks before any work
 
     gen_len = torch.Generator().manual_seed(args.seed)
-    lengths = LengthPrior(run.run_info["derived"]["length_counts"]).sample(args.num_samples, max_len - 2, gen_len)
+    if args.length is not None:
+        lengths = torch.full((args.num_samples,), args.length, dtype=torch.long)
+    else:
+        lengths = LengthPrior(run.run_info["derived"]["length_counts"]).sample(args.num_samples, max_len - 2, gen_len)
     order = torch.argsort(lengths, stable=True)  # similar lengths share a batch: little padding
     num_batches = -(-args.num_samples // args.batch_size)
     texts: dict[int, str] = {}
@@ -91,7 +111,7 @@ def sample_all(args, info: dist.DistInfo) -> None:
                                                          tok.pad_token_id, tok.mask_token_id))
         gen = torch.Generator(device=device).manual_seed(dist.batch_seed(args.seed, b))
         out = diffusion.sample(run.denoiser, ids, noise, att, args.steps, args.topk, args.top_p,
-                               args.temperature, cache=use_cache, generator=gen)
+                               args.temperature, cache=use_cache, generator=gen, sampler=args.sampler)
         calls += out.network_calls
         rows += out.row_evaluations
         for j, row in zip(idx.tolist(), out.x0.cpu()):

@@ -48,6 +48,11 @@ def parse_args(argv=None):
                         "or a comma-separated list of steps")
     p.add_argument("--weights", default="ema", choices=("ema", "raw"),
                    help="gaussian: decode with the EMA of the weights (default, as DiffuSeq) or the raw weights")
+    p.add_argument("--sampler", default="ours", choices=("ours", "released"),
+                   help="absorbing: ours (filter p_hat, exact reverse step) or released (DiffusionBERT's "
+                        "predict_downstream_condition.py: filter the posterior logits, [MASK] a candidate, and "
+                        "redraw every target position from p_hat at the last step; its settings: --topk 15 "
+                        "--temperature 1 --steps 200)")
     p.add_argument("--topk", type=int, default=0)
     p.add_argument("--top_p", type=float, default=1.0)
     p.add_argument("--temperature", type=float, default=1.0)
@@ -181,7 +186,8 @@ def decode_all(args, info: dist.DistInfo) -> None:
                 out = diffusion.sample(run.denoiser, ids, noise, timesteps, generator=gen)
             else:
                 out = diffusion.sample(run.denoiser, ids, noise, att, args.steps, args.topk, args.top_p,
-                                       args.temperature, cache=use_cache, generator=gen)
+                                       args.temperature, cache=use_cache, generator=gen, sampler=args.sampler,
+                                       final_x0=args.sampler == "released")
             calls += out.network_calls
             rows_eval += out.row_evaluations
             recovers[b] = [decode_like_diffuseq(tok, row[src_len:])

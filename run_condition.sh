@@ -42,12 +42,16 @@ case "$PRESET" in
     shift
     RUN=outputs/cond-$PRESET-$STAMP
     DATA_ARGS=(--dataset "$PRESET" --data_files "$FOLDER")
-    # the released DiffusionBERT seq2seq setup: bert-base, T=2000, no spindle, 200 sampling steps, MBR 10
+    # the released DiffusionBERT seq2seq setup: bert-base, T=2000, no spindle, the released objective with
+    # DDP_main_conditional.py's hybrid lambda 3e-4; its sampler (predict_downstream_condition.py: top-k 15,
+    # temperature 1, T=2000 in steps of 10 = 200 steps, last step redrawn from p_hat), MBR 10
     ACC=$(( (64 + 32 * NGPU - 1) / (32 * NGPU) ))
     TRAIN_ARGS=(--model_name_or_path bert-base-uncased --task seq2seq --max_len 128 --num_steps 2000 --schedule mutual
+                --loss_weighting released --hybrid_lambda 3e-4
                 --batch_size 32 --accumulation_steps $ACC --lr 5e-5 --warmup_steps 10000 --max_steps 200000
                 --eval_every 5000 --eval_examples 1000 --eval_steps 64 --save_every 5000 --log_every 50 --num_workers 4)
-    DECODE_ARGS=(--split test --steps 200 --mbr_size 10 --batch_size 128 --seed 42)
+    DECODE_ARGS=(--split test --sampler released --steps 200 --topk 15 --temperature 1 --mbr_size 10 --batch_size 128
+                 --seed 42)
     ;;
   *)
     echo "error: unknown preset '$PRESET' (use: demo, qqp, wiki_auto, quasar_t, commonsense_conversation, folder, diffuseq, diffuseq_post)" >&2

@@ -3,7 +3,8 @@
     python word_freq.py --model_name_or_path minilm --dataset bible
     python word_freq.py --task seq2seq --dataset qqp --data_files path/to/QQP     # counts the targets
 
-writes ``word_freq/<tokenizer>__<dataset>.json``; ``train.py --schedule spindle`` reads it.
+counts the ids that the spindle schedule noises (LM: not [CLS]/[SEP]; seq2seq: the target and its
+[SEP]) and writes ``word_freq/<tokenizer>__<dataset>.json``; ``train.py --schedule spindle`` reads it.
 """
 from __future__ import annotations
 
@@ -49,8 +50,12 @@ def main(argv=None):
     cfg = TrainConfig(task=args.task, dataset=args.dataset, data_files=args.data_files, data_dir=args.data_dir,
                       max_len=args.max_len, skip_bad_lines=args.skip_bad_lines)
     train = load_task_data(cfg, tok, ("train",))[0]["train"]
-    counts = word_freq.count_tokens(train["input_ids" if args.task == "lm" else "trg_ids"], len(tok))
-    word_freq.save(out, counts, args.model_name_or_path, lm.vocab_fingerprint(tok), name)
+    # count what the schedule noises: LM rows are [CLS] ... [SEP] and only the tokens between are
+    # noised (DiffusionBERT counts add_special_tokens=False encodings); seq2seq targets are trg [SEP]
+    # and all of it is noised
+    exclude = lm.collator_for(tok).special_ids if args.task == "lm" else ()
+    counts = word_freq.count_tokens(train["input_ids" if args.task == "lm" else "trg_ids"], len(tok), exclude)
+    word_freq.save(out, counts, args.model_name_or_path, lm.vocab_fingerprint(tok), name, exclude)
     seen = int((counts > 0).sum())
     print(f"word_freq: {int(counts.sum())} tokens from {len(train)} training examples of {name}; "
           f"{seen} of {len(counts)} vocabulary entries seen; wrote {out} in {time.time() - start:.1f}s")

@@ -21,6 +21,7 @@ used (:meth:`AbsorbingDiffusion.kl`). No ``[B, L, V]`` one-hot or transition ten
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Callable
 
@@ -33,6 +34,14 @@ from .schedules import Schedule
 # floor keeps p(x_s | x_t) a valid distribution with full support, so the bound stays finite.
 # Token-independent schedules never reach it (w >= 1/T there).
 REVERSE_W_MIN = 1e-6
+
+LOSS_WEIGHTINGS = ("elbo", "released")
+SAMPLERS = ("ours", "released")
+
+# DiffusionBERT's sampler (diffusion_word_freq.py): the epsilon inside every log, and the clip of the
+# keep probability in noise_fn (alpha <= 0.999 at every t > 0)
+RELEASED_EPS = 1e-20
+RELEASED_KEEP_MAX = 0.999
 
 Denoiser = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -168,17 +177,44 @@ class AbsorbingDiffusion:
 
     def loss(self, denoise: Denoiser, x0: torch.Tensor, noise_mask: torch.Tensor,
              attention_mask: torch.Tensor, low_discrepancy: bool = False,
-             generator: torch.Generator | None = None) -> LossOutput:
-        """Training loss: ``T * KL(t -> t-1)`` (an unbiased NELBO estimate) per noised token, plus
-        ``hybrid_lambda * CE(p_hat, x0)`` over masked positions (D3PM's hybrid loss)."""
+             generator: torch.Generator | None = None, weighting: str = "elbo") -> LossOutput:
+        """Training loss at one drawn t per example (uniform on 1..T), ``s = t - 1``.
+
+        ``weighting``:
+
+        * ``elbo``: ``T * KL(t -> s)`` summed per example (an unbiased NELBO estimate) over all noised
+          tokens of the batch, plus ``hybrid_lambda`` times the mean ``CE(p_hat, x0)`` over the masked
+          positions (D3PM's hybrid loss). The network's vocabulary projection runs at masked positions only.
+        * ``released`` (DiffusionBERT's ``compute_kl_reverse_process`` with ``DDP_main.py``): the KL
+          summed over the noised tokens with no factor T (at t = 1 it is the cross-entropy of the
+          last step), plus ``hybrid_lambda`` times ``CE(p_hat, x0)`` summed over *all* noised
+          tokens, masked or not, everything divided by the batch size. Relative to the KL term the
+          hybrid term weighs about ``t`` times more than under ``elbo``; the projection runs at every
+          noised position.
+
+        ``nelbo`` and ``ce`` are reported the same way under both (T * KL per example; mean CE over
+        masked positions), so logs stay comparable.
+        """
+        if weighting not in LOSS_WEIGHTINGS:
+            raise ValueError(f"unknown loss weighting {weighting!r}; choose one of {LOSS_WEIGHTINGS}")
         B = x0.shape[0]
         t = self.sample_t(B, x0.device, low_discrepancy, generator)
-        kl_b, ce_pos, masked = self.kl_per_example(denoise, x0, t, t - 1, noise_mask, attention_mask, generator)
-        nelbo = self.T * kl_b
-        num_tokens = noise_mask.sum()
-        num_masked = masked.sum()
+        x_t = self.q_sample(x0, t, noise_mask, generator)
+        masked = (x_t == self.mask_id) & noise_mask
+        released = weighting == "released"
+        logp_all = self.log_p_hat(denoise(x_t, t, attention_mask, noise_mask if released else masked))
+        logp = logp_all[masked[noise_mask]] if released else logp_all  # the masked rows, row-major
+        kl_pos = self.kl(logp, x0, x_t, t, t - 1, noise_mask)
+        kl_b = torch.zeros(B, device=x0.device, dtype=kl_pos.dtype).index_add_(0, masked.nonzero()[:, 0], kl_pos)
+        ce_pos = -logp.gather(-1, x0[masked][:, None]).squeeze(-1)
+        num_tokens, num_masked = noise_mask.sum(), masked.sum()
         ce = ce_pos.sum() / num_masked.clamp_min(1)
-        loss = nelbo.sum() / num_tokens.clamp_min(1) + self.hybrid_lambda * ce
+        nelbo = self.T * kl_b
+        if released:
+            ce_all = -logp_all.gather(-1, x0[noise_mask][:, None]).squeeze(-1)
+            loss = (kl_b.sum() + self.hybrid_lambda * ce_all.sum()) / B
+        else:
+            loss = nelbo.sum() / num_tokens.clamp_min(1) + self.hybrid_lambda * ce
         return LossOutput(loss, nelbo.detach(), ce.detach(), num_tokens, num_masked)
 
     def timesteps(self, n: int) -> torch.Tensor:
@@ -255,37 +291,137 @@ class AbsorbingDiffusion:
             x_s[masked] = vals
         return x_s
 
+    # ------------------------------------------------------------------ the released sampler
+    def released_keep(self, s: torch.Tensor, x0_guess: torch.Tensor, noise_mask: torch.Tensor) -> torch.Tensor:
+        """The keep probability that DiffusionBERT's sampler puts in its posterior at time ``s``, [B, L] float64.
+
+        Its ``noise_fn`` gives ``clip(alpha, 0, 0.999)``; with spindle, the token score is that of the
+        *argmax* of ``p_hat`` at each position and the sentence mean is over those argmaxes
+        (``x0_guess`` [B, L]), not a corpus constant. At ``s = 0`` it is 1 (``q0`` unchanged).
+        """
+        if self.schedule.token_dependent:
+            a = self.schedule.alpha(s.double() / self.T, x0_guess, noise_mask)
+        else:
+            a = self.schedule.alpha(s.double() / self.T).expand(x0_guess.shape)
+        a = a.clamp_max(RELEASED_KEEP_MAX)
+        return torch.where((s == 0)[:, None], torch.ones_like(a), a)
+
+    def released_logits(self, p_hat: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor, s: torch.Tensor,
+                        noise_mask: torch.Tensor, x0_guess: torch.Tensor | None = None) -> torch.Tensor:
+        """DiffusionBERT's sampling logits ``log p(x_s | x_t)`` at the masked positions, [N, V] float32.
+
+        The released ``p_forward`` with ``return_logits=True``: ``log(q(x_s | p_hat) + eps) +
+        log(q(x_t | x_s) + eps)``, unnormalised, [MASK] included as the outcome "stay masked":
+
+        * ``v != [MASK]``: ``log(a_s p_hat(v) + eps) + log(r + eps)``;
+        * ``[MASK]``: ``log(1 - a_s (1 - p_hat([MASK])) + eps)`` (+ ``log(1 + eps)``);
+
+        with ``a_s`` from :meth:`released_keep` and ``r = 1 - base(t) / base(s)`` the probability of
+        being masked between s and t under the schedule's token-independent part (the product of the
+        one-step betas; for mutual and spindle ``(t - s) / (T - s)``). ``p_hat`` [N, V] are probabilities
+        at the masked positions (ours are zero-masked). ``x0_guess`` [B, L] is needed for spindle.
+        """
+        masked = (x_t == self.mask_id) & noise_mask
+        b_idx = masked.nonzero()[:, 0]
+        if x0_guess is None:
+            if self.schedule.token_dependent:
+                raise ValueError("the released sampler with a token-dependent schedule needs x0_guess")
+            x0_guess = x_t
+        a_s = self.released_keep(s, x0_guess, noise_mask)[masked].float()[:, None]       # [N, 1]
+        base_t, base_s = self.schedule.base_alpha(t.double() / self.T), self.schedule.base_alpha(s.double() / self.T)
+        r = (1.0 - base_t / base_s.clamp_min(1e-300)).clamp(0.0, 1.0).squeeze(-1)[b_idx].float()[:, None]
+        p = p_hat.float()
+        logits = torch.log(a_s * p + RELEASED_EPS) + torch.log(r + RELEASED_EPS)
+        stay = 1.0 - a_s.squeeze(-1) * (1.0 - p[:, self.mask_id])
+        logits[:, self.mask_id] = torch.log(stay + RELEASED_EPS) + math.log1p(RELEASED_EPS)
+        return logits
+
+    def step_released(self, p_hat: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor, s: torch.Tensor,
+                      noise_mask: torch.Tensor, x0_guess: torch.Tensor | None = None, topk: int = 0,
+                      top_p: float = 1.0, temperature: float = 1.0,
+                      generator: torch.Generator | None = None) -> torch.Tensor:
+        """One step of DiffusionBERT's sampler: temperature, top-k and top-p act on
+        :meth:`released_logits` ([MASK] a candidate like any token) and ``x_s`` is drawn from them.
+        A drawn [MASK] stays masked. Unmasked positions keep their token: the released logits give
+        every other value a factor ``eps = 1e-20``, which no float32 draw reaches. Returns ``x_s`` [B, L].
+
+        At temperature 0.1 the probabilities are raised to the power 10, so a position unmasks only
+        once ``a_s p_hat(v) r`` comes close to ``1 - a_s``: confidence-gated unmasking.
+        """
+        masked = (x_t == self.mask_id) & noise_mask
+        x_s = x_t.clone()
+        if masked.any():
+            logits = filter_logits(self.released_logits(p_hat, x_t, t, s, noise_mask, x0_guess), topk, top_p, temperature)
+            x_s[masked] = categorical_float64(logits.softmax(-1), generator)
+        return x_s
+
+    # ------------------------------------------------------------------ sampling loop
     @torch.no_grad()
     def sample(self, denoise: Denoiser, x: torch.Tensor, noise_mask: torch.Tensor,
                attention_mask: torch.Tensor, steps: int, topk: int = 0, top_p: float = 1.0,
                temperature: float = 1.0, cache: bool = True,
-               generator: torch.Generator | None = None) -> SampleOutput:
+               generator: torch.Generator | None = None, sampler: str = "ours",
+               final_x0: bool = False) -> SampleOutput:
         """Ancestral sampling from ``x`` (noised positions set to [MASK]) over a grid of ``steps``.
 
+        ``sampler``:
+
+        * ``ours``: temperature, top-k and top-p act on ``p_hat`` (zero-masked), then :meth:`step`
+          (a masked position unmasks with probability ``sum_v p_hat(v) w(v)``).
+        * ``released``: DiffusionBERT's ``discrete_diffusion_predict_fn``: they act on the posterior
+          logits, [MASK] included (:meth:`step_released`). ``final_x0`` adds the released seq2seq
+          sampler's last step (``diffusion_condition.p_forward`` at ``t == step_size``): every noised
+          position, masked or not, is redrawn from the filtered ``p_hat``.
+
         ``cache`` (MDLM): with a time-agnostic denoiser the output depends on ``x_t`` only, so a row
-        whose tokens did not change since its last evaluation reuses its filtered ``p_hat``; the
-        network is called only on rows that changed. Only valid when the denoiser ignores t.
+        whose tokens did not change since its last evaluation reuses its ``p_hat``; the network is
+        called only on rows that changed. Only valid when the denoiser ignores t.
         """
+        if sampler not in SAMPLERS:
+            raise ValueError(f"unknown sampler {sampler!r}; choose one of {SAMPLERS}")
+        released = sampler == "released"
+        if final_x0 and not released:
+            raise ValueError("final_x0 belongs to the released sampler")
+        # the released spindle posterior scores the argmax of p_hat at every noised position
+        need_guess = released and self.schedule.token_dependent
         x = x.masked_fill(noise_mask, self.mask_id)
+        x0_guess = x.clone() if need_guess else None
         grid = self.timesteps(steps).to(x.device)
+        K = grid.numel() - 1
         B = x.shape[0]
         calls = rows_evaluated = 0
         cache_x = cache_mask = cache_p = None
-        for k in range(grid.numel() - 1):
+        for k in range(K):
+            t = grid[k].expand(B)
+            s = grid[k + 1].expand(B)
+            if final_x0 and k == K - 1:
+                logits = denoise(x, t, attention_mask, noise_mask)
+                calls, rows_evaluated = calls + 1, rows_evaluated + B
+                p = filter_logits(self.zero_mask(logits), topk, top_p, temperature).softmax(-1)
+                x = x.clone()
+                x[noise_mask] = categorical_float64(p, generator)
+                break
             masked = (x == self.mask_id) & noise_mask
             active = masked.any(-1)
             if not active.any():
+                if final_x0:
+                    continue  # nothing changes before the final redraw
                 break
-            t = grid[k].expand(B)
-            s = grid[k + 1].expand(B)
             changed = (x != cache_x).any(-1) if cache and cache_x is not None else torch.ones_like(active)
             fresh_rows, reuse_rows = active & changed, active & ~changed
             if fresh_rows.any():
-                logits = denoise(x[fresh_rows], t[fresh_rows], attention_mask[fresh_rows], masked[fresh_rows])
+                positions = (noise_mask if need_guess else masked)[fresh_rows]
+                logits = self.zero_mask(denoise(x[fresh_rows], t[fresh_rows], attention_mask[fresh_rows], positions))
                 calls += 1
                 rows_evaluated += int(fresh_rows.sum())
-                # zero masking and filtering on the logits, then a single softmax
-                fresh = filter_logits(self.zero_mask(logits), topk, top_p, temperature).softmax(-1)
+                if need_guess:
+                    rows = fresh_rows.nonzero().squeeze(-1)
+                    guess = x0_guess[rows]
+                    guess[positions] = logits.argmax(-1)
+                    x0_guess[rows] = guess
+                    logits = logits[masked[fresh_rows][positions]]  # keep the masked positions
+                # ours: zero masking and filtering on the logits, then a single softmax
+                fresh = (logits if released else filter_logits(logits, topk, top_p, temperature)).softmax(-1)
             if not fresh_rows.any() and torch.equal(masked, cache_mask):
                 p_hat = cache_p  # nothing changed anywhere: no copy
             elif reuse_rows.any():
@@ -297,7 +433,10 @@ class AbsorbingDiffusion:
                     p_hat[pos_fresh] = fresh
             else:
                 p_hat = fresh
-            x_new = self.step(p_hat, x, t, s, noise_mask, generator)
+            if released:
+                x_new = self.step_released(p_hat, x, t, s, noise_mask, x0_guess, topk, top_p, temperature, generator)
+            else:
+                x_new = self.step(p_hat, x, t, s, noise_mask, generator)
             if cache:
                 cache_x, cache_mask, cache_p = x, masked, p_hat
             x = x_new

@@ -39,6 +39,11 @@ class Schedule:
         """``alpha`` for the reverse model: [B, 1], or [B, V] for every candidate token."""
         return self.alpha(s)
 
+    def base_alpha(self, s: torch.Tensor) -> torch.Tensor:
+        """The token-independent part of ``alpha``, [B, 1]: the cumulative product of the one-step keep
+        probabilities ``1 - beta`` that DiffusionBERT's released code multiplies into its posteriors."""
+        return self.alpha(s)
+
     def describe(self) -> dict:
         return {"name": self.name}
 
@@ -128,6 +133,10 @@ class Spindle(Schedule):
         if noise_mask is None:
             noise_mask = torch.ones_like(x0, dtype=torch.bool)
         return self._g(s, self.token_scores(x0, noise_mask))
+
+    def base_alpha(self, s):
+        """The released code runs spindle on the mutual schedule's betas: ``1 - s``."""
+        return (1.0 - s.double()).clamp(0.0, 1.0).unsqueeze(-1)
 
     def alpha_vocab(self, s):
         score = self.score.to(s.device)

@@ -47,6 +47,11 @@ class TrainConfig:
     word_freq_lambda: float = opt(0.3, "spindle lambda")
     word_freq_file: str | None = opt(None, "token counts from word_freq.py (default word_freq/<tokenizer>__<dataset>.json)")
     hybrid_lambda: float = opt(0.01, "weight of the auxiliary cross-entropy term")
+    loss_weighting: str = opt("elbo", "absorbing: elbo (T * KL per noised token + hybrid_lambda * mean CE over "
+                              "masked tokens) or released (DiffusionBERT's DDP_main.py: KL summed over the noised "
+                              "tokens with no factor T + hybrid_lambda * CE summed over all noised tokens, masked "
+                              "or not, divided by the batch size); configs stored without it are elbo",
+                              choices=("elbo", "released"))
     low_discrepancy: bool = opt(False, "stratify t across the batch (MDLM's low-discrepancy sampler)")
     # gaussian (DiffuSeq) model and training
     emb_dim: int = opt(128, "gaussian: word-embedding (diffusion) dimension D")

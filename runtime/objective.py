@@ -8,6 +8,7 @@ from torch import nn
 
 from diffusion import AbsorbingDiffusion, GaussianDiffusion, make_timestep_sampler
 from runtime import dist
+from runtime.errors import UserError
 
 
 class Objective(nn.Module):
@@ -17,6 +18,8 @@ class Objective(nn.Module):
         super().__init__()
         self.denoiser, self.diffusion, self.cfg = denoiser, diffusion, cfg
         self.gaussian = isinstance(diffusion, GaussianDiffusion)
+        if self.gaussian and getattr(cfg, "loss_weighting", "elbo") != "elbo":
+            raise UserError("--loss_weighting released is DiffusionBERT's (--process absorbing) objective")
         self.timestep_sampler = make_timestep_sampler(cfg.timestep_sampler, cfg.num_steps) if self.gaussian else None
         # the names of the logged training statistics, in the order of stats()
         self.stat_names = (("loss", "mse", "nll", "t_T", "penalty") if self.gaussian
@@ -28,7 +31,7 @@ class Objective(nn.Module):
         if not self.gaussian:
             assert isinstance(self.diffusion, AbsorbingDiffusion)
             return self.diffusion.loss(self.denoiser, ids, noise_mask, batch["attention_mask"],
-                                       low_discrepancy=self.cfg.low_discrepancy)
+                                       low_discrepancy=self.cfg.low_discrepancy, weighting=self.cfg.loss_weighting)
         t, w = self.timestep_sampler.sample(ids.shape[0], device=ids.device)
         if self.cfg.simi_penalty == "none":
             out = self.diffusion.loss(self.denoiser, ids, noise_mask, t, w, average=self.cfg.loss_average)

@@ -35,13 +35,31 @@ def trained(tmp_path_factory, tiny_bert, tiny_corpus):
     return cwd, wf, run, proc
 
 
-def test_word_freq_counts(trained, tiny_corpus):
+def test_word_freq_counts(trained, tiny_corpus, tok):
     cwd, wf, _, _ = trained
     rec = json.load(open(wf))
-    n_lines = sum(1 for line in open(os.path.join(tiny_corpus, "train.txt")) if line.strip())
     assert len(rec["counts"]) == 30522 and rec["vocab_size"] == 30522
-    assert rec["counts"][101] == n_lines and rec["counts"][102] == n_lines  # one [CLS] and [SEP] per line
-    assert rec["counts"][103] == 0 and rec["num_tokens"] == sum(rec["counts"])
+    # what the schedule noises, as DiffusionBERT's word_freq.py counts it: add_special_tokens=False
+    expected = [0] * 30522
+    for line in open(os.path.join(tiny_corpus, "train.txt"), encoding="utf-8"):
+        if line.strip():
+            for i in tok(line.rstrip("\n"), add_special_tokens=False)["input_ids"]:
+                expected[i] += 1
+    assert rec["counts"] == expected
+    assert rec["counts"][101] == rec["counts"][102] == rec["counts"][103] == 0 and rec["excluded_ids"] == [101, 102]
+    assert rec["num_tokens"] == sum(expected) and rec["format"] == "diffusion-word-freq-v2"
+
+
+def test_word_freq_v1_files_still_load_and_are_flagged(trained, tmp_path):
+    from textdata import word_freq
+    cwd, wf, _, _ = trained
+    old = json.load(open(wf))
+    old["format"] = "diffusion-word-freq-v1"
+    del old["excluded_ids"]
+    json.dump(old, open(tmp_path / "v1.json", "w"))
+    assert word_freq.load(str(tmp_path / "v1.json"), vocab_size=30522)["counts"] == old["counts"]
+    assert not word_freq.is_current(str(tmp_path / "v1.json")) and word_freq.is_current(str(wf))
+    assert not word_freq.is_current(str(tmp_path / "missing.json"))
 
 
 def test_train_writes_checkpoints_and_logs(trained):
@@ -94,6 +112,37 @@ def test_predict_elbo_metric(trained, tiny_corpus):
             "--out", str(m), cwd=str(cwd))
     res = json.load(open(m))["metrics"]
     assert 0.0 <= res["bleu"] <= 1.0 and 0.0 <= res["self_bleu"] <= 1.0 and res["num_samples"] == 6
+
+
+def test_predict_released_sampler_fixed_length(trained):
+    cwd, wf, run, _ = trained
+    gen = cwd / "gen_released"
+    common = ["predict.py", "--checkpoint", str(run), "--num_samples", "5", "--steps", "16", "--batch_size", "4",
+              "--seed", "3", "--out_dir", str(gen), "--sampler", "released", "--topk", "30", "--temperature", "0.1",
+              "--length", "6"]
+    run_cli(*common, "--name", "a", cwd=str(cwd))
+    run_cli(*common, "--name", "b", "--no_cache", cwd=str(cwd))
+    a, b = ((gen / f"{n}.txt").read_text().splitlines() for n in "ab")
+    assert len(a) == 5 and a == b and not any("[MASK]" in line for line in a)
+    meta = json.load(open(gen / "a.json"))
+    assert meta["sampler"] == "released" and meta["length"] == 6
+    p = run_cli(*common[:-1], "31", "--name", "c", cwd=str(cwd), check=False)  # training --max_len 32
+    one_error_line(p, "--length", "30")
+
+
+def test_released_loss_weighting_is_stored_and_old_configs_are_elbo(trained, tiny_bert, tiny_corpus, tmp_path):
+    from runtime.config import from_dict
+    cwd, wf, run, _ = trained
+    info = json.load(open(run / "checkpoints" / "last" / "run_config.json"))
+    assert info["config"]["loss_weighting"] == "elbo"
+    old = dict(info["config"])
+    del old["loss_weighting"]  # a config stored before the flag existed
+    assert from_dict(old).loss_weighting == "elbo"
+    out = tmp_path / "released"
+    run_cli(*train_args(tiny_bert, tiny_corpus, wf, out, max_steps=2, extra=("--loss_weighting", "released")),
+            cwd=str(tmp_path))
+    assert json.load(open(out / "checkpoints" / "last" / "run_config.json"))["config"]["loss_weighting"] == "released"
+    assert all(r["loss"] > 0 for r in records(out, "train"))
 
 
 def test_resume_continues_with_identical_losses(tmp_path, trained, tiny_bert, tiny_corpus):

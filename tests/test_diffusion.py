@@ -833,3 +833,240 @@ def test_log_p_hat_does_not_write_into_the_denoiser_output():
     y = torch.tanh(h)  # tanh saves its output for backward: an in-place write would break it
     diff.log_p_hat(y)[:, 0].sum().backward()
     assert h.grad is not None and bool(torch.isfinite(h.grad).all())
+
+
+# =============================================================================== the released code
+# DiffusionBERT's released objective and sampler, transcribed in plain torch from its public code:
+# diffusion_word_freq.py (MaskDiffusion on the mutual schedule: _create_state, noise_fn, qt_reverse,
+# get_qt_given_q0, sample_and_compute_posterior_q, p_forward, compute_kl_reverse_process and the
+# sampling_step of discrete_diffusion_predict_fn), losses.py (kl_divergence_with_probs,
+# cross_entropy_with_probs), DDP_main.py (loss / batch_size) and transformers 4.21's
+# top_k_top_p_filtering (top_p = -1 turns nucleus filtering off). Released rows hold no [CLS]/[SEP]
+# (its denoise_fn adds them around the model call). The transcription runs in float64 (the released code
+# in float32), so the comparison measures our rounding, not the cancellation in its 1 - sum(p q0).
+REL_EPS = 1e-20
+
+
+class Released:
+    def __init__(self, T: int, lam: float = 0.0):
+        betas = torch.cat([torch.zeros(1), 1.0 / (T - torch.arange(T, dtype=torch.float64))]).double()
+        state = torch.cumprod(1 - betas, 0)
+        state[-1] = 0.0
+        self.T, self.state = T, state
+        wf = torch.log(COUNTS + 1)
+        self.word_freq = wf / wf.max()
+        self.lam_t = lam * torch.sin(torch.arange(T + 1, dtype=torch.float64) / T * math.pi)
+
+    def noise_fn(self, q0, t, wfl):
+        p = self.state[t]
+        if wfl is None:  # the sampler: frequencies of the argmax of q0, centred over the row
+            wfl = self.word_freq[q0.argmax(-1)]
+            wfl = wfl - wfl.mean(-1, keepdim=True)
+        p = torch.clip(p + wfl.unsqueeze(-1) * self.lam_t[t], 0.0, 0.999)
+        non_mask = p * q0
+        mask_prob = 1 - non_mask.sum(-1, keepdim=True) + non_mask[..., MASK:MASK + 1]
+        return torch.cat([non_mask[..., :MASK], mask_prob, non_mask[..., MASK + 1:]], -1)
+
+    def qt_given_q0(self, q0, t, wfl=None):
+        return q0 if t == 0 else self.noise_fn(q0, t, wfl)
+
+    def qt_reverse(self, q, t):
+        beta = 1.0 / (self.T - t)  # mutual schedule_fn(step) = 1 / (num_steps - step)
+        at_mask = q[..., MASK:MASK + 1]
+        return torch.cat([(1 - beta) * q[..., :MASK] + beta * at_mask, at_mask,
+                          (1 - beta) * q[..., MASK + 1:] + beta * at_mask], -1)
+
+    def transition(self, x_hi, t, step):
+        """q(x_{t+step} = x_hi | x_t = v) for every v."""
+        tp = torch.nn.functional.one_hot(x_hi, V).double()
+        for i in range(step):
+            tp = self.qt_reverse(tp, t + step - 1 - i)
+        return tp
+
+    def loss_terms(self, x0, tmask, logits, x_hi, t, hybrid):
+        """compute_kl_reverse_process(x0, t) for one row with x_{t+1} = x_hi: base_loss + hybrid_loss."""
+        tp = self.transition(x_hi, t, 1)
+        zeros = torch.zeros(x0.shape, dtype=torch.float64)  # mutual: word_freq_lambda = 0
+        q = tp * self.qt_given_q0(torch.nn.functional.one_hot(x0, V).double(), t, zeros)
+        q = q / q.sum(-1, keepdim=True)
+        probs = logits.double().softmax(-1)
+        p = tp * self.qt_given_q0(probs, t, zeros)
+        p = p / p.sum(-1, keepdim=True)
+        kl = torch.relu((q * (torch.log(q + REL_EPS) - torch.log(p + REL_EPS))).sum(-1))
+        ce_t = -torch.log(torch.relu(p) + REL_EPS).gather(-1, x0[:, None]).squeeze(-1)
+        ce_0 = -torch.log(torch.relu(probs) + REL_EPS).gather(-1, x0[:, None]).squeeze(-1)
+        base = (ce_t * tmask).sum() if t == 0 else (kl * tmask).sum()
+        return base + (hybrid * ce_0 * tmask).sum()
+
+    def sampling_logits(self, logits, x_t, t, step, temperature, topk):
+        """sampling_step: p_forward(return_logits=True) at t, / temperature, top-k; [B, L, V]."""
+        probs = logits.double().softmax(-1)
+        s = t - step
+        post = torch.log(self.qt_given_q0(probs, s) + REL_EPS) + torch.log(self.transition(x_t, s, step) + REL_EPS)
+        post = post / temperature
+        if topk > 0:
+            k = min(max(topk, 1), V)
+            post = post.masked_fill(post < torch.topk(post, k)[0][..., -1, None], float("-inf"))
+        return post
+
+
+class RecordingDenoiser(ToyDenoiser):
+    """ToyDenoiser with [MASK] at -inf (so released softmax and our zero masking agree) that keeps its inputs."""
+
+    def __init__(self, L, seed):
+        super().__init__(L, seed, mask_bias=float("-inf"))
+        self.calls = []
+
+    def forward(self, x_t, t, attention_mask, positions):
+        self.calls.append((x_t.clone(), t.clone()))
+        return super().forward(x_t, t, attention_mask, positions)
+
+
+def test_released_loss_weighting_equals_the_transcribed_released_objective():
+    T, hybrid, B, L = 8, 0.3, 48, 9
+    diff = AbsorbingDiffusion(Mutual(), T, MASK, hybrid_lambda=hybrid)
+    x0, nm, am = make_batch(B, L, torch.Generator().manual_seed(60), seq2seq_rows=0)
+    model = RecordingDenoiser(L, seed=3)
+    out = diff.loss(model, x0, nm, am, generator=torch.Generator().manual_seed(8), weighting="released")
+    (x_t, t), = model.calls
+    assert {1, T} <= set(t.tolist())  # the cross-entropy end (t = 1) and the all-masked end are both here
+    rel = Released(T)
+    with torch.no_grad():
+        logits = model.full_logits(x_t)
+    total = torch.zeros((), dtype=torch.float64)
+    for b in range(B):
+        # released row: the n words, padded with [PAD] to L - 2; a padded position's x_{t+1} is [MASK]
+        # (reachable from [PAD] at every t, so the masked-out terms stay finite, as in the released run)
+        n = int(nm[b].sum())
+        tmask = (torch.arange(L - 2) < n).float()
+        x0_r = torch.where(tmask.bool(), x0[b, 1:L - 1], torch.full((L - 2,), PAD))
+        x_hi = torch.where(tmask.bool(), x_t[b, 1:L - 1], torch.full((L - 2,), MASK))
+        total += rel.loss_terms(x0_r, tmask.double(), logits[b, 1:L - 1], x_hi, int(t[b]) - 1, hybrid)
+    torch.testing.assert_close(out.loss.detach().double(), total / B, rtol=1e-5, atol=1e-6)
+    # the hybrid term is the larger part here, and it covers unmasked tokens too
+    masked = (x_t == MASK) & nm
+    assert int((nm & ~masked).sum()) > 0
+    # the ELBO weighting of the same draws is a different number
+    elbo = diff.loss(model, x0, nm, am, generator=torch.Generator().manual_seed(8))
+    assert abs(float(elbo.loss.detach()) - float(out.loss.detach())) > 0.1 * float(out.loss.detach())
+
+
+@pytest.mark.parametrize("name", ["released-0.3", "paper-0.8"])
+def test_released_loss_weighting_with_spindle_sums_our_exact_kl(name):
+    """With spindle the weighting is the released one while the KL is ours (exact posterior, no x0 leak)."""
+    sched = SCHEDULES[name]()
+    T, hybrid, B, L = 32, 0.05, 10, 9
+    diff = AbsorbingDiffusion(sched, T, MASK, hybrid_lambda=hybrid)
+    x0, nm, am = make_batch(B, L, torch.Generator().manual_seed(61))
+    model = RecordingDenoiser(L, seed=4)
+    out = diff.loss(model, x0, nm, am, generator=torch.Generator().manual_seed(9), weighting="released")
+    out.loss.backward()
+    assert all(p.grad is not None and bool(torch.isfinite(p.grad).all()) for p in model.parameters())
+    (x_t, t), = model.calls
+    with torch.no_grad():
+        logits = model.full_logits(x_t).double()
+    kl = reference_kl(logits, x0, x_t, t, t - 1, nm, sched, T, MASK)
+    ce_all = -torch.log(reference_p_hat(logits, MASK).gather(-1, x0.unsqueeze(-1)).squeeze(-1))[nm]
+    torch.testing.assert_close(out.loss.detach().double(), (kl.sum() + hybrid * ce_all.sum()) / B, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(out.nelbo.double(), T * kl, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="unknown loss weighting"):
+        diff.loss(model, x0, nm, am, weighting="paper")
+
+
+@pytest.mark.parametrize("name,T,t,step", [("mutual", 64, 40, 8), ("released-0.3", 64, 40, 8),
+                                           ("released-0.8", 64, 24, 4), ("released-0.3", 2048, 3, 2),
+                                           ("released-0.3", 64, 8, 8)])
+@pytest.mark.parametrize("temperature,topk", [(1.0, 0), (0.1, 30), (0.5, 3)])
+def test_released_sampling_step_equals_the_transcribed_released_step(name, T, t, step, temperature, topk):
+    """Posterior logits, [MASK] a candidate, temperature and top-k on them; spindle from the argmax of
+    p_hat; keep probability clipped at 0.999 (active at T = 2048, s = 1: 1 - 1/2048 > 0.999); s = 0 at (64, 8, 8)."""
+    B, L = 6, 7
+    sched = SCHEDULES[name]()
+    diff = AbsorbingDiffusion(sched, T, MASK)
+    rel = Released(T, lam=getattr(sched, "lam", 0.0))
+    g = torch.Generator().manual_seed(70 + t)
+    x_t = torch.tensor(WORDS)[torch.randint(0, len(WORDS), (B, L), generator=g)]
+    x_t[torch.rand(B, L, generator=g) < 0.6] = MASK
+    nm, am = torch.ones(B, L, dtype=torch.bool), torch.ones(B, L, dtype=torch.long)
+    logits = 2.0 * torch.randn(B, L, V, generator=g)
+    logits[..., MASK] = float("-inf")
+    expected = rel.sampling_logits(logits, x_t, t, step, temperature, topk).softmax(-1)
+
+    masked = x_t == MASK
+    p_hat = diff.zero_mask(logits[masked]).softmax(-1)
+    tt, ss = torch.full((B,), t), torch.full((B,), t - step)
+    ours = filter_logits(diff.released_logits(p_hat, x_t, tt, ss, nm, logits.argmax(-1)), topk, 1.0, temperature)
+    # ours is float32; 1 / temperature scales its rounding
+    torch.testing.assert_close(ours.softmax(-1).double(), expected[masked], rtol=1e-4 / temperature, atol=1e-6)
+    if 0 < t - step:  # before the last step [MASK] keeps real mass somewhere
+        assert float(expected[masked][:, MASK].max()) > 1e-3
+    # unmasked positions: the released logits keep the token (every other value carries eps = 1e-20)
+    assert bool((expected[~masked].gather(-1, x_t[~masked][:, None]) > 1 - 1e-6).all())
+
+    # the step draws from those probabilities: top-k = 1 is their argmax, a drawn [MASK] stays masked
+    x_s = diff.step_released(p_hat, x_t, tt, ss, nm, logits.argmax(-1), topk=1, temperature=temperature,
+                             generator=torch.Generator().manual_seed(1))
+    assert torch.equal(x_s[masked], expected[masked].argmax(-1))
+    assert torch.equal(x_s[~masked], x_t[~masked])
+
+
+def test_released_sampling_step_draws_follow_the_released_distribution():
+    T, t, step, copies = 64, 40, 8, 20000
+    diff = AbsorbingDiffusion(SCHEDULES["released-0.3"](), T, MASK)
+    g = torch.Generator().manual_seed(80)
+    x_t = torch.tensor([[MASK, 4, MASK, 7]])
+    logits = torch.randn(1, 4, V, generator=g)
+    logits[..., MASK] = float("-inf")
+    expected = Released(T, lam=0.3).sampling_logits(logits, x_t, t, step, 0.7, 0).softmax(-1)[0]
+    nm = torch.ones(copies, 4, dtype=torch.bool)
+    xs = x_t.repeat(copies, 1)
+    p_hat = diff.zero_mask(logits[x_t == MASK]).softmax(-1).repeat(copies, 1)
+    out = diff.step_released(p_hat, xs, torch.full((copies,), t), torch.full((copies,), t - step), nm,
+                             logits.argmax(-1).repeat(copies, 1), temperature=0.7, generator=g)
+    for pos in (0, 2):
+        assert_chi_square(torch.bincount(out[:, pos], minlength=V), expected[pos], f"pos={pos}")
+    assert bool((out[:, 1] == 4).all()) and bool((out[:, 3] == 7).all())
+
+
+@pytest.mark.parametrize("name", ["mutual", "released-0.3"])
+@pytest.mark.parametrize("cache", [False, True])
+def test_released_sampler_chain_equals_the_transcribed_predict_fn(name, cache):
+    """The whole released loop (all [MASK], T / step_size iterations, top-k 1 so every draw is the
+    argmax) against discrete_diffusion_predict_fn transcribed; the denoiser depends on x_t."""
+    T, step, B, L = 64, 4, 5, 8
+    diff = AbsorbingDiffusion(SCHEDULES[name](), T, MASK)
+    rel = Released(T, lam=0.3 if name != "mutual" else 0.0)
+    model = RecordingDenoiser(L, seed=11)
+    x = torch.full((B, L), MASK)
+    with torch.no_grad():
+        for t in range(T, 0, -step):
+            x = rel.sampling_logits(model.full_logits(x), x, t, step, 0.1, 1).argmax(-1)
+    nm, am = torch.ones(B, L, dtype=torch.bool), torch.ones(B, L, dtype=torch.long)
+    out = diff.sample(model, torch.zeros(B, L, dtype=torch.long), nm, am, T // step, topk=1, temperature=0.1,
+                      cache=cache, generator=torch.Generator().manual_seed(0), sampler="released")
+    assert torch.equal(out.x0, x)
+    assert not bool((x == MASK).any())
+    # confidence gating: at temperature 0.1 positions stay masked for many steps
+    assert out.network_calls < T // step or not cache
+
+
+def test_released_sampler_cache_is_exact_and_final_x0_redraws_every_position():
+    T, L = 128, 10
+    diff = AbsorbingDiffusion(SCHEDULES["released-0.3"](), T, MASK)
+    model = ToyDenoiser(L=L, seed=5, mask_bias=8.0)  # raw argmax [MASK]: zero masking must hide it
+    x, nm, am = _sampling_batch()
+    x, nm, am = x.repeat(4, 1), nm.repeat(4, 1), am.repeat(4, 1)
+    runs = [diff.sample(model, x, nm, am, 64, topk=30, temperature=0.1, cache=c, sampler="released",
+                        generator=torch.Generator().manual_seed(3)) for c in (False, True)]
+    assert torch.equal(runs[0].x0, runs[1].x0) and runs[1].row_evaluations < runs[0].row_evaluations
+    assert not bool((runs[0].x0 == MASK).any()) and torch.equal(runs[0].x0[~nm], x[~nm])
+    # final_x0 (the released seq2seq sampler): the last step is a top-1 draw from p_hat everywhere
+    table = torch.randn(L, V, generator=torch.Generator().manual_seed(6))
+    out = diff.sample(fixed_logits_denoiser(table), x, nm, am, 8, topk=1, sampler="released", final_x0=True,
+                      generator=torch.Generator().manual_seed(4))
+    table[:, MASK] = float("-inf")
+    assert torch.equal(out.x0[nm], table.argmax(-1).expand_as(x)[nm]) and torch.equal(out.x0[~nm], x[~nm])
+    with pytest.raises(ValueError, match="final_x0"):
+        diff.sample(model, x, nm, am, 8, final_x0=True)
+    with pytest.raises(ValueError, match="unknown sampler"):
+        diff.sample(model, x, nm, am, 8, sampler="d3pm")
