@@ -111,7 +111,20 @@ def test_predict_elbo_metric(trained, tiny_corpus):
             os.path.join(tiny_corpus, "test.txt"), "--tokenizer", str(run / "checkpoints" / "best"),
             "--out", str(m), cwd=str(cwd))
     res = json.load(open(m))["metrics"]
-    assert 0.0 <= res["bleu"] <= 1.0 and 0.0 <= res["self_bleu"] <= 1.0 and res["num_samples"] == 6
+    assert res["num_samples"] == 6
+    # oracle: nltk's corpus_bleu per sample against every reference (resp. every other sample), DiffusionBERT's
+    # compute_metric.py convention, on references round-tripped through the checkpoint's tokenizer
+    from nltk.translate.bleu_score import corpus_bleu
+    from transformers import AutoTokenizer
+    tok = AutoTokenizer.from_pretrained(str(run / "checkpoints" / "best"))
+    with open(os.path.join(tiny_corpus, "test.txt"), encoding="utf-8") as f:
+        refs = [" ".join(tok.decode(tok(line.strip(), add_special_tokens=False)["input_ids"]).split()).split(" ")
+                for line in f if line.strip()]
+    samples = [line.split(" ") for line in (gen / "a.txt").read_text().splitlines()]
+    want_bleu = sum(corpus_bleu([refs], [s]) for s in samples) / len(samples)
+    want_self = sum(corpus_bleu([samples[:i] + samples[i + 1:]], [s]) for i, s in enumerate(samples)) / len(samples)
+    assert res["bleu"] == pytest.approx(want_bleu, abs=1e-9)
+    assert res["self_bleu"] == pytest.approx(want_self, abs=1e-9)
 
 
 def test_predict_released_sampler_fixed_length(trained):

@@ -116,7 +116,9 @@ def test_post_train_decode_and_compare(gauss_run, tiny_bert, tiny_pairs):
     a, b = read_jsonl(gen / "post-adp_10" / "seed42.jsonl"), read_jsonl(gen / "post-adp_10" / "mbr.jsonl")
     n = sum(1 for _ in open(f"{tiny_pairs}/test.jsonl"))
     assert len(a) == len(b) == n and all(set(r) == {"recover", "reference", "source"} for r in b)
-    assert all("[CLS]" not in r["recover"] and "[SEP]" not in r["recover"] for r in a)
+    # DiffuSeq's strings: the source keeps [CLS] ... [SEP], the reference ends with its [SEP]
+    assert all(r["source"].startswith("[CLS] ") and r["source"].endswith(" [SEP]") for r in a)
+    assert all(r["reference"].endswith("[SEP]") and not r["recover"].endswith("[PAD]") for r in a)
 
     out = cwd / "cmp.json"
     dirs = [str(gen / f"{t}-{s}") for t in ("base", "post") for s in ("full", "uniform_5", "adp_10")]
