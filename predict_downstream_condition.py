@@ -133,8 +133,8 @@ def decode_all(args, info: dist.DistInfo) -> None:
         if args.steps is not None:
             raise UserError(f"{run.ckpt_dir} is a gaussian (DiffuSeq) checkpoint: choose its steps with "
                             f"--decode_respacing uniform_{args.steps} (or adp_N, full), not --steps")
-        if args.topk or args.top_p != 1.0 or args.temperature != 1.0 or args.no_cache:
-            raise UserError("--topk, --top_p, --temperature and --no_cache are absorbing-sampler flags; a gaussian "
+        if args.topk or args.top_p != 1.0 or args.temperature != 1.0 or args.no_cache or args.sampler != "ours":
+            raise UserError("--topk, --top_p, --temperature, --sampler and --no_cache are absorbing-sampler flags; a gaussian "
                             "checkpoint samples with clamping")
         from diffusion import parse_respacing
         try:

@@ -164,6 +164,7 @@ def test_mismatches_give_one_error_line(tmp_path, gauss_run, tiny_bert, tiny_pai
     one_error_line(run_cli(*dec, "--steps", "10", cwd=str(cwd), check=False), "--decode_respacing uniform_10")
     one_error_line(run_cli(*dec, "--decode_respacing", "adp_500", cwd=str(cwd), check=False), "exceed", "T=100")
     one_error_line(run_cli(*dec, "--topk", "5", cwd=str(cwd), check=False), "absorbing")
+    one_error_line(run_cli(*dec, "--sampler", "released", cwd=str(cwd), check=False), "absorbing")
     one_error_line(run_cli("predict.py", "--checkpoint", str(run), cwd=str(cwd), check=False),
                    "seq2seq checkpoint", "predict_downstream_condition.py")
     # a different network than the checkpoint's, and post-training an unknown process
