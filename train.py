@@ -61,6 +61,8 @@ def check_config(cfg: TrainConfig) -> None:
         if cfg.time_conditioning != "none" or cfg.from_scratch:
             raise UserError("--time_conditioning and --from_scratch are --process absorbing flags (the gaussian "
                             "transformer is always trained from scratch and always conditioned on t)")
+        if cfg.loss_weighting != "elbo":
+            raise UserError("--loss_weighting released is DiffusionBERT's (--process absorbing) objective")
         require_at_least_one(cfg, "emb_dim", "hidden_size", "num_layers", "num_heads")
         if not 0.0 <= cfg.ema_rate < 1.0:
             raise UserError(f"--ema_rate must be in [0, 1), got {cfg.ema_rate}")

@@ -8,7 +8,6 @@ from torch import nn
 
 from diffusion import AbsorbingDiffusion, GaussianDiffusion, make_timestep_sampler
 from runtime import dist
-from runtime.errors import UserError
 
 
 class Objective(nn.Module):
@@ -18,8 +17,6 @@ class Objective(nn.Module):
         super().__init__()
         self.denoiser, self.diffusion, self.cfg = denoiser, diffusion, cfg
         self.gaussian = isinstance(diffusion, GaussianDiffusion)
-        if self.gaussian and getattr(cfg, "loss_weighting", "elbo") != "elbo":
-            raise UserError("--loss_weighting released is DiffusionBERT's (--process absorbing) objective")
         self.timestep_sampler = make_timestep_sampler(cfg.timestep_sampler, cfg.num_steps) if self.gaussian else None
         # the names of the logged training statistics, in the order of stats()
         self.stat_names = (("loss", "mse", "nll", "t_T", "penalty") if self.gaussian
