@@ -37,7 +37,7 @@ import time
 
 import torch
 
-from runtime.errors import UserError, cli_main
+from common.errors import UserError, cli_main
 
 
 def parse_args(argv=None):
@@ -178,7 +178,8 @@ def zipf_counts(V: int, specials: set[int]) -> torch.Tensor:
 def bench_absorbing(args, device: torch.device, clock: Clock, amp) -> dict:
     from diffusion import AbsorbingDiffusion, make_schedule
     from diffusion import reference as ref
-    from models import BertDenoiser, load_masked_lm
+    from common.loading import load_masked_lm
+    from models import BertDenoiser
 
     mlm, tok, path = load_masked_lm(args.model, log=lambda *a, **k: None)
     denoiser = BertDenoiser(mlm, "none", args.num_steps).to(device)
@@ -359,7 +360,7 @@ def _amp_call(amp, fn):
 def bench_gaussian(args, device: torch.device, clock: Clock, amp) -> dict:
     from diffusion import GaussianDiffusion, adaptive_decay_timesteps, gaussian_betas
     from models import DiffuSeqTransformer
-    from runtime.assemble import load_tokenizer
+    from common.loading import load_tokenizer
 
     tok, _ = load_tokenizer(args.model)
     V, T, L, B = len(tok), args.num_steps, args.seq_len, args.batch_size
@@ -526,7 +527,7 @@ def main(argv=None):
           f"bf16 {env['bf16']}; {res['wall_seconds']:.0f} s in all")
     if args.json:
         os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-        from runtime.io import write_json_atomic
+        from common.io import write_json_atomic
         write_json_atomic(args.json, res)
         print(f"wrote {args.json}")
 

@@ -20,8 +20,8 @@ import torch
 
 from runtime.assemble import load_for_inference
 from runtime import dist
-from runtime.errors import UserError, cli_main, refuse_overwrite
-from runtime.io import write_json_atomic
+from common.errors import UserError, cli_main, refuse_overwrite
+from common.io import write_json_atomic
 from textdata import lm
 
 

@@ -42,22 +42,14 @@ from typing import Callable
 
 from evaluation import seq2seq
 from evaluation.text_metrics import CONVENTIONS, summarise_unconditional
-from runtime.errors import UserError as InputError
-from runtime.io import write_json_atomic
-
-EXIT_BAD_INPUT = 2
-
+from common.errors import UserError as InputError, cli_main, refuse_overwrite
+from common.io import write_json_atomic
 
 def normalise_like_samples(lines: list[str], tokenizer_path: str) -> list[str]:
     """Round-trip references through the tokenizer that produced the samples (lower case,
     wordpiece spacing of punctuation), so that BLEU compares like with like."""
-    from transformers import AutoTokenizer
-
-    from models import resolve_model_path
-    try:
-        tok = AutoTokenizer.from_pretrained(resolve_model_path(tokenizer_path))
-    except (OSError, ValueError) as e:
-        raise InputError(f"cannot load tokenizer {tokenizer_path}: {str(e).splitlines()[0]}")
+    from common.loading import load_tokenizer
+    tok, _ = load_tokenizer(tokenizer_path)
     ids = tok(lines, add_special_tokens=False)["input_ids"]
     return [" ".join(tok.decode(x, skip_special_tokens=True).split()) for x in ids]
 
@@ -305,8 +297,7 @@ def write_output(path: str, payload: dict, overwrite: bool) -> None:
 
     Readers never see a half-written file, and an interrupted run leaves the old file intact.
     """
-    if os.path.exists(path) and not overwrite:
-        raise InputError(f"output file {path} already exists (use --overwrite to replace it)")
+    refuse_overwrite(path, overwrite)  # again: another process may have written it meanwhile
     try:
         write_json_atomic(path, payload)
     except OSError as e:
@@ -364,39 +355,33 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Run the CLI; returns the exit code (0 ok, 2 bad input)."""
+@cli_main
+def main(argv: list[str] | None = None) -> None:
+    """Run the CLI: bad input is one ``error:`` line and exit code 2."""
     args = build_parser().parse_args(argv)
     out_path = args.out = args.out or default_out_path(args)
     start = time.perf_counter()
-    try:
-        # Refuse early so a long computation is not thrown away at the end.
-        if os.path.exists(out_path) and not args.overwrite:
-            raise InputError(f"output file {out_path} already exists (use --overwrite to replace it)")
-        out_dir = os.path.dirname(os.path.abspath(out_path))
-        if not os.path.isdir(out_dir):
-            raise InputError(f"output directory {out_dir} does not exist")
-        metrics, inputs = MODES[args.mode](args)
-        seconds = time.perf_counter() - start
-        payload = {
-            "mode": args.mode,
-            "metrics": metrics,
-            "inputs": inputs,
-            "conventions": MODE_CONVENTIONS[args.mode],
-            "seconds": round(seconds, 3),
-        }
-        write_output(out_path, payload, args.overwrite)
-    except InputError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return EXIT_BAD_INPUT
+    refuse_overwrite(out_path, args.overwrite)  # early, so that a long computation is not thrown away
+    out_dir = os.path.dirname(os.path.abspath(out_path))
+    if not os.path.isdir(out_dir):
+        raise InputError(f"output directory {out_dir} does not exist")
+    metrics, inputs = MODES[args.mode](args)
+    seconds = time.perf_counter() - start
+    payload = {
+        "mode": args.mode,
+        "metrics": metrics,
+        "inputs": inputs,
+        "conventions": MODE_CONVENTIONS[args.mode],
+        "seconds": round(seconds, 3),
+    }
+    write_output(out_path, payload, args.overwrite)
     print(format_compare(metrics["rows"]) if args.mode == "compare" else format_table(metrics))
     if "per_file" in metrics:
         print("\nper file:")
         print(format_per_file(metrics["per_file"], inputs["files"]))
     print(f"wrote {out_path}")
     print(f"took {seconds:.2f} s")
-    return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()

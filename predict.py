@@ -26,8 +26,8 @@ import torch
 
 from runtime import dist
 from runtime.assemble import load_for_inference
-from runtime.errors import UserError, check_sampling_flags, cli_main, refuse_overwrite, require_at_least_one
-from runtime.io import write_json_atomic, write_text_atomic
+from common.errors import UserError, check_sampling_flags, cli_main, refuse_overwrite, require_at_least_one
+from common.io import write_json_atomic, write_text_atomic
 from textdata.lm import LengthPrior, canvas
 
 

@@ -33,8 +33,8 @@ import torch
 
 from runtime import dist
 from runtime.assemble import load_for_inference, load_task_data
-from runtime.errors import UserError, check_sampling_flags, cli_main, require_at_least_one
-from runtime.io import write_json_atomic, write_text_atomic
+from common.errors import UserError, check_sampling_flags, cli_main, require_at_least_one
+from common.io import write_json_atomic, write_text_atomic
 
 
 def parse_args(argv=None):

@@ -79,7 +79,7 @@ echo "== 4/5 perplexity bound (ELBO)"
 
 echo "== 5/5 BLEU / self-BLEU"
 if [ "$PRESET" = lm1b ] && [ ! -f "$REFS" ]; then
-  "$PY" -c "from textdata.lm import load_text_splits; from runtime.io import write_text_atomic; \
+  "$PY" -c "from textdata.lm import load_text_splits; from common.io import write_text_atomic; \
     write_text_atomic('$REFS', ''.join(t.strip() + '\n' for t in load_text_splits('lm1b')['test']['text']))"
 fi
 "$PY" compute_metric.py --samples "generation_results/$NAME.txt" --references "$REFS" \

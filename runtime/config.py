@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 from dataclasses import dataclass, field
 
 
@@ -123,10 +122,6 @@ def build_parser(cls=TrainConfig, description: str | None = None) -> argparse.Ar
 
 def from_args(ns: argparse.Namespace, cls=TrainConfig):
     return cls(**{f.name: getattr(ns, f.name) for f in dataclasses.fields(cls)})
-
-
-def to_json(cfg) -> str:
-    return json.dumps(dataclasses.asdict(cfg), indent=2, sort_keys=True)
 
 
 # What a stored config written before a field existed did, where that differs from the field's default:

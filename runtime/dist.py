@@ -13,7 +13,6 @@ import torch.distributed as dist
 class DistInfo:
     rank: int = 0
     world_size: int = 1
-    local_rank: int = 0
     device: torch.device = torch.device("cpu")
 
     @property
@@ -47,7 +46,7 @@ def setup(requested_device: str | None = None) -> DistInfo:
         torch.cuda.set_device(local)
         device = torch.device("cuda", local)
     dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
-    return DistInfo(rank, world, local, device)
+    return DistInfo(rank, world, device)
 
 
 def cleanup(info: DistInfo) -> None:

@@ -12,7 +12,7 @@ import pytest
 
 from conditional_data import load_pair_splits, tokenize_pairs
 from runtime.config import TrainConfig, build_parser, from_dict
-from runtime.errors import UserError
+from common.errors import UserError
 from textdata import lm
 from textdata.lines import SHOW, SKIP_HINT
 

@@ -8,7 +8,7 @@ import torch
 
 from conditional_data import (SPLITS, PairCollator, extract_target, load_pair_splits, tokenize_pairs,
                               validate_jsonl)
-from runtime.errors import UserError
+from common.errors import UserError
 from textdata.lines import SKIP_HINT
 
 

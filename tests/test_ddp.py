@@ -54,6 +54,7 @@ def _rank(rank: int, world: int, port: int, process: str, out: str) -> None:
     ddp(micro_batch(rank)).loss.backward()
     if rank == 0:
         torch.save(grads(obj), out)
+    torch.distributed.barrier()  # a rank that tears gloo down while the other still works can abort it (SIGABRT)
     torch.distributed.destroy_process_group()
 
 

@@ -188,7 +188,7 @@ def test_old_configs_keep_their_behaviour(tmp_path):
     be resumed under the released loss."""
     import train
     from runtime.config import TrainConfig, from_dict
-    from runtime.errors import UserError
+    from common.errors import UserError
 
     old = {k: v for k, v in json.loads(json.dumps(TrainConfig().__dict__)).items()
            if k not in ("loss_average", "simi_maps")}

@@ -129,7 +129,7 @@ def test_source_is_never_noised_in_training_batches(tiny_pairs):
 
     from conditional_data import PairCollator, load_pair_splits, tokenize_pairs
     from diffusion import AbsorbingDiffusion, make_schedule
-    from models import resolve_model_path
+    from common.loading import resolve_model_path
 
     tok = AutoTokenizer.from_pretrained(resolve_model_path("minilm"))
     ds = tokenize_pairs(load_pair_splits("folder", tiny_pairs, splits=("valid",), log=lambda *a: None), tok, 48,

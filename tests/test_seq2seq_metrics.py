@@ -28,13 +28,12 @@ import numpy as np
 import pytest
 from nltk.translate.bleu_score import SmoothingFunction, sentence_bleu
 
-import compute_metric
+from conftest import run_script
 from evaluation.seq2seq import (
     ORDERS,
     avg_len,
     avg_len_words,
     bert_score,
-    bert_score_f1,
     bleu,
     decode_like_diffuseq,
     dist_1,
@@ -50,7 +49,7 @@ from evaluation.seq2seq import (
     sentence_bleu_m4,
     strip_special,
 )
-from runtime.errors import UserError
+from common.errors import UserError
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LN2, LN4 = math.log(2), math.log(4)
@@ -589,8 +588,8 @@ def test_bert_score_minilm():
     assert swapped.f1_per_sentence == pytest.approx(f, abs=1e-6)
     assert res.precision_per_sentence[1] != pytest.approx(res.recall_per_sentence[1], abs=1e-4)
 
-    low = bert_score_f1(hyps[:3], refs[:3], layer=2)
-    assert low["model"] == "minilm layer 2/6" and low["f1"] != pytest.approx(np.mean(f[:3]), abs=1e-4)
+    low = bert_score(hyps[:3], refs[:3], layer=2)
+    assert low.name == "minilm layer 2/6" and low.f1 != pytest.approx(np.mean(f[:3]), abs=1e-4)
     with pytest.raises(UserError, match="layer must be in 0..6"):
         bert_score(hyps, refs, layer=7)
 
@@ -624,7 +623,7 @@ def err_lines(capsys):
 
 def test_cli_single_file(tmp_path, capsys):
     first = make_seeds(tmp_path / "run")[0]
-    assert compute_metric.main(["--mode", "seq2seq", "--samples", first]) == 0
+    assert run_script("compute_metric.py", "--mode", "seq2seq", "--samples", first) == 0
     out = capsys.readouterr().out
     assert "bleu" in out and "minilm layer 6/6" in out
     report = load(first + ".seq2seq_metrics.json")
@@ -644,7 +643,7 @@ def test_cli_folder_of_seeds(tmp_path, capsys):
     folder = tmp_path / "run"
     make_seeds(folder)
     args = ["--mode", "seq2seq", "--samples", str(folder), "--bertscore_model", "none"]
-    assert compute_metric.main(args) == 0
+    assert run_script("compute_metric.py", *args) == 0
     assert "per file:" in capsys.readouterr().out
     report = load(folder / "seq2seq_metrics.json")
     m = report["metrics"]
@@ -659,14 +658,14 @@ def test_cli_folder_of_seeds(tmp_path, capsys):
 
     # Re-running on the folder skips the metrics file now in it, and --mbr picks per source:
     # source 0 scores B, B, 0 (tie -> "a b c d"), source 1 all tie -> seed 0: same as the first file.
-    assert compute_metric.main(args + ["--mbr", "--overwrite"]) == 0
+    assert run_script("compute_metric.py", *args + ["--mbr", "--overwrite"]) == 0
     m2 = load(folder / "seq2seq_metrics.json")["metrics"]
     assert m2["num_files"] == 3 and m2["metrics_on"].startswith("MBR")
     assert m2["bleu"] == m["bleu"] and m2["self_bleu"] == m["self_bleu"]
 
     # Files given one by one behave like the folder.
     files = [str(folder / f"seed{k}.json") for k in range(3)]
-    assert compute_metric.main(["--mode", "seq2seq", "--samples", *files, "--bertscore_model", "none"]) == 0
+    assert run_script("compute_metric.py", "--mode", "seq2seq", "--samples", *files, "--bertscore_model", "none") == 0
     m3 = load(files[0] + ".seq2seq_metrics.json")["metrics"]
     assert (m3["self_bleu"], m3["div_4"]) == (m["self_bleu"], m["div_4"])
 
@@ -677,7 +676,7 @@ def test_cli_folder_equals_the_literal_script(tmp_path, capsys, use_mbr):
     write_folder(folder, random_outputs(7))
     want = diffuseq_eval(folder, use_mbr)  # before the metrics file joins the folder's *json
     args = ["--mode", "seq2seq", "--samples", str(folder), "--bertscore_model", "none"]
-    assert compute_metric.main(args + (["--mbr"] if use_mbr else [])) == 0
+    assert run_script("compute_metric.py", *args + (["--mbr"] if use_mbr else [])) == 0
     m = load(folder / "seq2seq_metrics.json")["metrics"]
     headline = want["mbr"] if use_mbr else want["per_file"][0]
     assert {k: m[k] for k in headline} == {k: float(v) for k, v in headline.items()}
@@ -687,11 +686,11 @@ def test_cli_folder_equals_the_literal_script(tmp_path, capsys, use_mbr):
         assert (m["self_bleu"], m["div_4"]) == (float(want["self_bleu"]), float(want["div_4"]))
         return
     # The reversed order is a named option: the choice changes, and the report says so.
-    assert compute_metric.main(args + ["--mbr", "--mbr_order", "reversed", "--overwrite"]) == 0
+    assert run_script("compute_metric.py", *args + ["--mbr", "--mbr_order", "reversed", "--overwrite"]) == 0
     r = load(folder / "seq2seq_metrics.json")
     assert r["metrics"]["metrics_on"].endswith("(reversed BLEU order)") and r["inputs"]["mbr_order"] == "reversed"
     assert r["metrics"]["mbr_choice"] != m["mbr_choice"]
-    assert compute_metric.main(args + ["--mbr_order", "reversed", "--overwrite"]) == 2
+    assert run_script("compute_metric.py", *args + ["--mbr_order", "reversed", "--overwrite"]) == 2
     assert err_lines(capsys) == ["error: --mbr_order only changes the --mbr choice; give --mbr too"]
 
 
@@ -699,14 +698,14 @@ def test_cli_mismatched_sources_is_one_error_line(tmp_path, capsys):
     files = make_seeds(tmp_path / "run")
     bad = write_rows(tmp_path / "run" / "seed3.json",
                      [("a", "a b c d", "src zero"), ("p", "p q", "another source")])
-    assert compute_metric.main(["--mode", "seq2seq", "--samples", files[0], bad, "--bertscore_model", "none"]) == 2
+    assert run_script("compute_metric.py", "--mode", "seq2seq", "--samples", files[0], bad, "--bertscore_model", "none") == 2
     err = err_lines(capsys)
     assert err == [f"error: {bad}:2: source differs from {files[0]}:2; "
                    "the files must hold the same sources in the same order"]
     assert not os.path.exists(files[0] + ".seq2seq_metrics.json")
 
     short = write_rows(tmp_path / "short.json", [("a", "a b c d", "src zero")])
-    assert compute_metric.main(["--mode", "seq2seq", "--samples", files[0], short, "--bertscore_model", "none"]) == 2
+    assert run_script("compute_metric.py", "--mode", "seq2seq", "--samples", files[0], short, "--bertscore_model", "none") == 2
     assert "has 1 rows but" in err_lines(capsys)[0]
 
 
@@ -715,13 +714,13 @@ def test_cli_refuses_to_overwrite(tmp_path, capsys):
     make_seeds(folder)
     out = tmp_path / "m.json"
     args = ["--mode", "seq2seq", "--samples", str(folder), "--bertscore_model", "none", "--out", str(out)]
-    assert compute_metric.main(args) == 0
+    assert run_script("compute_metric.py", *args) == 0
     before = out.read_text(encoding="utf-8")
-    assert compute_metric.main(args + ["--mbr"]) == 2
+    assert run_script("compute_metric.py", *args + ["--mbr"]) == 2
     err = err_lines(capsys)
     assert len(err) == 1 and err[0].startswith(f"error: output file {out} already exists")
     assert out.read_text(encoding="utf-8") == before
-    assert compute_metric.main(args + ["--mbr", "--overwrite"]) == 0
+    assert run_script("compute_metric.py", *args + ["--mbr", "--overwrite"]) == 0
     assert load(out)["inputs"]["mbr"] is True
 
 
@@ -729,18 +728,18 @@ def test_cli_argument_errors(tmp_path, capsys):
     folder = tmp_path / "run"
     files = make_seeds(folder)
     # unconditional mode still takes exactly one --samples file
-    assert compute_metric.main(["--samples", files[0], files[1], "--references", files[0]]) == 2
+    assert run_script("compute_metric.py", "--samples", files[0], files[1], "--references", files[0]) == 2
     assert "takes one --samples file, got 2" in err_lines(capsys)[0]
-    assert compute_metric.main(["--mode", "seq2seq", "--samples", files[0], "--references", files[0]]) == 2
+    assert run_script("compute_metric.py", "--mode", "seq2seq", "--samples", files[0], "--references", files[0]) == 2
     assert "--references is not used in seq2seq mode" in err_lines(capsys)[0]
-    assert compute_metric.main(["--mode", "seq2seq", "--samples", files[0], "--mbr", "--bertscore_model", "none"]) == 2
+    assert run_script("compute_metric.py", "--mode", "seq2seq", "--samples", files[0], "--mbr", "--bertscore_model", "none") == 2
     assert "--mbr needs at least 2" in err_lines(capsys)[0]
-    assert compute_metric.main(["--mode", "seq2seq", "--samples", files[0], str(folder), "--out",
-                                str(tmp_path / "x.json")]) == 2
+    assert run_script("compute_metric.py", "--mode", "seq2seq", "--samples", files[0], str(folder), "--out",
+                      str(tmp_path / "x.json")) == 2
     assert "is a folder" in err_lines(capsys)[0]
     empty = tmp_path / "empty_dir"
     empty.mkdir()
-    assert compute_metric.main(["--mode", "seq2seq", "--samples", str(empty)]) == 2
+    assert run_script("compute_metric.py", "--mode", "seq2seq", "--samples", str(empty)) == 2
     assert "holds no *json output files" in err_lines(capsys)[0]
 
 

@@ -18,7 +18,7 @@ from nltk.translate.bleu_score import corpus_bleu
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-import compute_metric
+from conftest import run_script
 from evaluation.text_metrics import (
     bleu,
     bleu_per_sample,
@@ -270,7 +270,7 @@ def stderr_lines(capsys):
 
 def test_cli_writes_json_matching_the_functions(files, capsys):
     samples, refs = files
-    assert compute_metric.main(["--samples", samples, "--references", refs]) == 0
+    assert run_script("compute_metric.py", "--samples", samples, "--references", refs) == 0
     captured = capsys.readouterr()
     assert "bleu" in captured.out and "took" in captured.out
     # The empty sample line is reported (and kept), the empty reference line is dropped.
@@ -297,18 +297,18 @@ def test_cli_refuses_to_overwrite_without_flag(files, capsys):
     samples, refs = files
     out = samples + ".custom.json"
     args = ["--samples", samples, "--references", refs, "--out", out]
-    assert compute_metric.main(args) == 0
+    assert run_script("compute_metric.py", *args) == 0
     capsys.readouterr()
     with open(out, encoding="utf-8") as f:
         first = f.read()
 
-    assert compute_metric.main(args + ["--max_references", "1"]) == 2
+    assert run_script("compute_metric.py", *args + ["--max_references", "1"]) == 2
     err = stderr_lines(capsys)
     assert len(err) == 1 and err[0].startswith("error: output file") and "--overwrite" in err[0]
     with open(out, encoding="utf-8") as f:
         assert f.read() == first  # untouched
 
-    assert compute_metric.main(args + ["--max_references", "1", "--overwrite"]) == 0
+    assert run_script("compute_metric.py", *args + ["--max_references", "1", "--overwrite"]) == 0
     with open(out, encoding="utf-8") as f:
         assert json.load(f)["metrics"]["num_references"] == 1
 
@@ -324,7 +324,7 @@ def test_cli_bad_samples_file_is_one_error_line(tmp_path, files, capsys, case, c
     path = tmp_path / f"{case}.txt"
     if content is not None:
         write(path, content)
-    assert compute_metric.main(["--samples", str(path), "--references", refs]) == 2
+    assert run_script("compute_metric.py", "--samples", str(path), "--references", refs) == 2
     err = stderr_lines(capsys)
     assert len(err) == 1 and err[0].startswith(f"error: samples file {path} {message}")
     assert not os.path.exists(str(path) + ".metrics.json")
@@ -335,9 +335,9 @@ def test_cli_subsets_are_seeded(files, tmp_path, capsys):
 
     def run(seed, name):
         out = str(tmp_path / name)
-        assert compute_metric.main(["--samples", samples, "--references", refs, "--out", out,
+        assert run_script("compute_metric.py", "--samples", samples, "--references", refs, "--out", out,
                                     "--max_samples", "3", "--max_references", "2",
-                                    "--seed", str(seed)]) == 0
+                                    "--seed", str(seed)) == 0
         with open(out, encoding="utf-8") as f:
             return json.load(f)["metrics"]
 

@@ -80,7 +80,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Callable, Sequence
 
-from runtime.io import write_bytes_atomic
+from common.io import write_bytes_atomic
 
 logger = logging.getLogger(__name__)
 

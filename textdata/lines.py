@@ -14,7 +14,7 @@ import codecs
 import hashlib
 import os
 
-from runtime.errors import UserError
+from common.errors import UserError
 
 SKIP_HINT = "fix it, or pass --skip_bad_lines to skip bad lines (they are counted in the log)"
 CLEAN_VERSION = "clean-v1"  # bump when what counts as a bad line changes, to invalidate the copies

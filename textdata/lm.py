@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from runtime.errors import UserError
+from common.errors import UserError
 from textdata.lines import SKIP_HINT, first_problem, utf8_problem, without_bad_lines
 
 DATASETS = ("bible", "text", "lm1b")

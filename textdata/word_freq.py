@@ -19,8 +19,8 @@ import re
 
 import numpy as np
 
-from runtime.errors import UserError
-from runtime.io import write_json_atomic
+from common.errors import UserError
+from common.io import write_json_atomic
 
 FORMAT = "diffusion-word-freq-v2"
 FORMATS = ("diffusion-word-freq-v1", FORMAT)  # v1: [CLS]/[SEP] counted in LM corpora

