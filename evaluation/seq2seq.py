@@ -52,7 +52,7 @@ import numpy as np
 from common.errors import UserError
 
 KEYS = ("recover", "reference", "source")
-SOS, EOS, SEP, PAD = "[CLS]", "[SEP]", "[SEP]", "[PAD]"
+CLS, SEP, PAD = "[CLS]", "[SEP]", "[PAD]"
 MAX_ORDER = 4
 SMOOTH_K = 5  # SmoothingFunction(k=5), nltk's default, used by method4
 
@@ -83,7 +83,9 @@ def strip_special(text: str, pad: bool = True) -> str:
     ``pad=True`` is DiffuSeq's treatment of ``recover``; its ``reference`` keeps ``[PAD]``
     (``pad=False``). The spaces around removed tokens stay (``"[CLS] a [SEP]" -> " a "``).
     """
-    text = text.strip().replace(EOS, "").replace(SOS, "").replace(SEP, "")
+    # DiffuSeq removes its eos, sos and sep tokens in that order; with BERT's vocabulary eos and sep
+    # are both [SEP], so one replace does it
+    text = text.strip().replace(SEP, "").replace(CLS, "")
     return text.replace(PAD, "") if pad else text
 
 
