@@ -5,8 +5,13 @@
     python bench.py --model bert-base-uncased --batch_size 64 --seq_len 128 --device cuda   # bf16 on CUDA
     python bench.py --quick --model PATH            # a smoke run in seconds (what the tests do)
 
-Absorbing process (DiffusionBERT). Every timing is the median over ``--repeats`` runs, with the
-variants interleaved so that drift on a shared machine hits them alike:
+Absorbing process (DiffusionBERT), in three measurements: training (``absorbing_training``),
+sampling (``absorbing_sampling``) and scaling with length and steps (``absorbing_scaling``). Every
+timing is the median over ``--repeats`` runs, with the variants interleaved so that drift on a shared
+machine hits them alike. Training steps run in train mode (dropout on, as in train.py's loop),
+forwards and sampling in eval mode.
+
+Training, the step of:
 
 * ``floor``: the network alone: forward at the masked positions of an x_t drawn by the process
   (fresh each step), plain cross-entropy against x0, backward, AdamW. What any masked-LM step costs.
@@ -14,7 +19,9 @@ variants interleaved so that drift on a shared machine hits them alike:
 * ``full_projection``: ours with the 30k-way projection at every position (a fast path turned off).
 * ``reference`` (``--reference``): the original code's design: x_t by Gumbel-max over [B, L, V],
   logits at every position, posterior and reverse model as [B, L, V] float64 tensors
-  (``diffusion/reference.py``, the tests' oracle), KL over V at every position.
+  (``diffusion.reference.dense_loss``, the tests' oracle), KL over V at every position. The run
+  also reports how far the fast bound is from the dense one at this shape (float32 rounding); the
+  tests assert that the two are equal.
 
 Sampling: one forward (all target positions masked, no grad) is the unit; the sampler's time is
 compared with ``network calls x one forward``, with and without the cache, and the dense design's
@@ -23,9 +30,10 @@ Then how time grows with the length and with the number of sampling steps. Peak 
 process's peak resident set on the CPU (Linux ``VmHWM``, reset before each phase) and the peak of
 ``torch.cuda.max_memory_allocated`` on CUDA. ``--json`` writes every number.
 
-Gaussian process (DiffuSeq, ``--process gaussian``): the training step against the network-only
-step (forward + MSE + backward + AdamW), and one reverse step (network + clamping against the
-V-entry embedding table + posterior) against one forward, plus a full adp_20 decode.
+Gaussian process (DiffuSeq, ``--process gaussian``): training (``gaussian_training``, train mode),
+the step against the network-only step (forward + MSE + backward + AdamW); sampling
+(``gaussian_sampling``, eval mode), one reverse step (network + clamping against the V-entry
+embedding table + posterior) against one forward, plus a full adp_20 decode.
 """
 from __future__ import annotations
 
@@ -175,92 +183,58 @@ def zipf_counts(V: int, specials: set[int]) -> torch.Tensor:
     return counts
 
 
-def bench_absorbing(args, device: torch.device, clock: Clock, amp) -> dict:
-    from diffusion import AbsorbingDiffusion, make_schedule
-    from diffusion import reference as ref
-    from common.loading import load_masked_lm
-    from models import BertDenoiser
+class Absorbing:
+    """What the absorbing measurements share: the masked LM as a time-agnostic ``BertDenoiser``, the
+    process (spindle on Zipf counts unless ``--schedule``; hybrid lambda 0.01 as train.py), AdamW, and
+    random rows. The network's mode is set by each measurement: train mode (dropout on, as in
+    train.py's loop) for training steps, eval mode for forwards and sampling."""
 
-    mlm, tok, path = load_masked_lm(args.model, log=lambda *a, **k: None)
-    denoiser = BertDenoiser(mlm, "none", args.num_steps).to(device)
-    if args.compile:
-        denoiser.mlm.base_model.compile(dynamic=True)
-    V, mask_id = mlm.config.vocab_size, tok.mask_token_id
-    specials = {i for i in (tok.cls_token_id, tok.sep_token_id, tok.pad_token_id, mask_id, tok.unk_token_id)
-                if i is not None}
-    schedule_name = args.schedule or "spindle"
-    counts = zipf_counts(V, specials) if schedule_name == "spindle" else None
-    schedule = make_schedule(schedule_name, counts=counts, lam=0.3, form="released", pad_id=tok.pad_token_id)
-    diffusion = AbsorbingDiffusion(schedule, args.num_steps, mask_id, hybrid_lambda=0.01)
-    T = args.num_steps
-    optim = torch.optim.AdamW(denoiser.parameters(), lr=1e-5, fused=device.type == "cuda")
-    gen = torch.Generator().manual_seed(args.seed)
-    n_params = sum(p.numel() for p in denoiser.parameters())
-    res = {"model": args.model, "model_path": path, "parameters": n_params, "vocab_size": V,
-           "layers": mlm.config.num_hidden_layers, "hidden": mlm.config.hidden_size, "schedule": schedule_name, "T": T}
+    def __init__(self, args, device: torch.device, clock: Clock, amp):
+        from diffusion import AbsorbingDiffusion, make_schedule
+        from common.loading import load_masked_lm
+        from models import BertDenoiser
 
-    def batch(L: int, B: int = args.batch_size):
-        return tuple(x.to(device) for x in random_rows(B, L, V, specials, tok.cls_token_id, tok.sep_token_id, gen))
+        self.args, self.device, self.clock, self.amp = args, device, clock, amp
+        mlm, tok, path = load_masked_lm(args.model, log=lambda *a, **k: None)
+        self.denoiser = BertDenoiser(mlm, "none", args.num_steps).to(device)
+        if args.compile:
+            self.denoiser.mlm.base_model.compile(dynamic=True)
+        self.V, self.mask_id, self.T = mlm.config.vocab_size, tok.mask_token_id, args.num_steps
+        self.max_len, self.cls_id, self.sep_id = mlm.config.max_position_embeddings, tok.cls_token_id, tok.sep_token_id
+        self.specials = {i for i in (tok.cls_token_id, tok.sep_token_id, tok.pad_token_id, self.mask_id,
+                                     tok.unk_token_id) if i is not None}
+        name = args.schedule or "spindle"
+        counts = zipf_counts(self.V, self.specials) if name == "spindle" else None
+        self.schedule = make_schedule(name, counts=counts, lam=0.3, form="released", pad_id=tok.pad_token_id)
+        self.diffusion = AbsorbingDiffusion(self.schedule, self.T, self.mask_id, hybrid_lambda=0.01)
+        self.optim = torch.optim.AdamW(self.denoiser.parameters(), lr=1e-5, fused=device.type == "cuda")
+        self.gen = torch.Generator().manual_seed(args.seed)
+        self.header = {"model": args.model, "model_path": path,
+                       "parameters": sum(p.numel() for p in self.denoiser.parameters()), "vocab_size": self.V,
+                       "layers": mlm.config.num_hidden_layers, "hidden": mlm.config.hidden_size, "schedule": name,
+                       "T": self.T}
 
-    def train_step(loss_fn):
-        return optimizer_step(optim, amp, loss_fn)
+    def batch(self, L: int, B: int | None = None) -> tuple:
+        rows = random_rows(B or self.args.batch_size, L, self.V, self.specials, self.cls_id, self.sep_id, self.gen)
+        return tuple(x.to(self.device) for x in rows)
 
-    def reference_loss(x0, nm, att):
-        """The same bound as ``diffusion.loss`` (T x KL + hybrid CE), the dense [B, L, V] way."""
-        B = x0.shape[0]
-        tr = torch.randint(1, T + 1, (B,), generator=gen).to(device)
-        xt = ref.dense_q_sample(x0, tr, nm, schedule, T, mask_id, V)
-        logits = denoiser(xt, tr, att, None)
-        kl = ref.dense_kl_per_position(logits, x0, xt, tr, tr - 1, nm, schedule, T, mask_id)
-        logp = torch.log_softmax(logits.double().masked_fill(
-            torch.arange(V, device=device) == mask_id, float("-inf")), -1)
-        m = (xt == mask_id) & nm
-        ce = -logp.gather(-1, x0.unsqueeze(-1)).squeeze(-1)[m].mean()
-        return T * kl.sum() / nm.sum() + diffusion.hybrid_lambda * ce
+    def train_step(self, loss_fn):
+        return optimizer_step(self.optim, self.amp, loss_fn)
 
-    def train_variants(L: int, with_reference: bool) -> dict:
-        x0, nm, att = batch(L)
-        B = x0.shape[0]
+    def ours(self, x0, nm, att):
+        """train.py's loss: the exact per-token bound + hybrid CE, the projection at masked positions."""
+        return lambda: self.diffusion.loss(self.denoiser, x0, nm, att).loss
 
-        def floor():  # a fresh mask each step, drawn by the same law as the loss's, so as many positions
-            t = diffusion.sample_t(B, device)
-            x_t = diffusion.q_sample(x0, t, nm)
-            masked = (x_t == mask_id) & nm
-            logits = denoiser(x_t, t, att, masked)
-            return torch.nn.functional.cross_entropy(logits.float(), x0[masked])
+    def reference(self, x0, nm, att):
+        """The same loss the original code's way: [B, L, V] float64 tensors at every position."""
+        from diffusion import reference as ref
+        return lambda: ref.dense_loss(self.denoiser, x0, nm, att, self.schedule, self.T, self.mask_id, self.V,
+                                      self.diffusion.hybrid_lambda)
 
-        def full_projection_denoiser(x, t_, a, positions):
-            return denoiser(x, t_, a, None)[positions]
-
-        fns = {"floor": train_step(floor),
-               "ours": train_step(lambda: diffusion.loss(denoiser, x0, nm, att).loss),
-               "full_projection": train_step(lambda: diffusion.loss(full_projection_denoiser, x0, nm, att).loss)}
-        if with_reference:
-            fns["reference"] = train_step(lambda: reference_loss(x0, nm, att))
-        out = interleaved(clock, fns, args.repeats)
-        out["tokens"] = int(att.sum())
-        return out
-
-    # -- training at the main shape, with peak memory per variant (ours first: nothing freed yet)
-    x0, nm, att = batch(args.seq_len)
-    memory = {"train_ours": peak_of(clock, train_step(lambda: diffusion.loss(denoiser, x0, nm, att).loss))}
-    train = train_variants(args.seq_len, args.reference)
-    res["train"] = dict(train)
-    res["train"]["tokens_per_s"] = train["tokens"] / train["ours"]
-
-    # -- does the reference compute the same bound? (same x_t, t, logits)
-    with torch.no_grad():
-        t = torch.randint(1, T + 1, (x0.shape[0],), generator=gen).to(device)
-        x_t = diffusion.q_sample(x0, t, nm)
-        logits = denoiser(x_t, t, att, None).double()
-        masked = (x_t == mask_id) & nm
-        fast = diffusion.kl(diffusion.log_p_hat(logits[masked]), x0, x_t, t, t - 1, nm).double().sum()
-        dense = ref.dense_kl_per_position(logits, x0, x_t, t, t - 1, nm, schedule, T, mask_id).sum()
-        res["kl_fast_vs_dense_rel_diff"] = float((fast - dense).abs() / dense.abs().clamp_min(1e-12))
-
-    # -- sampling at the main shape
-    def sample(L: int, steps: int, cache: bool, B: int = args.batch_size):
-        x0_, nm_, att_ = batch(L, B)
+    def sampler(self, L: int, steps: int, cache: bool):
+        """A callable running ``diffusion.sample`` on a batch; it records calls, rows and the network's time."""
+        x0, nm, att = self.batch(L)
+        denoiser, clock, amp, device, seed = self.denoiser, self.clock, self.amp, self.device, self.args.seed
 
         def timed_denoiser(*a):  # the time spent inside the network, to show the sampler's own share
             start = time.perf_counter()
@@ -271,131 +245,217 @@ def bench_absorbing(args, device: torch.device, clock: Clock, amp) -> dict:
 
         def run():
             run.network_s = 0.0
-            out = diffusion.sample(timed_denoiser, x0_, nm_, att_, steps, cache=cache,
-                                   generator=torch.Generator(device=device).manual_seed(args.seed))
+            with amp():
+                out = self.diffusion.sample(timed_denoiser, x0, nm, att, steps, cache=cache,
+                                            generator=torch.Generator(device=device).manual_seed(seed))
             run.calls, run.rows = out.network_calls, out.row_evaluations
         return run
 
-    def forward_fn(L: int):
-        x0_, nm_, att_ = batch(L)
-        x_all = x0_.masked_fill(nm_, mask_id)
-        t_ = torch.full((x0_.shape[0],), T, device=device)
+    def forward(self, L: int):
+        """A callable doing one no-grad forward with all target positions masked (the sampler's first call)."""
+        x0, nm, att = self.batch(L)
+        x_all = x0.masked_fill(nm, self.mask_id)
+        t = torch.full((x0.shape[0],), self.T, device=self.device)
+
         def run():
-            with torch.no_grad(), amp():
-                denoiser(x_all, t_, att_, nm_)
+            with torch.no_grad(), self.amp():
+                self.denoiser(x_all, t, att, nm)
         return run
 
-    denoiser.eval()
-    S = args.sample_steps
-    cached, uncached = sample(args.seq_len, S, True), sample(args.seq_len, S, False)
-    fns = {"forward": forward_fn(args.seq_len), "cache_on": lambda: _amp_call(amp, cached),
-           "cache_off": lambda: _amp_call(amp, uncached)}
-    samp = interleaved(clock, fns, max(1, args.repeats // 2))
-    B = args.batch_size
-    res["sample"] = {"steps": S, "forward_s": samp["forward"],
-                     "cache_on": {"seconds": samp["cache_on"], "calls": cached.calls, "rows": cached.rows,
-                                  "seconds_per_sequence": samp["cache_on"] / B,
-                                  "ratio_to_calls_x_forward": samp["cache_on"] / (cached.calls * samp["forward"]),
-                                  "rows_per_sequence": cached.rows / B, "positions_per_sequence": args.seq_len - 2,
-                                  "network_share": cached.network_s / samp["cache_on"]},
-                     "cache_off": {"seconds": samp["cache_off"], "calls": uncached.calls, "rows": uncached.rows,
-                                   "seconds_per_sequence": samp["cache_off"] / B,
-                                   "ratio_to_calls_x_forward": samp["cache_off"] / (uncached.calls * samp["forward"]),
-                                   "network_share": uncached.network_s / samp["cache_off"]}}
-    memory["sample_cache_on"] = peak_of(clock, lambda: _amp_call(amp, cached))
+
+def absorbing_train_variants(ab: Absorbing, L: int, with_reference: bool) -> dict:
+    """Median seconds of one training step per variant at length L, interleaved, in train mode."""
+    ab.denoiser.train()  # dropout on, as train.py trains (from_pretrained returns the model in eval mode)
+    x0, nm, att = ab.batch(L)
+    B, diffusion, denoiser, mask_id = x0.shape[0], ab.diffusion, ab.denoiser, ab.mask_id
+
+    def floor():  # a fresh mask each step, drawn by the same law as the loss's, so as many positions
+        t = diffusion.sample_t(B, ab.device)
+        x_t = diffusion.q_sample(x0, t, nm)
+        masked = (x_t == mask_id) & nm
+        logits = denoiser(x_t, t, att, masked)
+        return torch.nn.functional.cross_entropy(logits.float(), x0[masked])
+
+    def full_projection_denoiser(x, t_, a, positions):
+        return denoiser(x, t_, a, None)[positions]
+
+    fns = {"floor": ab.train_step(floor), "ours": ab.train_step(ab.ours(x0, nm, att)),
+           "full_projection": ab.train_step(lambda: diffusion.loss(full_projection_denoiser, x0, nm, att).loss)}
+    if with_reference:
+        fns["reference"] = ab.train_step(ab.reference(x0, nm, att))
+    out = interleaved(ab.clock, fns, ab.args.repeats)
+    out["tokens"] = int(att.sum())
+    return out
+
+
+def absorbing_training(ab: Absorbing) -> tuple[dict, dict]:
+    """The training table at the main shape, and its peak memory (``ours`` first: nothing freed yet)."""
+    args = ab.args
+    ab.denoiser.train()
+    x0, nm, att = ab.batch(args.seq_len)
+    memory = {"train_ours": peak_of(ab.clock, ab.train_step(ab.ours(x0, nm, att)))}
+    train = absorbing_train_variants(ab, args.seq_len, args.reference)
+    train["tokens_per_s"] = train["tokens"] / train["ours"]
     if args.reference:
-        x0_, nm_, att_ = batch(args.seq_len)
-        grid = diffusion.timesteps(S).to(device)
+        memory["train_reference"] = peak_of(ab.clock, ab.train_step(ab.reference(x0, nm, att)))
+    return train, memory
+
+
+@torch.no_grad()
+def absorbing_fast_vs_dense(ab: Absorbing) -> float:
+    """Relative difference of the fast bound and the dense [B, L, V] one at this shape (same x_t, t,
+    logits). A measurement of float32 rounding at full size; the equality is asserted by the tests."""
+    from diffusion import reference as ref
+
+    ab.denoiser.eval()
+    x0, nm, att = ab.batch(ab.args.seq_len)
+    t = torch.randint(1, ab.T + 1, (x0.shape[0],), generator=ab.gen).to(ab.device)
+    x_t = ab.diffusion.q_sample(x0, t, nm)
+    logits = ab.denoiser(x_t, t, att, None).double()
+    masked = (x_t == ab.mask_id) & nm
+    fast = ab.diffusion.kl(ab.diffusion.log_p_hat(logits[masked]), x0, x_t, t, t - 1, nm).double().sum()
+    dense = ref.dense_kl_per_position(logits, x0, x_t, t, t - 1, nm, ab.schedule, ab.T, ab.mask_id).sum()
+    return float((fast - dense).abs() / dense.abs().clamp_min(1e-12))
+
+
+def absorbing_sampling(ab: Absorbing) -> tuple[dict, dict]:
+    """The sampling table at the main shape (eval mode): cache on and off against network calls x one
+    forward; with ``--reference`` the dense design's reverse step per iteration. Also peak memory."""
+    from diffusion import reference as ref
+
+    args, clock, B, S = ab.args, ab.clock, ab.args.batch_size, ab.args.sample_steps
+    ab.denoiser.eval()
+    cached, uncached = ab.sampler(args.seq_len, S, True), ab.sampler(args.seq_len, S, False)
+    samp = interleaved(clock, {"forward": ab.forward(args.seq_len), "cache_on": cached, "cache_off": uncached},
+                       max(1, args.repeats // 2))
+    out = {"steps": S, "forward_s": samp["forward"]}
+    for key, run in (("cache_on", cached), ("cache_off", uncached)):
+        out[key] = {"seconds": samp[key], "calls": run.calls, "rows": run.rows, "seconds_per_sequence": samp[key] / B,
+                    "ratio_to_calls_x_forward": samp[key] / (run.calls * samp["forward"]),
+                    "rows_per_sequence": run.rows / B, "positions_per_sequence": args.seq_len - 2,
+                    "network_share": run.network_s / samp[key]}
+    memory = {"sample_cache_on": peak_of(clock, cached)}
+    if args.reference:
+        x0, nm, att = ab.batch(args.seq_len)
+        grid = ab.diffusion.timesteps(S).to(ab.device)
 
         def reference_iters():
-            g = torch.Generator(device=device).manual_seed(args.seed)
-            x = x0_.masked_fill(nm_, mask_id)
+            g = torch.Generator(device=ab.device).manual_seed(args.seed)
+            x = x0.masked_fill(nm, ab.mask_id)
             for k in range(args.reference_iters):
-                t_, s_ = grid[k].expand(B), grid[k + 1].expand(B)
-                with torch.no_grad(), amp():
-                    logits = denoiser(x, t_, att_, None)
-                x = ref.dense_sample_step(logits.double(), x, t_, s_, nm_, schedule, T, mask_id, g)
+                t, s = grid[k].expand(B), grid[k + 1].expand(B)
+                with torch.no_grad(), ab.amp():
+                    logits = ab.denoiser(x, t, att, None)
+                x = ref.dense_sample_step(logits.double(), x, t, s, nm, ab.schedule, ab.T, ab.mask_id, g)
         sec = interleaved(clock, {"r": reference_iters}, max(1, args.repeats // 2))["r"] / args.reference_iters
-        res["sample"]["reference"] = {"seconds_per_iteration": sec, "ratio_to_forward": sec / samp["forward"],
-                                      "projected_seconds": sec * S, "projected_seconds_per_sequence": sec * S / B}
+        out["reference"] = {"seconds_per_iteration": sec, "ratio_to_forward": sec / samp["forward"],
+                            "projected_seconds": sec * S, "projected_seconds_per_sequence": sec * S / B}
         memory["sample_reference"] = peak_of(clock, reference_iters)
-        denoiser.train()
-        memory["train_reference"] = peak_of(clock, train_step(lambda: reference_loss(x0, nm, att)))
-    denoiser.train()
+    return out, memory
 
-    # -- scaling with length (training step and cached sampling) and with sampling steps
-    res["by_length"] = {}
+
+def absorbing_scaling(ab: Absorbing) -> tuple[dict, dict]:
+    """How the training step (train mode) and cached sampling (eval mode) grow with the length, and
+    sampling with the number of steps."""
+    args, clock, B = ab.args, ab.clock, ab.args.batch_size
+    half = max(1, args.repeats // 2)
+    by_length = {}
     for L in args.lengths:
-        if L > mlm.config.max_position_embeddings:
+        if L > ab.max_len:
             continue
-        tv = train_variants(L, False)
-        denoiser.eval()
-        s_run = sample(L, S, True)
-        st = interleaved(clock, {"s": lambda s_run=s_run: _amp_call(amp, s_run), "f": forward_fn(L)},
-                         max(1, args.repeats // 2))
-        denoiser.train()
-        res["by_length"][L] = {"train_s": tv["ours"], "floor_s": tv["floor"], "ratio": tv["ours"] / tv["floor"],
-                               "tokens_per_s": tv["tokens"] / tv["ours"], "sample_s_per_sequence": st["s"] / B,
-                               "forward_s": st["f"], "sample_calls": s_run.calls}
-    denoiser.eval()
-    res["by_steps"] = {}
+        tv = absorbing_train_variants(ab, L, False)
+        ab.denoiser.eval()
+        run = ab.sampler(L, args.sample_steps, True)
+        st = interleaved(clock, {"s": run, "f": ab.forward(L)}, half)
+        by_length[L] = {"train_s": tv["ours"], "floor_s": tv["floor"], "ratio": tv["ours"] / tv["floor"],
+                        "tokens_per_s": tv["tokens"] / tv["ours"], "sample_s_per_sequence": st["s"] / B,
+                        "forward_s": st["f"], "sample_calls": run.calls}
+    ab.denoiser.eval()
+    by_steps = {}
     for n in args.step_grid:
-        if n > T:
+        if n > ab.T:
             continue
-        on, off = sample(args.seq_len, n, True), sample(args.seq_len, n, False)
-        st = interleaved(clock, {"on": lambda on=on: _amp_call(amp, on), "off": lambda off=off: _amp_call(amp, off)},
-                         max(1, args.repeats // 2))
-        res["by_steps"][n] = {"cache_on_s_per_sequence": st["on"] / B, "cache_on_calls": on.calls,
-                              "cache_off_s_per_sequence": st["off"] / B, "cache_off_calls": off.calls}
-    res["memory_mb"] = memory
+        on, off = ab.sampler(args.seq_len, n, True), ab.sampler(args.seq_len, n, False)
+        st = interleaved(clock, {"on": on, "off": off}, half)
+        by_steps[n] = {"cache_on_s_per_sequence": st["on"] / B, "cache_on_calls": on.calls,
+                       "cache_off_s_per_sequence": st["off"] / B, "cache_off_calls": off.calls}
+    return by_length, by_steps
+
+
+def bench_absorbing(args, device: torch.device, clock: Clock, amp) -> dict:
+    ab = Absorbing(args, device, clock, amp)
+    res = dict(ab.header)
+    res["train"], train_memory = absorbing_training(ab)
+    if args.reference:
+        res["kl_fast_vs_dense_rel_diff"] = absorbing_fast_vs_dense(ab)
+    res["sample"], sample_memory = absorbing_sampling(ab)
+    res["by_length"], res["by_steps"] = absorbing_scaling(ab)
+    res["memory_mb"] = {**train_memory, **sample_memory}
     return res
 
 
-def _amp_call(amp, fn):
-    with amp():
-        fn()
-
-
 # ----------------------------------------------------------------------------------- gaussian
-def bench_gaussian(args, device: torch.device, clock: Clock, amp) -> dict:
-    from diffusion import GaussianDiffusion, adaptive_decay_timesteps, gaussian_betas
-    from models import DiffuSeqTransformer
-    from common.loading import load_tokenizer
+class Gaussian:
+    """What the Gaussian measurements share: a DiffuSeq transformer (dropout 0.1, train.py's default),
+    the process, AdamW, and a batch whose second half is the target."""
 
-    tok, _ = load_tokenizer(args.model)
-    V, T, L, B = len(tok), args.num_steps, args.seq_len, args.batch_size
-    net = DiffuSeqTransformer(V, args.emb_dim, args.hidden_size, args.num_layers, args.num_heads,
-                              max(L, max(args.lengths)), T, dropout=0.1).to(device)
-    if args.compile:
-        net.encoder.compile(dynamic=True)
-    diffusion = GaussianDiffusion(gaussian_betas(args.schedule or "sqrt", T))
-    optim = torch.optim.AdamW(net.parameters(), lr=1e-4, fused=device.type == "cuda")
-    gen = torch.Generator().manual_seed(args.seed)
-    ids = torch.randint(1000, V, (B, L), generator=gen).to(device)
-    noise_mask = (torch.arange(L)[None] >= L // 2).expand(B, L).to(device)  # source | target, half each
-    res = {"model": "DiffuSeqTransformer", "parameters": sum(p.numel() for p in net.parameters()), "vocab_size": V,
-           "emb_dim": args.emb_dim, "hidden": args.hidden_size, "layers": args.num_layers, "T": T}
+    def __init__(self, args, device: torch.device, clock: Clock, amp):
+        from diffusion import GaussianDiffusion, gaussian_betas
+        from models import DiffuSeqTransformer
+        from common.loading import load_tokenizer
 
-    def step(loss_fn):
-        return optimizer_step(optim, amp, loss_fn)
+        self.args, self.device, self.clock, self.amp = args, device, clock, amp
+        tok, _ = load_tokenizer(args.model)
+        V, T, L, B = len(tok), args.num_steps, args.seq_len, args.batch_size
+        self.T, self.B, self.L = T, B, L
+        self.net = DiffuSeqTransformer(V, args.emb_dim, args.hidden_size, args.num_layers, args.num_heads,
+                                       max(L, max(args.lengths)), T, dropout=0.1).to(device)
+        if args.compile:
+            self.net.encoder.compile(dynamic=True)
+        self.diffusion = GaussianDiffusion(gaussian_betas(args.schedule or "sqrt", T))
+        self.optim = torch.optim.AdamW(self.net.parameters(), lr=1e-4, fused=device.type == "cuda")
+        gen = torch.Generator().manual_seed(args.seed)
+        self.ids = torch.randint(1000, V, (B, L), generator=gen).to(device)
+        self.noise_mask = (torch.arange(L)[None] >= L // 2).expand(B, L).to(device)  # source | target, half each
+        self.header = {"model": "DiffuSeqTransformer", "parameters": sum(p.numel() for p in self.net.parameters()),
+                       "vocab_size": V, "emb_dim": args.emb_dim, "hidden": args.hidden_size,
+                       "layers": args.num_layers, "T": T}
+
+
+def gaussian_training(g: Gaussian) -> tuple[dict, dict]:
+    """The training step against the network-only step (forward + MSE + backward + AdamW), in train mode."""
+    net, diffusion, ids, noise_mask, T, B = g.net, g.diffusion, g.ids, g.noise_mask, g.T, g.B
+    net.train()  # dropout on, as train.py trains
 
     def floor():
-        t = torch.randint(0, T, (B,), device=device)
+        t = torch.randint(0, T, (B,), device=g.device)
         z0 = net.embed(ids)
         z_t = diffusion.q_sample(z0, t, noise_mask)
         return ((net(z_t, t) - z0.detach()) ** 2)[noise_mask].mean()
 
     def ours():
-        t = torch.randint(0, T, (B,), device=device)
+        t = torch.randint(0, T, (B,), device=g.device)
         return diffusion.loss(net, ids, noise_mask, t).loss
 
-    train = interleaved(clock, {"floor": step(floor), "ours": step(ours)}, args.repeats)
-    memory = {"train_ours": peak_of(clock, step(ours))}
+    def step(loss_fn):
+        return optimizer_step(g.optim, g.amp, loss_fn)
+
+    train = interleaved(g.clock, {"floor": step(floor), "ours": step(ours)}, g.args.repeats)
+    memory = {"train_ours": peak_of(g.clock, step(ours))}
+    return {**train, "tokens_per_s": B * g.L / train["ours"], "ratio": train["ours"] / train["floor"]}, memory
+
+
+def gaussian_sampling(g: Gaussian) -> tuple[dict, dict, dict]:
+    """One reverse step (network + clamping against the V-row table + posterior) against one forward,
+    and a full adp_20 decode against calls x one forward, in eval mode."""
+    from diffusion import adaptive_decay_timesteps
+
+    net, diffusion, ids, noise_mask, T, B, amp = g.net, g.diffusion, g.ids, g.noise_mask, g.T, g.B, g.amp
     net.eval()
     chain = diffusion.respace(range(T))
     z_src = net.embed(ids).detach()
-    z = torch.randn(z_src.shape, device=device, generator=torch.Generator(device=device).manual_seed(0))
-    t_mid = chain.timesteps[T // 2].to(device).expand(B)
+    z = torch.randn(z_src.shape, device=g.device, generator=torch.Generator(device=g.device).manual_seed(0))
+    t_mid = chain.timesteps[T // 2].to(g.device).expand(B)
 
     def forward():
         with torch.no_grad(), amp():
@@ -405,21 +465,27 @@ def bench_gaussian(args, device: torch.device, clock: Clock, amp) -> dict:
         with torch.no_grad(), amp():
             diffusion.step(net, z, T // 2, chain, noise_mask, z_src)
 
-    steps = interleaved(clock, {"forward": forward, "reverse_step": reverse}, args.repeats)
+    steps = interleaved(g.clock, {"forward": forward, "reverse_step": reverse}, g.args.repeats)
     adp = adaptive_decay_timesteps(T, 20) if T >= 20 else list(range(T))
 
     def decode():
         with torch.no_grad(), amp():
             decode.out = diffusion.sample(net, ids, noise_mask, adp,
-                                          generator=torch.Generator(device=device).manual_seed(0))
-    dec = interleaved(clock, {"d": decode}, max(1, args.repeats // 2), warmup=0)["d"]
-    memory["decode_adp_20"] = peak_of(clock, decode)
-    res.update({"train": {**train, "tokens_per_s": B * L / train["ours"], "ratio": train["ours"] / train["floor"]},
-                "reverse": {**steps, "ratio": steps["reverse_step"] / steps["forward"]},
-                "decode_adp_20": {"seconds": dec, "calls": decode.out.network_calls,
-                                  "ratio_to_calls_x_forward": dec / (decode.out.network_calls * steps["forward"]),
-                                  "seconds_per_sequence": dec / B},
-                "memory_mb": memory})
+                                          generator=torch.Generator(device=g.device).manual_seed(0))
+    dec = interleaved(g.clock, {"d": decode}, max(1, g.args.repeats // 2), warmup=0)["d"]
+    memory = {"decode_adp_20": peak_of(g.clock, decode)}
+    return ({**steps, "ratio": steps["reverse_step"] / steps["forward"]},
+            {"seconds": dec, "calls": decode.out.network_calls,
+             "ratio_to_calls_x_forward": dec / (decode.out.network_calls * steps["forward"]),
+             "seconds_per_sequence": dec / B}, memory)
+
+
+def bench_gaussian(args, device: torch.device, clock: Clock, amp) -> dict:
+    g = Gaussian(args, device, clock, amp)
+    res = dict(g.header)
+    res["train"], train_memory = gaussian_training(g)
+    res["reverse"], res["decode_adp_20"], sample_memory = gaussian_sampling(g)
+    res["memory_mb"] = {**train_memory, **sample_memory}
     return res
 
 
@@ -439,12 +505,14 @@ def report_absorbing(r: dict, args) -> list[str]:
     for k in ("floor", "ours", "full_projection", "reference"):
         if k in tr:
             lines.append(f"| {k} | {tr[k]:.3f} | {tr[k] / tr['floor']:.2f}x |")
-    lines += ["", f"- training: {tr['tokens_per_s']:.0f} tokens/s; step / floor = **{tr['ours'] / tr['floor']:.2f}**"
+    lines += ["", f"- training (train mode, dropout on): {tr['tokens_per_s']:.0f} tokens/s; step / floor = "
+              f"**{tr['ours'] / tr['floor']:.2f}**"
               + (f"; reference / ours = **{tr['reference'] / tr['ours']:.2f}x**" if "reference" in tr else "")
-              + f"; full projection / ours = {tr['full_projection'] / tr['ours']:.2f}x",
-              f"- the fast bound equals the dense [B, L, V] computation: relative difference "
-              f"{r['kl_fast_vs_dense_rel_diff']:.1e}", "",
-              f"| sampling, {sm['steps']} steps, {args.batch_size} sequences | seconds | network calls | rows/seq "
+              + f"; full projection / ours = {tr['full_projection'] / tr['ours']:.2f}x"]
+    if "kl_fast_vs_dense_rel_diff" in r:
+        lines.append(f"- the fast bound against the dense [B, L, V] one (same x_t, t, logits): relative difference "
+                     f"{r['kl_fast_vs_dense_rel_diff']:.1e}")
+    lines += ["", f"| sampling, {sm['steps']} steps, {args.batch_size} sequences | seconds | network calls | rows/seq "
               f"| time / (calls x forward) | time in the network |", "|---|---|---|---|---|---|"]
     for k in ("cache_on", "cache_off"):
         s = sm[k]
@@ -485,7 +553,7 @@ def report_gaussian(r: dict, args) -> list[str]:
             f"| **{rv['ratio']:.2f}x** |",
             f"| decode adp_20 ({dec['calls']} calls) | {dec['seconds']:.3f} | {dec['ratio_to_calls_x_forward']:.2f}x "
             f"calls x forward |", "",
-            f"training {tr['tokens_per_s']:.0f} tokens/s; peak memory: "
+            f"training (train mode, dropout on) {tr['tokens_per_s']:.0f} tokens/s; peak memory: "
             + ", ".join(f"{k} {fmt(v, 'MB')}" for k, v in r["memory_mb"].items())]
 
 

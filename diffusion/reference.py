@@ -1,7 +1,7 @@
 """A deliberately naive reference for absorbing-state diffusion, built from explicit matrices.
 
-This is the test oracle for :mod:`diffusion.absorbing` (and the ``--reference`` mode of a
-benchmark). It follows D3PM / DiffusionBERT literally instead of using the closed forms:
+This is the test oracle for :mod:`diffusion.absorbing` (and what ``bench.py --reference``
+times). It follows D3PM / DiffusionBERT literally instead of using the closed forms:
 
 * states are the V vocabulary ids; [MASK] is one of them (``mask_id``), as in BERT;
 * the one-step matrix ``Q_{s->t}`` ([V, V], row = from, column = to): token i stays i with
@@ -271,8 +271,9 @@ def reference_kl(logits_full: torch.Tensor, x0: torch.Tensor, x_t: torch.Tensor,
 # with Gumbel noise over V, the posteriors are products of one-hot rows and matrix columns, and the
 # reverse draw is a Gumbel-max over V again. The functions below do the same (float64, every
 # position, no closed forms beyond reading matrix entries), so ``bench.py --reference`` can time
-# that design. They equal the explicit-matrix functions above (tests/test_diffusion.py) and cost
-# O(B L V) per call instead of O(N V^2).
+# that design. They equal the explicit-matrix functions above (tests/test_diffusion.py), the dense
+# loss equals ``AbsorbingDiffusion.loss`` (tests/test_reference_loss.py), and they cost O(B L V)
+# per call instead of O(N V^2).
 def _gumbel_argmax(probs: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
     """One draw per row of ``probs`` [..., V] by Gumbel-max over all V entries (float64)."""
     u = torch.rand(probs.shape, dtype=torch.float64, device=probs.device, generator=generator)
@@ -337,7 +338,34 @@ def dense_sample_step(logits_full: torch.Tensor, x_t: torch.Tensor, t: torch.Ten
     return torch.where(noise_mask, x_s, x_t)
 
 
+def dense_loss_at(logits_full: torch.Tensor, x0: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor,
+                  noise_mask: torch.Tensor, schedule: Schedule, T: int, mask_id: int, hybrid_lambda: float,
+                  w_min: float = REVERSE_W_MIN) -> torch.Tensor:
+    """``AbsorbingDiffusion.loss`` (``weighting="elbo"``) at a given ``t`` [B] and ``x_t`` [B, L], from
+    the logits at every position ``logits_full`` [B, L, V]: ``T * KL(t -> t - 1)`` summed over the noised
+    positions, divided by their number, plus ``hybrid_lambda`` times the mean ``CE(p_hat, x0)`` over the
+    masked positions (D3PM's hybrid loss). A float64 scalar, differentiable in ``logits_full``."""
+    kl = dense_kl_per_position(logits_full, x0, x_t, t, t - 1, noise_mask, schedule, T, mask_id, w_min)
+    is_mask = torch.arange(logits_full.shape[-1], device=x0.device) == mask_id
+    logp = logits_full.double().masked_fill(is_mask, float("-inf")).log_softmax(-1)  # zero masking
+    masked = (x_t == mask_id) & noise_mask
+    ce = -logp.gather(-1, x0.unsqueeze(-1)).squeeze(-1)[masked].sum() / masked.sum().clamp_min(1)
+    return T * kl.sum() / noise_mask.sum().clamp_min(1) + hybrid_lambda * ce
+
+
+def dense_loss(denoise, x0: torch.Tensor, noise_mask: torch.Tensor, attention_mask: torch.Tensor,
+               schedule: Schedule, T: int, mask_id: int, V: int, hybrid_lambda: float,
+               generator: torch.Generator | None = None, w_min: float = REVERSE_W_MIN) -> torch.Tensor:
+    """One training loss of the dense design: ``t`` uniform on {1..T} per example, ``x_t`` by
+    :func:`dense_q_sample`, the logits at every position (``denoise(x_t, t, attention_mask, None)``
+    -> [B, L, V]), then :func:`dense_loss_at`. The same estimator as ``AbsorbingDiffusion.loss``."""
+    t = torch.randint(1, T + 1, (x0.shape[0],), device=x0.device, generator=generator)
+    x_t = dense_q_sample(x0, t, noise_mask, schedule, T, mask_id, V, generator)
+    logits = denoise(x_t, t, attention_mask, None)
+    return dense_loss_at(logits, x0, x_t, t, noise_mask, schedule, T, mask_id, hybrid_lambda, w_min)
+
+
 __all__ = ["one_step_matrix", "cumulative_matrix", "forward_alpha_rows", "reverse_alpha_rows",
            "reference_p_hat", "reference_q_probs", "reference_posterior", "reference_reverse_probs",
            "reference_kl_per_position", "reference_kl", "dense_q_sample", "dense_reverse_probs",
-           "dense_kl_per_position", "dense_sample_step"]
+           "dense_kl_per_position", "dense_loss_at", "dense_loss", "dense_sample_step"]

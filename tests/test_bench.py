@@ -1,9 +1,12 @@
-"""bench.py end to end at a tiny shape (--quick): it runs every measurement, its dense reference computes
-the same bound as the fast path, and the JSON holds the ratios the README reports."""
+"""bench.py end to end at a tiny shape (--quick): it runs every measurement and the JSON holds the ratios
+docs/results.md reports; training is timed in train mode and sampling in eval mode. (That the dense
+reference computes the same loss as the fast path is tests/test_reference_loss.py.)"""
 from __future__ import annotations
 
 import json
 import math
+
+import torch
 
 from conftest import run_cli
 
@@ -14,7 +17,7 @@ def test_bench_absorbing_quick(tmp_path, tiny_bert):
                    "--num_steps", "64", "--lengths", "8,12", "--step_grid", "4,8", "--reference", "--json", str(out),
                    cwd=str(tmp_path))
     r = json.load(open(out))
-    assert r["kl_fast_vs_dense_rel_diff"] < 1e-4  # the [B, L, V] design computes the same bound
+    assert r["kl_fast_vs_dense_rel_diff"] < 1e-4  # reported with --reference; the equality is tested elsewhere
     for k in ("floor", "ours", "full_projection", "reference"):
         assert r["train"][k] > 0
     s = r["sample"]
@@ -43,3 +46,29 @@ def test_bench_rejects_bad_flags(tmp_path):
     proc = run_cli("bench.py", "--lengths", "a,b", cwd=str(tmp_path), check=False)
     assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [
         "error: --lengths and --step_grid are comma-separated integers"]
+
+
+def test_bench_times_training_in_train_mode_and_sampling_in_eval_mode(tiny_bert):
+    """train.py trains with dropout on; from_pretrained returns the model in eval mode, so the bench must
+    switch modes itself: every dropout layer the training measurements run is in train mode, every one the
+    sampling and scaling forwards run (no grad) is in eval mode."""
+    import bench
+
+    args = bench.parse_args(["--quick", "--model", tiny_bert, "--batch_size", "2", "--seq_len", "8",
+                             "--num_steps", "16", "--lengths", "8", "--step_grid", "4", "--reference"])
+    device = torch.device("cpu")
+    ab = bench.Absorbing(args, device, bench.Clock(device), lambda: torch.autocast("cpu", enabled=False))
+    assert ab.denoiser.mlm.config.hidden_dropout_prob > 0
+    seen = []  # (grad enabled, module in train mode) at every dropout call
+    for m in ab.denoiser.modules():
+        if isinstance(m, torch.nn.Dropout):
+            m.register_forward_hook(lambda mod, i, o: seen.append((torch.is_grad_enabled(), mod.training)))
+    ab.denoiser.eval()  # as from_pretrained leaves it
+    bench.absorbing_training(ab)
+    assert seen and all(training for _, training in seen)
+    seen.clear()
+    bench.absorbing_sampling(ab)
+    assert seen and not any(training for _, training in seen)
+    seen.clear()
+    bench.absorbing_scaling(ab)
+    assert {(True, True), (False, False)} == set(seen)  # train steps in train mode, no-grad calls in eval mode
