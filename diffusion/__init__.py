@@ -5,8 +5,9 @@ pairs (t, s) are the reverse steps), ``step(model_output, t, s, x_t, ...)`` (nev
 returns a ``StepOutput``) and ``sample`` (the loop: the network, then ``step``; returns a ``SampleOutput``).
 
 The lists of names that the command lines offer live here once (``choices=`` reads them):
-``PROCESS_SCHEDULES``, ``SCHEDULES``/``GAUSSIAN_SCHEDULES``, ``SPINDLE_FORMS``, ``SAMPLERS``,
-``LOSS_WEIGHTINGS``, ``LOSS_AVERAGES``, ``NEIGHBOUR_MAPS``, ``POST_TRAIN_PENALTIES``, ``TIMESTEP_SAMPLERS``.
+``PROCESSES``, ``PROCESS_SCHEDULES``, ``ALL_SCHEDULES``, ``SCHEDULES``/``GAUSSIAN_SCHEDULES``,
+``SPINDLE_FORMS``, ``SAMPLERS``, ``LOSS_WEIGHTINGS``, ``LOSS_AVERAGES``, ``NEIGHBOUR_MAPS``,
+``POST_TRAIN_PENALTIES`` and ``TIMESTEP_SAMPLERS`` (time conditionings: ``models.TIME_CONDITIONING``).
 """
 from .absorbing import LOSS_WEIGHTINGS, SAMPLERS, AbsorbingDiffusion, LossOutput, categorical_float64, filter_logits
 from .gaussian import (GAUSSIAN_SCHEDULES, LOSS_AVERAGES, NEIGHBOUR_MAPS, POST_TRAIN_PENALTIES, GaussianDiffusion,
@@ -19,6 +20,7 @@ from .timestep_samplers import TIMESTEP_SAMPLERS, LossAwareSampler, UniformSampl
 # each process and the schedules it accepts (the first key is the default process)
 PROCESS_SCHEDULES = {"absorbing": SCHEDULES, "gaussian": GAUSSIAN_SCHEDULES}
 PROCESSES = tuple(PROCESS_SCHEDULES)
+ALL_SCHEDULES = tuple(dict.fromkeys(name for names in PROCESS_SCHEDULES.values() for name in names))  # in order, once
 
 __all__ = ["AbsorbingDiffusion", "LossOutput", "categorical_float64", "filter_logits", "LOSS_WEIGHTINGS", "SAMPLERS",
            "GAUSSIAN_SCHEDULES", "LOSS_AVERAGES", "NEIGHBOUR_MAPS", "POST_TRAIN_PENALTIES", "GaussianDiffusion",
@@ -26,4 +28,4 @@ __all__ = ["AbsorbingDiffusion", "LossOutput", "categorical_float64", "filter_lo
            "ADAPTIVE_DECAY_PROPORTIONS", "adaptive_decay_timesteps", "parse_respacing", "uniform_timesteps",
            "SCHEDULES", "SPINDLE_FORMS", "Cosine", "Mutual", "Schedule", "Spindle", "make_schedule",
            "TIMESTEP_SAMPLERS", "LossAwareSampler", "UniformSampler", "make_timestep_sampler",
-           "PROCESS_SCHEDULES", "PROCESSES"]
+           "PROCESS_SCHEDULES", "PROCESSES", "ALL_SCHEDULES"]

@@ -237,3 +237,18 @@ def test_map_batches_under_two_ranks_equals_one_process(tmp_path):
     out = torch.load(path)
     assert [rank for rank, _ in out] == [0, 1, 0, 1, 0]  # batch b computed by rank b mod 2
     assert [r for _, r in out] == dist.map_batches(5, _draws, dist.DistInfo(), seed=7)
+
+
+# ---------------------------------------------------------------- one registry per list of names
+
+def test_every_registered_name_is_built_and_every_process_has_its_parts():
+    import predict_downstream_condition as pdc
+    from diffusion import ALL_SCHEDULES, GAUSSIAN_SCHEDULES, PROCESS_SCHEDULES, PROCESSES, SCHEDULES, make_schedule
+    from runtime.assemble import PROCESS_PARTS
+
+    for name in SCHEDULES:
+        make_schedule(name, counts=torch.ones(6))
+    for name in GAUSSIAN_SCHEDULES:
+        assert gaussian_betas(name, 10).shape == (10,)
+    assert sorted(ALL_SCHEDULES) == sorted(set(SCHEDULES) | set(GAUSSIAN_SCHEDULES))
+    assert tuple(PROCESS_PARTS) == tuple(pdc.DECODINGS) == PROCESSES == tuple(PROCESS_SCHEDULES)
