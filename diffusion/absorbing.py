@@ -359,6 +359,23 @@ class AbsorbingDiffusion:
         return StepOutput(x_s)
 
     # ------------------------------------------------------------------ sampling loop
+    @staticmethod
+    def _splice(fresh: torch.Tensor | None, fresh_rows: torch.Tensor, reuse_rows: torch.Tensor, masked: torch.Tensor,
+                cache_p: torch.Tensor | None, cache_mask: torch.Tensor | None) -> torch.Tensor:
+        """``p_hat`` [N, V] at the N ``masked`` positions [B, L] of this step, row-major: ``fresh`` for the
+        rows just evaluated (``fresh_rows`` [B]), the cached ``cache_p`` (at ``cache_mask``) for the rows
+        reused (``reuse_rows`` [B]); the cached tensor itself when nothing changed anywhere (no copy)."""
+        if not fresh_rows.any() and torch.equal(masked, cache_mask):
+            return cache_p
+        if not reuse_rows.any():
+            return fresh
+        p_hat = cache_p.new_empty(int(masked.sum()), cache_p.shape[-1])
+        pos_fresh = fresh_rows[:, None].expand_as(masked)[masked]
+        p_hat[~pos_fresh] = cache_p[(reuse_rows[:, None] & cache_mask)[cache_mask]]
+        if fresh_rows.any():
+            p_hat[pos_fresh] = fresh
+        return p_hat
+
     @torch.no_grad()
     def sample(self, denoise: Denoiser, x: torch.Tensor, noise_mask: torch.Tensor,
                attention_mask: torch.Tensor, steps: int, topk: int = 0, top_p: float = 1.0,
@@ -412,6 +429,7 @@ class AbsorbingDiffusion:
                 break
             changed = (x != cache_x).any(-1) if cache and cache_x is not None else torch.ones_like(active)
             fresh_rows, reuse_rows = active & changed, active & ~changed
+            fresh = None
             if fresh_rows.any():
                 positions = (noise_mask if need_guess else masked)[fresh_rows]
                 logits = self.zero_mask(denoise(x[fresh_rows], t[fresh_rows], attention_mask[fresh_rows], positions))
@@ -425,17 +443,7 @@ class AbsorbingDiffusion:
                     logits = logits[masked[fresh_rows][positions]]  # keep the masked positions
                 # ours: zero masking and filtering on the logits, then a single softmax
                 fresh = (logits if released else filter_logits(logits, topk, top_p, temperature)).softmax(-1)
-            if not fresh_rows.any() and torch.equal(masked, cache_mask):
-                p_hat = cache_p  # nothing changed anywhere: no copy
-            elif reuse_rows.any():
-                # splice: reused rows keep their cached entries (row-major order is preserved)
-                p_hat = cache_p.new_empty(int(masked.sum()), cache_p.shape[-1])
-                pos_fresh = fresh_rows[:, None].expand_as(masked)[masked]
-                p_hat[~pos_fresh] = cache_p[(reuse_rows[:, None] & cache_mask)[cache_mask]]
-                if fresh_rows.any():
-                    p_hat[pos_fresh] = fresh
-            else:
-                p_hat = fresh
+            p_hat = self._splice(fresh, fresh_rows, reuse_rows, masked, cache_p, cache_mask)
             if released:
                 x_new = self.step_released(p_hat, t, s, x, noise_mask, x0_guess, topk, top_p, temperature,
                                            generator).prev_sample
