@@ -69,22 +69,24 @@ def evaluate(args, info: dist.DistInfo) -> None:
     start = time.time()
     collate = lm.collator_for(tok)
     num_batches = -(-len(data) // args.batch_size)
-    sums = {}  # batch index -> (diffusion NLL, length NLL, tokens, words)
-    for b in dist.my_batches(num_batches, info):
+
+    def batch_sums(b: int, gen: torch.Generator):
+        """Batch b: (diffusion NLL, length NLL, tokens, words)."""
         batch = collate([data[j] for j in range(b * args.batch_size, min((b + 1) * args.batch_size, len(data)))])
         batch = {k: v.to(device) for k, v in batch.items()}
-        gen = torch.Generator(device=device).manual_seed(dist.batch_seed(args.seed, b))
         nelbo = diffusion.nelbo(run.denoiser, batch["input_ids"], batch["noise_mask"], batch["attention_mask"],
                                 args.eval_steps, monte_carlo=args.monte_carlo, generator=gen)
         n = batch["noise_mask"].sum(-1)
-        sums[b] = (float(nelbo.double().sum()), float(-prior.log_prob(n.cpu()).sum()), int(n.sum()),
-                   int(batch["n_words"].sum()))
-        log(f"elbo: batch {len(sums) * info.world_size}/{num_batches}, {time.time() - start:.0f}s", flush=True)
-    parts = dist.gather_to_main(sums, info)
-    if not info.is_main:
+        return (float(nelbo.double().sum()), float(-prior.log_prob(n.cpu()).sum()), int(n.sum()),
+                int(batch["n_words"].sum()))
+
+    def progress(done: int) -> None:
+        log(f"elbo: batch {min(done * info.world_size, num_batches)}/{num_batches}, {time.time() - start:.0f}s",
+            flush=True)
+
+    sums = dist.map_batches(num_batches, batch_sums, info, args.seed, on_batch=progress)
+    if sums is None:  # not rank 0
         return
-    for part in parts[1:]:
-        sums.update(part)
     tot = {"diffusion_nll": 0.0, "length_nll": 0.0, "tokens": 0, "words": 0}
     for b in range(num_batches):  # a fixed order of addition: the same float for any number of ranks
         for key, v in zip(tot, sums[b]):

@@ -24,6 +24,7 @@ import time
 
 import torch
 
+from diffusion import SAMPLERS
 from runtime import dist
 from runtime.assemble import load_for_inference
 from common.errors import UserError, check_sampling_flags, cli_main, refuse_overwrite, require_at_least_one
@@ -36,7 +37,7 @@ def parse_args(argv=None):
     p.add_argument("--checkpoint", required=True, help="checkpoint directory, or a run directory (uses its best)")
     p.add_argument("--num_samples", type=int, default=100)
     p.add_argument("--steps", type=int, default=128, help="sampling iterations (grid over 0..T)")
-    p.add_argument("--sampler", default="ours", choices=("ours", "released"),
+    p.add_argument("--sampler", default="ours", choices=SAMPLERS,
                    help="ours: top-k/top-p/temperature filter p_hat, then the exact reverse step; released: "
                         "DiffusionBERT's sampler, they filter the posterior logits with [MASK] a candidate "
                         "(its predict.py: --topk 30 --temperature 0.1, 256 steps)")
@@ -74,6 +75,13 @@ def main(argv=None):
         sample_all(args, info)
 
 
+def default_name(args, run) -> str:
+    return (f"{run.run_name}_{os.path.basename(run.ckpt_dir)}"
+            f"{'_released' if args.sampler == 'released' else ''}_steps{args.steps}_topk{args.topk}_p{args.top_p}"
+            f"_temp{args.temperature}{f'_len{args.length}' if args.length else ''}"
+            f"_n{args.num_samples}_seed{args.seed}")
+
+
 def sample_all(args, info: dist.DistInfo) -> None:
     device = info.device
     log = info.log
@@ -87,10 +95,7 @@ def sample_all(args, info: dist.DistInfo) -> None:
         log(f"predict: the denoiser is conditioned on t ({cfg.time_conditioning}); caching is off")
         use_cache = False
 
-    name = args.name or (f"{run.run_name}_{os.path.basename(run.ckpt_dir)}"
-                         f"{'_released' if args.sampler == 'released' else ''}_steps{args.steps}_topk{args.topk}_p{args.top_p}"
-                         f"_temp{args.temperature}{f'_len{args.length}' if args.length else ''}"
-                         f"_n{args.num_samples}_seed{args.seed}")
+    name = args.name or default_name(args, run)
     out_txt = os.path.join(args.out_dir, f"{name}.txt")
     out_json = os.path.join(args.out_dir, f"{name}.json")
     refuse_overwrite(out_txt, args.overwrite, "generation file")  # every rank checks before any work
@@ -102,31 +107,29 @@ def sample_all(args, info: dist.DistInfo) -> None:
         lengths = LengthPrior(run.run_info["derived"]["length_counts"]).sample(args.num_samples, max_len - 2, gen_len)
     order = torch.argsort(lengths, stable=True)  # similar lengths share a batch: little padding
     num_batches = -(-args.num_samples // args.batch_size)
-    texts: dict[int, str] = {}
-    calls = rows = 0
-    start = time.time()
-    for b in dist.my_batches(num_batches, info):
+
+    def sample_batch(b: int, gen: torch.Generator):
+        """Batch b: ({sample index: text}, network calls, sequence evaluations)."""
         idx = order[b * args.batch_size:(b + 1) * args.batch_size]
         ids, att, noise = (x.to(device) for x in canvas(lengths[idx], tok.cls_token_id, tok.sep_token_id,
                                                          tok.pad_token_id, tok.mask_token_id))
-        gen = torch.Generator(device=device).manual_seed(dist.batch_seed(args.seed, b))
         out = diffusion.sample(run.denoiser, ids, noise, att, args.steps, args.topk, args.top_p,
                                args.temperature, cache=use_cache, generator=gen, sampler=args.sampler)
-        calls += out.network_calls
-        rows += out.row_evaluations
-        for j, row in zip(idx.tolist(), out.x0.cpu()):
-            n = int(lengths[j])
-            texts[j] = " ".join(tok.decode(row[1:n + 1], skip_special_tokens=True).split())
-        log(f"predict: {len(texts) * info.world_size}/{args.num_samples} samples, {time.time() - start:.1f}s",
-            flush=True)
-    parts = dist.gather_to_main((texts, calls, rows), info)
-    if not info.is_main:
+        texts = {j: " ".join(tok.decode(row[1:int(lengths[j]) + 1], skip_special_tokens=True).split())
+                 for j, row in zip(idx.tolist(), out.x0.cpu())}
+        return texts, out.network_calls, out.row_evaluations
+
+    def progress(done: int) -> None:
+        log(f"predict: {min(done * args.batch_size * info.world_size, args.num_samples)}/{args.num_samples} "
+            f"samples, {time.time() - start:.1f}s", flush=True)
+
+    start = time.time()
+    results = dist.map_batches(num_batches, sample_batch, info, args.seed, on_batch=progress)
+    if results is None:  # not rank 0
         return
     wall = time.time() - start
-    for part_texts, part_calls, part_rows in parts[1:]:
-        texts.update(part_texts)
-        calls += part_calls
-        rows += part_rows
+    texts = {j: text for batch_texts, _, _ in results for j, text in batch_texts.items()}
+    calls, rows = sum(r[1] for r in results), sum(r[2] for r in results)
     os.makedirs(args.out_dir, exist_ok=True)
     write_text_atomic(out_txt, "".join(texts[j] + "\n" for j in range(args.num_samples)))
     meta = {"checkpoint": run.ckpt_dir, "samples": out_txt, **{k: v for k, v in vars(args).items() if k != "checkpoint"},
@@ -137,6 +140,7 @@ def sample_all(args, info: dist.DistInfo) -> None:
     print(f"predict: wrote {args.num_samples} samples to {out_txt} in {wall:.1f}s "
           f"({args.num_samples / wall:.2f} sequences/s); {calls} network calls, {rows} sequence evaluations "
           f"({'cache on' if use_cache else 'cache off'}{f', {info.world_size} ranks' if info.enabled else ''})")
+
 
 if __name__ == "__main__":
     main()

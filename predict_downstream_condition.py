@@ -28,11 +28,14 @@ import argparse
 import json
 import os
 import time
+from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 
+from diffusion import SAMPLERS, SampleOutput
 from runtime import dist
-from runtime.assemble import load_for_inference, load_task_data
+from runtime.assemble import WEIGHTS, load_for_inference, load_task_data
 from common.errors import UserError, check_sampling_flags, cli_main, require_at_least_one
 from common.io import write_json_atomic, write_text_atomic
 
@@ -46,9 +49,9 @@ def parse_args(argv=None):
     p.add_argument("--decode_respacing", default=None,
                    help="gaussian: full (all T steps, the default), uniform_N, adp_N (Tang et al.'s adaptive decay) "
                         "or a comma-separated list of steps")
-    p.add_argument("--weights", default="ema", choices=("ema", "raw"),
+    p.add_argument("--weights", default="ema", choices=WEIGHTS,
                    help="gaussian: decode with the EMA of the weights (default, as DiffuSeq) or the raw weights")
-    p.add_argument("--sampler", default="ours", choices=("ours", "released"),
+    p.add_argument("--sampler", default="ours", choices=SAMPLERS,
                    help="absorbing: ours (filter p_hat, exact reverse step) or released (DiffusionBERT's "
                         "predict_downstream_condition.py: filter the posterior logits, [MASK] a candidate, and "
                         "redraw every target position from p_hat at the last step; its settings: --topk 15 "
@@ -121,101 +124,131 @@ def main(argv=None):
         decode_all(args, info)
 
 
-def decode_all(args, info: dist.DistInfo) -> None:
-    device = info.device
-    log = info.log
-    if device.type == "cpu":
-        torch.set_flush_denormal(True)
-    run = load_for_inference(args.checkpoint, device, task="seq2seq", weights=args.weights)
-    cfg, tok, diffusion = run.cfg, run.tokenizer, run.diffusion
-    gaussian = cfg.process == "gaussian"
-    if gaussian:
-        if args.steps is not None:
-            raise UserError(f"{run.ckpt_dir} is a gaussian (DiffuSeq) checkpoint: choose its steps with "
-                            f"--decode_respacing uniform_{args.steps} (or adp_N, full), not --steps")
-        if args.topk or args.top_p != 1.0 or args.temperature != 1.0 or args.no_cache or args.sampler != "ours":
-            raise UserError("--topk, --top_p, --temperature, --sampler and --no_cache are absorbing-sampler flags; a gaussian "
-                            "checkpoint samples with clamping")
-        from diffusion import parse_respacing
-        try:
-            timesteps = parse_respacing(args.decode_respacing, cfg.num_steps)
-        except ValueError as e:
-            raise UserError(f"--decode_respacing: {e}") from e
-        setting = f"respacing{args.decode_respacing or 'full'}"
-        use_cache = False
-    else:
-        if args.decode_respacing is not None or args.weights != "ema":
-            raise UserError("--decode_respacing and --weights are for gaussian (DiffuSeq) checkpoints; "
-                            "an absorbing checkpoint takes --steps")
-        args.steps = 200 if args.steps is None else args.steps
-        require_at_least_one(args, "steps")
-        run.check_steps(args.steps, "--steps")
-        setting = f"steps{args.steps}"
-        use_cache = not args.no_cache and run.denoiser.time_agnostic
+# ---------------------------------------------------------------------------- per-process decoding
+@dataclass
+class Decoding:
+    """How to sample a checkpoint's process, from the flags; chosen once by ``DECODINGS[cfg.process]``."""
+    setting: str                                 # in the default output folder name
+    use_cache: bool                              # reported in decode.json
+    sample: Callable[..., SampleOutput]          # (ids, attention_mask, noise_mask, generator) -> SampleOutput
+    report: dict = field(default_factory=dict)   # extra keys of decode.json
 
-    folder = os.path.join(args.out_dir, args.name or f"{run.run_name}_{args.split}_{setting}_mbr{args.mbr_size}_seed{args.seed}")
+
+def absorbing_decoding(args, run) -> Decoding:
+    """DiffusionBERT: ``--steps`` iterations (default 200) with ``--sampler``, its filters and the cache."""
+    if args.decode_respacing is not None or args.weights != "ema":
+        raise UserError("--decode_respacing and --weights are for gaussian (DiffuSeq) checkpoints; "
+                        "an absorbing checkpoint takes --steps")
+    args.steps = 200 if args.steps is None else args.steps  # recorded in decode.json
+    require_at_least_one(args, "steps")
+    run.check_steps(args.steps, "--steps")
+    use_cache = not args.no_cache and run.denoiser.time_agnostic
+
+    def sample(ids, att, noise, gen):
+        return run.diffusion.sample(run.denoiser, ids, noise, att, args.steps, args.topk, args.top_p,
+                                    args.temperature, cache=use_cache, generator=gen, sampler=args.sampler,
+                                    final_x0=args.sampler == "released")
+    return Decoding(f"steps{args.steps}", use_cache, sample)
+
+
+def gaussian_decoding(args, run) -> Decoding:
+    """DiffuSeq: the steps of ``--decode_respacing``, with clamping; the absorbing sampler's flags are refused."""
+    if args.steps is not None:
+        raise UserError(f"{run.ckpt_dir} is a gaussian (DiffuSeq) checkpoint: choose its steps with "
+                        f"--decode_respacing uniform_{args.steps} (or adp_N, full), not --steps")
+    if args.topk or args.top_p != 1.0 or args.temperature != 1.0 or args.no_cache or args.sampler != "ours":
+        raise UserError("--topk, --top_p, --temperature, --sampler and --no_cache are absorbing-sampler flags; a gaussian "
+                        "checkpoint samples with clamping")
+    try:
+        grid = run.diffusion.timesteps(args.decode_respacing)
+    except ValueError as e:
+        raise UserError(f"--decode_respacing: {e}") from e
+    kept = grid[:-1].flip(0).tolist()  # the kept steps, ascending
+
+    def sample(ids, att, noise, gen):
+        return run.diffusion.sample(run.denoiser, ids, noise, kept, generator=gen)
+    return Decoding(f"respacing{args.decode_respacing or 'full'}", False, sample, {"timesteps": kept})
+
+
+DECODINGS = {"absorbing": absorbing_decoding, "gaussian": gaussian_decoding}
+
+
+# ---------------------------------------------------------------------------- decoding
+def decode_all(args, info: dist.DistInfo) -> None:
+    if info.device.type == "cpu":
+        torch.set_flush_denormal(True)
+    run = load_for_inference(args.checkpoint, info.device, task="seq2seq", weights=args.weights)
+    decoding = DECODINGS[run.cfg.process](args, run)
+    folder = os.path.join(args.out_dir, args.name or f"{run.run_name}_{args.split}_{decoding.setting}"
+                                                     f"_mbr{args.mbr_size}_seed{args.seed}")
     if info.is_main:
         prepare_out(folder, args.overwrite)
     dist.barrier(info)  # nothing runs on the other ranks if rank 0 refused the folder (it exits)
 
-    from evaluation.seq2seq import decode_like_diffuseq
-    args.skip_bad_lines = cfg.skip_bad_lines = args.skip_bad_lines or cfg.skip_bad_lines
-    with dist.main_first(info):  # rank 0 builds the datasets cache
-        data, collate = load_task_data(cfg, tok, (args.split,), log=log)
-    data = data[args.split]
-    if args.num_examples:
-        data = data.select(range(min(args.num_examples, len(data))))
-    sources = [decode_like_diffuseq(tok, r) for r in data["src_ids"]]
-    references = [decode_like_diffuseq(tok, r) for r in data["trg_ids"]]
+    data, collate, sources, references = load_split(args, run, info)
     if info.is_main:
         write_text_atomic(os.path.join(folder, "copy_source.jsonl"),
                           jsonl([{"recover": s, "reference": r, "source": s} for s, r in zip(sources, references)]))
-    num_batches = -(-len(data) // args.batch_size)
     timings, candidates = [], []
-    for k in range(args.mbr_size):
-        seed = args.seed + k
-        recovers: dict[int, list[str]] = {}
-        calls = rows_eval = 0
+    for seed in range(args.seed, args.seed + args.mbr_size):
         start = time.time()
-        for b in dist.my_batches(num_batches, info):
-            i = b * args.batch_size
-            batch = collate([data[j] for j in range(i, min(i + args.batch_size, len(data)))])
-            ids, att, noise = (batch[k_].to(device) for k_ in ("input_ids", "attention_mask", "noise_mask"))
-            gen = torch.Generator(device=device).manual_seed(dist.batch_seed(seed, b))
-            if gaussian:
-                out = diffusion.sample(run.denoiser, ids, noise, timesteps, generator=gen)
-            else:
-                out = diffusion.sample(run.denoiser, ids, noise, att, args.steps, args.topk, args.top_p,
-                                       args.temperature, cache=use_cache, generator=gen, sampler=args.sampler,
-                                       final_x0=args.sampler == "released")
-            calls += out.network_calls
-            rows_eval += out.row_evaluations
-            recovers[b] = [decode_like_diffuseq(tok, row[src_len:])
-                           for row, src_len in zip(out.x0.cpu(), batch["src_len"].tolist())]
-        parts = dist.gather_to_main((recovers, calls, rows_eval), info)
-        if not info.is_main:
+        results = decode_candidate(data, collate, decoding, run.tokenizer, seed, args.batch_size, info)
+        if results is None:  # not rank 0
             continue
         wall = time.time() - start
-        for part, part_calls, part_rows in parts[1:]:
-            recovers.update(part)
-            calls += part_calls
-            rows_eval += part_rows
-        hyps = [h for b in range(num_batches) for h in recovers[b]]
+        hyps = [h for recovers, _, _ in results for h in recovers]
+        calls, rows_eval = sum(r[1] for r in results), sum(r[2] for r in results)
         rows = [{"recover": h, "reference": r, "source": s} for h, r, s in zip(hyps, references, sources)]
         write_text_atomic(os.path.join(folder, f"seed{seed}.jsonl"), jsonl(rows))
         candidates.append(rows)
         timings.append({"seed": seed, "wall_seconds": wall, "network_calls": calls, "row_evaluations": rows_eval})
         print(f"decode: seed {seed}: {len(rows)} sources in {wall:.1f}s ({len(rows) / wall:.2f} sequences/s), "
               f"{calls} network calls", flush=True)
-    if not info.is_main:
-        return
+    if info.is_main:
+        write_summary(folder, args, run, decoding, candidates, timings, len(data), info)
+
+
+def load_split(args, run, info: dist.DistInfo):
+    """The split's tokenised pairs (the first ``--num_examples``), their collator, and the source and
+    reference strings as DiffuSeq writes them."""
+    from evaluation.seq2seq import decode_like_diffuseq
+    cfg, tok = run.cfg, run.tokenizer
+    args.skip_bad_lines = cfg.skip_bad_lines = args.skip_bad_lines or cfg.skip_bad_lines
+    with dist.main_first(info):  # rank 0 builds the datasets cache
+        data, collate = load_task_data(cfg, tok, (args.split,), log=info.log)
+    data = data[args.split]
+    if args.num_examples:
+        data = data.select(range(min(args.num_examples, len(data))))
+    sources = [decode_like_diffuseq(tok, r) for r in data["src_ids"]]
+    references = [decode_like_diffuseq(tok, r) for r in data["trg_ids"]]
+    return data, collate, sources, references
+
+
+def decode_candidate(data, collate, decoding: Decoding, tok, seed: int, batch_size: int, info: dist.DistInfo):
+    """One candidate for every source, seeded with ``seed``: on rank 0, per batch in order,
+    (recover strings, network calls, sequence evaluations); None on the other ranks."""
+    from evaluation.seq2seq import decode_like_diffuseq
+
+    def decode_batch(b: int, gen: torch.Generator):
+        i = b * batch_size
+        batch = collate([data[j] for j in range(i, min(i + batch_size, len(data)))])
+        ids, att, noise = (batch[k].to(info.device) for k in ("input_ids", "attention_mask", "noise_mask"))
+        out = decoding.sample(ids, att, noise, gen)
+        recovers = [decode_like_diffuseq(tok, row[src_len:])
+                    for row, src_len in zip(out.x0.cpu(), batch["src_len"].tolist())]
+        return recovers, out.network_calls, out.row_evaluations
+    return dist.map_batches(-(-len(data) // batch_size), decode_batch, info, seed)
+
+
+def write_summary(folder: str, args, run, decoding: Decoding, candidates, timings, num_sources: int,
+                  info: dist.DistInfo) -> None:
+    """mbr.jsonl (with two or more candidates) and decode.json: the flags, the process and the timings."""
     if args.mbr_size > 1:
         write_text_atomic(os.path.join(folder, "mbr.jsonl"), jsonl(mbr_rows(candidates)))
     write_json_atomic(os.path.join(folder, "decode.json"),
                       {"checkpoint": run.ckpt_dir, **{k: v for k, v in vars(args).items() if k != "checkpoint"},
-                       "process": cfg.process, "cache": use_cache, "num_sources": len(data), "timings": timings,
-                       "device": str(device), "ranks": info.world_size,
-                       **({"timesteps": timesteps} if gaussian else {})})
+                       "process": run.cfg.process, "cache": decoding.use_cache, "num_sources": num_sources,
+                       "timings": timings, "device": str(info.device), "ranks": info.world_size, **decoding.report})
     print(f"decode: wrote {args.mbr_size} candidate file(s){' and mbr.jsonl' if args.mbr_size > 1 else ''} "
           f"and copy_source.jsonl to {folder}")
 

@@ -1,12 +1,31 @@
-"""Diffusion processes and noise schedules. Pure math: imports torch only, never models/ or transformers."""
-from .absorbing import AbsorbingDiffusion, LossOutput, SampleOutput, categorical_float64, filter_logits
-from .gaussian import GAUSSIAN_SCHEDULES, GaussianDiffusion, GaussianLossOutput, Respaced, gaussian_betas
+"""Diffusion processes and noise schedules. Pure math: imports torch only, never models/ or transformers.
+
+Both processes have the same verbs: ``loss``, ``timesteps(spec)`` (a descending grid whose consecutive
+pairs (t, s) are the reverse steps), ``step(model_output, t, s, x_t, ...)`` (never calls the network,
+returns a ``StepOutput``) and ``sample`` (the loop: the network, then ``step``; returns a ``SampleOutput``).
+
+The lists of names that the command lines offer live here once (``choices=`` reads them):
+``PROCESSES``, ``PROCESS_SCHEDULES``, ``ALL_SCHEDULES``, ``SCHEDULES``/``GAUSSIAN_SCHEDULES``,
+``SPINDLE_FORMS``, ``SAMPLERS``, ``LOSS_WEIGHTINGS``, ``LOSS_AVERAGES``, ``NEIGHBOUR_MAPS``,
+``POST_TRAIN_PENALTIES`` and ``TIMESTEP_SAMPLERS`` (time conditionings: ``models.TIME_CONDITIONING``).
+"""
+from .absorbing import LOSS_WEIGHTINGS, SAMPLERS, AbsorbingDiffusion, LossOutput, categorical_float64, filter_logits
+from .gaussian import (GAUSSIAN_SCHEDULES, LOSS_AVERAGES, NEIGHBOUR_MAPS, POST_TRAIN_PENALTIES, GaussianDiffusion,
+                       GaussianLossOutput, gaussian_betas)
+from .outputs import SampleOutput, StepOutput
 from .respacing import ADAPTIVE_DECAY_PROPORTIONS, adaptive_decay_timesteps, parse_respacing, uniform_timesteps
 from .schedules import SCHEDULES, SPINDLE_FORMS, Cosine, Mutual, Schedule, Spindle, make_schedule
 from .timestep_samplers import TIMESTEP_SAMPLERS, LossAwareSampler, UniformSampler, make_timestep_sampler
 
-__all__ = ["AbsorbingDiffusion", "LossOutput", "SampleOutput", "categorical_float64", "filter_logits",
-           "GAUSSIAN_SCHEDULES", "GaussianDiffusion", "GaussianLossOutput", "Respaced", "gaussian_betas",
+# each process and the schedules it accepts (the first key is the default process)
+PROCESS_SCHEDULES = {"absorbing": SCHEDULES, "gaussian": GAUSSIAN_SCHEDULES}
+PROCESSES = tuple(PROCESS_SCHEDULES)
+ALL_SCHEDULES = tuple(dict.fromkeys(name for names in PROCESS_SCHEDULES.values() for name in names))  # in order, once
+
+__all__ = ["AbsorbingDiffusion", "LossOutput", "categorical_float64", "filter_logits", "LOSS_WEIGHTINGS", "SAMPLERS",
+           "GAUSSIAN_SCHEDULES", "LOSS_AVERAGES", "NEIGHBOUR_MAPS", "POST_TRAIN_PENALTIES", "GaussianDiffusion",
+           "GaussianLossOutput", "gaussian_betas", "SampleOutput", "StepOutput",
            "ADAPTIVE_DECAY_PROPORTIONS", "adaptive_decay_timesteps", "parse_respacing", "uniform_timesteps",
            "SCHEDULES", "SPINDLE_FORMS", "Cosine", "Mutual", "Schedule", "Spindle", "make_schedule",
-           "TIMESTEP_SAMPLERS", "LossAwareSampler", "UniformSampler", "make_timestep_sampler"]
+           "TIMESTEP_SAMPLERS", "LossAwareSampler", "UniformSampler", "make_timestep_sampler",
+           "PROCESS_SCHEDULES", "PROCESSES", "ALL_SCHEDULES"]

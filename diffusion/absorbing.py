@@ -1,9 +1,14 @@
 """Absorbing-state (masking) discrete diffusion with the x0-parameterisation (D3PM, DiffusionBERT).
 
-Conventions (see ALGORITHMS.md section 1):
+Conventions (see docs/algorithms.md section 1):
 
-* ``T`` discrete steps, ``t = 0..T``; a schedule gives ``alpha_t`` (probability a clean token is
-  still unmasked), ``alpha_0 = 1``, ``alpha_T = 0``.
+* ``T`` discrete steps, ``t = 0..T``; ``t = 0`` is the data and ``t = T`` all-[MASK]. A schedule
+  gives ``alpha_t`` (probability a clean token is still unmasked), ``alpha_0 = 1``, ``alpha_T = 0``.
+  The network sees the integer ``t`` of ``x_t`` (1..T; it is never called at the data, t = 0).
+* :meth:`AbsorbingDiffusion.timesteps` gives the sampling grid ``T = t_0 > t_1 > ... > t_K = 0``;
+  each consecutive pair ``(t, s)`` is one reverse step ``x_t -> x_s``. The sampling loop calls the
+  network and then ``step(p_hat, t, s, x_t, noise_mask)``, which returns a
+  :class:`~diffusion.outputs.StepOutput` and never calls the network.
 * Only positions in ``noise_mask`` ([B, L] bool) are diffused; everything else (``[CLS]``,
   ``[SEP]``, padding, a seq2seq source) is never masked and never enters the loss.
 * The denoiser is any callable ``denoise(x_t, t, attention_mask, positions) -> logits`` that
@@ -27,6 +32,7 @@ from typing import Callable
 
 import torch
 
+from .outputs import SampleOutput, StepOutput
 from .schedules import Schedule
 
 # Floor on the reverse model's unmask probability w(v). With a large spindle lambda the clipped
@@ -53,13 +59,6 @@ class LossOutput:
     ce: torch.Tensor          # scalar, mean -log p_hat(x0) over masked positions
     num_tokens: torch.Tensor  # scalar, noised (diffused) positions in the batch
     num_masked: torch.Tensor  # scalar, positions masked at the drawn t
-
-
-@dataclass
-class SampleOutput:
-    x0: torch.Tensor          # [B, L] generated tokens
-    network_calls: int        # batched denoiser invocations
-    row_evaluations: int      # sequences passed through the denoiser, summed over calls
 
 
 def _safe_w(a_s: torch.Tensor, a_t: torch.Tensor) -> torch.Tensor:
@@ -260,14 +259,16 @@ class AbsorbingDiffusion:
         a_t = self.schedule.alpha_vocab(t.double() / self.T)
         return _safe_w(a_s, a_t).clamp_min(REVERSE_W_MIN)
 
-    def step(self, p_hat: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor, s: torch.Tensor,
-             noise_mask: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-        """One reverse step ``x_t -> x_s`` given the (filtered) ``p_hat`` [N, V] at the masked positions
-        (probabilities, 0 at [MASK]; the sampler keeps probabilities so no step needs an exp over V).
+    def step(self, p_hat: torch.Tensor, t: torch.Tensor, s: torch.Tensor, x_t: torch.Tensor,
+             noise_mask: torch.Tensor, generator: torch.Generator | None = None) -> StepOutput:
+        """One reverse step ``x_t -> x_s`` (``t``, ``s`` [B], s < t) given the model output: the (filtered)
+        ``p_hat`` [N, V] at the N masked positions of ``x_t`` [B, L], row-major (probabilities, 0 at
+        [MASK]; the sampler keeps probabilities so no step needs an exp over V). Never calls the network.
 
         A masked position becomes v with probability ``p_hat(v) w(v)`` and stays [MASK] otherwise:
         draw "unmask" with probability ``u = sum_v p_hat(v) w(v)``, then v from ``p_hat(v) w(v) / u``.
-        Only the positions that unmask need a categorical draw. Returns ``x_s`` [B, L].
+        Only the positions that unmask need a categorical draw. Positions outside ``noise_mask`` and
+        unmasked ones keep their token. Returns ``StepOutput(prev_sample=x_s [B, L])``.
         """
         masked = (x_t == self.mask_id) & noise_mask
         b_idx = masked.nonzero()[:, 0]
@@ -289,7 +290,7 @@ class AbsorbingDiffusion:
             vals = x_s[masked]
             vals[draw] = categorical_float64(q, generator)
             x_s[masked] = vals
-        return x_s
+        return StepOutput(x_s)
 
     # ------------------------------------------------------------------ the released sampler
     def released_keep(self, s: torch.Tensor, x0_guess: torch.Tensor, noise_mask: torch.Tensor) -> torch.Tensor:
@@ -336,14 +337,16 @@ class AbsorbingDiffusion:
         logits[:, self.mask_id] = torch.log(stay + RELEASED_EPS) + math.log1p(RELEASED_EPS)
         return logits
 
-    def step_released(self, p_hat: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor, s: torch.Tensor,
+    def step_released(self, p_hat: torch.Tensor, t: torch.Tensor, s: torch.Tensor, x_t: torch.Tensor,
                       noise_mask: torch.Tensor, x0_guess: torch.Tensor | None = None, topk: int = 0,
                       top_p: float = 1.0, temperature: float = 1.0,
-                      generator: torch.Generator | None = None) -> torch.Tensor:
-        """One step of DiffusionBERT's sampler: temperature, top-k and top-p act on
+                      generator: torch.Generator | None = None) -> StepOutput:
+        """One step of DiffusionBERT's sampler, arguments as :meth:`step` (``p_hat`` [N, V] at the masked
+        positions; ``x0_guess`` [B, L] for spindle): temperature, top-k and top-p act on
         :meth:`released_logits` ([MASK] a candidate like any token) and ``x_s`` is drawn from them.
         A drawn [MASK] stays masked. Unmasked positions keep their token: the released logits give
-        every other value a factor ``eps = 1e-20``, which no float32 draw reaches. Returns ``x_s`` [B, L].
+        every other value a factor ``eps = 1e-20``, which no float32 draw reaches. Returns
+        ``StepOutput(prev_sample=x_s [B, L])``; never calls the network.
 
         At temperature 0.1 the probabilities are raised to the power 10, so a position unmasks only
         once ``a_s p_hat(v) r`` comes close to ``1 - a_s``: confidence-gated unmasking.
@@ -353,9 +356,26 @@ class AbsorbingDiffusion:
         if masked.any():
             logits = filter_logits(self.released_logits(p_hat, x_t, t, s, noise_mask, x0_guess), topk, top_p, temperature)
             x_s[masked] = categorical_float64(logits.softmax(-1), generator)
-        return x_s
+        return StepOutput(x_s)
 
     # ------------------------------------------------------------------ sampling loop
+    @staticmethod
+    def _splice(fresh: torch.Tensor | None, fresh_rows: torch.Tensor, reuse_rows: torch.Tensor, masked: torch.Tensor,
+                cache_p: torch.Tensor | None, cache_mask: torch.Tensor | None) -> torch.Tensor:
+        """``p_hat`` [N, V] at the N ``masked`` positions [B, L] of this step, row-major: ``fresh`` for the
+        rows just evaluated (``fresh_rows`` [B]), the cached ``cache_p`` (at ``cache_mask``) for the rows
+        reused (``reuse_rows`` [B]); the cached tensor itself when nothing changed anywhere (no copy)."""
+        if not fresh_rows.any() and torch.equal(masked, cache_mask):
+            return cache_p
+        if not reuse_rows.any():
+            return fresh
+        p_hat = cache_p.new_empty(int(masked.sum()), cache_p.shape[-1])
+        pos_fresh = fresh_rows[:, None].expand_as(masked)[masked]
+        p_hat[~pos_fresh] = cache_p[(reuse_rows[:, None] & cache_mask)[cache_mask]]
+        if fresh_rows.any():
+            p_hat[pos_fresh] = fresh
+        return p_hat
+
     @torch.no_grad()
     def sample(self, denoise: Denoiser, x: torch.Tensor, noise_mask: torch.Tensor,
                attention_mask: torch.Tensor, steps: int, topk: int = 0, top_p: float = 1.0,
@@ -409,6 +429,7 @@ class AbsorbingDiffusion:
                 break
             changed = (x != cache_x).any(-1) if cache and cache_x is not None else torch.ones_like(active)
             fresh_rows, reuse_rows = active & changed, active & ~changed
+            fresh = None
             if fresh_rows.any():
                 positions = (noise_mask if need_guess else masked)[fresh_rows]
                 logits = self.zero_mask(denoise(x[fresh_rows], t[fresh_rows], attention_mask[fresh_rows], positions))
@@ -422,21 +443,12 @@ class AbsorbingDiffusion:
                     logits = logits[masked[fresh_rows][positions]]  # keep the masked positions
                 # ours: zero masking and filtering on the logits, then a single softmax
                 fresh = (logits if released else filter_logits(logits, topk, top_p, temperature)).softmax(-1)
-            if not fresh_rows.any() and torch.equal(masked, cache_mask):
-                p_hat = cache_p  # nothing changed anywhere: no copy
-            elif reuse_rows.any():
-                # splice: reused rows keep their cached entries (row-major order is preserved)
-                p_hat = cache_p.new_empty(int(masked.sum()), cache_p.shape[-1])
-                pos_fresh = fresh_rows[:, None].expand_as(masked)[masked]
-                p_hat[~pos_fresh] = cache_p[(reuse_rows[:, None] & cache_mask)[cache_mask]]
-                if fresh_rows.any():
-                    p_hat[pos_fresh] = fresh
-            else:
-                p_hat = fresh
+            p_hat = self._splice(fresh, fresh_rows, reuse_rows, masked, cache_p, cache_mask)
             if released:
-                x_new = self.step_released(p_hat, x, t, s, noise_mask, x0_guess, topk, top_p, temperature, generator)
+                x_new = self.step_released(p_hat, t, s, x, noise_mask, x0_guess, topk, top_p, temperature,
+                                           generator).prev_sample
             else:
-                x_new = self.step(p_hat, x, t, s, noise_mask, generator)
+                x_new = self.step(p_hat, t, s, x, noise_mask, generator).prev_sample
             if cache:
                 cache_x, cache_mask, cache_p = x, masked, p_hat
             x = x_new

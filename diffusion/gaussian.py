@@ -1,9 +1,16 @@
 """Continuous Gaussian diffusion on word embeddings with partial noising (DiffuSeq, Gong et al. 2023),
-and Tang et al. (2023)'s distance-penalty post-training. See ALGORITHMS.md §2 and §3.
+and Tang et al. (2023)'s distance-penalty post-training. See docs/algorithms.md §2 and §3.
 
 Conventions:
 
 * ``T`` steps, ``t = 0..T-1`` (0-based as in DiffuSeq); ``alphabar_t = prod_{s<=t} (1 - beta_s)``.
+  The network sees this index ``t`` of ``z_t``. The data is "before index 0": written ``t = -1``,
+  with ``alphabar_{-1} = 1`` (:meth:`GaussianDiffusion.alphabar_at`). So ``t`` is one less than the
+  absorbing process's ``t`` for the same number of noising steps; checkpoints keep DiffuSeq's index.
+* :meth:`GaussianDiffusion.timesteps` gives the sampling grid: the kept indices descending, then -1;
+  each consecutive pair ``(t, s)`` is one reverse step ``z_t -> z_s``. The sampling loop calls the
+  network, ``x0_hat = denoiser(z_t, t)``, then ``step(x0_hat, t, s, z_t, ...)``, which returns a
+  :class:`~diffusion.outputs.StepOutput` and never calls the network.
 * ``z0 = Emb(w) + sqrt(beta_0) eps`` [B, L, D]; ``z_t = sqrt(alphabar_t) z0 + sqrt(1 - alphabar_t) eps``
   on the **target** positions (``noise_mask`` [B, L] bool); source positions are reset to ``z0``.
 * The denoiser predicts z0 (x0-parameterisation). It is any object with
@@ -28,11 +35,13 @@ from dataclasses import dataclass
 
 import torch
 
-from .absorbing import SampleOutput
+from .outputs import SampleOutput, StepOutput
+from .respacing import parse_respacing
 
 MAX_BETA = 0.999
 LOSS_AVERAGES = ("all", "target")
 NEIGHBOUR_MAPS = ("released", "complete")
+POST_TRAIN_PENALTIES = ("l2_noise_random", "self_renoise")  # the variants of post_train_loss
 
 
 def _betas_from_alphabar(fn, T: int) -> torch.Tensor:
@@ -78,17 +87,6 @@ def chunked_cross_entropy(logits_fn, z: torch.Tensor, y: torch.Tensor, chunk: in
 
 
 @dataclass
-class Respaced:
-    """A sampling chain on the kept steps ``timesteps`` [n] (ascending, original indices for the network)
-    with betas recomputed from alphabar there: ``beta'_i = 1 - alphabar[k_i] / alphabar[k_{i-1}]``."""
-    timesteps: torch.Tensor    # [n] long
-    alphabar: torch.Tensor     # [n] float64
-    betas: torch.Tensor        # [n] float64
-    coef_x0: torch.Tensor      # posterior mean coefficient of x0_hat, [n]
-    coef_zt: torch.Tensor      # posterior mean coefficient of z_t, [n]
-
-
-@dataclass
 class GaussianLossOutput:
     loss: torch.Tensor         # scalar: mean of weights * per_example
     per_example: torch.Tensor  # [B] unweighted loss (what the lossaware sampler records)
@@ -98,13 +96,8 @@ class GaussianLossOutput:
     penalty: torch.Tensor      # [B] distance penalty (zeros without post-training)
 
 
-@dataclass
-class GaussianSampleOutput(SampleOutput):
-    z0: torch.Tensor | None = None  # [B, L, D] final continuous sample
-
-
 class GaussianDiffusion:
-    """``q_sample``, ``loss``, ``post_train_loss``, ``respace``, ``step`` and ``sample`` for DiffuSeq."""
+    """``q_sample``, ``loss``, ``post_train_loss``, ``timesteps``, ``step`` and ``sample`` for DiffuSeq."""
 
     def __init__(self, betas: torch.Tensor):
         self.betas = betas.double()
@@ -255,7 +248,8 @@ class GaussianDiffusion:
             renoised = self.q_sample(x0_hat.detach().to(z0.dtype), t2, noise_mask, generator=generator)
             x0_hat2 = denoiser(torch.where(noise_mask[..., None], renoised, z0), t2)
         else:
-            raise ValueError(f"unknown post-training penalty {variant!r}")
+            raise ValueError(f"unknown post-training penalty {variant!r}; "
+                             f"choose one of {', '.join(POST_TRAIN_PENALTIES)}")
         x0_hat, x0_hat2, target = x0_hat.float(), x0_hat2.float(), emb.float()
         mse1 = self._position_mean((x0_hat - target).pow(2), noise_mask, average)
         mse2 = self._position_mean((x0_hat2 - target).pow(2), noise_mask, average)
@@ -267,17 +261,42 @@ class GaussianDiffusion:
                                   nll.detach(), t_T.detach(), penalty.detach())
 
     # ---- sampling
-    def respace(self, timesteps) -> Respaced:
-        """The chain on the kept steps (see :mod:`diffusion.respacing`), with consistent betas."""
-        k = torch.as_tensor(sorted(int(s) for s in timesteps), dtype=torch.long)
-        if len(k) == 0 or int(k[0]) != 0 or int(k[-1]) >= self.num_steps or len(set(k.tolist())) != len(k):
-            raise ValueError(f"respacing needs distinct steps in [0, {self.num_steps}) starting at 0")
-        ab = self.alphabar[k]
-        ab_prev = torch.cat([torch.ones(1, dtype=torch.float64), ab[:-1]])
+    def alphabar_at(self, t: torch.Tensor) -> torch.Tensor:
+        """``alphabar_t`` for ``t`` in -1..T-1 (long, any shape), float64; ``alphabar_{-1} = 1`` (the data)."""
+        ab = self.alphabar.to(t.device)[t.clamp_min(0)]
+        return torch.where(t < 0, torch.ones_like(ab), ab)
+
+    def timesteps(self, spec=None) -> torch.Tensor:
+        """The sampling grid [n + 1] long, descending: the n kept indices, then -1 (the data). Its
+        consecutive pairs (t, s) are the n reverse steps, one network call each.
+
+        ``spec``: ``None``/``"full"`` (all T steps), ``"uniform_N"``, ``"adp_N"`` (Tang et al.'s adaptive
+        decay), a comma-separated string, or a sequence of distinct indices in [0, T) that includes 0
+        (see :mod:`diffusion.respacing`). Raises ValueError for a bad spec.
+        """
+        if spec is None or isinstance(spec, str):
+            kept = parse_respacing(spec, self.num_steps)
+        else:
+            kept = sorted(int(k) for k in spec)
+            if not kept or kept[0] != 0 or kept[-1] >= self.num_steps or len(set(kept)) != len(kept):
+                raise ValueError(f"respacing needs distinct steps in [0, {self.num_steps}) starting at 0")
+        return torch.tensor(kept[::-1] + [-1], dtype=torch.long)
+
+    def posterior_coefficients(self, t: torch.Tensor, s: torch.Tensor):
+        """For steps ``t -> s`` (long tensors of one shape, -1 <= s < t), float64 tensors of that shape:
+
+        * ``beta = 1 - alphabar_t / alphabar_s``, the step's beta recomputed from alphabar, so that a
+          respaced chain is consistent (its betas multiply back to alphabar at the kept steps);
+        * ``coef_x0 = beta sqrt(alphabar_s) / (1 - alphabar_t)`` and
+          ``coef_zt = (1 - alphabar_s) sqrt(1 - beta) / (1 - alphabar_t)``: the mean of
+          ``q(z_s | z_t, x0)`` is ``coef_x0 x0 + coef_zt z_t`` (Ho et al. 2020, Eq. 7). At s = -1,
+          ``coef_x0 = 1`` and ``coef_zt = 0``: the last step returns x0_hat itself.
+        """
+        ab, ab_prev = self.alphabar_at(t), self.alphabar_at(s)
         betas = 1 - ab / ab_prev
-        coef_x0 = betas * ab_prev.sqrt() / (1 - ab)         # Ho et al. 2020, Eq. 7
+        coef_x0 = betas * ab_prev.sqrt() / (1 - ab)
         coef_zt = (1 - ab_prev) * (1 - betas).sqrt() / (1 - ab)
-        return Respaced(k, ab, betas, coef_x0, coef_zt)
+        return betas, coef_x0, coef_zt
 
     @staticmethod
     def nearest_embedding(z: torch.Tensor, table: torch.Tensor, chunk: int = 4096) -> torch.Tensor:
@@ -292,47 +311,71 @@ class GaussianDiffusion:
         out = [torch.addmm(e2, z[i:i + chunk], table.t(), alpha=-2.0).min(-1).indices for i in range(0, len(z), chunk)]
         return torch.cat(out) if out else torch.zeros(0, dtype=torch.long, device=z.device)
 
-    def step(self, denoiser, z_t: torch.Tensor, i: int, chain: Respaced, noise_mask: torch.Tensor,
-             z_src: torch.Tensor, clamp: bool = True, generator=None):
-        """One reverse step from kept index ``i`` to ``i - 1``: predict x0, clamp it to the nearest
-        embedding on the target, take the posterior mean of ``q(z_{i-1} | z_i, x0_hat)``, add
-        ``sqrt(beta'_i) eps`` (DiffuSeq's fixed-large variance; no noise at i = 0) and reset the source.
-        Returns ``(z_prev [B, L, D], tokens [N])`` with the clamped tokens of the N target positions."""
-        B = z_t.shape[0]
-        t = chain.timesteps[i].to(z_t.device).expand(B)
-        x0_hat = denoiser(z_t, t).to(z_t.dtype)
+    @staticmethod
+    def _one_step(t) -> int:
+        """The step of the whole batch: ``t`` is an int or a tensor holding one value ([B] or 0-d)."""
+        if not isinstance(t, torch.Tensor):
+            return int(t)
+        first = t.reshape(-1)[0]
+        if not bool((t == first).all()):
+            raise ValueError("the Gaussian step takes one t (and one s) for the whole batch")
+        return int(first)
+
+    def step(self, x0_hat: torch.Tensor, t, s, z_t: torch.Tensor, noise_mask: torch.Tensor, z_src: torch.Tensor,
+             embedding_table: torch.Tensor | None = None, generator=None) -> StepOutput:
+        """One reverse step ``z_t -> z_s`` given the network's prediction ``x0_hat`` [B, L, D] of z0 at
+        ``z_t`` [B, L, D]; never calls the network. ``t``, ``s``: one step of the grid for the whole batch
+        (ints, or [B] tensors of one value), -1 <= s < t.
+
+        1. With ``embedding_table`` [V, D], each target vector of x0_hat is clamped to its L2-nearest row
+           (DiffuSeq's clamping; without a table, no clamping).
+        2. The posterior mean of ``q(z_s | z_t, x0_hat)`` (:meth:`posterior_coefficients`), plus
+           ``sqrt(beta) eps`` (DiffuSeq's fixed-large variance) unless s = -1.
+        3. The source positions (outside ``noise_mask`` [B, L]) are reset to ``z_src`` [B, L, D].
+
+        Returns ``StepOutput(prev_sample=z_s [B, L, D], x0_tokens=[N] clamped tokens or None)``.
+        """
+        t, s = self._one_step(t), self._one_step(s)
+        beta, coef_x0, coef_zt = (float(c) for c in self.posterior_coefficients(torch.tensor(t), torch.tensor(s)))
+        x0_hat = x0_hat.to(z_t.dtype)
         tokens = None
-        if clamp:
-            table = denoiser.embedding_weight.detach()
-            tokens = self.nearest_embedding(x0_hat[noise_mask], table)
+        if embedding_table is not None:
+            tokens = self.nearest_embedding(x0_hat[noise_mask], embedding_table)
             x0_hat = x0_hat.clone()
-            x0_hat[noise_mask] = table[tokens].to(x0_hat.dtype)
-        mean = float(chain.coef_x0[i]) * x0_hat + float(chain.coef_zt[i]) * z_t
-        if i > 0:
+            x0_hat[noise_mask] = embedding_table[tokens].to(x0_hat.dtype)
+        mean = coef_x0 * x0_hat + coef_zt * z_t
+        if s >= 0:
             eps = torch.randn(z_t.shape, device=z_t.device, dtype=z_t.dtype, generator=generator)
-            mean = mean + math.sqrt(float(chain.betas[i])) * eps
-        return torch.where(noise_mask[..., None], mean, z_src), tokens
+            mean = mean + math.sqrt(beta) * eps
+        return StepOutput(torch.where(noise_mask[..., None], mean, z_src), tokens)
 
     @torch.no_grad()
     def sample(self, denoiser, ids: torch.Tensor, noise_mask: torch.Tensor, timesteps=None, clamp: bool = True,
-               generator=None) -> GaussianSampleOutput:
+               generator=None) -> SampleOutput:
         """Generate the target region of ``ids`` [B, L] given its source (positions outside ``noise_mask``).
 
-        The source comes from Emb and the target from N(0, I); after the last step the target tokens
-        are the L2-nearest embeddings of z_0 (the same rule as clamping, not DiffuSeq's dot-product
-        argmax of the LM head). ``timesteps``: the kept steps (default: all T).
+        The source comes from Emb and the target from N(0, I); then, for each step (t, s) of
+        ``self.timesteps(timesteps)`` (a respacing spec; default all T steps): ``x0_hat = denoiser(z_t, t)``
+        and :meth:`step`. After the last step the target tokens are the L2-nearest embeddings of z_0
+        (the same rule as clamping, not DiffuSeq's dot-product argmax of the LM head).
+        Returns ``SampleOutput(x0 [B, L], network_calls, row_evaluations, z0 [B, L, D])``.
         """
-        chain = self.respace(range(self.num_steps) if timesteps is None else timesteps)
+        grid = self.timesteps(timesteps)  # stays on the CPU: step takes (t, s) as ints
+        B = ids.shape[0]
         z_src = denoiser.embed(ids)
         z = torch.randn(z_src.shape, device=ids.device, dtype=z_src.dtype, generator=generator)
         z = torch.where(noise_mask[..., None], z, z_src)
-        for i in range(len(chain.timesteps) - 1, -1, -1):
-            z, tokens = self.step(denoiser, z, i, chain, noise_mask, z_src, clamp, generator)
+        table = denoiser.embedding_weight.detach()
+        for k in range(len(grid) - 1):
+            x0_hat = denoiser(z, grid[k].to(ids.device).expand(B))  # the network sees t as [B]
+            out = self.step(x0_hat, int(grid[k]), int(grid[k + 1]), z, noise_mask, z_src,
+                            table if clamp else None, generator)
+            z = out.prev_sample
         # with clamping the last step returns the clamped x0_hat itself (coef_x0 = 1, coef_zt = 0)
         x0 = ids.clone()
-        x0[noise_mask] = tokens if clamp else self.nearest_embedding(z[noise_mask], denoiser.embedding_weight.detach())
-        n = len(chain.timesteps)
-        return GaussianSampleOutput(x0, n, n * ids.shape[0], z)
+        x0[noise_mask] = out.x0_tokens if clamp else self.nearest_embedding(z[noise_mask], table)
+        n = len(grid) - 1
+        return SampleOutput(x0, n, n * B, z)
 
     def describe(self, name: str) -> dict:
         return {"name": name, "T": self.num_steps, "alphabar_0": float(self.alphabar[0]),

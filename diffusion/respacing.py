@@ -1,7 +1,8 @@
 """Which timesteps a shortened sampling chain visits: pure functions of (T, N).
 
 Every function returns a sorted list of distinct integers in ``[0, T)``; the sampler then uses the
-betas recomputed from alphabar at exactly these steps (:meth:`GaussianDiffusion.respace`).
+betas recomputed from alphabar at exactly these steps (:meth:`GaussianDiffusion.timesteps` makes them
+the sampling grid, :meth:`GaussianDiffusion.posterior_coefficients` the betas).
 """
 from __future__ import annotations
 

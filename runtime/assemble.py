@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
@@ -16,16 +17,14 @@ from common.loading import check_tokenizer, load_tokenizer_and_config
 
 
 GAUSSIAN_DROPOUT = 0.1  # DiffuSeq's default
+# the weights a gaussian checkpoint decodes with (--weights): the EMA (ema.pt, as DiffuSeq) or the raw ones
+WEIGHTS = {"ema": "ema.pt", "raw": "model.pt"}
 
 
 def build_diffusion(cfg: TrainConfig, mask_id: int | None, pad_id: int | None, counts=None):
     """The run's process: ``AbsorbingDiffusion`` or ``GaussianDiffusion``."""
     try:
-        if cfg.process == "gaussian":
-            return GaussianDiffusion(gaussian_betas(cfg.schedule, cfg.num_steps))
-        schedule = make_schedule(cfg.schedule, counts=counts, lam=cfg.word_freq_lambda,
-                                 form=cfg.spindle_form, pad_id=pad_id)
-        return AbsorbingDiffusion(schedule, cfg.num_steps, mask_id, cfg.hybrid_lambda)
+        return PROCESS_PARTS[cfg.process].build_process(cfg, mask_id, pad_id, counts)
     except ValueError as e:
         raise UserError(str(e)) from e
 
@@ -44,6 +43,40 @@ def build_denoiser(cfg: TrainConfig, mlm, tokenizer) -> BertDenoiser:
         return BertDenoiser(mlm, cfg.time_conditioning, cfg.num_steps, spare_token_ids(tokenizer))
     except ValueError as e:
         raise UserError(str(e)) from e
+
+
+def _absorbing(cfg: TrainConfig, mask_id, pad_id, counts) -> AbsorbingDiffusion:
+    schedule = make_schedule(cfg.schedule, counts=counts, lam=cfg.word_freq_lambda, form=cfg.spindle_form,
+                             pad_id=pad_id)
+    return AbsorbingDiffusion(schedule, cfg.num_steps, mask_id, cfg.hybrid_lambda)
+
+
+def _gaussian(cfg: TrainConfig, mask_id, pad_id, counts) -> GaussianDiffusion:
+    return GaussianDiffusion(gaussian_betas(cfg.schedule, cfg.num_steps))
+
+
+def _bert_from_config(cfg: TrainConfig, hf_config, tokenizer) -> BertDenoiser:
+    from transformers import AutoModelForMaskedLM
+    return build_denoiser(cfg, AutoModelForMaskedLM.from_config(hf_config), tokenizer)
+
+
+def _diffuseq_from_config(cfg: TrainConfig, hf_config, tokenizer) -> DiffuSeqTransformer:
+    return build_gaussian_denoiser(cfg, hf_config.vocab_size)
+
+
+@dataclass(frozen=True)
+class ProcessParts:
+    """What differs between the processes when a run is rebuilt: one entry of ``PROCESS_PARTS`` per process."""
+    build_process: Callable      # (cfg, mask_id, pad_id, counts) -> the process
+    build_network: Callable      # (cfg, hf_config, tokenizer) -> the denoiser, before its weights are loaded
+    weights_files: dict          # --weights -> the checkpoint file the inference scripts load
+    needs_mask: bool             # whether the tokenizer must have a [MASK] token
+
+
+PROCESS_PARTS = {
+    "absorbing": ProcessParts(_absorbing, _bert_from_config, {w: "model.pt" for w in WEIGHTS}, needs_mask=True),
+    "gaussian": ProcessParts(_gaussian, _diffuseq_from_config, WEIGHTS, needs_mask=False),
+}
 
 
 @dataclass
@@ -88,24 +121,19 @@ def load_for_inference(path: str, device: torch.device, prefer: str = "best", ta
                        weights: str = "ema") -> Loaded:
     """Rebuild tokenizer, network and process from a checkpoint (or a run directory).
 
-    ``weights``: for a gaussian checkpoint, ``ema`` (ema.pt, the default, as DiffuSeq decodes) or
-    ``raw`` (model.pt); absorbing checkpoints have only model.pt."""
-    from transformers import AutoModelForMaskedLM
-
+    ``weights`` (a key of ``WEIGHTS``): for a gaussian checkpoint, ``ema`` (ema.pt, the default, as DiffuSeq
+    decodes) or ``raw`` (model.pt); absorbing checkpoints have only model.pt."""
     ckpt_dir = checkpoint.resolve(path, prefer)
     run_info = checkpoint.read_run_config(ckpt_dir)
     cfg = from_dict(run_info["config"])
     if cfg.task != task:
         raise UserError(f"{ckpt_dir} is a {cfg.task} checkpoint but this script needs a {task} one; "
                         f"use {SCRIPT_FOR_TASK.get(cfg.task, 'the script for that task')}")
+    parts = PROCESS_PARTS[cfg.process]
     tokenizer, hf_config = load_tokenizer_and_config(ckpt_dir)
-    check_tokenizer(tokenizer, hf_config.vocab_size, ckpt_dir, need_mask=cfg.process == "absorbing")
-    if cfg.process == "gaussian":
-        denoiser = build_gaussian_denoiser(cfg, hf_config.vocab_size)
-        state = checkpoint.load_state(ckpt_dir, "ema.pt" if weights == "ema" else "model.pt")
-    else:
-        denoiser = build_denoiser(cfg, AutoModelForMaskedLM.from_config(hf_config), tokenizer)
-        state = checkpoint.load_state(ckpt_dir, "model.pt")
+    check_tokenizer(tokenizer, hf_config.vocab_size, ckpt_dir, need_mask=parts.needs_mask)
+    denoiser = parts.build_network(cfg, hf_config, tokenizer)
+    state = checkpoint.load_state(ckpt_dir, parts.weights_files[weights])
     try:
         denoiser.load_state_dict(state)
     except RuntimeError as e:

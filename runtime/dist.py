@@ -99,7 +99,7 @@ def all_gather_cat(t: torch.Tensor, info: DistInfo) -> torch.Tensor:
 # ---------------------------------------------------------------------------- sharded inference
 # predict.py, predict_downstream_condition.py and compute_elbo.py split their batches among ranks
 # (batch i goes to rank i mod world_size), seed each batch from (seed, i), and rank 0 merges the
-# results in input order: the output is the same for any number of ranks.
+# results in input order: the output is the same for any number of ranks. map_batches does all three.
 def batch_seed(seed: int, index: int) -> int:
     """The RNG seed of batch ``index`` of a run seeded with ``seed`` (independent streams per batch)."""
     import numpy as np
@@ -128,3 +128,24 @@ def main_first(info: DistInfo):
     yield
     if info.is_main:
         barrier(info)
+
+
+def map_batches(num_batches: int, fn, info: DistInfo, seed: int, on_batch=None) -> list | None:
+    """``[fn(0, g_0), fn(1, g_1), ...]`` over all ``num_batches`` batches, on rank 0; ``None`` on the others.
+
+    Each rank computes its own batches (:func:`my_batches`); batch ``b`` gets a fresh generator on
+    ``info.device`` seeded with ``batch_seed(seed, b)``, so its draws do not depend on the number of
+    ranks. The results (picklable) are gathered to rank 0 and put in batch order. ``on_batch(n)``, if
+    given, is called after each batch with the number of batches this rank has done (progress logs).
+    """
+    mine = {}
+    for b in my_batches(num_batches, info):
+        gen = torch.Generator(device=info.device).manual_seed(batch_seed(seed, b))
+        mine[b] = fn(b, gen)
+        if on_batch is not None:
+            on_batch(len(mine))
+    parts = gather_to_main(mine, info)
+    if parts is None:
+        return None
+    merged = {b: r for part in parts for b, r in part.items()}
+    return [merged[b] for b in range(num_batches)]

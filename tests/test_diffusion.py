@@ -485,8 +485,8 @@ def test_reverse_step_empirical_distribution(name):
         t, s = torch.tensor([t_val]), torch.tensor([s_val])
         ref = reference_reverse_probs(logits, x_t, t, s, sched, T, MASK)[0]  # [L, V]
         p_hat = diff.log_p_hat(logits[masked]).exp().repeat(copies, 1)
-        out = diff.step(p_hat, x_t.repeat(copies, 1), t.repeat(copies), s.repeat(copies),
-                        nm.repeat(copies, 1), g)
+        out = diff.step(p_hat, t.repeat(copies), s.repeat(copies), x_t.repeat(copies, 1),
+                        nm.repeat(copies, 1), g).prev_sample
         assert bool((out[:, [0, 2, 5]] == x_t[:, [0, 2, 5]]).all()), "visible tokens changed"
         for pos in (1, 3, 4):
             counts = torch.bincount(out[:, pos], minlength=V)
@@ -736,10 +736,10 @@ def test_cached_sampling_is_identical_and_cheaper(name):
         record = []
         real_step = diff.step
 
-        def recording_step(logp, x_t, t, s, noise_mask, generator=None):
-            x_s = real_step(logp, x_t, t, s, noise_mask, generator)
-            record.append((x_t.clone(), x_s.clone()))
-            return x_s
+        def recording_step(p_hat, t, s, x_t, noise_mask, generator=None):
+            out = real_step(p_hat, t, s, x_t, noise_mask, generator)
+            record.append((x_t.clone(), out.prev_sample.clone()))
+            return out
         diff.step = recording_step
         try:
             model.rows_seen = 0
@@ -1004,8 +1004,8 @@ def test_released_sampling_step_equals_the_transcribed_released_step(name, T, t,
     assert bool((expected[~masked].gather(-1, x_t[~masked][:, None]) > 1 - 1e-6).all())
 
     # the step draws from those probabilities: top-k = 1 is their argmax, a drawn [MASK] stays masked
-    x_s = diff.step_released(p_hat, x_t, tt, ss, nm, logits.argmax(-1), topk=1, temperature=temperature,
-                             generator=torch.Generator().manual_seed(1))
+    x_s = diff.step_released(p_hat, tt, ss, x_t, nm, logits.argmax(-1), topk=1, temperature=temperature,
+                             generator=torch.Generator().manual_seed(1)).prev_sample
     assert torch.equal(x_s[masked], expected[masked].argmax(-1))
     assert torch.equal(x_s[~masked], x_t[~masked])
 
@@ -1021,8 +1021,8 @@ def test_released_sampling_step_draws_follow_the_released_distribution():
     nm = torch.ones(copies, 4, dtype=torch.bool)
     xs = x_t.repeat(copies, 1)
     p_hat = diff.zero_mask(logits[x_t == MASK]).softmax(-1).repeat(copies, 1)
-    out = diff.step_released(p_hat, xs, torch.full((copies,), t), torch.full((copies,), t - step), nm,
-                             logits.argmax(-1).repeat(copies, 1), temperature=0.7, generator=g)
+    out = diff.step_released(p_hat, torch.full((copies,), t), torch.full((copies,), t - step), xs, nm,
+                             logits.argmax(-1).repeat(copies, 1), temperature=0.7, generator=g).prev_sample
     for pos in (0, 2):
         assert_chi_square(torch.bincount(out[:, pos], minlength=V), expected[pos], f"pos={pos}")
     assert bool((out[:, 1] == 4).all()) and bool((out[:, 3] == 7).all())

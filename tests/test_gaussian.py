@@ -50,20 +50,22 @@ def test_unknown_schedule_and_tiny_T():
 @pytest.mark.parametrize("steps", [ADP_REFERENCE[20], uniform_timesteps(2000, 7), [0, 1, 2, 1500, 1999]])
 def test_respaced_betas_reproduce_alphabar(steps):
     g = GaussianDiffusion(gaussian_betas("sqrt", 2000))
-    chain = g.respace(steps)
-    assert torch.allclose(torch.cumprod(1 - chain.betas, 0), g.alphabar[steps], rtol=1e-9, atol=0)
-    # the last step (index 0) returns the clamped prediction itself
-    assert float(chain.coef_x0[0]) == 1.0 and float(chain.coef_zt[0]) == 0.0
+    grid = g.timesteps(steps)  # descending, then -1; flipped below to the ascending kept steps
+    betas, coef_x0, coef_zt = (c.flip(0) for c in g.posterior_coefficients(grid[:-1], grid[1:]))
+    assert torch.allclose(torch.cumprod(1 - betas, 0), g.alphabar[steps], rtol=1e-9, atol=0)
+    # the last step (to the data, s = -1) returns the clamped prediction itself
+    assert float(coef_x0[0]) == 1.0 and float(coef_zt[0]) == 0.0
 
 
 def test_full_respacing_is_the_one_step_chain():
     g = GaussianDiffusion(gaussian_betas("sqrt", 200))
-    chain = g.respace(range(200))
-    assert torch.allclose(chain.betas, g.betas, rtol=1e-10, atol=1e-15)
+    grid = g.timesteps(range(200))
+    betas, coef_x0, coef_zt = (c.flip(0) for c in g.posterior_coefficients(grid[:-1], grid[1:]))
+    assert torch.allclose(betas, g.betas, rtol=1e-10, atol=1e-15)
     # posterior mean coefficients of Ho et al. (2020), Eq. 7, with the one-step quantities
     ab, ab_prev = g.alphabar[1:], g.alphabar[:-1]
-    assert torch.allclose(chain.coef_x0[1:], g.betas[1:] * ab_prev.sqrt() / (1 - ab))
-    assert torch.allclose(chain.coef_zt[1:], (1 - ab_prev) * (1 - g.betas[1:]).sqrt() / (1 - ab))
+    assert torch.allclose(coef_x0[1:], g.betas[1:] * ab_prev.sqrt() / (1 - ab))
+    assert torch.allclose(coef_zt[1:], (1 - ab_prev) * (1 - g.betas[1:]).sqrt() / (1 - ab))
 
 
 @pytest.mark.parametrize("n", sorted(ADP_REFERENCE))
@@ -376,17 +378,21 @@ def test_sampling_keeps_the_source_and_clamps_the_target():
 def test_step_with_clamping_moves_toward_the_clamped_prediction():
     m, g = tiny_model(3), GaussianDiffusion(gaussian_betas("sqrt", 100))
     ids, noise_mask = tiny_batch()
-    chain = g.respace(range(100))
     z_src = m.embed(ids)
     z = torch.where(noise_mask[..., None], torch.randn(z_src.shape, generator=torch.Generator().manual_seed(0)), z_src)
     with torch.no_grad():
-        z_prev, tokens = g.step(m, z, 40, chain, noise_mask, z_src, generator=torch.Generator().manual_seed(1))
         x0_hat = m(z, torch.full((3,), 40))
+        out = g.step(x0_hat, 40, 39, z, noise_mask, z_src, m.embedding_weight.detach(),
+                     generator=torch.Generator().manual_seed(1))
+    z_prev, tokens = out.prev_sample, out.x0_tokens
     assert torch.equal(tokens, torch.cdist(x0_hat[noise_mask], m.embedding_weight).argmin(-1))
     eps = torch.randn(z.shape, generator=torch.Generator().manual_seed(1))
     clamped = x0_hat.clone()
     clamped[noise_mask] = m.embedding_weight[tokens]
-    expected = (float(chain.coef_x0[40]) * clamped + float(chain.coef_zt[40]) * z
-                + math.sqrt(float(chain.betas[40])) * eps)
+    # Ho et al. (2020), Eq. 7, by hand on the one-step chain from t = 40 to s = 39
+    ab_t, ab_s = float(g.alphabar[40]), float(g.alphabar[39])
+    beta = 1 - ab_t / ab_s
+    expected = (beta * math.sqrt(ab_s) / (1 - ab_t) * clamped + (1 - ab_s) * math.sqrt(1 - beta) / (1 - ab_t) * z
+                + math.sqrt(beta) * eps)
     assert torch.allclose(z_prev[noise_mask], expected[noise_mask], atol=1e-6)
     assert torch.equal(z_prev[~noise_mask], z_src[~noise_mask])
