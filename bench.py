@@ -46,11 +46,12 @@ import time
 import torch
 
 from common.errors import UserError, cli_main
+from diffusion import PROCESSES
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--process", default="absorbing", choices=("absorbing", "gaussian"))
+    p.add_argument("--process", default="absorbing", choices=PROCESSES)
     p.add_argument("--model", default="minilm",
                    help="absorbing: a masked LM (hub id, local dir, or minilm); gaussian: the tokenizer's source")
     p.add_argument("--batch_size", type=int, default=8)
@@ -452,10 +453,9 @@ def gaussian_sampling(g: Gaussian) -> tuple[dict, dict, dict]:
 
     net, diffusion, ids, noise_mask, T, B, amp = g.net, g.diffusion, g.ids, g.noise_mask, g.T, g.B, g.amp
     net.eval()
-    chain = diffusion.respace(range(T))
     z_src = net.embed(ids).detach()
     z = torch.randn(z_src.shape, device=g.device, generator=torch.Generator(device=g.device).manual_seed(0))
-    t_mid = chain.timesteps[T // 2].to(g.device).expand(B)
+    t_mid = torch.full((B,), T // 2, device=g.device)
 
     def forward():
         with torch.no_grad(), amp():
@@ -463,7 +463,7 @@ def gaussian_sampling(g: Gaussian) -> tuple[dict, dict, dict]:
 
     def reverse():
         with torch.no_grad(), amp():
-            diffusion.step(net, z, T // 2, chain, noise_mask, z_src)
+            diffusion.step(net(z, t_mid), T // 2, T // 2 - 1, z, noise_mask, z_src, net.embedding_weight.detach())
 
     steps = interleaved(g.clock, {"forward": forward, "reverse_step": reverse}, g.args.repeats)
     adp = adaptive_decay_timesteps(T, 20) if T >= 20 else list(range(T))
