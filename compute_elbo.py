@@ -3,8 +3,8 @@
     python compute_elbo.py --checkpoint outputs/demo --eval_steps 128 --num_examples 1000
 
 On a seeded subset of the checkpoint's dataset split, computes for each example
-``NLL <= -log p(n) + sum_k KL_k`` (the length term plus the K-step diffusion bound; ALGORITHMS.md
-section 1) and reports ``exp(total / wordpieces)`` (per token, [CLS]/[SEP]/[PAD] excluded) and
+``NLL <= -log p(n) + sum_k KL_k`` (the length term plus the K-step diffusion bound; docs/algorithms.md
+§1.9) and reports ``exp(total / wordpieces)`` (per token, [CLS]/[SEP]/[PAD] excluded) and
 ``exp(total / whitespace words)`` (per word, DiffusionBERT's LM1B convention). Same seed, same number,
 also under ``torchrun --nproc_per_node N`` (batches are shared out among the ranks, each batch has its
 own seed, and rank 0 adds the per-batch sums in batch order).

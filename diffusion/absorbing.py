@@ -1,6 +1,6 @@
 """Absorbing-state (masking) discrete diffusion with the x0-parameterisation (D3PM, DiffusionBERT).
 
-Conventions (see docs/algorithms.md section 1):
+Conventions (see docs/algorithms.md §1):
 
 * ``T`` discrete steps, ``t = 0..T``; ``t = 0`` is the data and ``t = T`` all-[MASK]. A schedule
   gives ``alpha_t`` (probability a clean token is still unmasked), ``alpha_0 = 1``, ``alpha_T = 0``.
@@ -147,7 +147,7 @@ class AbsorbingDiffusion:
         if not self.schedule.token_dependent:
             w = _safe_w(self.alpha(s, x0, noise_mask), self.alpha(t, x0, noise_mask)).squeeze(-1)  # [B]
             return -(w[b_idx].float() * logp_x0)
-        # Spindle: q uses the sentence's own statistic; p only the corpus constant (Eq. in ALGORITHMS.md).
+        # Spindle: q uses the sentence's own statistic; p only the corpus constant (docs/algorithms.md §1.5).
         w_q = _safe_w(self.alpha(s, x0, noise_mask), self.alpha(t, x0, noise_mask))[masked]  # [N] float64
         W = self.unmask_weights(t, s).float()  # [B, V], reverse model: no x0
 

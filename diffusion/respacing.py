@@ -42,7 +42,7 @@ def adaptive_decay_timesteps(T: int, n: int) -> list[int]:
     (``p`` = ``ADAPTIVE_DECAY_PROPORTIONS``): ``start + round(x)`` for ``x = 0, s, 2s, ...`` accumulated
     in floating point, ``s = (size - 1) / (c_i - 1)``, rounded half to even; the first two sections drop
     their top step (the section's last index, so no step is shared). Few steps go to low noise, most to
-    high noise. For T = 2000 this gives the sets of ALGORITHMS.md §3, e.g. ``adp_4 = [0, 667, 1334, 1999]``;
+    high noise. For T = 2000 this gives the sets of docs/algorithms.md §3.3, e.g. ``adp_4 = [0, 667, 1334, 1999]``;
     at T = 1000, ``adp_4 = [0, 334, 667, 999]``.
 
     A section shorter than its count is an error, as in the release. N < 4 is an error here: the

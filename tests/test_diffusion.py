@@ -189,7 +189,7 @@ def test_spindle_masks_rare_tokens_first(name):
 @pytest.mark.parametrize("lam", [0.3, 0.8])
 @pytest.mark.parametrize("form", ["released", "paper"])
 def test_spindle_follows_the_written_formula(form, lam):
-    """ALGORITHMS.md section 1, written out per token in plain Python."""
+    """docs/algorithms.md §1.2, written out per token in plain Python."""
     sched = Spindle(COUNTS, lam=lam, form=form, pad_id=PAD)
     x0 = torch.tensor([[CLS, 4, 9, 6, 11, SEP, PAD], [CLS, 8, 9, SEP, 5, 7, SEP]])
     nm = torch.tensor([[0, 1, 1, 1, 1, 0, 0], [0, 0, 0, 0, 1, 1, 0]], dtype=torch.bool)  # row 1: seq2seq

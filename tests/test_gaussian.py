@@ -12,7 +12,7 @@ from diffusion import (GaussianDiffusion, LossAwareSampler, adaptive_decay_times
 from models import DiffuSeqTransformer
 from released_diffuseq import diffuseq_losses, fill_noise_map, space_timesteps_adp, t_similar_by_noise, tang_losses
 
-ADP_REFERENCE = {  # ALGORITHMS.md §3, T = 2000
+ADP_REFERENCE = {  # docs/algorithms.md §3.3, T = 2000
     4: [0, 667, 1334, 1999],
     10: [0, 667, 833, 1000, 1167, 1334, 1500, 1666, 1833, 1999],
     20: [0, 333, 667, 762, 857, 952, 1048, 1143, 1238, 1334, 1400, 1467, 1534, 1600, 1666, 1733, 1800, 1866,
