@@ -16,12 +16,16 @@ previous good checkpoint (or ``<name>.old`` during the swap, which :func:`resolv
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
+from dataclasses import dataclass
 
 import torch
 
 from common.errors import UserError
+from runtime import faults
+from runtime.training import gather_rng_states, set_rng_state
 
 RUN_CONFIG = "run_config.json"
 
@@ -43,8 +47,7 @@ def save(ckpt_dir: str, *, run_config: dict, model_state: dict, hf_config=None, 
     if tokenizer is not None:
         tokenizer.save_pretrained(tmp)
     torch.save(model_state, os.path.join(tmp, "model.pt"))
-    if os.environ.get("DLM_FAULT_CRASH_IN_SAVE"):  # test hook: die with a half-written checkpoint
-        os._exit(99)
+    faults.crash_in_save()
     if training_state is not None:
         torch.save(training_state, os.path.join(tmp, "training_state.pt"))
     for name, obj in (extra_states or {}).items():
@@ -105,3 +108,46 @@ def load_state(ckpt_dir: str, name: str = "model.pt", map_location="cpu") -> dic
         return torch.load(path, map_location=map_location, weights_only=False)
     except Exception as e:
         raise UserError(f"cannot load {path} (corrupt or incomplete checkpoint): {e}") from e
+
+
+@dataclass
+class TrainingState:
+    """What ``--resume`` restores, and where the run is. ``objective`` contributes state of its own
+    (``state_dict_extra``: the lossaware history); ``ema`` is a ``runtime.training.EMA`` or None."""
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    objective: torch.nn.Module
+    ema: object | None = None
+    step: int = 0      # optimizer steps taken
+    epoch: int = 0
+    position: int = 0  # examples of this rank's shard consumed in the epoch
+    best: float = math.inf  # best dev figure so far (objective.dev_key, lower is better)
+
+    def save(self, ckpt_dir: str, info, run_config: dict, **files) -> str | None:
+        """Write a resumable checkpoint: ``run_config`` plus the step and the best dev figure go to
+        run_config.json; ``files`` are :func:`save`'s hf_config, tokenizer and extra_files. Every rank
+        must call it (it gathers every rank's RNG state); only the main rank writes."""
+        rng = gather_rng_states(info)
+        if not info.is_main:
+            return None
+        run_config = {**run_config, "step": self.step, f"best_dev_{self.objective.dev_key}": self.best}
+        training_state = {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+                          "step": self.step, "epoch": self.epoch, "position": self.position, "best": self.best,
+                          "rng": rng, "ema_updates": self.ema.updates if self.ema is not None else 0,
+                          **self.objective.state_dict_extra()}
+        ema = {"ema.pt": self.ema.state_dict()} if self.ema is not None else None
+        return save(ckpt_dir, run_config=run_config, model_state=self.model.state_dict(),
+                    training_state=training_state, extra_states=ema, **files)
+
+    def restore(self, ckpt_dir: str, rank: int, device) -> None:
+        """Load what :meth:`save` wrote; this rank's RNG state (rank 0's if the run had fewer ranks)."""
+        self.model.load_state_dict(load_state(ckpt_dir, "model.pt", map_location=device))
+        ts = load_state(ckpt_dir, "training_state.pt")
+        self.optimizer.load_state_dict(ts["optimizer"])
+        self.scheduler.load_state_dict(ts["scheduler"])
+        self.step, self.epoch, self.position, self.best = ts["step"], ts["epoch"], ts["position"], ts["best"]
+        self.objective.load_state_dict_extra(ts)
+        if self.ema is not None:
+            self.ema.load_state_dict(load_state(ckpt_dir, "ema.pt", map_location=device), ts["ema_updates"])
+        set_rng_state(ts["rng"][rank] if rank < len(ts["rng"]) else ts["rng"][0])

@@ -6,9 +6,25 @@ import argparse
 import dataclasses
 from dataclasses import dataclass, field
 
+from common.errors import UserError, require_at_least_one
+from diffusion.absorbing import LOSS_WEIGHTINGS
+from diffusion.gaussian import GAUSSIAN_SCHEDULES, LOSS_AVERAGES, NEIGHBOUR_MAPS
+from diffusion.schedules import SCHEDULES, SPINDLE_FORMS
+from diffusion.timestep_samplers import TIMESTEP_SAMPLERS
+from models import TIME_CONDITIONING
+from runtime.training import LR_DECAYS
+from textdata import lm
+
+# The noise schedules of each process; its keys are the --process choices.
+PROCESS_SCHEDULES = {"absorbing": SCHEDULES, "gaussian": GAUSSIAN_SCHEDULES}
+
 
 def opt(default, help: str, **kw):
     return field(default=default, metadata={"help": help, **kw})
+
+
+def _or(names) -> str:
+    return f"{', '.join(names[:-1])} or {names[-1]}"
 
 
 @dataclass
@@ -18,13 +34,13 @@ class TrainConfig:
                     choices=("lm", "seq2seq"))
     process: str = opt("absorbing", "absorbing: DiffusionBERT (discrete masking on a pretrained BERT); gaussian: "
                        "DiffuSeq (continuous diffusion on embeddings, transformer from scratch; --task seq2seq)",
-                       choices=("absorbing", "gaussian"))
+                       choices=tuple(PROCESS_SCHEDULES))
     # model
     model_name_or_path: str = opt("minilm", "hub id, local directory, or 'minilm' (offline all-MiniLM-L6-v2); "
                                   "with --process gaussian only its tokenizer is used")
     from_scratch: bool = opt(False, "same config, randomly initialised weights")
     time_conditioning: str = opt("none", "none (time-agnostic decoding), token, or layerwise",
-                                 choices=("none", "token", "layerwise"))
+                                 choices=TIME_CONDITIONING)
     # data
     dataset: str = opt("bible", "lm: bible (offline default), text (--data_files) or lm1b (hub); seq2seq: bible "
                        "(KJV -> WEB verse pairs, offline) or a DiffuSeq task name (qqp, wiki_auto, quasar_t, "
@@ -38,11 +54,11 @@ class TrainConfig:
                                "src/trg, and lines that are not UTF-8")
     # diffusion
     num_steps: int = opt(2048, "T, the number of diffusion steps")
-    schedule: str = opt("auto", "noise schedule; absorbing: mutual, cosine or spindle; gaussian: sqrt, linear or "
-                        "cosine; auto: spindle for lm, mutual for seq2seq, sqrt for gaussian (as the originals)",
-                        choices=("auto", "mutual", "cosine", "spindle", "sqrt", "linear"))
+    schedule: str = opt("auto", f"noise schedule; absorbing: {_or(SCHEDULES)}; gaussian: {_or(GAUSSIAN_SCHEDULES)}; "
+                        "auto: spindle for lm, mutual for seq2seq, sqrt for gaussian (as the originals)",
+                        choices=tuple(dict.fromkeys(("auto", *SCHEDULES, *GAUSSIAN_SCHEDULES))))
     spindle_form: str = opt("released", "spindle: released-code form or paper form (Eq. 10-12)",
-                            choices=("released", "paper"))
+                            choices=SPINDLE_FORMS)
     word_freq_lambda: float = opt(0.3, "spindle lambda")
     word_freq_file: str | None = opt(None, "token counts from word_freq.py (default word_freq/<tokenizer>__<dataset>.json)")
     hybrid_lambda: float = opt(0.01, "weight of the auxiliary cross-entropy term")
@@ -50,18 +66,18 @@ class TrainConfig:
                               "masked tokens) or released (DiffusionBERT's DDP_main.py: KL summed over the noised "
                               "tokens with no factor T + hybrid_lambda * CE summed over all noised tokens, masked "
                               "or not, divided by the batch size); configs stored without it are elbo",
-                              choices=("elbo", "released"))
+                              choices=LOSS_WEIGHTINGS)
     low_discrepancy: bool = opt(False, "stratify t across the batch (MDLM's low-discrepancy sampler)")
     # gaussian (DiffuSeq) model and training
     emb_dim: int = opt(128, "gaussian: word-embedding (diffusion) dimension D")
     hidden_size: int = opt(768, "gaussian: transformer hidden size")
     num_layers: int = opt(12, "gaussian: transformer layers")
     num_heads: int = opt(12, "gaussian: attention heads")
-    timestep_sampler: str = opt("lossaware", "gaussian: how t is drawn in training", choices=("uniform", "lossaware"))
+    timestep_sampler: str = opt("lossaware", "gaussian: how t is drawn in training", choices=tuple(TIMESTEP_SAMPLERS))
     ema_rate: float = opt(0.9999, "gaussian: EMA decay of the weights (decoding uses the EMA by default)")
     loss_average: str = opt("all", "gaussian: all: the MSE, L_T and rounding NLL are means over every position, "
                             "source and padding included (DiffuSeq as released: the source embeddings are trained "
-                            "too); target: means over the target positions only", choices=("all", "target"))
+                            "too); target: means over the target positions only", choices=LOSS_AVERAGES)
     # post-training (Tang et al. 2023)
     post_train: str | None = opt(None, "gaussian: continue from this checkpoint (its EMA weights) with a fresh "
                                  "optimizer into --out_dir; the model and data flags must match it")
@@ -72,14 +88,14 @@ class TrainConfig:
     simi_noise: float = opt(0.05, "neighbourhood of t: |sqrt(1-abar_t') - sqrt(1-abar_t)| <= simi_noise")
     simi_maps: str = opt("released", "which t' the penalty draws: released (Tang et al.'s fill_noise_map: no step "
                          "above t near the top of the chain, none below t near 0) or complete (the whole "
-                         "neighbourhood on both sides)", choices=("released", "complete"))
+                         "neighbourhood on both sides)", choices=NEIGHBOUR_MAPS)
     # optimisation
     batch_size: int = opt(32, "examples per micro-batch per process")
     accumulation_steps: int = opt(1, "micro-batches per optimizer step")
     lr: float = opt(5e-5, "peak learning rate (AdamW)")
     weight_decay: float = opt(0.0, "AdamW weight decay")
     warmup_steps: int = opt(1000, "linear warm-up steps")
-    decay: str = opt("linear", "learning-rate decay after warm-up", choices=("linear", "cosine", "constant"))
+    decay: str = opt("linear", "learning-rate decay after warm-up", choices=LR_DECAYS)
     max_steps: int = opt(10000, "optimizer steps")
     grad_clip: float = opt(1.0, "gradient-norm clipping (0: off)")
     dropout: float | None = opt(None, "override the model's dropout probabilities (gaussian default 0.1)")
@@ -101,6 +117,93 @@ class TrainConfig:
     device: str = opt("auto", "auto, cpu, cuda, cuda:1, ...")
     num_workers: int = opt(-1, "DataLoader workers (-1: 4 per process on CUDA, 0 on the CPU)")
     overwrite: bool = opt(False, "allow --out_dir to hold an earlier run (its checkpoints are replaced)")
+
+    # Settings that may change between a run and its resumption; anything else must match.
+    RESUMABLE_CHANGES = frozenset({"resume", "max_steps", "eval_every", "save_every", "log_every", "device",
+                                   "num_workers", "overwrite", "log_dir", "eval_examples", "keep_last",
+                                   "max_bad_steps", "compile",
+                                   "out_dir"})  # a run directory may be moved or copied and resumed there
+    # What a --post_train run must share with the checkpoint it starts from (the network and its inputs).
+    POST_TRAIN_SAME = ("process", "task", "model_name_or_path", "emb_dim", "hidden_size", "num_layers", "num_heads",
+                       "max_len", "num_steps", "schedule", "dataset", "data_files")
+
+    def check(self) -> None:
+        """Reject impossible flag combinations before any work is done; resolve ``--schedule auto``."""
+        gaussian = self.process == "gaussian"
+        if self.schedule == "auto":
+            self.schedule = "sqrt" if gaussian else "spindle" if self.task == "lm" else "mutual"
+        if self.schedule not in PROCESS_SCHEDULES[self.process]:
+            raise UserError(f"--schedule {self.schedule} is not a {self.process} schedule; choose one of "
+                            f"{', '.join(PROCESS_SCHEDULES[self.process])}")
+        require_at_least_one(self, "batch_size", "accumulation_steps", "max_steps", "num_steps", "max_len",
+                             "eval_steps", "eval_examples", "save_every", "log_every", "max_bad_steps")
+        if self.num_workers < -1:
+            raise UserError(f"--num_workers must be -1 (automatic) or more, got {self.num_workers}")
+        if self.keep_last < 0:
+            raise UserError(f"--keep_last must be 0 or more, got {self.keep_last}")
+        if gaussian:
+            if self.task != "seq2seq":
+                raise UserError("--process gaussian (DiffuSeq) is a seq2seq model; add --task seq2seq")
+            if self.time_conditioning != "none" or self.from_scratch:
+                raise UserError("--time_conditioning and --from_scratch are --process absorbing flags (the gaussian "
+                                "transformer is always trained from scratch and always conditioned on t)")
+            if self.loss_weighting != "elbo":
+                raise UserError("--loss_weighting released is DiffusionBERT's (--process absorbing) objective")
+            require_at_least_one(self, "emb_dim", "hidden_size", "num_layers", "num_heads")
+            if not 0.0 <= self.ema_rate < 1.0:
+                raise UserError(f"--ema_rate must be in [0, 1), got {self.ema_rate}")
+            if self.simi_noise <= 0:
+                raise UserError(f"--simi_noise must be positive, got {self.simi_noise}")
+            if self.simi_penalty != "none" and self.simi_lambda > 0:
+                raise UserError(f"--simi_lambda must be 0 or negative with the l2 penalty (the loss subtracts "
+                                f"simi_lambda * penalty; the released -2 is a weight of 1), got {self.simi_lambda}")
+        elif self.post_train or self.simi_penalty != "none":
+            raise UserError("--post_train and --simi_penalty are for --process gaussian (Tang et al.'s post-training)")
+
+        if self.eval_steps > self.num_steps:
+            raise UserError(f"--eval_steps {self.eval_steps} exceeds the number of diffusion steps T={self.num_steps}")
+        if self.task == "lm":
+            if self.dataset not in lm.DATASETS:
+                raise UserError(f"--task lm: unknown --dataset {self.dataset!r}; choose one of "
+                                f"{', '.join(lm.DATASETS)}")
+            if self.dataset == "text" and not self.data_files:
+                raise UserError("--dataset text needs --data_files")
+            if self.dataset != "text" and self.data_files:
+                raise UserError(f"--data_files is only used with --dataset text (got --dataset {self.dataset})")
+        elif self.dataset != "bible" and not self.data_files:
+            raise UserError(f"--task seq2seq --dataset {self.dataset} needs --data_files, a DiffuSeq folder with "
+                            "train.jsonl, valid.jsonl and test.jsonl")
+        if self.lr <= 0:
+            raise UserError(f"--lr must be positive, got {self.lr}")
+
+    def check_resume(self, stored: dict, ckpt_dir: str) -> None:
+        """Resuming ``ckpt_dir``, whose stored config is ``stored``, may change only ``RESUMABLE_CHANGES``."""
+        if stored.get("simi_penalty", "none") != "none" and "simi_maps" not in stored:
+            raise UserError(f"{ckpt_dir} was post-trained before the loss followed Tang et al.'s release (penalty "
+                            "weight twice the released one, MSE target z0); it cannot be resumed: post-train again")
+        stored = from_dict(stored)
+        diffs = [f"--{f.name}: checkpoint {getattr(stored, f.name)!r} vs now {getattr(self, f.name)!r}"
+                 for f in dataclasses.fields(self)
+                 if f.name not in self.RESUMABLE_CHANGES and getattr(stored, f.name) != getattr(self, f.name)]
+        if diffs:
+            raise UserError(f"cannot resume {ckpt_dir} with another config ({'; '.join(diffs)})")
+
+    def inherit(self, stored: dict, ckpt_dir: str) -> None:
+        """Post-training ``ckpt_dir``, whose stored config is ``stored``: take its ``POST_TRAIN_SAME`` settings
+        where this run leaves them at their defaults; a different explicit value is an error."""
+        stored = from_dict(stored)
+        if stored.process != "gaussian":
+            raise UserError(f"--post_train {ckpt_dir} is a {stored.process} checkpoint; post-training needs a "
+                            "gaussian one")
+        defaults, diffs = TrainConfig(), []
+        for k in self.POST_TRAIN_SAME:
+            mine, theirs = getattr(self, k), getattr(stored, k)
+            if mine == getattr(defaults, k):
+                setattr(self, k, theirs)
+            elif mine != theirs:
+                diffs.append(f"--{k}: checkpoint {theirs!r} vs now {mine!r}")
+        if diffs:
+            raise UserError(f"--post_train {ckpt_dir} was trained with other settings ({'; '.join(diffs)})")
 
 
 def build_parser(cls=TrainConfig, description: str | None = None) -> argparse.ArgumentParser:

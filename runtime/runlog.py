@@ -62,7 +62,8 @@ class RunLogger:
             except Exception:
                 pass
 
-    def best(self, step: int, **metrics) -> None:
+    def best(self, **metrics) -> None:
+        """Mirror a new best dev result to fitlog (metrics.jsonl already has it as a ``dev`` record)."""
         if self.fitlog is not None:
             try:
                 self.fitlog.add_best_metric({"dev": metrics})

@@ -1,12 +1,19 @@
-"""Training plumbing: a resumable sharded sampler, the learning-rate schedule, RNG state capture."""
+"""Training plumbing: a resumable sharded sampler, the learning-rate schedule, RNG state capture, the
+EMA of the weights, and the signal handler that lets a run stop cleanly."""
 from __future__ import annotations
 
+import contextlib
 import math
 import random
+import signal
 
 import numpy as np
 import torch
-from torch.utils.data import DistributedSampler
+from torch.utils.data import DataLoader, DistributedSampler
+
+from runtime import dist
+
+LR_DECAYS = ("linear", "cosine", "constant")
 
 
 class ResumableSampler(DistributedSampler):
@@ -43,6 +50,88 @@ def lr_lambda(warmup: int, total: int, decay: str):
         frac = min(1.0, (step - warmup) / max(1, total - warmup))
         return 1.0 - frac if decay == "linear" else 0.5 * (1.0 + math.cos(math.pi * frac))
     return f
+
+
+def micro_batches(dataset, sampler: ResumableSampler, state, **loader_kw):
+    """Endless micro-batches of ``dataset`` from ``state.epoch`` and ``state.position`` (examples of this
+    rank's shard), which it advances as it goes; ``loader_kw`` go to the ``DataLoader``."""
+    while True:
+        sampler.set_position(state.epoch, state.position)
+        # a generator of its own keeps the global RNG untouched (exact resume)
+        for batch in DataLoader(dataset, sampler=sampler, generator=torch.Generator(), **loader_kw):
+            state.position += batch["input_ids"].shape[0]
+            yield batch
+        state.epoch, state.position = state.epoch + 1, 0
+
+
+class EMA:
+    """Exponential moving average of a module's parameters (DiffuSeq evaluates and decodes with it).
+
+    The decay after n updates is min(rate, (1 + n) / (10 + n)): early on the average forgets the random
+    initialisation quickly; after about 90k updates it is DiffuSeq's constant 0.9999."""
+
+    def __init__(self, model: torch.nn.Module, rate: float):
+        self.model, self.rate, self.updates = model, rate, 0
+        self.params = [p.detach().clone() for p in model.parameters()]
+
+    @torch.no_grad()
+    def update(self) -> None:
+        decay = min(self.rate, (1 + self.updates) / (10 + self.updates))
+        torch._foreach_lerp_(self.params, [p.detach() for p in self.model.parameters()], 1.0 - decay)
+        self.updates += 1
+
+    @contextlib.contextmanager
+    def averaged(self):
+        """Inside the block the model holds the averages; after it, its own weights again, bit for bit."""
+        raw = [p.detach().clone() for p in self.model.parameters()]
+        torch._foreach_copy_([p.data for p in self.model.parameters()], self.params)
+        try:
+            yield self.model
+        finally:
+            torch._foreach_copy_([p.data for p in self.model.parameters()], raw)
+
+    def state_dict(self) -> dict:
+        """The model's state dict with its parameters replaced by their averages (buffers as they are)."""
+        state = self.model.state_dict()
+        state.update({n: e.clone() for (n, _), e in zip(self.model.named_parameters(), self.params)})
+        return state
+
+    def load_state_dict(self, state: dict, updates: int) -> None:
+        for (n, _), e in zip(self.model.named_parameters(), self.params):
+            e.copy_(state[n])
+        self.updates = updates
+
+
+class StopSignals:
+    """SIGINT and SIGTERM set ``flag`` instead of stopping the process, so that the loop can finish its step,
+    save ``checkpoints/last`` and exit with 128 + the signal number. ``flag`` is a tensor so that DDP can
+    share it: a signal seen by one rank stops every rank. When torchrun sends SIGTERM because another rank
+    died, this rank's next collective raises instead (gloo: "Connection closed by peer") and it exits with
+    that error; torchrun SIGKILLs one still busy after 30 s."""
+
+    def __init__(self, device: torch.device):
+        self.flag = torch.zeros(1, device=device)
+        self.previous = {s: signal.signal(s, self._on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+
+    def _on_signal(self, signum, frame) -> None:
+        self.flag.fill_(signum)
+
+    def received(self, info) -> int:
+        """The signal number (0: none) seen by any rank; a collective under DDP."""
+        return int(dist.all_reduce_max(self.flag, info).item())
+
+    def restore(self) -> None:
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)
+
+
+def gather_rng_states(info) -> list[dict]:
+    """Every rank's RNG state, in rank order. A collective under DDP: every rank must call it."""
+    if not info.enabled:
+        return [rng_state()]
+    states = [None] * info.world_size
+    torch.distributed.all_gather_object(states, rng_state())
+    return states
 
 
 def rng_state() -> dict:

@@ -12,7 +12,7 @@ import torch.multiprocessing as mp
 
 from diffusion import AbsorbingDiffusion, GaussianDiffusion, gaussian_betas, make_schedule
 from models import DiffuSeqTransformer
-from runtime.objective import Objective
+from runtime.objective import Objective, make_objective as objective_for
 
 B, L, V = 4, 10, 50
 
@@ -25,14 +25,14 @@ def make_objective(process: str) -> Objective:
     if process == "gaussian":
         net = DiffuSeqTransformer(V, emb_dim=8, hidden_size=16, num_layers=1, num_heads=2, max_len=L, num_steps=20,
                                   dropout=0.0)
-        return Objective(net, GaussianDiffusion(gaussian_betas("sqrt", 20)), cfg)
+        return objective_for(net, GaussianDiffusion(gaussian_betas("sqrt", 20)), cfg)
     from transformers import BertConfig, BertForMaskedLM
 
     from models import BertDenoiser
     mlm = BertForMaskedLM(BertConfig(vocab_size=V, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
                                      intermediate_size=32, max_position_embeddings=L, hidden_dropout_prob=0.0,
                                      attention_probs_dropout_prob=0.0))
-    return Objective(BertDenoiser(mlm, "none", 20), AbsorbingDiffusion(make_schedule("mutual"), 20, mask_id=3), cfg)
+    return objective_for(BertDenoiser(mlm, "none", 20), AbsorbingDiffusion(make_schedule("mutual"), 20, mask_id=3), cfg)
 
 
 def micro_batch(m: int) -> dict:
