@@ -557,6 +557,10 @@ def report_gaussian(r: dict, args) -> list[str]:
             + ", ".join(f"{k} {fmt(v, 'MB')}" for k, v in r["memory_mb"].items())]
 
 
+# per process: the paper's T, the measurements, the report
+BENCHES = {"absorbing": (2048, bench_absorbing, report_absorbing), "gaussian": (2000, bench_gaussian, report_gaussian)}
+
+
 @cli_main
 def main(argv=None):
     args = parse_args(argv)
@@ -575,20 +579,17 @@ def main(argv=None):
     def amp():
         return torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16)
 
+    default_T, bench, report = BENCHES[args.process]
     if args.num_steps is None:
-        args.num_steps = 2000 if args.process == "gaussian" else 2048
+        args.num_steps = default_T
     torch.manual_seed(args.seed)
     clock = Clock(device)
     start = time.time()
     env = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
            "device_type": device.type, "torch": torch.__version__, "threads": torch.get_num_threads(),
            "cpu_count": os.cpu_count(), "bf16": use_bf16, "compile": args.compile}
-    if args.process == "absorbing":
-        res = bench_absorbing(args, device, clock, amp)
-        lines = report_absorbing(res, args)
-    else:
-        res = bench_gaussian(args, device, clock, amp)
-        lines = report_gaussian(res, args)
+    res = bench(args, device, clock, amp)
+    lines = report(res, args)
     res.update(env=env, args={k: v for k, v in vars(args).items()}, wall_seconds=time.time() - start)
     print("\n".join(lines))
     print(f"\n{env['device_type']} ({env['device']}), torch {env['torch']}, {env['threads']} threads, "

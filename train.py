@@ -151,8 +151,7 @@ def run(cfg: TrainConfig, info: dist.DistInfo, log, resume_dir: str | None, post
                "model_path": model_path,
                "length_counts": lm.length_counts(train_set, cfg.max_len) if cfg.task == "lm" else None,
                "word_freq": wf_identity, "post_trained_from": post_dir,
-               "schedule": (diffusion.describe(cfg.schedule) if cfg.process == "gaussian"
-                            else diffusion.schedule.describe())}
+               "schedule": diffusion.describe()}
 
     # ---- optimisation, and where the run starts
     params = [p for p in denoiser.parameters() if p.requires_grad]

@@ -216,6 +216,10 @@ class AbsorbingDiffusion:
             loss = nelbo.sum() / num_tokens.clamp_min(1) + self.hybrid_lambda * ce
         return LossOutput(loss, nelbo.detach(), ce.detach(), num_tokens, num_masked)
 
+    def describe(self) -> dict:
+        """What the run's metadata records about the schedule."""
+        return self.schedule.describe()
+
     def timesteps(self, n: int) -> torch.Tensor:
         """A grid of ``n`` steps: ``n + 1`` distinct integers from T down to 0. [n + 1]."""
         if not 1 <= n <= self.T:

@@ -99,7 +99,8 @@ class GaussianLossOutput:
 class GaussianDiffusion:
     """``q_sample``, ``loss``, ``post_train_loss``, ``timesteps``, ``step`` and ``sample`` for DiffuSeq."""
 
-    def __init__(self, betas: torch.Tensor):
+    def __init__(self, betas: torch.Tensor, schedule_name: str | None = None):
+        self.schedule_name = schedule_name  # for describe() only
         self.betas = betas.double()
         self.num_steps = len(betas)
         self.alphabar = torch.cumprod(1 - self.betas, 0)
@@ -377,6 +378,7 @@ class GaussianDiffusion:
         n = len(grid) - 1
         return SampleOutput(x0, n, n * B, z)
 
-    def describe(self, name: str) -> dict:
-        return {"name": name, "T": self.num_steps, "alphabar_0": float(self.alphabar[0]),
+    def describe(self) -> dict:
+        """What the run's metadata records about the schedule."""
+        return {"name": self.schedule_name, "T": self.num_steps, "alphabar_0": float(self.alphabar[0]),
                 "alphabar_T": float(self.alphabar[-1])}

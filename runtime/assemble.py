@@ -52,7 +52,7 @@ def _absorbing(cfg: TrainConfig, mask_id, pad_id, counts) -> AbsorbingDiffusion:
 
 
 def _gaussian(cfg: TrainConfig, mask_id, pad_id, counts) -> GaussianDiffusion:
-    return GaussianDiffusion(gaussian_betas(cfg.schedule, cfg.num_steps))
+    return GaussianDiffusion(gaussian_betas(cfg.schedule, cfg.num_steps), cfg.schedule)
 
 
 def _bert_from_config(cfg: TrainConfig, hf_config, tokenizer) -> BertDenoiser:
