@@ -1,9 +1,15 @@
-"""Shared fixtures: a tiny BERT with the real bert-base-uncased vocabulary, and a tiny text corpus."""
+"""Shared fixtures: a tiny BERT with the real bert-base-uncased vocabulary, tiny corpora, and the tiny
+checkpoints that the command-line tests read (each trained once per session); helpers to run the scripts.
+
+The slowest tests (those that train or launch torchrun) are marked ``slow``: ``pytest -m "not slow" tests``
+is the quick inner loop, plain ``pytest tests`` (CI) runs everything."""
 from __future__ import annotations
 
 import os
 import subprocess
 import sys
+import threading
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
@@ -53,15 +59,79 @@ def cli_env(cwd: str, env_extra: dict | None = None) -> dict:
     return env
 
 
+_side_by_side = threading.local()  # set in the threads of run_together
+
+
 def run_cli(*args: str, cwd: str, check: bool = True, env_extra: dict | None = None):
     """Run one of the repository's scripts as a user would; returns the CompletedProcess."""
     env = cli_env(cwd, env_extra)
+    if getattr(_side_by_side, "on", False) or args[:2] == ("-m", "torch.distributed.run"):
+        # processes that share the cores let their idle OpenMP threads sleep: a spinning thread keeps the core
+        # from the thread it waits for (two decodes side by side on a busy 2-core machine: 6 s, not 20-40 s)
+        env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     cmd = [sys.executable, os.path.join(ROOT, args[0]), *args[1:]] if args[0].endswith(".py") else [sys.executable, *args]
     proc = subprocess.run(cmd, cwd=cwd, env=env,
                           capture_output=True, text=True, timeout=600)
     if check and proc.returncode != 0:
         raise AssertionError(f"{' '.join(args)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
     return proc
+
+
+def run_together(*calls):
+    """Run independent ``run_cli`` calls side by side (each a function of no arguments, e.g. a lambda) and
+    return their results in order: a script is mostly single-threaded start-up and tiny tensors, so a second
+    one uses the idle core. Calls that run together must not write the same files, datasets cache included
+    (give each its own ``cwd`` where they load data)."""
+    def side_by_side(call):
+        _side_by_side.on = True
+        try:
+            return call()
+        finally:
+            _side_by_side.on = False
+
+    workers = min(len(calls), max(2, (os.cpu_count() or 2) // 2))
+    with ThreadPoolExecutor(workers) as pool:
+        futures = [pool.submit(side_by_side, call) for call in calls]
+        return [f.result() for f in futures]
+
+
+def run_here(*args: str, cwd: str) -> subprocess.CompletedProcess:
+    """``run_cli`` in this process, for a command that must stop at a flag or config check: the same exit
+    status, stdout and stderr, without a new interpreter's 2-3 s of imports. What a script may change in
+    the process is put back: the working directory, the RNGs, the thread count, flush-denormal, the
+    SIGINT/SIGTERM handlers, the warning filters and the datasets cache (``cwd``/.hf_cache, as ``cli_env``).
+    An exception other than ``SystemExit`` (a traceback from the real script) propagates and fails the test."""
+    import contextlib
+    import io
+    import random
+    import signal
+    import warnings
+
+    import datasets
+    import numpy as np
+    import torch
+
+    out, err = io.StringIO(), io.StringIO()
+    rng = torch.random.get_rng_state(), np.random.get_state(), random.getstate()
+    threads = torch.get_num_threads()
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    cache, here = datasets.config.HF_DATASETS_CACHE, os.getcwd()
+    try:
+        datasets.config.HF_DATASETS_CACHE = os.path.join(cwd, ".hf_cache")
+        os.chdir(cwd)
+        with warnings.catch_warnings(), contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            code = run_script(*args)
+    finally:
+        os.chdir(here)
+        datasets.config.HF_DATASETS_CACHE = cache
+        for s, h in handlers.items():
+            signal.signal(s, h)
+        torch.set_flush_denormal(False)
+        torch.set_num_threads(threads)
+        torch.random.set_rng_state(rng[0])
+        np.random.set_state(rng[1])
+        random.setstate(rng[2])
+    return subprocess.CompletedProcess(list(args), code, out.getvalue(), err.getvalue())
 
 
 def run_script(script: str, *args: str) -> int:
@@ -109,3 +179,82 @@ def tok():
 
     from common.loading import resolve_model_path
     return AutoTokenizer.from_pretrained(resolve_model_path("minilm"))
+
+
+# ---- the tiny checkpoints of the command-line tests: each trained once per session and shared, so a test
+# must not write into them (copy a run directory into tmp_path first to resume or overwrite it); the
+# session ends with an error if one did
+
+def files_of(run) -> list:
+    """(path, size, mtime) of every file under ``run``: what a test must leave as it found it."""
+    return sorted((os.path.relpath(os.path.join(d, f), run), st.st_size, st.st_mtime_ns)
+                  for d, _, fs in os.walk(run) for f in fs for st in [os.stat(os.path.join(d, f))])
+
+
+def unchanged(run, before) -> None:
+    assert files_of(run) == before, f"a test wrote into the shared run {run}; copy it into tmp_path first"
+
+def train_args(tiny_bert, tiny_corpus, wf, out, max_steps=4, extra=()):
+    """train.py on the tiny BERT and corpus: absorbing diffusion, --task lm, the spindle schedule."""
+    return ["train.py", "--model_name_or_path", tiny_bert, "--dataset", "text", "--data_files", tiny_corpus,
+            "--word_freq_file", str(wf), "--num_steps", "64", "--max_len", "32", "--batch_size", "8",
+            "--eval_steps", "8", "--eval_examples", "16", "--lr", "1e-3", "--warmup_steps", "0",
+            "--decay", "constant", "--log_every", "1", "--save_every", "2", "--eval_every", "2",
+            "--max_steps", str(max_steps), "--out_dir", str(out), "--log_dir", str(out) + "-logs", *extra]
+
+
+def gauss_args(tiny_bert, tiny_pairs, out, max_steps=4, extra=(), T=100):
+    """train.py for a tiny DiffuSeq transformer (--process gaussian) on the verse pairs."""
+    return ("train.py", "--task", "seq2seq", "--process", "gaussian", "--dataset", "folder", "--data_files", tiny_pairs,
+            "--model_name_or_path", tiny_bert, "--num_steps", str(T), "--eval_steps", str(min(T, 64)), "--max_len", "48", "--emb_dim", "8",
+            "--hidden_size", "16", "--num_layers", "1", "--num_heads", "2", "--batch_size", "8",
+            "--max_steps", str(max_steps), "--eval_every", "2", "--eval_examples", "8", "--save_every", "2",
+            "--lr", "1e-3", "--warmup_steps", "0", "--decay", "constant", "--log_every", "1", "--ema_rate", "0.9",
+            "--out_dir", str(out), "--log_dir", str(out) + "_logs", *extra)
+
+
+@pytest.fixture(scope="session")
+def lm_word_freq(tmp_path_factory, tiny_bert, tiny_corpus):
+    """(folder, word-frequency file) of the tiny corpus, written by word_freq.py."""
+    cwd = tmp_path_factory.mktemp("e2e")
+    wf = cwd / "wf.json"
+    run_cli("word_freq.py", "--model_name_or_path", tiny_bert, "--dataset", "text", "--data_files", tiny_corpus,
+            "--out", str(wf), cwd=str(cwd))
+    return cwd, wf
+
+
+@pytest.fixture(scope="session")
+def lm_run(lm_word_freq, tiny_bert, tiny_corpus):
+    """(folder, word-frequency file, run directory, train.py's CompletedProcess): 4 steps of ``train_args``."""
+    cwd, wf = lm_word_freq
+    run = cwd / "run"
+    proc = run_cli(*train_args(tiny_bert, tiny_corpus, wf, run), cwd=str(cwd))
+    before = files_of(run)
+    yield cwd, wf, run, proc
+    unchanged(run, before)
+
+
+@pytest.fixture(scope="session")
+def gauss_run(tmp_path_factory, tiny_bert, tiny_pairs):
+    """(folder, run directory): 4 steps of ``gauss_args`` (T = 100, EMA)."""
+    cwd = tmp_path_factory.mktemp("gauss")
+    run = cwd / "run"
+    run_cli(*gauss_args(tiny_bert, tiny_pairs, run), cwd=str(cwd))
+    before = files_of(run)
+    yield cwd, run
+    unchanged(run, before)
+
+
+@pytest.fixture(scope="session")
+def seq2seq_run(tmp_path_factory, tiny_bert, tiny_pairs):
+    """(folder, run directory): 3 steps of absorbing seq2seq training on the tiny BERT (T = 50)."""
+    cwd = tmp_path_factory.mktemp("cond")
+    run = cwd / "run"
+    run_cli("train.py", "--task", "seq2seq", "--dataset", "folder", "--data_files", tiny_pairs,
+            "--model_name_or_path", tiny_bert, "--num_steps", "50", "--max_len", "48",
+            "--batch_size", "8", "--max_steps", "3", "--eval_every", "3", "--eval_examples", "8",
+            "--eval_steps", "4", "--lr", "1e-3", "--warmup_steps", "0", "--log_every", "1",
+            "--out_dir", str(run), "--log_dir", str(cwd / "logs"), cwd=str(cwd))
+    before = files_of(run)
+    yield cwd, run
+    unchanged(run, before)

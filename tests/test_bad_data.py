@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import os
 import re
-from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
@@ -217,8 +216,9 @@ def test_flag_is_off_by_default_and_old_configs_load_without_it():
 # --- end to end ------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_train_cli_skips_bad_lines_with_the_flag_and_stops_without_it(tmp_path):
-    from conftest import run_cli
+    from conftest import run_cli, run_together
 
     lines = [good(i) for i in range(12)]
     lines[4:4] = [b'{"src": "a", "trg": }\n', b"\xff\n"]
@@ -229,12 +229,9 @@ def test_train_cli_skips_bad_lines_with_the_flag_and_stops_without_it(tmp_path):
             "--num_steps", "8", "--max_len", "24", "--batch_size", "4",
             "--max_steps", "2", "--eval_every", "2", "--eval_examples", "4", "--eval_steps", "2",
             "--warmup_steps", "0", "--log_every", "1", "--log_dir", str(tmp_path / "logs")]
-    with ThreadPoolExecutor(2) as pool:  # the two runs side by side: the test takes the time of one
-        strict_run = pool.submit(run_cli, *args, "--out_dir", str(tmp_path / "strict"), cwd=str(tmp_path),
-                                 check=False)
-        ok_run = pool.submit(run_cli, *args, "--skip_bad_lines", "--out_dir", str(tmp_path / "run"),
-                             cwd=str(tmp_path))
-        strict, ok = strict_run.result(), ok_run.result()
+    strict, ok = run_together(  # the two runs side by side: the test takes the time of one
+        lambda: run_cli(*args, "--out_dir", str(tmp_path / "strict"), cwd=str(tmp_path), check=False),
+        lambda: run_cli(*args, "--skip_bad_lines", "--out_dir", str(tmp_path / "run"), cwd=str(tmp_path)))
     train = root / "train.jsonl"
     assert strict.returncode == 2 and "Traceback" not in strict.stderr
     errors = [ln for ln in strict.stderr.splitlines() if ln.startswith("error:")]

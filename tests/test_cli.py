@@ -8,15 +8,7 @@ import shutil
 
 import pytest
 
-from conftest import ROOT, run_cli
-
-
-def train_args(tiny_bert, tiny_corpus, wf, out, max_steps=4, extra=()):
-    return ["train.py", "--model_name_or_path", tiny_bert, "--dataset", "text", "--data_files", tiny_corpus,
-            "--word_freq_file", str(wf), "--num_steps", "64", "--max_len", "32", "--batch_size", "8",
-            "--eval_steps", "8", "--eval_examples", "16", "--lr", "1e-3", "--warmup_steps", "0",
-            "--decay", "constant", "--log_every", "1", "--save_every", "2", "--eval_every", "2",
-            "--max_steps", str(max_steps), "--out_dir", str(out), "--log_dir", str(out) + "-logs", *extra]
+from conftest import ROOT, run_cli, run_here, run_together, train_args
 
 
 def records(run_dir, split):
@@ -24,19 +16,8 @@ def records(run_dir, split):
         return [r for r in map(json.loads, f) if r["split"] == split]
 
 
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory, tiny_bert, tiny_corpus):
-    cwd = tmp_path_factory.mktemp("e2e")
-    wf = cwd / "wf.json"
-    run_cli("word_freq.py", "--model_name_or_path", tiny_bert, "--dataset", "text", "--data_files", tiny_corpus,
-            "--out", str(wf), cwd=str(cwd))
-    run = cwd / "run"
-    proc = run_cli(*train_args(tiny_bert, tiny_corpus, wf, run), cwd=str(cwd))
-    return cwd, wf, run, proc
-
-
-def test_word_freq_counts(trained, tiny_corpus, tok):
-    cwd, wf, _, _ = trained
+def test_word_freq_counts(lm_word_freq, tiny_corpus, tok):
+    _, wf = lm_word_freq
     rec = json.load(open(wf))
     assert len(rec["counts"]) == 30522 and rec["vocab_size"] == 30522
     # what the schedule noises, as DiffusionBERT's word_freq.py counts it: add_special_tokens=False
@@ -50,9 +31,9 @@ def test_word_freq_counts(trained, tiny_corpus, tok):
     assert rec["num_tokens"] == sum(expected) and rec["format"] == "diffusion-word-freq-v2"
 
 
-def test_word_freq_v1_files_still_load_and_are_flagged(trained, tmp_path):
+def test_word_freq_v1_files_still_load_and_are_flagged(lm_word_freq, tmp_path):
     from textdata import word_freq
-    cwd, wf, _, _ = trained
+    _, wf = lm_word_freq
     old = json.load(open(wf))
     old["format"] = "diffusion-word-freq-v1"
     del old["excluded_ids"]
@@ -62,8 +43,9 @@ def test_word_freq_v1_files_still_load_and_are_flagged(trained, tmp_path):
     assert not word_freq.is_current(str(tmp_path / "missing.json"))
 
 
-def test_train_writes_checkpoints_and_logs(trained):
-    cwd, wf, run, proc = trained
+@pytest.mark.slow
+def test_train_writes_checkpoints_and_logs(lm_run):
+    _, _, run, proc = lm_run
     assert [r["step"] for r in records(run, "train")] == [1, 2, 3, 4]
     assert [r["step"] for r in records(run, "dev")] == [2, 4]
     for r in records(run, "train"):
@@ -79,37 +61,44 @@ def test_train_writes_checkpoints_and_logs(trained):
     assert "it/s" in proc.stdout or "s/it" in proc.stdout  # the tqdm bar
 
 
-def test_predict_elbo_metric(trained, tiny_corpus):
-    cwd, wf, run, _ = trained
+@pytest.mark.slow
+def test_predict_elbo_metric(lm_run, tiny_corpus, tmp_path):
+    _, _, run, _ = lm_run
+    cwd = tmp_path
     gen = cwd / "gen"
     common = ["predict.py", "--checkpoint", str(run), "--num_samples", "6", "--steps", "16", "--batch_size", "4",
               "--seed", "7", "--out_dir", str(gen)]
-    out = run_cli(*common, "--name", "a", cwd=str(cwd))
+    elbo_args = ["compute_elbo.py", "--checkpoint", str(run), "--num_examples", "12", "--eval_steps", "4", "--seed", "3"]
+    for i in range(2):  # each its own working directory, hence datasets cache: they run side by side
+        (cwd / f"e{i}").mkdir()
+    out, _, _, *elbo = run_together(
+        lambda: run_cli(*common, "--name", "a", cwd=str(cwd)),
+        lambda: run_cli(*common, "--name", "b", cwd=str(cwd)),
+        lambda: run_cli(*common, "--name", "c", "--no_cache", cwd=str(cwd)),
+        *(lambda i=i: run_cli(*elbo_args, "--out", str(cwd / f"elbo{i}.json"), cwd=str(cwd / f"e{i}"))
+          for i in range(2)))
     assert "network calls" in out.stdout
-    run_cli(*common, "--name", "b", cwd=str(cwd))
-    run_cli(*common, "--name", "c", "--no_cache", cwd=str(cwd))
     a, b, c = ((gen / f"{n}.txt").read_text().splitlines() for n in "abc")
     assert len(a) == 6 and a == b == c  # same seed, same samples; the cache changes nothing
     assert not any("[MASK]" in line for line in a)
     meta_a, meta_c = (json.load(open(gen / f"{n}.json")) for n in "ac")
     assert meta_a["row_evaluations"] <= meta_c["row_evaluations"]
 
-    before = (gen / "a.txt").read_text()
-    again = run_cli(*common, "--name", "a", cwd=str(cwd), check=False)
-    assert again.returncode == 2 and again.stderr.strip().startswith("error:") and len(again.stderr.strip().splitlines()) == 1
-    assert (gen / "a.txt").read_text() == before
-
-    elbo = [run_cli("compute_elbo.py", "--checkpoint", str(run), "--num_examples", "12", "--eval_steps", "4",
-                    "--seed", "3", "--out", str(cwd / f"elbo{i}.json"), cwd=str(cwd)) for i in range(2)]
     r0, r1 = (json.load(open(cwd / f"elbo{i}.json")) for i in range(2))
     assert r0["nll_bound"] == r1["nll_bound"]  # seeded: repeatable
     assert r0["ppl_word"] > r0["ppl_token"] > 1.0 and r0["num_examples"] == 12
     assert elbo[0].returncode == 0
 
+    before = (gen / "a.txt").read_text()
     m = cwd / "m.json"
-    run_cli("compute_metric.py", "--samples", str(gen / "a.txt"), "--references",
-            os.path.join(tiny_corpus, "test.txt"), "--tokenizer", str(run / "checkpoints" / "best"),
-            "--out", str(m), cwd=str(cwd))
+    again, _ = run_together(  # the refusal finds a.txt, compute_metric reads it: neither writes it
+        lambda: run_cli(*common, "--name", "a", cwd=str(cwd), check=False),
+        lambda: run_cli("compute_metric.py", "--samples", str(gen / "a.txt"), "--references",
+                        os.path.join(tiny_corpus, "test.txt"), "--tokenizer", str(run / "checkpoints" / "best"),
+                        "--out", str(m), cwd=str(cwd)))
+    assert again.returncode == 2 and again.stderr.strip().startswith("error:") and len(again.stderr.strip().splitlines()) == 1
+    assert (gen / "a.txt").read_text() == before
+
     res = json.load(open(m))["metrics"]
     assert res["num_samples"] == 6
     # oracle: nltk's corpus_bleu per sample against every reference (resp. every other sample), DiffusionBERT's
@@ -127,25 +116,28 @@ def test_predict_elbo_metric(trained, tiny_corpus):
     assert res["self_bleu"] == pytest.approx(want_self, abs=1e-9)
 
 
-def test_predict_released_sampler_fixed_length(trained):
-    cwd, wf, run, _ = trained
+@pytest.mark.slow
+def test_predict_released_sampler_fixed_length(lm_run, tmp_path):
+    _, _, run, _ = lm_run
+    cwd = tmp_path
     gen = cwd / "gen_released"
     common = ["predict.py", "--checkpoint", str(run), "--num_samples", "5", "--steps", "16", "--batch_size", "4",
               "--seed", "3", "--out_dir", str(gen), "--sampler", "released", "--topk", "30", "--temperature", "0.1",
               "--length", "6"]
-    run_cli(*common, "--name", "a", cwd=str(cwd))
-    run_cli(*common, "--name", "b", "--no_cache", cwd=str(cwd))
+    run_together(lambda: run_cli(*common, "--name", "a", cwd=str(cwd)),
+                 lambda: run_cli(*common, "--name", "b", "--no_cache", cwd=str(cwd)))
     a, b = ((gen / f"{n}.txt").read_text().splitlines() for n in "ab")
     assert len(a) == 5 and a == b and not any("[MASK]" in line for line in a)
     meta = json.load(open(gen / "a.json"))
     assert meta["sampler"] == "released" and meta["length"] == 6
-    p = run_cli(*common[:-1], "31", "--name", "c", cwd=str(cwd), check=False)  # training --max_len 32
+    p = run_here(*common[:-1], "31", "--name", "c", cwd=str(cwd))  # training --max_len 32
     one_error_line(p, "--length", "30")
 
 
-def test_released_loss_weighting_is_stored_and_old_configs_are_elbo(trained, tiny_bert, tiny_corpus, tmp_path):
+@pytest.mark.slow
+def test_released_loss_weighting_is_stored_and_old_configs_are_elbo(lm_run, tiny_bert, tiny_corpus, tmp_path):
     from runtime.config import from_dict
-    cwd, wf, run, _ = trained
+    _, wf, run, _ = lm_run
     info = json.load(open(run / "checkpoints" / "last" / "run_config.json"))
     assert info["config"]["loss_weighting"] == "elbo"
     old = dict(info["config"])
@@ -158,8 +150,9 @@ def test_released_loss_weighting_is_stored_and_old_configs_are_elbo(trained, tin
     assert all(r["loss"] > 0 for r in records(out, "train"))
 
 
-def test_resume_continues_with_identical_losses(tmp_path, trained, tiny_bert, tiny_corpus):
-    cwd, wf, run, _ = trained
+@pytest.mark.slow
+def test_resume_continues_with_identical_losses(tmp_path, lm_run, tiny_bert, tiny_corpus):
+    _, wf, run, _ = lm_run
     part = tmp_path / "part"
     run_cli(*train_args(tiny_bert, tiny_corpus, wf, part, max_steps=2), cwd=str(tmp_path))
     run_cli(*train_args(tiny_bert, tiny_corpus, wf, part, max_steps=4, extra=("--resume", str(part))),
@@ -178,9 +171,11 @@ def one_error_line(proc, *needles):
         assert n in lines[-1], lines[-1]
 
 
-def test_bad_input_gives_one_error_line(tmp_path, trained, tiny_bert, tiny_corpus):
-    cwd, wf, run, _ = trained
-    # spindle without a word-frequency file: the message gives the command that creates it
+@pytest.mark.slow
+def test_bad_input_gives_one_error_line(tmp_path, lm_run, tiny_bert, tiny_corpus):
+    _, wf, run, _ = lm_run
+    # spindle without a word-frequency file: the message gives the command that creates it (a real process,
+    # the rest run in this process: conftest.run_here)
     p = run_cli(*train_args(tiny_bert, tiny_corpus, tmp_path / "nofreq.json", tmp_path / "r1"), cwd=str(tmp_path), check=False)
     one_error_line(p, "not found", "python word_freq.py")
     # a word-frequency file from another tokenizer
@@ -188,25 +183,25 @@ def test_bad_input_gives_one_error_line(tmp_path, trained, tiny_bert, tiny_corpu
     bad["vocab_fingerprint"] = "0" * 16
     bad["tokenizer"] = "other-tokenizer"
     json.dump(bad, open(tmp_path / "other.json", "w"))
-    p = run_cli(*train_args(tiny_bert, tiny_corpus, tmp_path / "other.json", tmp_path / "r2"), cwd=str(tmp_path), check=False)
+    p = run_here(*train_args(tiny_bert, tiny_corpus, tmp_path / "other.json", tmp_path / "r2"), cwd=str(tmp_path))
     one_error_line(p, "other-tokenizer")
     # an existing run directory is not silently reused
-    p = run_cli(*train_args(tiny_bert, tiny_corpus, wf, run), cwd=str(tmp_path), check=False)
+    p = run_here(*train_args(tiny_bert, tiny_corpus, wf, run), cwd=str(tmp_path))
     one_error_line(p, "already holds checkpoints")
     # resuming with another config names both sides
-    p = run_cli(*train_args(tiny_bert, tiny_corpus, wf, run, extra=("--resume", str(run), "--hybrid_lambda", "0.5")),
-                cwd=str(tmp_path), check=False)
+    p = run_here(*train_args(tiny_bert, tiny_corpus, wf, run, extra=("--resume", str(run), "--hybrid_lambda", "0.5")),
+                 cwd=str(tmp_path))
     one_error_line(p, "--hybrid_lambda", "0.01", "0.5")
     # an empty data file
     empty = tmp_path / "empty"
     empty.mkdir()
     (empty / "train.txt").write_text("")
-    p = run_cli(*train_args(tiny_bert, str(empty), wf, tmp_path / "r3", extra=("--schedule", "mutual")), cwd=str(tmp_path), check=False)
+    p = run_here(*train_args(tiny_bert, str(empty), wf, tmp_path / "r3", extra=("--schedule", "mutual")), cwd=str(tmp_path))
     one_error_line(p, "empty")
     # an unknown schedule (argparse rejects it) and --steps beyond T
-    p = run_cli(*train_args(tiny_bert, tiny_corpus, wf, tmp_path / "r4", extra=("--schedule", "linearish")), cwd=str(tmp_path), check=False)
+    p = run_here(*train_args(tiny_bert, tiny_corpus, wf, tmp_path / "r4", extra=("--schedule", "linearish")), cwd=str(tmp_path))
     assert p.returncode == 2 and "invalid choice" in p.stderr
-    p = run_cli("predict.py", "--checkpoint", str(run), "--steps", "65", "--out_dir", str(tmp_path), cwd=str(tmp_path), check=False)
+    p = run_here("predict.py", "--checkpoint", str(run), "--steps", "65", "--out_dir", str(tmp_path), cwd=str(tmp_path))
     one_error_line(p, "T=64")
     # a checkpoint whose tokenizer does not match the network's vocabulary
     broken = tmp_path / "broken"
@@ -215,16 +210,17 @@ def test_bad_input_gives_one_error_line(tmp_path, trained, tiny_bert, tiny_corpu
     tok = AutoTokenizer.from_pretrained(broken)
     tok.add_tokens(["zzzextra1", "zzzextra2"])
     tok.save_pretrained(broken)
-    p = run_cli("predict.py", "--checkpoint", str(broken), "--out_dir", str(tmp_path), cwd=str(tmp_path), check=False)
+    p = run_here("predict.py", "--checkpoint", str(broken), "--out_dir", str(tmp_path), cwd=str(tmp_path))
     one_error_line(p, "does not match")
     # a missing checkpoint
-    p = run_cli("compute_elbo.py", "--checkpoint", str(tmp_path / "nope"), cwd=str(tmp_path), check=False)
+    p = run_here("compute_elbo.py", "--checkpoint", str(tmp_path / "nope"), cwd=str(tmp_path))
     one_error_line(p, "does not exist")
 
 
-def test_torchrun_two_ranks_gloo(tmp_path, trained, tiny_bert, tiny_corpus):
+@pytest.mark.slow
+def test_torchrun_two_ranks_gloo(tmp_path, lm_word_freq, tiny_bert, tiny_corpus):
     """DDP on the CPU: two ranks train together, and only rank 0 prints, logs and writes checkpoints."""
-    cwd, wf, _, _ = trained
+    _, wf = lm_word_freq
     out = tmp_path / "ddp"
     args = train_args(tiny_bert, tiny_corpus, wf, out, max_steps=2, extra=("--accumulation_steps", "2"))
     proc = run_cli("-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
@@ -237,20 +233,24 @@ def test_torchrun_two_ranks_gloo(tmp_path, trained, tiny_bert, tiny_corpus):
     assert len(state["rng"]) == 2  # every rank's RNG is saved for an exact resume
 
 
-def test_torchrun_shards_sampling_and_elbo(tmp_path, trained):
+@pytest.mark.slow
+def test_torchrun_shards_sampling_and_elbo(tmp_path, lm_run):
     """predict.py and compute_elbo.py under torchrun: the batches are shared out between 2 gloo ranks, and
     rank 0 writes exactly what one process writes (each batch has its own seed)."""
-    cwd, _, run, _ = trained
+    cwd, _, run, _ = lm_run
     common = ["--checkpoint", str(run), "--num_samples", "7", "--steps", "16", "--batch_size", "2",
               "--seed", "5", "--out_dir", str(tmp_path)]
     elbo = ["--checkpoint", str(run), "--num_examples", "10", "--eval_steps", "4", "--batch_size", "3",
             "--seed", "3"]
-    run_cli("predict.py", *common, "--name", "one", cwd=str(cwd))
-    run_cli("compute_elbo.py", *elbo, "--out", str(tmp_path / "elbo1.json"), cwd=str(cwd))
     torchrun = ("-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2")
-    proc = run_cli(*torchrun, os.path.join(ROOT, "predict.py"), *common, "--name", "two", cwd=str(cwd))
+    # side by side: sampling, which reads no data, beside the ELBO, which fills the datasets cache of cwd
+    run_together(lambda: run_cli("predict.py", *common, "--name", "one", cwd=str(cwd)),
+                 lambda: run_cli("compute_elbo.py", *elbo, "--out", str(tmp_path / "elbo1.json"), cwd=str(cwd)))
+    proc, _ = run_together(
+        lambda: run_cli(*torchrun, os.path.join(ROOT, "predict.py"), *common, "--name", "two", cwd=str(cwd)),
+        lambda: run_cli(*torchrun, os.path.join(ROOT, "compute_elbo.py"), *elbo, "--out", str(tmp_path / "elbo2.json"),
+                        cwd=str(cwd)))
     assert proc.stdout.count("predict: wrote 7 samples") == 1  # rank 0 alone reports and writes
-    run_cli(*torchrun, os.path.join(ROOT, "compute_elbo.py"), *elbo, "--out", str(tmp_path / "elbo2.json"), cwd=str(cwd))
     one, two = ((tmp_path / f"{n}.txt").read_bytes() for n in ("one", "two"))
     assert one == two and len(one.splitlines()) == 7
     assert json.load(open(tmp_path / "two.json"))["ranks"] == 2

@@ -13,6 +13,7 @@ import sys
 import threading
 import time
 
+import pytest
 import torch
 from conftest import ROOT, cli_env
 from test_faults import args, ckpt_step
@@ -106,6 +107,7 @@ def ranks_of(out_dir) -> list[int]:
     return pids
 
 
+@pytest.mark.slow
 def test_nan_on_one_rank_skips_on_every_rank_and_only_rank0_writes(tmp_path, tiny_bert, tiny_pairs):
     cwd, probe = tmp_path / "cwd", tmp_path / "probe"
     cwd.mkdir()
@@ -143,6 +145,7 @@ def test_nan_on_one_rank_skips_on_every_rank_and_only_rank0_writes(tmp_path, tin
     assert not ranks_of(run)
 
 
+@pytest.mark.slow
 def test_failure_on_one_rank_stops_every_rank_promptly(tmp_path, tiny_bert, tiny_pairs):
     run = tmp_path / "run"
     a = args(tiny_bert, tiny_pairs, run, max_steps=1000)
@@ -159,6 +162,7 @@ def test_failure_on_one_rank_stops_every_rank_promptly(tmp_path, tiny_bert, tiny
     assert ckpt_step(run) == 2
 
 
+@pytest.mark.slow
 def test_user_error_on_one_rank_ends_the_job_with_one_message(tmp_path, tiny_bert, tiny_pairs):
     # rank 0 reads the data first while rank 1 waits at a barrier: the error is raised on rank 0 only
     data = tmp_path / "data"

@@ -10,22 +10,13 @@ import pytest
 import torch
 from nltk.translate.bleu_score import SmoothingFunction, sentence_bleu
 
-from conftest import ROOT, run_cli
+from conftest import ROOT, gauss_args, run_cli, run_here, run_together
 from released_diffuseq import space_timesteps_adp
 
 
 def read_jsonl(path):
     with open(path, encoding="utf-8") as f:
         return [json.loads(line) for line in f]
-
-
-def gauss_args(tiny_bert, tiny_pairs, out, max_steps=4, extra=(), T=100):
-    return ("train.py", "--task", "seq2seq", "--process", "gaussian", "--dataset", "folder", "--data_files", tiny_pairs,
-            "--model_name_or_path", tiny_bert, "--num_steps", str(T), "--eval_steps", str(min(T, 64)), "--max_len", "48", "--emb_dim", "8",
-            "--hidden_size", "16", "--num_layers", "1", "--num_heads", "2", "--batch_size", "8",
-            "--max_steps", str(max_steps), "--eval_every", "2", "--eval_examples", "8", "--save_every", "2",
-            "--lr", "1e-3", "--warmup_steps", "0", "--decay", "constant", "--log_every", "1", "--ema_rate", "0.9",
-            "--out_dir", str(out), "--log_dir", str(out) + "_logs", *extra)
 
 
 def train_losses(run):
@@ -52,14 +43,7 @@ def diffuseq_mbr_bleu(folder) -> float:
     return sum(scores) / len(scores)
 
 
-@pytest.fixture(scope="module")
-def gauss_run(tmp_path_factory, tiny_bert, tiny_pairs):
-    cwd = tmp_path_factory.mktemp("gauss")
-    run = cwd / "run"
-    run_cli(*gauss_args(tiny_bert, tiny_pairs, run), cwd=str(cwd))
-    return cwd, run
-
-
+@pytest.mark.slow
 def test_checkpoint_holds_ema_and_config(gauss_run):
     _, run = gauss_run
     last = run / "checkpoints" / "last"
@@ -73,11 +57,16 @@ def test_checkpoint_holds_ema_and_config(gauss_run):
     assert ts["ema_updates"] == 4 and int(ts["timestep_sampler"]["count"].sum()) == 4 * 8
 
 
+@pytest.mark.slow
 def test_resume_is_exact_with_lossaware_and_ema(tmp_path, tiny_bert, tiny_pairs):
     # T = 4: the lossaware sampler is half warm at the checkpoint (step 4 of 8, 10 losses needed per t)
     run, part = tmp_path / "run", tmp_path / "part"
-    run_cli(*gauss_args(tiny_bert, tiny_pairs, run, max_steps=8, T=4, extra=("--save_every", "4")), cwd=str(tmp_path))
-    run_cli(*gauss_args(tiny_bert, tiny_pairs, part, max_steps=4, T=4, extra=("--save_every", "4")), cwd=str(tmp_path))
+    (tmp_path / "c").mkdir()  # the second one's datasets cache: they run side by side
+    run_together(
+        lambda: run_cli(*gauss_args(tiny_bert, tiny_pairs, run, max_steps=8, T=4, extra=("--save_every", "4")),
+                        cwd=str(tmp_path)),
+        lambda: run_cli(*gauss_args(tiny_bert, tiny_pairs, part, max_steps=4, T=4, extra=("--save_every", "4")),
+                        cwd=str(tmp_path / "c")))
     run_cli(*gauss_args(tiny_bert, tiny_pairs, part, max_steps=8, T=4, extra=("--save_every", "4", "--resume", str(part))),
             cwd=str(tmp_path))
     assert len(train_losses(run)) == 8 and train_losses(part) == train_losses(run)
@@ -89,14 +78,28 @@ def test_resume_is_exact_with_lossaware_and_ema(tmp_path, tiny_bert, tiny_pairs)
         assert all(torch.equal(a[k], b[k]) for k in a), name
 
 
-def test_post_train_decode_and_compare(gauss_run, tiny_bert, tiny_pairs):
-    cwd, run = gauss_run
+@pytest.mark.slow
+def test_post_train_decode_and_compare(gauss_run, tiny_bert, tiny_pairs, tmp_path):
+    _, run = gauss_run
+    cwd = tmp_path
     post = cwd / "post"
-    # model/data flags are inherited from the checkpoint
-    run_cli("train.py", "--post_train", str(run), "--simi_penalty", "l2_noise_random", "--simi_noise", "0.2",
-            "--lr", "1e-4", "--decay", "constant", "--warmup_steps", "0", "--batch_size", "8", "--max_steps", "2",
-            "--eval_every", "2", "--eval_examples", "8", "--save_every", "2", "--log_every", "1",
-            "--out_dir", str(post), "--log_dir", str(cwd / "logs"), cwd=str(cwd))
+    gen = cwd / "gen"
+    specs = ("full", "uniform_5", "adp_10")
+
+    def decode(ckpt, tag, spec):
+        # each decode its own working directory, hence datasets cache: they run side by side
+        (cwd / f"{tag}-{spec}").mkdir()
+        return run_cli("predict_downstream_condition.py", "--checkpoint", str(ckpt), "--decode_respacing", spec,
+                       "--mbr_size", "2", "--batch_size", "6", "--name", f"{tag}-{spec}", "--out_dir", str(gen),
+                       cwd=str(cwd / f"{tag}-{spec}"))
+
+    # model/data flags are inherited from the checkpoint; the base checkpoint decodes meanwhile
+    run_together(lambda: run_cli("train.py", "--post_train", str(run), "--simi_penalty", "l2_noise_random",
+                                 "--simi_noise", "0.2", "--lr", "1e-4", "--decay", "constant", "--warmup_steps", "0",
+                                 "--batch_size", "8", "--max_steps", "2", "--eval_every", "2", "--eval_examples", "8",
+                                 "--save_every", "2", "--log_every", "1", "--out_dir", str(post),
+                                 "--log_dir", str(cwd / "logs"), cwd=str(cwd)),
+                 *(lambda spec=spec: decode(run, "base", spec) for spec in specs))
     cfg = json.load(open(post / "checkpoints" / "last" / "run_config.json"))
     assert cfg["config"]["hidden_size"] == 16 and cfg["derived"]["post_trained_from"].startswith(str(run))
     assert (cfg["config"]["simi_maps"], cfg["config"]["loss_average"], cfg["config"]["simi_lambda"]) == \
@@ -104,12 +107,7 @@ def test_post_train_decode_and_compare(gauss_run, tiny_bert, tiny_pairs):
     rows = [r for r in read_jsonl(post / "metrics.jsonl") if r.get("split") == "train"]
     assert rows and all(r["penalty"] > 0 for r in rows)
 
-    gen = cwd / "gen"
-    for ckpt, tag in ((run, "base"), (post, "post")):
-        for spec in ("full", "uniform_5", "adp_10"):
-            run_cli("predict_downstream_condition.py", "--checkpoint", str(ckpt), "--decode_respacing", spec,
-                    "--mbr_size", "2", "--batch_size", "6", "--name", f"{tag}-{spec}", "--out_dir", str(gen),
-                    cwd=str(cwd))
+    run_together(*(lambda spec=spec: decode(post, "post", spec) for spec in specs))
     info = json.load(open(gen / "post-adp_10" / "decode.json"))
     assert info["process"] == "gaussian" and info["timesteps"] == sorted(space_timesteps_adp(100, 10))
     assert all(t["network_calls"] == 2 * 10 for t in info["timings"])  # 2 batches x 10 steps
@@ -132,14 +130,17 @@ def test_post_train_decode_and_compare(gauss_run, tiny_bert, tiny_pairs):
         assert r["num_sources"] == n
 
 
-def test_torchrun_decoding_matches_one_process_and_repeats(tmp_path, gauss_run):
+@pytest.mark.slow
+def test_torchrun_decoding_matches_one_process_and_repeats(tmp_path, gauss_run, tmp_path_factory):
     """Sharded decoding under torchrun (2 gloo ranks) writes the same files as one process, and the same
     checkpoint, seed and flags give byte-identical files again."""
     cwd, run = gauss_run
     dec = ["--checkpoint", str(run), "--decode_respacing", "uniform_4", "--mbr_size", "2", "--batch_size", "5",
            "--out_dir", str(tmp_path)]
-    for name in ("one", "again"):
-        run_cli("predict_downstream_condition.py", *dec, "--name", name, cwd=str(cwd))
+    # the two one-process decodes side by side, each its own working directory (datasets cache)
+    run_together(*(lambda name=name: run_cli("predict_downstream_condition.py", *dec, "--name", name,
+                                             cwd=str(tmp_path_factory.mktemp(name)))
+                   for name in ("one", "again")))
     run_cli("-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
             os.path.join(ROOT, "predict_downstream_condition.py"), *dec, "--name", "two", cwd=str(cwd))
     files = ("seed42.jsonl", "seed43.jsonl", "mbr.jsonl", "copy_source.jsonl")
@@ -158,27 +159,33 @@ def one_error_line(proc, *needles):
         assert n in last, last
 
 
+@pytest.mark.slow
 def test_mismatches_give_one_error_line(tmp_path, gauss_run, tiny_bert, tiny_pairs):
     cwd, run = gauss_run
     dec = ("predict_downstream_condition.py", "--checkpoint", str(run), "--out_dir", str(tmp_path / "g"))
-    one_error_line(run_cli(*dec, "--steps", "10", cwd=str(cwd), check=False), "--decode_respacing uniform_10")
-    one_error_line(run_cli(*dec, "--decode_respacing", "adp_500", cwd=str(cwd), check=False), "exceed", "T=100")
-    one_error_line(run_cli(*dec, "--topk", "5", cwd=str(cwd), check=False), "absorbing")
-    one_error_line(run_cli(*dec, "--sampler", "released", cwd=str(cwd), check=False), "absorbing")
-    one_error_line(run_cli("predict.py", "--checkpoint", str(run), cwd=str(cwd), check=False),
+    # one of each script through a real process (side by side), the rest in this process (conftest.run_here):
+    # they stop at a flag or config check
+    steps, task = run_together(
+        lambda: run_cli(*dec, "--steps", "10", cwd=str(cwd), check=False),
+        lambda: run_cli(*gauss_args(tiny_bert, tiny_pairs, tmp_path / "lm", extra=("--task", "lm")), cwd=str(cwd),
+                        check=False))
+    one_error_line(steps, "--decode_respacing uniform_10")
+    one_error_line(run_here(*dec, "--decode_respacing", "adp_500", cwd=str(cwd)), "exceed", "T=100")
+    one_error_line(run_here(*dec, "--topk", "5", cwd=str(cwd)), "absorbing")
+    one_error_line(run_here(*dec, "--sampler", "released", cwd=str(cwd)), "absorbing")
+    one_error_line(run_here("predict.py", "--checkpoint", str(run), cwd=str(cwd)),
                    "seq2seq checkpoint", "predict_downstream_condition.py")
     # a different network than the checkpoint's, and post-training an unknown process
-    one_error_line(run_cli("train.py", "--post_train", str(run), "--hidden_size", "32", "--out_dir",
-                           str(tmp_path / "p"), cwd=str(cwd), check=False), "--hidden_size: checkpoint 16 vs now 32")
-    one_error_line(run_cli(*gauss_args(tiny_bert, tiny_pairs, tmp_path / "lm", extra=("--task", "lm")), cwd=str(cwd),
-                           check=False), "--task seq2seq")
-    one_error_line(run_cli(*gauss_args(tiny_bert, tiny_pairs, tmp_path / "sch", extra=("--schedule", "spindle")),
-                           cwd=str(cwd), check=False), "not a gaussian schedule")
-    one_error_line(run_cli("train.py", "--simi_penalty", "l2_noise_random", "--out_dir", str(tmp_path / "a"),
-                           cwd=str(cwd), check=False), "--process gaussian")
+    one_error_line(run_here("train.py", "--post_train", str(run), "--hidden_size", "32", "--out_dir",
+                            str(tmp_path / "p"), cwd=str(cwd)), "--hidden_size: checkpoint 16 vs now 32")
+    one_error_line(task, "--task seq2seq")
+    one_error_line(run_here(*gauss_args(tiny_bert, tiny_pairs, tmp_path / "sch", extra=("--schedule", "spindle")),
+                            cwd=str(cwd)), "not a gaussian schedule")
+    one_error_line(run_here("train.py", "--simi_penalty", "l2_noise_random", "--out_dir", str(tmp_path / "a"),
+                            cwd=str(cwd)), "--process gaussian")
     # a positive simi_lambda with the l2 penalty (an error in the released code too)
-    one_error_line(run_cli("train.py", "--post_train", str(run), "--simi_penalty", "l2_noise_random", "--simi_lambda",
-                           "2", "--out_dir", str(tmp_path / "pos"), cwd=str(cwd), check=False),
+    one_error_line(run_here("train.py", "--post_train", str(run), "--simi_penalty", "l2_noise_random", "--simi_lambda",
+                            "2", "--out_dir", str(tmp_path / "pos"), cwd=str(cwd)),
                    "--simi_lambda must be 0 or negative", "got 2.0")
 
 

@@ -13,8 +13,10 @@ import time
 import pytest
 import torch
 
-from conftest import ROOT, cli_env, run_cli
-from test_diffuseq_cli import gauss_args, train_losses
+from conftest import ROOT, cli_env, gauss_args, run_cli, run_together
+from test_diffuseq_cli import train_losses
+
+pytestmark = pytest.mark.slow  # every test trains
 
 STEPS = 10
 
@@ -109,9 +111,14 @@ def test_crash_while_saving_keeps_the_previous_checkpoint(tmp_path, straight, ti
 
 def test_non_finite_losses_skip_the_update_then_stop(tmp_path, tiny_bert, tiny_pairs):
     run = tmp_path / "run"
+    stop = tmp_path / "stop"
+    (tmp_path / "c").mkdir()  # the second run's datasets cache: the two run side by side
     # NaN at steps 3 and 4; with --max_bad_steps 3 the run survives, with 2 it stops at step 4
-    p = run_cli(*args(tiny_bert, tiny_pairs, run, max_steps=6, extra=("--keep_last", "10")), cwd=str(tmp_path),
-                env_extra={"DLM_FAULT_NAN_STEPS": "3,4"})
+    p, p_stop = run_together(
+        lambda: run_cli(*args(tiny_bert, tiny_pairs, run, max_steps=6, extra=("--keep_last", "10")), cwd=str(tmp_path),
+                        env_extra={"DLM_FAULT_NAN_STEPS": "3,4"}),
+        lambda: run_cli(*args(tiny_bert, tiny_pairs, stop, max_steps=6, extra=("--max_bad_steps", "2", "--keep_last", "10")),
+                        cwd=str(tmp_path / "c"), check=False, env_extra={"DLM_FAULT_NAN_STEPS": "3,4"}))
     rows = [json.loads(line) for line in open(run / "metrics.jsonl")]
     assert [r["step"] for r in rows if r.get("split") == "skip"] == [3, 4]
     assert [r for r in rows if r.get("split") == "train"][-1]["skipped_steps"] == 2
@@ -123,9 +130,7 @@ def test_non_finite_losses_skip_the_update_then_stop(tmp_path, tiny_bert, tiny_p
     assert any(not torch.equal(s4[k], s6[k]) for k in s4)  # and training went on afterwards
     assert all(torch.isfinite(v).all() for v in s6.values())
 
-    stop = tmp_path / "stop"
-    p = run_cli(*args(tiny_bert, tiny_pairs, stop, max_steps=6, extra=("--max_bad_steps", "2", "--keep_last", "10")),
-                cwd=str(tmp_path), check=False, env_extra={"DLM_FAULT_NAN_STEPS": "3,4"})
+    p = p_stop
     assert p.returncode == 2 and "2 non-finite losses in a row at step 4" in p.stderr.strip().splitlines()[-1]
     assert ckpt_step(stop) == 4
     last = torch.load(stop / "checkpoints" / "last" / "model.pt")

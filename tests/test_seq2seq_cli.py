@@ -8,7 +8,7 @@ import os
 import numpy as np
 import pytest
 
-from conftest import run_cli
+from conftest import run_cli, run_here, run_together
 from evaluation.seq2seq import strip_special
 from test_seq2seq_metrics import diffuseq_era_decode, diversityOfSet, get_bleu_e44113d, select_best_index
 
@@ -18,20 +18,10 @@ def read_jsonl(path):
         return [json.loads(line) for line in f]
 
 
-@pytest.fixture(scope="module")
-def cond_run(tmp_path_factory, tiny_bert, tiny_pairs):
-    cwd = tmp_path_factory.mktemp("cond")
-    run = cwd / "run"
-    run_cli("train.py", "--task", "seq2seq", "--dataset", "folder", "--data_files", tiny_pairs,
-            "--model_name_or_path", tiny_bert, "--num_steps", "50", "--max_len", "48",
-            "--batch_size", "8", "--max_steps", "3", "--eval_every", "3", "--eval_examples", "8",
-            "--eval_steps", "4", "--lr", "1e-3", "--warmup_steps", "0", "--log_every", "1",
-            "--out_dir", str(run), "--log_dir", str(cwd / "logs"), cwd=str(cwd))
-    return cwd, run
-
-
-def test_decode_with_mbr_and_metrics(cond_run, tiny_pairs, tok):
-    cwd, run = cond_run
+@pytest.mark.slow
+def test_decode_with_mbr_and_metrics(seq2seq_run, tiny_pairs, tok, tmp_path):
+    _, run = seq2seq_run
+    cwd = tmp_path
     run_cli("predict_downstream_condition.py", "--checkpoint", str(run), "--split", "test", "--steps", "10",
             "--mbr_size", "3", "--batch_size", "5", "--seed", "5", "--name", "dec", "--out_dir", str(cwd / "gen"),
             cwd=str(cwd))
@@ -60,28 +50,30 @@ def test_decode_with_mbr_and_metrics(cond_run, tiny_pairs, tok):
     assert mbr == [seeds[k][i] for i, k in enumerate(picks)]
 
     m = cwd / "m.json"
-    run_cli("compute_metric.py", "--mode", "seq2seq", "--samples", str(out / "mbr.jsonl"), "--bertscore_model",
-            "none", "--out", str(m), cwd=str(cwd))
+    # three readers of the decode side by side: the metrics of mbr.jsonl, of the folder, and MBR on its own
+    run_together(
+        lambda: run_cli("compute_metric.py", "--mode", "seq2seq", "--samples", str(out / "mbr.jsonl"),
+                        "--bertscore_model", "none", "--out", str(m), cwd=str(cwd)),
+        lambda: run_cli("compute_metric.py", "--mode", "seq2seq", "--samples", str(out), "--bertscore_model", "none",
+                        cwd=str(cwd)),
+        lambda: run_cli("predict_downstream_condition.py", "--mbr_only", *(str(out / f"seed{s}.jsonl") for s in (5, 6, 7)),
+                        "--name", "mbr2", "--out_dir", str(cwd / "gen"), cwd=str(cwd)))
     res = json.load(open(m))["metrics"]
     want = np.mean([get_bleu_e44113d(strip_special(r["recover"]), strip_special(r["reference"], pad=False))
                     for r in mbr])
     assert res["bleu"] == float(want)
     # the generation folder itself: its seed*.jsonl files (not decode.json), self-BLEU as DiffuSeq's script
-    run_cli("compute_metric.py", "--mode", "seq2seq", "--samples", str(out), "--bertscore_model", "none",
-            cwd=str(cwd))
     report = json.load(open(out / "seq2seq_metrics.json"))
     assert [os.path.basename(f) for f in report["inputs"]["files"]] == ["seed5.jsonl", "seed6.jsonl", "seed7.jsonl"]
     cands = [[strip_special(rows[i]["recover"]) for rows in seeds] for i in range(n)]
     assert report["metrics"]["self_bleu"] == float(np.mean([diversityOfSet(c)[0] for c in cands]))
 
     # the same decode again refuses to overwrite
-    p = run_cli("predict_downstream_condition.py", "--checkpoint", str(run), "--steps", "10", "--name", "dec",
-                "--out_dir", str(cwd / "gen"), cwd=str(cwd), check=False)
+    p = run_here("predict_downstream_condition.py", "--checkpoint", str(run), "--steps", "10", "--name", "dec",
+                 "--out_dir", str(cwd / "gen"), cwd=str(cwd))
     assert p.returncode == 2 and "already exists" in p.stderr
 
     # MBR on its own over existing files gives the same selection
-    run_cli("predict_downstream_condition.py", "--mbr_only", *(str(out / f"seed{s}.jsonl") for s in (5, 6, 7)),
-            "--name", "mbr2", "--out_dir", str(cwd / "gen"), cwd=str(cwd))
     assert read_jsonl(cwd / "gen" / "mbr2" / "mbr.jsonl") == mbr
 
 
@@ -108,15 +100,17 @@ def test_mbr_only_on_files_of_the_old_decoder(tmp_path):
     assert picks[0] == 0 and got[1]["recover"] == "the lord ' s word [PAD]"  # a tie: the first, as written
 
 
-def test_spindle_is_off_by_default_for_seq2seq(cond_run):
-    _, run = cond_run
+@pytest.mark.slow
+def test_spindle_is_off_by_default_for_seq2seq(seq2seq_run):
+    _, run = seq2seq_run
     info = json.load(open(run / "checkpoints" / "last" / "run_config.json"))
     assert info["config"]["schedule"] == "mutual" and info["derived"]["word_freq"] is None
 
 
-def test_task_mismatch_is_one_error_line(cond_run, tmp_path):
-    cwd, run = cond_run
-    p = run_cli("predict.py", "--checkpoint", str(run), "--out_dir", str(tmp_path), cwd=str(tmp_path), check=False)
+@pytest.mark.slow
+def test_task_mismatch_is_one_error_line(seq2seq_run, tmp_path):
+    _, run = seq2seq_run
+    p = run_here("predict.py", "--checkpoint", str(run), "--out_dir", str(tmp_path), cwd=str(tmp_path))
     assert p.returncode == 2 and "seq2seq checkpoint" in p.stderr and "predict_downstream_condition.py" in p.stderr
     p = run_cli("compute_elbo.py", "--checkpoint", str(run), cwd=str(tmp_path), check=False)
     assert p.returncode == 2 and "seq2seq checkpoint" in p.stderr
