@@ -51,6 +51,17 @@ def tiny_corpus(tmp_path_factory) -> str:
     return str(path)
 
 
+@pytest.fixture(scope="module")
+def single_thread():
+    """One intra-op thread for a module of tiny tensors (thread start-up would dominate); use it with
+    ``pytestmark = pytest.mark.usefixtures("single_thread")``."""
+    import torch
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def cli_env(cwd: str, env_extra: dict | None = None) -> dict:
     """The environment the scripts run in under test: offline, two threads, a per-test datasets cache."""
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TOKENIZERS_PARALLELISM="false",

@@ -36,13 +36,7 @@ from diffusion.reference import (
 
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    # Every tensor here is tiny; intra-op thread start-up would dominate the run time.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 V, PAD, CLS, SEP, MASK = 12, 0, 1, 2, 3

@@ -15,12 +15,7 @@ from models import DiffuSeqTransformer
 from runtime import dist
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def hand_coefficients(alphabar: list[float], t: int, s: int):

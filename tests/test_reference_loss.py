@@ -17,12 +17,7 @@ COUNTS = torch.tensor([0, 60, 60, 0, 1000, 400, 150, 60, 20, 6, 2, 1], dtype=tor
 SCHEDULES = {"mutual": lambda: Mutual(), "spindle-0.3": lambda: Spindle(COUNTS, lam=0.3, form="released", pad_id=PAD)}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 class TinyDenoiser(torch.nn.Module):
