@@ -1,0 +1,144 @@
+"""The synthetic language and seq2seq task (textdata/synthetic.py) against brute force."""
+import itertools
+import json
+import math
+
+import numpy as np
+import pytest
+
+from textdata.synthetic import (SPECIALS, SyntheticLanguage, bijection, reverse_map_pairs, score,
+                                write_lm_folder, write_seq2seq_folder, write_tokenizer)
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return SyntheticLanguage.generate(seed=3, vocab_size=4, branching=2, min_len=1, max_len=4)
+
+
+def _enumerate(lang):
+    """Every sequence of every possible length with its probability, straight from the tables."""
+    out = {}
+    for n in range(1, len(lang.length_probs)):
+        for ids in itertools.product(range(lang.vocab_size), repeat=n):
+            p = lang.length_probs[n] * lang.start[ids[0]]
+            for a, b in zip(ids, ids[1:]):
+                p *= lang.trans[a, b]
+            if p > 0:
+                out[tuple(lang.words[i] for i in ids)] = p
+    return out
+
+
+def test_tables_are_distributions(tiny):
+    assert np.allclose(tiny.trans.sum(1), 1) and np.isclose(tiny.start.sum(), 1)
+    assert np.isclose(tiny.length_probs.sum(), 1) and tiny.length_probs[0] == 0
+    assert ((tiny.trans > 0).sum(1) == 2).all()  # branching
+
+
+def test_entropy_and_log_prob_match_enumeration(tiny):
+    seqs = _enumerate(tiny)
+    p = np.array(list(seqs.values()))
+    assert math.isclose(p.sum(), 1, rel_tol=1e-12)
+    h = float(-(p * np.log(p)).sum())
+    ent = tiny.entropy()
+    assert math.isclose(ent["per_sequence"], h, rel_tol=1e-10)
+    n = np.array([len(s) for s in seqs])
+    assert math.isclose(ent["mean_length"], float((p * n).sum()), rel_tol=1e-12)
+    h_len = float(-sum(q * math.log(q) for q in tiny.length_probs if q > 0))
+    assert math.isclose(ent["length"], h_len, rel_tol=1e-12)
+    for s, q in seqs.items():
+        assert math.isclose(tiny.log_prob(list(s)), math.log(q), rel_tol=1e-10)
+
+
+def test_unigram_matches_enumeration(tiny):
+    counts = np.zeros(tiny.vocab_size)
+    for s, q in _enumerate(tiny).items():
+        for w in s:
+            counts[tiny.index[w]] += q
+    assert np.allclose(tiny.unigram(), counts / counts.sum())
+
+
+def test_samples_follow_the_probabilities(tiny):
+    seqs = _enumerate(tiny)
+    draws = tiny.sample(20000, seed=5)
+    freq = {}
+    for s in draws:
+        freq[tuple(s)] = freq.get(tuple(s), 0) + 1
+    assert set(freq) <= set(seqs)
+    for s, q in seqs.items():
+        sd = math.sqrt(q * (1 - q) / len(draws))
+        assert abs(freq.get(s, 0) / len(draws) - q) < 5 * sd + 1e-4, s
+    assert tiny.sample(30, seed=5) == tiny.sample(30, seed=5)
+
+
+def test_forbidden_and_invalid(tiny):
+    a = tiny.words[0]
+    zero = int(np.nonzero(tiny.trans[0] == 0)[0][0])
+    bad = [a, tiny.words[zero]]
+    assert tiny.forbidden_transitions(bad) == 1 and tiny.log_prob(bad) == -math.inf
+    assert tiny.forbidden_transitions(["nosuchword"]) == 1 and tiny.log_prob(["nosuchword"]) == -math.inf
+    ok = tiny.sample(1, seed=0)[0]
+    assert tiny.forbidden_transitions(ok) == 0
+    assert tiny.log_prob(ok * 5) == -math.inf  # longer than max_len
+
+
+def test_score_by_hand(tiny):
+    good = tiny.sample(3, seed=9)
+    lines = [" ".join(s) for s in good] + ["nosuchword"]
+    res = score(tiny, lines)
+    want = -sum(tiny.log_prob(s) for s in good) / sum(len(s) for s in good)
+    lp = [math.log(q) for q in (_enumerate(tiny)[tuple(s)] for s in good)]
+    assert math.isclose(res["nll_per_token"], -sum(lp) / sum(len(s) for s in good), rel_tol=1e-10)
+    assert math.isclose(res["nll_per_token"], want, rel_tol=1e-10)
+    assert res["scored"] == 3 and res["invalid_fraction"] == 0.25 and res["forbidden_fraction"] == 0.25
+
+
+def test_save_load_round_trip(tiny, tmp_path):
+    path = tiny.save(str(tmp_path / "language.json"))
+    back = SyntheticLanguage.load(path)
+    assert back.words == tiny.words and np.array_equal(back.trans, tiny.trans)
+    assert np.array_equal(back.start, tiny.start) and np.array_equal(back.length_probs, tiny.length_probs)
+    assert json.load(open(path))["entropy"]["per_sequence"] == pytest.approx(tiny.entropy()["per_sequence"])
+
+
+def test_generation_is_seeded_and_zipf_like():
+    a = SyntheticLanguage.generate(seed=1, vocab_size=200, branching=6)
+    b = SyntheticLanguage.generate(seed=1, vocab_size=200, branching=6)
+    assert a.words == b.words and np.array_equal(a.trans, b.trans)
+    assert len(set(a.words)) == 200 and all(w.isalpha() and w.islower() for w in a.words)
+    f = np.sort(a.unigram())[::-1]
+    assert f[0] > 20 * f[100]  # a long tail, as in real text
+
+
+def test_reverse_map_pairs(tiny):
+    lang = SyntheticLanguage.generate(seed=4, vocab_size=30, branching=4, min_len=3, max_len=25)
+    m = bijection(lang)
+    assert sorted(m.values()) == sorted(lang.words) and all(k != v for k, v in m.items())
+    pairs = reverse_map_pairs(lang, 200, seed=1, min_len=5, max_len=20)
+    assert len(pairs) == 200
+    for p in pairs:
+        src = p["src"].split()
+        assert 5 <= len(src) <= 20
+        assert p["trg"].split() == [m[w] for w in src[::-1]]
+
+
+def test_tokenizer_directory_loads_one_token_per_word(tmp_path):
+    from transformers import AutoConfig, AutoTokenizer
+    lang = SyntheticLanguage.generate(seed=2, vocab_size=50)
+    d = write_tokenizer(lang.words, str(tmp_path / "tok"), hidden_size=32, num_layers=1, num_heads=2)
+    tok = AutoTokenizer.from_pretrained(d)
+    assert len(tok) == 50 + len(SPECIALS) and tok.mask_token_id is not None
+    line = " ".join(lang.sample(1, seed=0)[0])
+    ids = tok(line)["input_ids"]
+    assert ids[0] == tok.cls_token_id and ids[-1] == tok.sep_token_id and len(ids) == len(line.split()) + 2
+    assert tok.decode(ids[1:-1]) == line
+    assert AutoConfig.from_pretrained(d).vocab_size == len(tok)
+
+
+def test_folders(tmp_path):
+    lang = SyntheticLanguage.generate(seed=2, vocab_size=40)
+    res = write_lm_folder(lang, str(tmp_path / "lm"), 50, 10, 20)
+    lines = (tmp_path / "lm" / "test.txt").read_text().splitlines()
+    assert len(lines) == 20 and res["forbidden_fraction"] == 0 and res["invalid_fraction"] == 0
+    write_seq2seq_folder(lang, str(tmp_path / "s2s"), 30, 5, 5)
+    rows = [json.loads(x) for x in (tmp_path / "s2s" / "train.jsonl").read_text().splitlines()]
+    assert len(rows) == 30 and set(rows[0]) == {"src", "trg"}

@@ -1,0 +1,274 @@
+"""Synthetic tasks with a known answer: a language with an exact entropy, and a seq2seq task with one
+right output (docs/algorithms.md §4).
+
+* :class:`SyntheticLanguage`: a sparse first-order Markov chain over ``V`` made-up words with a
+  Zipf-like frequency spectrum and an explicit length distribution. A sequence is
+  ``n ~ p(n)``, ``w_1 ~ pi``, ``w_{i+1} ~ P(. | w_i)``, so
+
+  ``log p(w_1..w_n) = log p(n) + log pi(w_1) + sum_i log P(w_{i+1} | w_i)``
+
+  and the entropy per sequence is exact:
+  ``H = H(n) + sum_n p(n) [H(pi) + sum_{i=1}^{n-1} sum_s m_i(s) h(s)]`` with ``m_i = pi P^{i-1}`` the
+  marginal of ``w_i`` and ``h(s)`` the entropy of row ``s``. Each word allows only ``branching``
+  successors, so a sample with a forbidden transition is detectable.
+* :func:`reverse_map_pairs`: source = a sequence of the language, target = the source reversed with
+  every word mapped through a fixed bijection of the vocabulary. Exact match is measurable.
+* :func:`write_tokenizer`: a word-level BERT tokenizer (``tokenizer.json``, built by ``tokenizers``) and a
+  small ``BertConfig`` in one directory, so ``train.py --model_name_or_path DIR --from_scratch``
+  (and ``AutoTokenizer.from_pretrained(DIR)``) load them; every word is one token.
+
+Everything is generated from a seed with numpy; nothing is downloaded. Entropies are in nats.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import dataclass
+
+import numpy as np
+
+from common.io import write_json_atomic, write_text_atomic
+
+SPECIALS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
+FORMAT = "synthetic-markov-v1"
+_ONSETS = "b d f g k l m n p r s t v z".split()
+_VOWELS = "a e i o u".split()
+
+
+def made_up_words(count: int, rng: np.random.Generator) -> list[str]:
+    """``count`` distinct lowercase consonant-vowel words of 2 or 3 syllables, in a seeded order."""
+    syllables = [c + v for c in _ONSETS for v in _VOWELS]
+    two = [a + b for a in syllables for b in syllables]
+    if count > len(two):
+        raise ValueError(f"at most {len(two)} words, asked for {count}")
+    return [two[i] for i in rng.choice(len(two), size=count, replace=False)]
+
+
+def _entropy(p: np.ndarray) -> np.ndarray:
+    """Entropy (nats) along the last axis; 0 log 0 = 0."""
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return -np.where(p > 0, p * np.log(p), 0.0).sum(-1)
+
+
+@dataclass
+class SyntheticLanguage:
+    """A length distribution ``p(n)`` on ``min_len..max_len``, a start distribution ``pi`` [V] and a
+    sparse transition matrix ``trans`` [V, V] (rows sum to 1), over ``words``."""
+
+    words: list[str]
+    start: np.ndarray
+    trans: np.ndarray
+    length_probs: np.ndarray  # [max_len + 1]; zero below min_len
+    seed: int = 0
+
+    # ---- construction
+    @classmethod
+    def generate(cls, seed: int = 0, vocab_size: int = 200, branching: int = 6, zipf: float = 1.1,
+                 min_len: int = 6, max_len: int = 20, concentration: float = 1.0) -> "SyntheticLanguage":
+        """A random language. Word ``j`` (by rank) has weight ``(j + 1) ** -zipf``; each word draws
+        ``branching`` distinct successors with probability proportional to those weights, and their
+        transition probabilities are the weights times a Gamma(``concentration``) draw, normalised.
+        ``pi`` is the weights normalised; ``p(n)`` is a discretised bell on ``min_len..max_len``."""
+        if not (1 <= min_len <= max_len):
+            raise ValueError(f"need 1 <= min_len <= max_len, got {min_len}, {max_len}")
+        if not (1 <= branching <= vocab_size):
+            raise ValueError(f"need 1 <= branching <= vocab_size, got {branching}, {vocab_size}")
+        rng = np.random.default_rng(seed)
+        words = made_up_words(vocab_size, rng)
+        weight = (np.arange(vocab_size) + 1.0) ** -zipf
+        trans = np.zeros((vocab_size, vocab_size))
+        for i in range(vocab_size):
+            succ = rng.choice(vocab_size, size=branching, replace=False, p=weight / weight.sum())
+            trans[i, succ] = weight[succ] * rng.gamma(concentration, size=branching)
+        trans /= trans.sum(1, keepdims=True)
+        n = np.arange(max_len + 1)
+        mid, width = (min_len + max_len) / 2, max(1.0, (max_len - min_len) / 4)
+        length_probs = np.where(n >= min_len, np.exp(-0.5 * ((n - mid) / width) ** 2), 0.0)
+        return cls(words, weight / weight.sum(), trans, length_probs / length_probs.sum(), seed)
+
+    @property
+    def vocab_size(self) -> int:
+        return len(self.words)
+
+    @property
+    def index(self) -> dict[str, int]:
+        if not hasattr(self, "_index"):
+            self._index = {w: i for i, w in enumerate(self.words)}
+        return self._index
+
+    # ---- exact quantities
+    def marginals(self) -> np.ndarray:
+        """``m`` [max_len, V]: ``m[i]`` is the distribution of word ``i + 1`` (``pi P^i``)."""
+        m = np.zeros((len(self.length_probs) - 1, self.vocab_size))
+        m[0] = self.start
+        for i in range(1, len(m)):
+            m[i] = m[i - 1] @ self.trans
+        return m
+
+    def entropy(self) -> dict:
+        """Exact entropies (nats): ``per_sequence`` (= ``length`` + ``words_given_length``),
+        ``mean_length`` and ``per_token`` = per_sequence / mean_length (every word is one token)."""
+        h_row = _entropy(self.trans)
+        step = self.marginals() @ h_row  # [max_len]: expected entropy of w_{i+1} given w_i
+        # H(w_1..w_n | n) = H(pi) + sum_{i<n} step[i-1]
+        cum = np.concatenate([[0.0], np.cumsum(step)])
+        n = np.arange(len(self.length_probs))
+        given_n = np.where(n >= 1, _entropy(self.start) + cum[np.maximum(n - 1, 0)], 0.0)
+        h_len = float(_entropy(self.length_probs))
+        h_words = float((self.length_probs * given_n).sum())
+        mean_len = float((self.length_probs * n).sum())
+        return {"per_sequence": h_len + h_words, "length": h_len, "words_given_length": h_words,
+                "mean_length": mean_len, "per_token": (h_len + h_words) / mean_len,
+                "per_token_given_length": h_words / mean_len}
+
+    def log_prob(self, words: list[str]) -> float:
+        """Exact ``log p(words)`` (length term included); ``-inf`` for an unknown word, a length
+        outside ``min_len..max_len`` or a forbidden transition."""
+        n = len(words)
+        if n >= len(self.length_probs) or self.length_probs[n] == 0 or any(w not in self.index for w in words):
+            return -math.inf
+        ids = [self.index[w] for w in words]
+        p = [self.length_probs[n], self.start[ids[0]]] + [self.trans[a, b] for a, b in zip(ids, ids[1:])]
+        return -math.inf if min(p) == 0 else float(np.log(p).sum())
+
+    def forbidden_transitions(self, words: list[str]) -> int:
+        """How many adjacent pairs the language never produces (an unknown word counts as one)."""
+        bad = sum(w not in self.index for w in words)
+        ids = [self.index.get(w) for w in words]
+        return bad + sum(1 for a, b in zip(ids, ids[1:]) if a is not None and b is not None and self.trans[a, b] == 0)
+
+    # ---- sampling
+    def sample(self, count: int, seed: int) -> list[list[str]]:
+        """``count`` sequences, deterministic in ``seed`` (and independent of the generation seed)."""
+        rng = np.random.default_rng(seed)
+        cum = np.cumsum(self.trans, 1)
+        lengths = rng.choice(len(self.length_probs), size=count, p=self.length_probs)
+        out = []
+        for n in lengths:
+            ids = [int(rng.choice(self.vocab_size, p=self.start))]
+            for u in rng.random(int(n) - 1):
+                ids.append(int(min(np.searchsorted(cum[ids[-1]], u, side="right"), self.vocab_size - 1)))
+            out.append([self.words[i] for i in ids])
+        return out
+
+    def unigram(self) -> np.ndarray:
+        """Expected word frequencies [V] over a sequence (length-weighted marginals)."""
+        m = self.marginals()
+        n = np.arange(len(self.length_probs))
+        counts = np.array([(self.length_probs * (n > i)).sum() for i in range(len(m))])
+        f = (counts[:, None] * m).sum(0)
+        return f / f.sum()
+
+    # ---- files
+    def to_json(self) -> dict:
+        rows = {str(i): [[int(j), float(self.trans[i, j])] for j in np.nonzero(self.trans[i])[0]]
+                for i in range(self.vocab_size)}
+        return {"format": FORMAT, "seed": self.seed, "words": self.words, "start": self.start.tolist(),
+                "transitions": rows, "length_probs": self.length_probs.tolist(), "entropy": self.entropy()}
+
+    def save(self, path: str) -> str:
+        return write_json_atomic(path, self.to_json(), indent=None)
+
+    @classmethod
+    def load(cls, path: str) -> "SyntheticLanguage":
+        with open(path, encoding="utf-8") as f:
+            d = json.load(f)
+        if d.get("format") != FORMAT:
+            raise ValueError(f"{path} is not a synthetic language file ({FORMAT})")
+        v = len(d["words"])
+        trans = np.zeros((v, v))
+        for i, row in d["transitions"].items():
+            for j, p in row:
+                trans[int(i), j] = p
+        return cls(d["words"], np.array(d["start"]), trans, np.array(d["length_probs"]), d.get("seed", 0))
+
+
+def reverse_map_pairs(language: SyntheticLanguage, count: int, seed: int, min_len: int = 5,
+                      max_len: int = 20) -> list[dict]:
+    """``count`` DiffuSeq-style ``{"src", "trg"}`` pairs: src is a sequence of ``language`` cut to
+    ``min_len..max_len`` words (shorter draws are redrawn), trg is src reversed with each word mapped
+    through :func:`bijection`. Deterministic in ``seed``."""
+    mapping = bijection(language)
+    rng = np.random.default_rng(seed)
+    pairs = []
+    while len(pairs) < count:
+        for src in language.sample(count, int(rng.integers(2**31))):
+            if len(src) < min_len:
+                continue
+            src = src[:max_len]
+            pairs.append({"src": " ".join(src), "trg": " ".join(mapping[w] for w in reversed(src))})
+            if len(pairs) == count:
+                break
+    return pairs
+
+
+def bijection(language: SyntheticLanguage) -> dict[str, str]:
+    """A fixed permutation of the words (seeded by the language's seed), with no fixed point."""
+    v = language.vocab_size
+    perm = np.random.default_rng(language.seed + 7919).permutation(v)
+    perm = np.where(perm == np.arange(v), (perm + 1) % v, perm) if v > 1 else perm
+    if len(set(perm.tolist())) != v:  # the fix-up above collided: fall back to a shift by one
+        perm = (np.arange(v) + 1) % v
+    return {language.words[i]: language.words[int(perm[i])] for i in range(v)}
+
+
+def write_tokenizer(words: list[str], out_dir: str, hidden_size: int = 128, num_layers: int = 2,
+                    num_heads: int = 4, max_position: int = 64) -> str:
+    """A word-level BERT tokenizer over ``SPECIALS + words`` and a small BERT config in ``out_dir``
+    (``from_pretrained`` loads both; no weights: train with ``--from_scratch``)."""
+    from transformers import BertConfig, BertTokenizer  # transformers 5: backed by `tokenizers`
+
+    os.makedirs(out_dir, exist_ok=True)
+    tok = BertTokenizer(vocab={w: i for i, w in enumerate(list(SPECIALS) + list(words))}, do_lower_case=True)
+    tok.save_pretrained(out_dir)
+    BertConfig(vocab_size=len(tok), hidden_size=hidden_size, num_hidden_layers=num_layers,
+               num_attention_heads=num_heads, intermediate_size=4 * hidden_size,
+               max_position_embeddings=max_position, pad_token_id=tok.pad_token_id).save_pretrained(out_dir)
+    return out_dir
+
+
+def write_lm_folder(language: SyntheticLanguage, out_dir: str, n_train: int, n_valid: int, n_test: int,
+                    seed: int = 1) -> dict:
+    """``train.txt``/``valid.txt``/``test.txt`` (one sequence per line, as ``--dataset text`` reads them)
+    and ``language.json``; returns the exact test NLL summary of :func:`score`."""
+    os.makedirs(out_dir, exist_ok=True)
+    splits = {}
+    for k, (name, n) in enumerate((("train", n_train), ("valid", n_valid), ("test", n_test))):
+        splits[name] = language.sample(n, seed * 1000 + k)
+        write_text_atomic(os.path.join(out_dir, f"{name}.txt"), "".join(" ".join(s) + "\n" for s in splits[name]))
+    language.save(os.path.join(out_dir, "language.json"))
+    return score(language, [" ".join(s) for s in splits["test"]])
+
+
+def write_seq2seq_folder(language: SyntheticLanguage, out_dir: str, n_train: int, n_valid: int, n_test: int,
+                         seed: int = 2, min_len: int = 5, max_len: int = 20) -> None:
+    """A DiffuSeq folder (``train.jsonl``/``valid.jsonl``/``test.jsonl``) of :func:`reverse_map_pairs`."""
+    os.makedirs(out_dir, exist_ok=True)
+    for k, (name, n) in enumerate((("train", n_train), ("valid", n_valid), ("test", n_test))):
+        pairs = reverse_map_pairs(language, n, seed * 1000 + k, min_len, max_len)
+        write_text_atomic(os.path.join(out_dir, f"{name}.jsonl"), "".join(json.dumps(p) + "\n" for p in pairs))
+    language.save(os.path.join(out_dir, "language.json"))
+
+
+def score(language: SyntheticLanguage, lines: list[str]) -> dict:
+    """Exact NLL of text lines under ``language``: ``nll_per_token`` over the lines with a finite
+    likelihood, its standard error, and the fraction of lines with a forbidden transition (or unknown
+    word, or impossible length)."""
+    seqs = [line.split() for line in lines]
+    lp = np.array([language.log_prob(s) for s in seqs])
+    ok = np.isfinite(lp)
+    tokens = np.array([len(s) for s in seqs])
+    forbidden = np.array([language.forbidden_transitions(s) > 0 for s in seqs])
+    n_ok = int(ok.sum())
+    res = {"sequences": len(seqs), "scored": n_ok, "invalid_fraction": float(1 - ok.mean()) if len(seqs) else 0.0,
+           "forbidden_fraction": float(forbidden.mean()) if len(seqs) else 0.0,
+           "mean_length": float(tokens.mean()) if len(seqs) else 0.0}
+    if n_ok:
+        per_seq = -lp[ok]
+        res["nll_per_token"] = float(per_seq.sum() / tokens[ok].sum())
+        # delta-method standard error of a ratio of means
+        r = res["nll_per_token"]
+        resid = per_seq - r * tokens[ok]
+        res["nll_per_token_se"] = float(resid.std(ddof=1) / math.sqrt(n_ok) / tokens[ok].mean()) if n_ok > 1 else 0.0
+    return res
