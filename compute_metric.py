@@ -12,6 +12,11 @@ Usage::
         [--bertscore_model minilm|PATH|none] [--bertscore_layer K] [--mbr [--mbr_order reversed]] \
         [--out FILE.json] [--overwrite]
 
+    # samples of a synthetic language (textdata/synthetic.py): exact NLL per token under the true
+    # language, the fraction with a forbidden transition, beside the true entropy and held-out text
+    python compute_metric.py --mode synthetic --samples generation_results/x.txt --language data/synth/language.json \
+        [--references data/synth/test.txt]
+
     # compare decoding settings: one generation folder each (seed*.jsonl + decode.json, as written by
     # predict_downstream_condition.py); MBR metrics, diversity across the seeds, wall time, network calls
     python compute_metric.py --mode compare --samples generation_results/a generation_results/b ... --out cmp.json
@@ -163,7 +168,7 @@ def seq2seq_files(paths: list[str], out_path: str | None) -> list[str]:
 
 def run_seq2seq(args: argparse.Namespace) -> tuple[dict, dict]:
     """BLEU, ROUGE-L, BERTScore, dist-1, length; self-BLEU and div-4 across several seed files."""
-    for flag in ("references", "tokenizer", "max_samples", "max_references"):
+    for flag in ("references", "tokenizer", "max_samples", "max_references", "language"):
         if getattr(args, flag) is not None:
             raise InputError(f"--{flag} is not used in seq2seq mode (references come from the files)")
     files = seq2seq_files(args.samples, args.out)
@@ -189,6 +194,33 @@ def run_seq2seq(args: argparse.Namespace) -> tuple[dict, dict]:
         "device": device,
     }
     return metrics, inputs
+
+
+def run_synthetic(args: argparse.Namespace) -> tuple[dict, dict]:
+    """Exact NLL per token of the samples (and of held-out references) under the synthetic language."""
+    from textdata.synthetic import SyntheticLanguage, score
+    if args.language is None:
+        raise InputError("--language (a language.json written with the synthetic data) is required in synthetic mode")
+    if len(args.samples) != 1:
+        raise InputError(f"synthetic mode takes one --samples file, got {len(args.samples)}")
+    if not os.path.isfile(args.language):
+        raise InputError(f"language file {args.language} does not exist")
+    try:
+        language = SyntheticLanguage.load(args.language)
+    except (ValueError, KeyError) as e:
+        raise InputError(f"cannot read the synthetic language {args.language}: {e}")
+    samples = seeded_subset(read_lines(args.samples[0], "samples"), args.max_samples, args.seed, "samples")
+    entropy = language.entropy()
+    metrics = {"true_entropy_per_token": entropy["per_token"], "true_entropy_per_sequence": entropy["per_sequence"],
+               **{f"sample_{k}": v for k, v in score(language, samples).items()}}
+    if args.references:
+        refs = [r for r in read_lines(args.references, "references") if r.strip()]
+        refs = seeded_subset(refs, args.max_references, args.seed, "references")
+        metrics.update({f"reference_{k}": v for k, v in score(language, refs).items()})
+        if "sample_nll_per_token" in metrics:
+            metrics["nll_ratio_samples_to_references"] = metrics["sample_nll_per_token"] / metrics["reference_nll_per_token"]
+    return metrics, {"samples": args.samples[0], "language": args.language, "references": args.references,
+                     "max_samples": args.max_samples, "seed": args.seed}
 
 
 def decode_cost(folder: str) -> dict:
@@ -229,7 +261,7 @@ def run_compare(args: argparse.Namespace) -> tuple[dict, dict]:
 
 def format_compare(rows: list[dict]) -> str:
     """A markdown table of the compared settings."""
-    cols = [("setting", "{}"), ("bleu", "{:.4f}"), ("rouge_l", "{:.4f}"), ("bertscore_f1", "{:.4f}"),
+    cols = [("setting", "{}"), ("exact_match", "{:.3f}"), ("bleu", "{:.4f}"), ("rouge_l", "{:.4f}"), ("bertscore_f1", "{:.4f}"),
             ("dist_1", "{:.4f}"), ("avg_len", "{:.1f}"), ("self_bleu", "{:.4f}"), ("calls_per_sequence", "{:.0f}"),
             ("wall_seconds", "{:.1f}")]
     cols = [(c, f) for c, f in cols if any(c in r for r in rows)]
@@ -249,8 +281,14 @@ MODES: dict[str, Callable[[argparse.Namespace], tuple[dict, dict]]] = {
     "unconditional": run_unconditional,
     "seq2seq": run_seq2seq,
     "compare": run_compare,
+    "synthetic": run_synthetic,
 }
-MODE_CONVENTIONS = {"unconditional": CONVENTIONS, "seq2seq": seq2seq.CONVENTIONS, "compare": seq2seq.CONVENTIONS}
+SYNTHETIC_CONVENTIONS = ("each line is one sequence of whitespace-separated words; nll_per_token = -sum log p(line) / "
+                         "sum words over the lines with a finite likelihood (log p includes the length term); "
+                         "forbidden_fraction = lines with a transition the language never makes or an unknown word; "
+                         "invalid_fraction = lines with zero probability (also an impossible length); nats")
+MODE_CONVENTIONS = {"unconditional": CONVENTIONS, "seq2seq": seq2seq.CONVENTIONS, "compare": seq2seq.CONVENTIONS,
+                    "synthetic": SYNTHETIC_CONVENTIONS}
 
 
 def default_out_path(args: argparse.Namespace) -> str:
@@ -330,6 +368,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="round-trip the references through this tokenizer (a checkpoint directory, "
                              "a model directory or 'minilm') so they are formatted like decoded samples")
     parser.add_argument("--seed", type=int, default=0, help="seed for the subsets (default: 0)")
+    parser.add_argument("--language", default=None,
+                        help="synthetic mode: the language.json written with the synthetic data")
     seq = parser.add_argument_group("seq2seq mode")
     seq.add_argument("--bertscore_model", default="minilm",
                      help="local encoder for BERTScore: 'minilm', a model directory, or 'none' to skip "

@@ -70,7 +70,9 @@ CONVENTIONS = (
     "MBR = argmax_i sum_{j!=i} get_bleu(c_i, c_j) on the stripped candidates (ties: lowest index); "
     "all means with numpy.mean; bertscore_f1 = greedy cosine matching of one layer's token embeddings "
     "of a local model, no idf, no baseline rescaling, [CLS]/[SEP]/[PAD] excluded from matching and "
-    "averaging."
+    "averaging; exact_match = fraction of sources whose recover.split() equals reference.split(); "
+    "token_accuracy = per source, positions j with recover.split()[j] == reference.split()[j] over the "
+    "longer of the two lengths (1 if both are empty), then the mean (ours, for tasks with one right output)."
 )
 
 
@@ -308,6 +310,23 @@ def avg_len_words(hyps: Sequence[str]) -> float:
     return float(np.mean([len(h.split()) for h in hyps]))
 
 
+def exact_match(hyps: Sequence[str], refs: Sequence[str]) -> float:
+    """Fraction of pairs whose whitespace tokens are identical (:data:`CONVENTIONS`)."""
+    _check_pairs(hyps, refs)
+    return float(np.mean([h.split() == r.split() for h, r in zip(hyps, refs)]))
+
+
+def token_accuracy(hyps: Sequence[str], refs: Sequence[str]) -> float:
+    """Mean over pairs of the position-wise token matches over the longer length (:data:`CONVENTIONS`)."""
+    _check_pairs(hyps, refs)
+    acc = []
+    for h, r in zip(hyps, refs):
+        h, r = h.split(), r.split()
+        n = max(len(h), len(r))
+        acc.append(1.0 if n == 0 else sum(a == b for a, b in zip(h, r)) / n)
+    return float(np.mean(acc))
+
+
 # --------------------------------------------------------------------------- across candidates
 
 
@@ -493,11 +512,13 @@ def bert_score(hyps: Sequence[str], refs: Sequence[str], model: str = "minilm", 
 
 def pair_metrics(recovers: Sequence[str], references: Sequence[str], bertscore_model: str | None = "minilm",
                  bertscore_layer: int | None = None, device: str = "cpu", batch_size: int = 64) -> dict:
-    """BLEU, ROUGE-L, BERTScore F1, dist-1 and lengths of stripped ``recover``/``reference`` lists."""
+    """BLEU, ROUGE-L, exact match, token accuracy, BERTScore F1, dist-1 and lengths of stripped ``recover``/``reference`` lists."""
     out = {
         "bleu": bleu(recovers, references),
         "bleu_reversed": bleu(recovers, references, order="reversed"),
         "rouge_l": rouge_l(recovers, references),
+        "exact_match": exact_match(recovers, references),
+        "token_accuracy": token_accuracy(recovers, references),
     }
     if bertscore_model is not None:
         bs = bert_score(recovers, references, model=bertscore_model, layer=bertscore_layer,
