@@ -1,5 +1,5 @@
 """Synthetic tasks with a known answer: a language with an exact entropy, and a seq2seq task with one
-right output (docs/algorithms.md §4).
+right output (docs/algorithms.md §5).
 
 * :class:`SyntheticLanguage`: a sparse first-order Markov chain over ``V`` made-up words with a
   Zipf-like frequency spectrum and an explicit length distribution. A sequence is
@@ -64,12 +64,15 @@ class SyntheticLanguage:
 
     # ---- construction
     @classmethod
-    def generate(cls, seed: int = 0, vocab_size: int = 200, branching: int = 6, zipf: float = 1.1,
-                 min_len: int = 6, max_len: int = 20, concentration: float = 1.0) -> "SyntheticLanguage":
-        """A random language. Word ``j`` (by rank) has weight ``(j + 1) ** -zipf``; each word draws
-        ``branching`` distinct successors with probability proportional to those weights, and their
-        transition probabilities are the weights times a Gamma(``concentration``) draw, normalised.
-        ``pi`` is the weights normalised; ``p(n)`` is a discretised bell on ``min_len..max_len``."""
+    def generate(cls, seed: int = 0, vocab_size: int = 300, branching: int = 8, zipf: float = 1.0,
+                 successor_bias: float = 0.3, min_len: int = 6, max_len: int = 20,
+                 concentration: float = 1.0) -> "SyntheticLanguage":
+        """A random language. Word ``j`` (by rank) has weight ``z_j = (j + 1) ** -zipf``; each word draws
+        ``branching`` distinct successors with probability proportional to ``z_j ** successor_bias``,
+        and their transition probabilities are ``z_j`` times a Gamma(``concentration``) draw,
+        normalised. ``pi`` is ``z`` normalised; ``p(n)`` is a discretised bell on ``min_len..max_len``.
+        The defaults give a Zipf-like spectrum (word frequency against rank has slope about -1, the
+        commonest word about 8%) and 1.69 nats per token against 4.44 for the unigram distribution."""
         if not (1 <= min_len <= max_len):
             raise ValueError(f"need 1 <= min_len <= max_len, got {min_len}, {max_len}")
         if not (1 <= branching <= vocab_size):
@@ -77,9 +80,10 @@ class SyntheticLanguage:
         rng = np.random.default_rng(seed)
         words = made_up_words(vocab_size, rng)
         weight = (np.arange(vocab_size) + 1.0) ** -zipf
+        pick = weight ** successor_bias
         trans = np.zeros((vocab_size, vocab_size))
         for i in range(vocab_size):
-            succ = rng.choice(vocab_size, size=branching, replace=False, p=weight / weight.sum())
+            succ = rng.choice(vocab_size, size=branching, replace=False, p=pick / pick.sum())
             trans[i, succ] = weight[succ] * rng.gamma(concentration, size=branching)
         trans /= trans.sum(1, keepdims=True)
         n = np.arange(max_len + 1)
