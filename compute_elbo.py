@@ -71,14 +71,16 @@ def evaluate(args, info: dist.DistInfo) -> None:
     num_batches = -(-len(data) // args.batch_size)
 
     def batch_sums(b: int, gen: torch.Generator):
-        """Batch b: (diffusion NLL, length NLL, tokens, words)."""
+        """Batch b: (diffusion NLL, length NLL, tokens, words, per-example (NLL bound, tokens) pairs)."""
         batch = collate([data[j] for j in range(b * args.batch_size, min((b + 1) * args.batch_size, len(data)))])
         batch = {k: v.to(device) for k, v in batch.items()}
         nelbo = diffusion.nelbo(run.denoiser, batch["input_ids"], batch["noise_mask"], batch["attention_mask"],
                                 args.eval_steps, monte_carlo=args.monte_carlo, generator=gen)
         n = batch["noise_mask"].sum(-1)
-        return (float(nelbo.double().sum()), float(-prior.log_prob(n.cpu()).sum()), int(n.sum()),
-                int(batch["n_words"].sum()))
+        length_nll = -prior.log_prob(n.cpu()).double()
+        per_example = list(zip((nelbo.double().cpu() + length_nll).tolist(), n.tolist()))
+        return (float(nelbo.double().sum()), float(length_nll.sum()), int(n.sum()),
+                int(batch["n_words"].sum()), per_example)
 
     def progress(done: int) -> None:
         log(f"elbo: batch {min(done * info.world_size, num_batches)}/{num_batches}, {time.time() - start:.0f}s",
@@ -92,18 +94,32 @@ def evaluate(args, info: dist.DistInfo) -> None:
         for key, v in zip(tot, sums[b]):
             tot[key] += v
     nll = tot["diffusion_nll"] + tot["length_nll"]
+    se = ratio_standard_error([p for b in range(num_batches) for p in sums[b][4]])
     res = {"checkpoint": run.ckpt_dir, "split": args.split, "num_examples": len(data), "eval_steps": args.eval_steps,
            "monte_carlo": args.monte_carlo, "seed": args.seed, **tot, "nll_bound": nll,
-           "nelbo_per_token": nll / tot["tokens"], "ppl_token": math.exp(nll / tot["tokens"]),
+           "nelbo_per_token": nll / tot["tokens"], "nelbo_per_token_se": se, "ppl_token": math.exp(nll / tot["tokens"]),
            "ppl_word": math.exp(nll / tot["words"]),
            "ppl_token_diffusion_only": math.exp(tot["diffusion_nll"] / tot["tokens"]),
            "seconds": time.time() - start, "ranks": info.world_size,
            "convention": "NLL bound = -log p(n) + K-step diffusion NELBO; per token excludes [CLS]/[SEP]/[PAD]; "
-                         "per word divides by whitespace words of the text"}
+                         "per word divides by whitespace words of the text; nelbo_per_token_se is the standard error "
+                         "of the ratio of means over examples (delta method): the Monte Carlo error of the x_t "
+                         "draws and the sampling error of the examples together"}
     write_json_atomic(out, res)
-    print(f"elbo: {len(data)} {args.split} examples, K={args.eval_steps}: NELBO {nll / tot['tokens']:.4f} nats/token; "
+    print(f"elbo: {len(data)} {args.split} examples, K={args.eval_steps}: NELBO {nll / tot['tokens']:.4f} "
+          f"(+- {se:.4f}) nats/token; "
           f"PPL <= {res['ppl_token']:.2f} per wordpiece, <= {res['ppl_word']:.2f} per word "
           f"(length term {tot['length_nll'] / tot['tokens']:.4f} nats/token); wrote {out} in {res['seconds']:.0f}s")
+
+def ratio_standard_error(pairs: list[tuple[float, int]]) -> float:
+    """Standard error of ``sum(x) / sum(n)`` over examples ``(x_i, n_i)`` (delta method); 0 for one example."""
+    if len(pairs) < 2:
+        return 0.0
+    x = torch.tensor([p[0] for p in pairs], dtype=torch.float64)
+    n = torch.tensor([p[1] for p in pairs], dtype=torch.float64)
+    r = x.sum() / n.sum()
+    return float((x - r * n).std() / math.sqrt(len(pairs)) / n.mean())
+
 
 if __name__ == "__main__":
     main()
