@@ -22,6 +22,7 @@ from runtime.assemble import load_for_inference
 from runtime import dist
 from common.errors import UserError, cli_main, refuse_overwrite
 from common.io import write_json_atomic
+from common.stats import ratio_standard_error
 from textdata import lm
 
 
@@ -94,7 +95,8 @@ def evaluate(args, info: dist.DistInfo) -> None:
         for key, v in zip(tot, sums[b]):
             tot[key] += v
     nll = tot["diffusion_nll"] + tot["length_nll"]
-    se = ratio_standard_error([p for b in range(num_batches) for p in sums[b][4]])
+    pairs = [p for b in range(num_batches) for p in sums[b][4]]
+    se = ratio_standard_error([p[0] for p in pairs], [p[1] for p in pairs])
     res = {"checkpoint": run.ckpt_dir, "split": args.split, "num_examples": len(data), "eval_steps": args.eval_steps,
            "monte_carlo": args.monte_carlo, "seed": args.seed, **tot, "nll_bound": nll,
            "nelbo_per_token": nll / tot["tokens"], "nelbo_per_token_se": se, "ppl_token": math.exp(nll / tot["tokens"]),
@@ -110,16 +112,6 @@ def evaluate(args, info: dist.DistInfo) -> None:
           f"(+- {se:.4f}) nats/token; "
           f"PPL <= {res['ppl_token']:.2f} per wordpiece, <= {res['ppl_word']:.2f} per word "
           f"(length term {tot['length_nll'] / tot['tokens']:.4f} nats/token); wrote {out} in {res['seconds']:.0f}s")
-
-def ratio_standard_error(pairs: list[tuple[float, int]]) -> float:
-    """Standard error of ``sum(x) / sum(n)`` over examples ``(x_i, n_i)`` (delta method); 0 for one example."""
-    if len(pairs) < 2:
-        return 0.0
-    x = torch.tensor([p[0] for p in pairs], dtype=torch.float64)
-    n = torch.tensor([p[1] for p in pairs], dtype=torch.float64)
-    r = x.sum() / n.sum()
-    return float((x - r * n).std() / math.sqrt(len(pairs)) / n.mean())
-
 
 if __name__ == "__main__":
     main()

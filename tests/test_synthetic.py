@@ -142,3 +142,11 @@ def test_folders(tmp_path):
     write_seq2seq_folder(lang, str(tmp_path / "s2s"), 30, 5, 5)
     rows = [json.loads(x) for x in (tmp_path / "s2s" / "train.jsonl").read_text().splitlines()]
     assert len(rows) == 30 and set(rows[0]) == {"src", "trg"}
+
+
+def test_ratio_standard_error_by_hand():
+    from common.stats import ratio_standard_error
+    # x = (2, 4, 9), n = (1, 2, 3): r = 15/6 = 2.5; residuals (-0.5, -1, 1.5), mean 0, sample var
+    # (0.25 + 1 + 2.25) / 2 = 1.75; se = sqrt(1.75) / sqrt(3) / 2
+    assert math.isclose(ratio_standard_error([2, 4, 9], [1, 2, 3]), math.sqrt(1.75) / math.sqrt(3) / 2)
+    assert ratio_standard_error([1.0], [2]) == 0.0

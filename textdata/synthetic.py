@@ -29,6 +29,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from common.io import write_json_atomic, write_text_atomic
+from common.stats import ratio_standard_error
 
 SPECIALS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
 FORMAT = "synthetic-markov-v1"
@@ -271,8 +272,5 @@ def score(language: SyntheticLanguage, lines: list[str]) -> dict:
     if n_ok:
         per_seq = -lp[ok]
         res["nll_per_token"] = float(per_seq.sum() / tokens[ok].sum())
-        # delta-method standard error of a ratio of means
-        r = res["nll_per_token"]
-        resid = per_seq - r * tokens[ok]
-        res["nll_per_token_se"] = float(resid.std(ddof=1) / math.sqrt(n_ok) / tokens[ok].mean()) if n_ok > 1 else 0.0
+        res["nll_per_token_se"] = ratio_standard_error(per_seq.tolist(), tokens[ok].tolist())
     return res
