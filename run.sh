@@ -4,6 +4,8 @@
 #   bash run.sh              offline CPU demo: MiniLM on the KJV/WEB Bible corpus (about 15 min on 2 cores)
 #   bash run.sh lm1b         the paper setup: bert-base-uncased on LM1B (GPU and internet)
 #   NGPU=4 bash run.sh lm1b  the same under torchrun --nproc_per_node 4 (DDP)
+#   bash run.sh reproduce [quick]   does it learn? known-answer tasks and the papers' ablations
+#                            (offline CPU; about 90 min on 2 cores, quick: about 10 min); reproduce.py --help
 #
 # Extra arguments after the preset go to train.py, e.g. `bash run.sh demo --max_steps 100`.
 set -euo pipefail
@@ -12,6 +14,12 @@ cd "$(dirname "$0")"
 PRESET=${1:-demo}
 shift || true
 . scripts/launch.sh
+
+if [ "$PRESET" = reproduce ]; then
+  SCALE=full
+  case "${1:-}" in quick|full) SCALE=$1; shift ;; esac
+  exec "$PY" reproduce.py --scale "$SCALE" "$@"
+fi
 
 case "$PRESET" in
   demo)
@@ -51,7 +59,7 @@ case "$PRESET" in
     REFS=data/lm1b-test.txt
     ;;
   *)
-    echo "error: unknown preset '$PRESET' (use: demo, lm1b)" >&2
+    echo "error: unknown preset '$PRESET' (use: demo, lm1b, reproduce)" >&2
     exit 2
     ;;
 esac
