@@ -52,13 +52,13 @@ SCALES = {
         s2s_lines=(300, 20, 20), s2s_steps=20, s2s_post_steps=10, s2s_decode=10,
         respacings=("uniform_4", "adp_4")),
     "quick": dict(
-        lm_lines=(8000, 500, 500), lm_steps=1500, lm_batch=64, seeds=(0,), elbo_steps=64,
-        samples=200, sample_steps=(8, 32, 128, 512), ablations=("mutual", "layerwise", "elbo"),
-        bible_steps=40, bible_seeds=(0,), bible_eval=64,
-        s2s_lines=(6000, 200, 200), s2s_steps=1200, s2s_post_steps=300, s2s_decode=100,
+        lm_lines=(8000, 500, 500), lm_steps=1000, lm_batch=64, seeds=(0,), elbo_steps=64,
+        samples=200, sample_steps=(8, 32, 128, 512), ablations=("mutual", "elbo"),
+        bible_steps=30, bible_seeds=(0,), bible_eval=32,
+        s2s_lines=(8000, 200, 200), s2s_steps=1000, s2s_post_steps=250, s2s_decode=100,
         respacings=("full", "uniform_20", "adp_20", "adp_4")),
     "full": dict(
-        lm_lines=(20000, 1000, 1000), lm_steps=4000, lm_batch=64, seeds=(0, 1, 2), elbo_steps=128,
+        lm_lines=(20000, 1000, 1000), lm_steps=3000, lm_batch=128, seeds=(0, 1, 2), elbo_steps=128,
         samples=500, sample_steps=(8, 16, 32, 64, 128, 256, 512), ablations=("mutual", "layerwise", "token", "elbo"),
         bible_steps=200, bible_seeds=(0, 1, 2), bible_eval=128,
         s2s_lines=(20000, 500, 500), s2s_steps=4000, s2s_post_steps=1000, s2s_decode=300,
@@ -174,7 +174,7 @@ def lm_args(paths: dict, sc: dict, variant: str, seed: int, wf: str) -> list[str
     return ["--model_name_or_path", paths["model"], "--from_scratch", "--dataset", "text", "--data_files", paths["lm"],
             "--max_len", 24, "--num_steps", 1000, "--schedule", v["schedule"], "--word_freq_file", wf,
             "--time_conditioning", v["time_conditioning"], "--loss_weighting", v["loss_weighting"],
-            "--batch_size", sc["lm_batch"], "--lr", "1e-3", "--warmup_steps", max(1, steps // 20),
+            "--batch_size", sc["lm_batch"], "--lr", "2e-3", "--decay", "cosine", "--warmup_steps", max(1, steps // 20),
             "--max_steps", steps, "--eval_every", max(1, steps // 10), "--eval_examples", 500, "--eval_steps", 32,
             "--save_every", max(1, steps // 5), "--log_every", max(1, steps // 40), "--dropout", 0.0,
             "--seed", seed, "--device", "cpu"]
