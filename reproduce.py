@@ -55,7 +55,7 @@ SCALES = {
         lm_lines=(8000, 500, 500), lm_steps=1000, lm_batch=64, seeds=(0,), elbo_steps=64,
         samples=200, sample_steps=(8, 32, 128, 512), ablations=("mutual", "elbo"),
         bible_steps=30, bible_seeds=(0,), bible_eval=32,
-        s2s_lines=(8000, 200, 200), s2s_steps=1000, s2s_post_steps=250, s2s_decode=100,
+        s2s_lines=(8000, 200, 200), s2s_steps=1000, s2s_post_steps=250, s2s_decode=50,
         respacings=("full", "uniform_20", "adp_20", "adp_4")),
     "full": dict(
         lm_lines=(20000, 1000, 1000), lm_steps=3000, lm_batch=128, seeds=(0, 1, 2), elbo_steps=128,
