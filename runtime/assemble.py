@@ -125,7 +125,11 @@ def load_initial(run: Loaded, device: torch.device, log=print):
     if run.cfg.post_train:
         raise UserError(f"{run.ckpt_dir} was post-trained from {run.cfg.post_train}: its untrained network is that "
                         "run's, not one built from the config")
-    denoiser, tokenizer, model_path, _ = initial_network(run.cfg, log)
+    try:
+        denoiser, tokenizer, model_path, _ = initial_network(run.cfg, log)
+    except UserError as e:
+        raise UserError(f"the untrained network of {run.ckpt_dir} is rebuilt from its --model_name_or_path "
+                        f"{run.cfg.model_name_or_path}: {e}") from e
     if vocab_fingerprint(tokenizer) != run.run_info["derived"]["vocab_fingerprint"]:
         raise UserError(f"the tokenizer of {model_path} is not the one {run.ckpt_dir} was trained with; "
                         "the untrained network cannot be rebuilt")
