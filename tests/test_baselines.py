@@ -185,7 +185,43 @@ def test_summary_lines():
         seq2seq_lines({"mode": "seq2seq", "metrics": {"bleu": 0.1, "num_sources": 23}}, copy)
 
 
+def test_summarise_seq2seq_from_compute_metric(tmp_path):
+    """summarise.py on compute_metric.py's files: an output equal to the references beats copying the source,
+    and copying beats an unrelated output."""
+    refs = ["the lord is my shepherd i shall not want", "in the beginning god created the heavens and the earth"]
+    srcs = ["the lord is my shepherd ; i shall not want", "in the beginning god created the heaven and the earth"]
+    outputs = {"same": refs, "copy": srcs, "other": ["a b c d e", "f g h i j"]}
+    for name, recovers in outputs.items():
+        with open(tmp_path / f"{name}.jsonl", "w", encoding="utf-8") as f:
+            f.writelines(json.dumps({"recover": r, "reference": ref, "source": s}) + "\n"
+                         for r, ref, s in zip(recovers, refs, srcs))
+        p = run_here("compute_metric.py", "--mode", "seq2seq", "--samples", str(tmp_path / f"{name}.jsonl"),
+                     "--bertscore_model", "none", "--out", str(tmp_path / f"{name}.json"), cwd=str(tmp_path))
+        assert p.returncode == 0, p.stderr
+    copy = json.load(open(tmp_path / "copy.json"))["metrics"]["bleu"]
+    assert 0.0 < copy < 1.0
+    p = run_cli("summarise.py", "--bleu", str(tmp_path / "same.json"), "--copy", str(tmp_path / "copy.json"),
+                cwd=str(tmp_path))
+    assert p.stdout.splitlines()[1] == f"  BLEU: MBR output 1.0000 | copying the source {copy:.4f} -> beats copying"
+    p = run_here("summarise.py", "--bleu", str(tmp_path / "other.json"), "--copy", str(tmp_path / "copy.json"),
+                 cwd=str(tmp_path))
+    assert p.stdout.splitlines()[1].endswith("-> does not beat copying")
+
+
 # ---- bad input
+
+
+def test_bad_input(tmp_path):
+    p = run_here("summarise.py", "--elbo", str(tmp_path / "nope.json"), cwd=str(tmp_path))
+    one_error_line(p, "does not exist")
+    (tmp_path / "plain.json").write_text(json.dumps({"ppl_token": 1.0}))
+    p = run_here("summarise.py", "--elbo", str(tmp_path / "plain.json"), cwd=str(tmp_path))
+    one_error_line(p, "--baselines")
+    p = run_here("summarise.py", "--bleu", str(tmp_path / "plain.json"), "--copy", str(tmp_path / "plain.json"),
+                 cwd=str(tmp_path))
+    one_error_line(p, "not compute_metric.py")
+    p = run_here("summarise.py", "--bleu", str(tmp_path / "plain.json"), cwd=str(tmp_path))
+    assert p.returncode == 2 and "--copy" in p.stderr
 
 
 @pytest.mark.slow
