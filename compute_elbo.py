@@ -8,6 +8,12 @@ On a seeded subset of the checkpoint's dataset split, computes for each example
 ``exp(total / whitespace words)`` (per word, DiffusionBERT's LM1B convention). Same seed, same number,
 also under ``torchrun --nproc_per_node N`` (batches are shared out among the ranks, each batch has its
 own seed, and rank 0 adds the per-batch sums in batch order).
+
+``--baselines`` puts the number on a scale: on the same examples it also computes the same bound (same
+grid, same seed: only the weights differ) of the untrained network, the run's step-0 weights rebuilt from
+its config and seed (``runtime.assemble.initial_network``), and the perplexity of an add-one unigram model
+of the training split with the same length term (``evaluation.baselines``); it prints which of them the
+trained model beats.
 """
 from __future__ import annotations
 
@@ -18,12 +24,13 @@ import time
 
 import torch
 
-from runtime.assemble import load_for_inference
+from runtime.assemble import load_for_inference, load_initial
 from runtime import dist
 from common.errors import UserError, cli_main, refuse_overwrite
 from common.io import write_json_atomic
 from common.stats import ratio_standard_error
-from textdata import lm
+from evaluation.baselines import UNIGRAM_CONVENTION, Unigram, lm_lines
+from textdata import lm, word_freq
 
 
 def parse_args(argv=None):
@@ -35,6 +42,10 @@ def parse_args(argv=None):
     p.add_argument("--monte_carlo", action="store_true", help="one random grid step per example (K times cheaper, noisier)")
     p.add_argument("--batch_size", type=int, default=32)
     p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--baselines", action="store_true",
+                   help="also the same bound of the untrained network (the run's step-0 weights, rebuilt from its "
+                        "config and seed: needs its --model_name_or_path) and an add-one unigram model of the "
+                        "training split with the same length term, on the same examples; prints which it beats")
     p.add_argument("--out", default=None, help="JSON output (default: generation_results/elbo_<run>_<checkpoint>_<split>_K<k>_n<n>_seed<s>.json)")
     p.add_argument("--overwrite", action="store_true")
     p.add_argument("--device", default="auto")
@@ -58,12 +69,18 @@ def evaluate(args, info: dist.DistInfo) -> None:
     run.check_steps(args.eval_steps, "--eval_steps")
     out = args.out or os.path.join("generation_results", f"elbo_{run.run_name}_{os.path.basename(run.ckpt_dir)}_{args.split}"
                                    f"_K{args.eval_steps}_n{args.num_examples}_seed{args.seed}"
-                                   f"{'_mc' if args.monte_carlo else ''}.json")
+                                   f"{'_mc' if args.monte_carlo else ''}{'_baselines' if args.baselines else ''}.json")
     refuse_overwrite(out, args.overwrite, "ELBO result")
+    untrained = None
+    if args.baselines:  # before the work: it may not load
+        log(f"baselines: rebuilding the untrained network from {cfg.model_name_or_path} with seed {cfg.seed}")
+        untrained = load_initial(run, device, log)
 
+    splits = ("train", args.split) if args.baselines else (args.split,)  # the unigram counts the training split
     with dist.main_first(info):  # rank 0 builds the datasets cache
         raw = lm.load_text_splits(cfg.dataset, cfg.data_files, cfg.data_dir, log=log, skip_bad_lines=cfg.skip_bad_lines)
-        data = lm.tokenize_splits({args.split: raw[args.split]}, tok, cfg.max_len, log=log)[args.split]
+        tokenised = lm.tokenize_splits({s: raw[s] for s in splits}, tok, cfg.max_len, log=log)
+    data = tokenised[args.split]
     if args.num_examples and args.num_examples < len(data):
         data = data.shuffle(seed=args.seed).select(range(args.num_examples))
     prior = lm.LengthPrior(run.run_info["derived"]["length_counts"])
@@ -71,47 +88,89 @@ def evaluate(args, info: dist.DistInfo) -> None:
     collate = lm.collator_for(tok)
     num_batches = -(-len(data) // args.batch_size)
 
-    def batch_sums(b: int, gen: torch.Generator):
-        """Batch b: (diffusion NLL, length NLL, tokens, words, per-example (NLL bound, tokens) pairs)."""
+    def batch_at(b: int) -> dict:
         batch = collate([data[j] for j in range(b * args.batch_size, min((b + 1) * args.batch_size, len(data)))])
-        batch = {k: v.to(device) for k, v in batch.items()}
-        nelbo = diffusion.nelbo(run.denoiser, batch["input_ids"], batch["noise_mask"], batch["attention_mask"],
-                                args.eval_steps, monte_carlo=args.monte_carlo, generator=gen)
-        n = batch["noise_mask"].sum(-1)
-        length_nll = -prior.log_prob(n.cpu()).double()
-        per_example = list(zip((nelbo.double().cpu() + length_nll).tolist(), n.tolist()))
-        return (float(nelbo.double().sum()), float(length_nll.sum()), int(n.sum()),
-                int(batch["n_words"].sum()), per_example)
+        return {k: v.to(device) for k, v in batch.items()}
 
-    def progress(done: int) -> None:
-        log(f"elbo: batch {min(done * info.world_size, num_batches)}/{num_batches}, {time.time() - start:.0f}s",
-            flush=True)
+    def total(nll_of, what: str, model_key: str = "diffusion_nll", nll_key: str = "nll_bound") -> dict | None:
+        """Sums over the examples of the model's NLL (``nll_of(batch, gen)``, [B]) and the length NLL, the tokens
+        and words, the perplexities of their total, and ``nll_per_token_se``, the standard error of the total
+        per token over examples (delta method: the Monte Carlo error of the x_t draws and the sampling error of
+        the examples together); None on ranks other than 0. Every call walks the same
+        batches with the same per-batch seeds, so two models see the same examples, grid steps and noise; rank
+        0 adds the batch sums in batch order (the same float for any number of ranks)."""
+        def batch_sums(b: int, gen: torch.Generator):
+            batch = batch_at(b)
+            n = batch["noise_mask"].sum(-1)
+            model_nll, length_nll = nll_of(batch, gen).double().cpu(), -prior.log_prob(n.cpu()).double()
+            return (float(model_nll.sum()), float(length_nll.sum()), int(n.sum()), int(batch["n_words"].sum()),
+                    ((model_nll + length_nll).tolist(), n.tolist()))
 
-    sums = dist.map_batches(num_batches, batch_sums, info, args.seed, on_batch=progress)
-    if sums is None:  # not rank 0
+        def progress(done: int) -> None:
+            log(f"{what}: batch {min(done * info.world_size, num_batches)}/{num_batches}, {time.time() - start:.0f}s",
+                flush=True)
+
+        sums = dist.map_batches(num_batches, batch_sums, info, args.seed, on_batch=progress)
+        if sums is None:
+            return None
+        tot = {model_key: 0.0, "length_nll": 0.0, "tokens": 0, "words": 0}
+        for b in range(num_batches):  # a fixed order of addition
+            for key, v in zip(tot, sums[b]):
+                tot[key] += v
+        nll = tot[model_key] + tot["length_nll"]
+        se = ratio_standard_error([x for b in range(num_batches) for x in sums[b][4][0]],
+                                  [n for b in range(num_batches) for n in sums[b][4][1]])
+        return {**tot, nll_key: nll, "ppl_token": math.exp(nll / tot["tokens"]), "ppl_word": math.exp(nll / tot["words"]),
+                "nll_per_token_se": se}
+
+    def bound_of(denoiser):
+        """The K-step NELBO of ``denoiser`` (docs/algorithms.md §1.9): one code path, whatever the weights."""
+        return lambda batch, gen: diffusion.nelbo(denoiser, batch["input_ids"], batch["noise_mask"],
+                                                  batch["attention_mask"], args.eval_steps,
+                                                  monte_carlo=args.monte_carlo, generator=gen)
+
+    tot = total(bound_of(run.denoiser), "elbo")
+    baselines = {}
+    if args.baselines:
+        baselines["untrained"] = total(bound_of(untrained), "elbo of the untrained network")
+        V = run.run_info["derived"]["vocab_size"]  # the network's output size
+        counts = word_freq.count_tokens(train_rows(tokenised["train"]), V, collate.special_ids)
+        unigram = Unigram(counts)
+        baselines["unigram"] = total(lambda batch, gen: unigram.nll(batch["input_ids"], batch["noise_mask"]),
+                                     "unigram", model_key="unigram_nll", nll_key="nll")
+        if tot is not None:
+            baselines["untrained"]["what"] = ("the same bound of the run's network at step 0 (its config and seed), "
+                                              "same examples, grid and seed")
+            baselines["unigram"].update(train_tokens=int(counts.sum()), vocab_size=V,
+                                        convention=UNIGRAM_CONVENTION)
+    if tot is None:  # not rank 0
         return
-    tot = {"diffusion_nll": 0.0, "length_nll": 0.0, "tokens": 0, "words": 0}
-    for b in range(num_batches):  # a fixed order of addition: the same float for any number of ranks
-        for key, v in zip(tot, sums[b]):
-            tot[key] += v
-    nll = tot["diffusion_nll"] + tot["length_nll"]
-    pairs = [p for b in range(num_batches) for p in sums[b][4]]
-    se = ratio_standard_error([p[0] for p in pairs], [p[1] for p in pairs])
+    nll = tot["nll_bound"]
     res = {"checkpoint": run.ckpt_dir, "split": args.split, "num_examples": len(data), "eval_steps": args.eval_steps,
-           "monte_carlo": args.monte_carlo, "seed": args.seed, **tot, "nll_bound": nll,
-           "nelbo_per_token": nll / tot["tokens"], "nelbo_per_token_se": se, "ppl_token": math.exp(nll / tot["tokens"]),
-           "ppl_word": math.exp(nll / tot["words"]),
+           "monte_carlo": args.monte_carlo, "seed": args.seed, **tot,
+           "nelbo_per_token": nll / tot["tokens"], "nelbo_per_token_se": tot["nll_per_token_se"],
            "ppl_token_diffusion_only": math.exp(tot["diffusion_nll"] / tot["tokens"]),
            "seconds": time.time() - start, "ranks": info.world_size,
            "convention": "NLL bound = -log p(n) + K-step diffusion NELBO; per token excludes [CLS]/[SEP]/[PAD]; "
-                         "per word divides by whitespace words of the text; nelbo_per_token_se is the standard error "
-                         "of the ratio of means over examples (delta method): the Monte Carlo error of the x_t "
-                         "draws and the sampling error of the examples together"}
+                         "per word divides by whitespace words of the text"}
+    if baselines:
+        res["baselines"] = baselines
     write_json_atomic(out, res)
     print(f"elbo: {len(data)} {args.split} examples, K={args.eval_steps}: NELBO {nll / tot['tokens']:.4f} "
-          f"(+- {se:.4f}) nats/token; "
+          f"(+- {tot['nll_per_token_se']:.4f}) nats/token; "
           f"PPL <= {res['ppl_token']:.2f} per wordpiece, <= {res['ppl_word']:.2f} per word "
           f"(length term {tot['length_nll'] / tot['tokens']:.4f} nats/token); wrote {out} in {res['seconds']:.0f}s")
+    if baselines:
+        print("\n".join(lm_lines(res)))
+
+
+def train_rows(train):
+    """The training split's token ids, 100,000 rows at a time flattened by arrow (one bincount per chunk, not
+    per row: LM1B has 30M rows)."""
+    import pyarrow.compute as pc
+    for table in train.select_columns(["input_ids"]).with_format("arrow").iter(batch_size=100_000):
+        yield pc.list_flatten(table["input_ids"]).to_numpy()
+
 
 if __name__ == "__main__":
     main()

@@ -35,7 +35,7 @@ case "$PRESET" in
                 --batch_size 16 --accumulation_steps 1 --lr 1.5e-4 --warmup_steps 30 --max_steps 500
                 --eval_every 100 --eval_examples 128 --eval_steps 16 --save_every 100 --log_every 10)
     SAMPLE_ARGS=(--num_samples 64 --steps 128 --batch_size 32 --seed 42)
-    ELBO_ARGS=(--num_examples 128 --eval_steps 32 --batch_size 64 --seed 42)
+    ELBO_ARGS=(--num_examples 128 --eval_steps 32 --batch_size 64 --seed 42 --baselines)
     REFS=data/bible/test.txt
     ;;
   lm1b)
@@ -55,7 +55,7 @@ case "$PRESET" in
                 --num_workers 4)
     SAMPLE_ARGS=(--num_samples 1000 --sampler released --steps 256 --topk 30 --temperature 0.1 --length 32
                  --batch_size 250 --seed 42)
-    ELBO_ARGS=(--num_examples 2000 --eval_steps 128 --batch_size 128 --seed 42)
+    ELBO_ARGS=(--num_examples 2000 --eval_steps 128 --batch_size 128 --seed 42 --baselines)
     REFS=data/lm1b-test.txt
     ;;
   *)
@@ -82,7 +82,7 @@ echo "== 3/5 sampling (cached, then uncached for the speed comparison)"
 "$PY" predict.py --checkpoint "$RUN" "${SAMPLE_ARGS[@]}" --name "$NAME"
 "$PY" predict.py --checkpoint "$RUN" "${SAMPLE_ARGS[@]}" --name "$NAME-nocache" --no_cache
 
-echo "== 4/5 perplexity bound (ELBO)"
+echo "== 4/5 perplexity bound (ELBO), and the same for the untrained network and a unigram model"
 "$PY" compute_elbo.py --checkpoint "$RUN" "${ELBO_ARGS[@]}" --out "generation_results/$NAME.elbo.json"
 
 echo "== 5/5 BLEU / self-BLEU"
@@ -93,6 +93,7 @@ fi
 "$PY" compute_metric.py --samples "generation_results/$NAME.txt" --references "$REFS" \
   --tokenizer "$RUN/checkpoints/best" --out "generation_results/$NAME.metrics.json"
 
+SUMMARY=$("$PY" summarise.py --elbo "generation_results/$NAME.elbo.json")
 cat <<EOF
 
 == done in $(( $(date +%s) - START ))s
@@ -102,4 +103,6 @@ samples:          generation_results/$NAME.txt (settings and timing: generation_
 uncached timing:  generation_results/$NAME-nocache.json
 perplexity:       generation_results/$NAME.elbo.json
 BLEU, self-BLEU:  generation_results/$NAME.metrics.json
+
+$SUMMARY
 EOF

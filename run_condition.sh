@@ -76,6 +76,7 @@ echo "-- diversity across the candidates of each source"
 echo "-- copy baseline (the source itself as the output)"
 "$PY" compute_metric.py --mode seq2seq --samples "$OUT/copy_source.jsonl" --out "$OUT/metrics_copy_source.json"
 
+SUMMARY=$("$PY" summarise.py --bleu "$OUT/metrics_mbr.json" --copy "$OUT/metrics_copy_source.json")
 cat <<EOF
 
 == done in $(( $(date +%s) - START ))s
@@ -83,4 +84,6 @@ checkpoints:   $RUN/checkpoints/{best,last}
 training log:  $RUN/metrics.jsonl
 outputs:       $OUT/seed*.jsonl (candidates), $OUT/mbr.jsonl (MBR), $OUT/copy_source.jsonl, $OUT/decode.json (timings)
 metrics:       $OUT/metrics_mbr.json, $OUT/metrics_candidates.json, $OUT/metrics_copy_source.json
+
+$SUMMARY
 EOF

@@ -23,9 +23,8 @@ import torch
 from torch.utils.data import DataLoader
 
 from common.errors import UserError, cli_main
-from common.loading import check_tokenizer, load_masked_lm, load_tokenizer
 from runtime import checkpoint, dist
-from runtime.assemble import build_denoiser, build_diffusion, build_gaussian_denoiser, load_task_data
+from runtime.assemble import build_diffusion, initial_network, load_task_data
 from runtime.checkpoint import TrainingState
 from runtime.config import TrainConfig, build_parser, from_args
 from runtime.faults import Faults
@@ -66,33 +65,6 @@ def load_word_freq(cfg: TrainConfig, tokenizer):
                                          "dataset": rec["dataset"]}
 
 
-def build_bert(cfg: TrainConfig, log):
-    """DiffusionBERT's network: a pretrained (or --from_scratch) BERT-family masked LM."""
-    mlm, tokenizer, model_path = load_masked_lm(cfg.model_name_or_path, cfg.from_scratch, log=log)
-    check_tokenizer(tokenizer, mlm.config.vocab_size, model_path)
-    if cfg.max_len + (cfg.time_conditioning == "token") > mlm.config.max_position_embeddings:
-        raise UserError(f"--max_len {cfg.max_len} exceeds the model's {mlm.config.max_position_embeddings} positions")
-    if cfg.dropout is not None:
-        for m in mlm.modules():
-            if isinstance(m, torch.nn.Dropout):
-                m.p = cfg.dropout
-    return build_denoiser(cfg, mlm, tokenizer), tokenizer, model_path, mlm.config
-
-
-def build_diffuseq(cfg: TrainConfig, log):
-    """DiffuSeq's network: a transformer trained from scratch, with the tokenizer of --model_name_or_path."""
-    tokenizer, model_path = load_tokenizer(cfg.model_name_or_path)
-    denoiser = build_gaussian_denoiser(cfg, len(tokenizer))
-    n = sum(p.numel() for p in denoiser.parameters())
-    log(f"model: DiffuSeq transformer from scratch, {n / 1e6:.2f}M parameters (emb {cfg.emb_dim}, hidden "
-        f"{cfg.hidden_size}, {cfg.num_layers} layers, {cfg.num_heads} heads, vocab {len(tokenizer)} from {model_path})")
-    return denoiser, tokenizer, model_path, denoiser.config
-
-
-# (denoiser, tokenizer, model_path, hf_config) for each --process
-BUILD_MODEL = {"absorbing": build_bert, "gaussian": build_diffuseq}
-
-
 @cli_main
 def main(argv=None):
     cfg = from_args(build_parser(TrainConfig, __doc__.splitlines()[0]).parse_args(argv))
@@ -111,7 +83,6 @@ def main(argv=None):
 def run(cfg: TrainConfig, info: dist.DistInfo, log, resume_dir: str | None, post_dir: str | None = None) -> None:
     device = info.device
     ckpt_root = os.path.join(cfg.out_dir, "checkpoints")
-    seed_everything(cfg.seed)  # identical initialisation on every rank
     use_bf16 = cfg.bf16 and device.type == "cuda" and torch.cuda.is_bf16_supported()
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
@@ -122,7 +93,8 @@ def run(cfg: TrainConfig, info: dist.DistInfo, log, resume_dir: str | None, post
         torch.set_flush_denormal(True)
 
     # ---- model, process and objective
-    denoiser, tokenizer, model_path, hf_config = BUILD_MODEL[cfg.process](cfg, log)
+    # seeded with cfg.seed, so every rank (and compute_elbo.py --baselines) builds the same network
+    denoiser, tokenizer, model_path, hf_config = initial_network(cfg, log)
     if post_dir and not resume_dir:
         start = checkpoint.load_state(post_dir, "ema.pt")
         if lm.vocab_fingerprint(tokenizer) != checkpoint.read_run_config(post_dir)["derived"]["vocab_fingerprint"]:

@@ -1,5 +1,7 @@
 """Build the denoiser and the diffusion process from a run config, for training and for inference
-(``predict.py``, ``compute_elbo.py`` rebuild everything from ``--checkpoint`` alone, offline)."""
+(``predict.py``, ``compute_elbo.py`` rebuild everything from ``--checkpoint`` alone, offline), and the
+network a run starts training from (``initial_network``: ``train.py``'s step 0, and the untrained baseline
+of ``compute_elbo.py --baselines``)."""
 from __future__ import annotations
 
 import os
@@ -13,7 +15,8 @@ from models import BertDenoiser, DiffuSeqTransformer, spare_token_ids
 from runtime import checkpoint
 from runtime.config import TrainConfig, from_dict
 from common.errors import UserError
-from common.loading import check_tokenizer, load_tokenizer_and_config
+from common.loading import check_tokenizer, load_masked_lm, load_tokenizer, load_tokenizer_and_config
+from runtime.training import seed_everything
 
 
 GAUSSIAN_DROPOUT = 0.1  # DiffuSeq's default
@@ -64,19 +67,73 @@ def _diffuseq_from_config(cfg: TrainConfig, hf_config, tokenizer) -> DiffuSeqTra
     return build_gaussian_denoiser(cfg, hf_config.vocab_size)
 
 
+def _bert_initial(cfg: TrainConfig, log):
+    """DiffusionBERT's network: a pretrained (or --from_scratch) BERT-family masked LM; weights the pretrained
+    checkpoint lacks (a new masked-LM head) are drawn from the global RNG."""
+    mlm, tokenizer, model_path = load_masked_lm(cfg.model_name_or_path, cfg.from_scratch, log=log)
+    check_tokenizer(tokenizer, mlm.config.vocab_size, model_path)
+    if cfg.max_len + (cfg.time_conditioning == "token") > mlm.config.max_position_embeddings:
+        raise UserError(f"--max_len {cfg.max_len} exceeds the model's {mlm.config.max_position_embeddings} positions")
+    if cfg.dropout is not None:
+        for m in mlm.modules():
+            if isinstance(m, torch.nn.Dropout):
+                m.p = cfg.dropout
+    return build_denoiser(cfg, mlm, tokenizer), tokenizer, model_path, mlm.config
+
+
+def _diffuseq_initial(cfg: TrainConfig, log):
+    """DiffuSeq's network: a transformer trained from scratch, with the tokenizer of --model_name_or_path."""
+    tokenizer, model_path = load_tokenizer(cfg.model_name_or_path)
+    denoiser = build_gaussian_denoiser(cfg, len(tokenizer))
+    n = sum(p.numel() for p in denoiser.parameters())
+    log(f"model: DiffuSeq transformer from scratch, {n / 1e6:.2f}M parameters (emb {cfg.emb_dim}, hidden "
+        f"{cfg.hidden_size}, {cfg.num_layers} layers, {cfg.num_heads} heads, vocab {len(tokenizer)} from {model_path})")
+    return denoiser, tokenizer, model_path, denoiser.config
+
+
 @dataclass(frozen=True)
 class ProcessParts:
     """What differs between the processes when a run is rebuilt: one entry of ``PROCESS_PARTS`` per process."""
     build_process: Callable      # (cfg, mask_id, pad_id, counts) -> the process
     build_network: Callable      # (cfg, hf_config, tokenizer) -> the denoiser, before its weights are loaded
+    build_initial: Callable      # (cfg, log) -> (denoiser, tokenizer, model_path, hf_config): what training starts from
     weights_files: dict          # --weights -> the checkpoint file the inference scripts load
     needs_mask: bool             # whether the tokenizer must have a [MASK] token
 
 
 PROCESS_PARTS = {
-    "absorbing": ProcessParts(_absorbing, _bert_from_config, {w: "model.pt" for w in WEIGHTS}, needs_mask=True),
-    "gaussian": ProcessParts(_gaussian, _diffuseq_from_config, WEIGHTS, needs_mask=False),
+    "absorbing": ProcessParts(_absorbing, _bert_from_config, _bert_initial, {w: "model.pt" for w in WEIGHTS},
+                              needs_mask=True),
+    "gaussian": ProcessParts(_gaussian, _diffuseq_from_config, _diffuseq_initial, WEIGHTS, needs_mask=False),
 }
+
+
+def initial_network(cfg: TrainConfig, log=print):
+    """The network at step 0 of a run with this config, before any update: the global RNGs are seeded with
+    ``cfg.seed`` and the network is built from ``--model_name_or_path`` (pretrained weights, and anything they
+    lack drawn from that seed; or ``--from_scratch``). ``train.py`` starts from it (a ``--post_train`` run then
+    loads its start checkpoint's EMA into it). Returns ``(denoiser, tokenizer, model_path, hf_config)``."""
+    seed_everything(cfg.seed)
+    return PROCESS_PARTS[cfg.process].build_initial(cfg, log)
+
+
+def load_initial(run: Loaded, device: torch.device, log=print):
+    """The untrained network of a loaded checkpoint: ``initial_network`` of its run config, in eval mode on
+    ``device``. Needs ``--model_name_or_path`` of the run where it was (a hub id, a directory or ``minilm``)
+    and refuses a tokenizer other than the checkpoint's."""
+    from textdata.lm import vocab_fingerprint
+    if run.cfg.post_train:
+        raise UserError(f"{run.ckpt_dir} was post-trained from {run.cfg.post_train}: its untrained network is that "
+                        "run's, not one built from the config")
+    try:
+        denoiser, tokenizer, model_path, _ = initial_network(run.cfg, log)
+    except UserError as e:
+        raise UserError(f"the untrained network of {run.ckpt_dir} is rebuilt from its --model_name_or_path "
+                        f"{run.cfg.model_name_or_path}: {e}") from e
+    if vocab_fingerprint(tokenizer) != run.run_info["derived"]["vocab_fingerprint"]:
+        raise UserError(f"the tokenizer of {model_path} is not the one {run.ckpt_dir} was trained with; "
+                        "the untrained network cannot be rebuilt")
+    return denoiser.to(device).eval()
 
 
 @dataclass

@@ -73,7 +73,19 @@ case "$PRESET" in
     for SET in "${SETS[@]}"; do decode "$RUN" "$NAME-$SET" "$SET"; DIRS+=("generation_results/$NAME-$SET"); done
     echo "== 3/3 metrics"
     "$PY" compute_metric.py --mode compare --samples "${DIRS[@]}" --out "${DIRS[0]}/compare_metrics.json"
-    echo "== done in $(( $(date +%s) - START ))s; checkpoints in $RUN/checkpoints; next: bash run_condition.sh diffuseq_post $RUN"
+    echo "-- copy baseline (the source itself as the output)"
+    "$PY" compute_metric.py --mode seq2seq --samples "${DIRS[0]}/copy_source.jsonl" --out "${DIRS[0]}/metrics_copy_source.json"
+    SUMMARY=$("$PY" summarise.py --bleu "${DIRS[0]}/compare_metrics.json" --copy "${DIRS[0]}/metrics_copy_source.json")
+    cat <<EOF
+
+== done in $(( $(date +%s) - START ))s
+checkpoints:   $RUN/checkpoints/{best,last}
+outputs:       ${DIRS[*]} (seed*.jsonl, mbr.jsonl, copy_source.jsonl, decode.json)
+metrics:       ${DIRS[0]}/compare_metrics.json, ${DIRS[0]}/metrics_copy_source.json
+next:          bash run_condition.sh diffuseq_post $RUN
+
+$SUMMARY
+EOF
     ;;
   diffuseq_post)
     BASE=${1:-$(ls -dt outputs/diffuseq-* 2>/dev/null | grep -v -- '-post-' | head -n 1 || true)}
