@@ -52,11 +52,11 @@ SCALES = {
         s2s_lines=(300, 20, 20), s2s_steps=20, s2s_post_steps=10, s2s_decode=10,
         respacings=("uniform_4", "adp_4")),
     "quick": dict(
-        lm_lines=(8000, 500, 500), lm_steps=1000, lm_batch=64, seeds=(0,), elbo_steps=64,
+        lm_lines=(8000, 500, 500), lm_steps=800, lm_batch=64, seeds=(0,), elbo_steps=64,
         samples=200, sample_steps=(8, 32, 128, 512), ablations=("mutual", "elbo"),
         bible_steps=30, bible_seeds=(0,), bible_eval=32,
-        s2s_lines=(8000, 200, 200), s2s_steps=1000, s2s_post_steps=250, s2s_decode=50,
-        respacings=("full", "uniform_20", "adp_20", "adp_4")),
+        s2s_lines=(8000, 200, 200), s2s_steps=800, s2s_post_steps=200, s2s_decode=50,
+        respacings=("uniform_20", "adp_20", "adp_4")),  # the full chain (2000 calls) is the full scale's
     "full": dict(
         lm_lines=(20000, 1000, 1000), lm_steps=3000, lm_batch=128, seeds=(0, 1, 2), elbo_steps=128,
         samples=500, sample_steps=(8, 16, 32, 64, 128, 256, 512), ablations=("mutual", "layerwise", "token", "elbo"),
@@ -363,14 +363,17 @@ def report(out: str, scale: str, sc: dict, lm: dict | None, bible: dict | None, 
                          f"{b['nelbo_per_token'] / h_tok:.3f}x |")
         ok_floor = not below
         ok_close = b_mean <= 1.10 * h_tok
-        ok_nll = abs(s512["sample_nll_per_token"] / test_nll - 1) <= 0.10
         ok_forbidden = s512["sample_forbidden_fraction"] <= 0.02
+        # the exact NLL exists only for samples without a forbidden transition: it says little when many have one
+        ok_nll = ok_forbidden and abs(s512["sample_nll_per_token"] / test_nll - 1) <= 0.10
         lines += ["", "Targets:",
                   f"- never below the truth beyond 2 s.e.: **{'holds' if ok_floor else 'FAILS: a bug'}**",
                   f"- bound within 10% of the true entropy: **{'holds' if ok_close else 'not reached'}** "
                   f"({b_mean / h_tok:.3f}x)",
-                  f"- sample NLL within 10% of held-out sequences (ours, {max(sc['sample_steps'])} steps): "
-                  f"**{'holds' if ok_nll else 'not reached'}** ({s512['sample_nll_per_token']:.4f} vs {test_nll:.4f})",
+                  f"- sample NLL within 10% of held-out sequences (ours, {max(sc['sample_steps'])} steps; counted only "
+                  f"when at most 2% of the samples break the language): **{'holds' if ok_nll else 'not reached'}** "
+                  f"({s512['sample_nll_per_token']:.4f} on the {100 * (1 - s512['sample_invalid_fraction']):.0f}% of "
+                  f"samples that have a likelihood, vs {test_nll:.4f})",
                   f"- at most 2% of samples with a forbidden transition: **{'holds' if ok_forbidden else 'not reached'}** "
                   f"({100 * s512['sample_forbidden_fraction']:.1f}%)", ""]
         summary["lm"] = {"true_entropy_per_token": h_tok, "test_nll_per_token": test_nll, "bound_mean": b_mean,
@@ -379,18 +382,24 @@ def report(out: str, scale: str, sc: dict, lm: dict | None, bible: dict | None, 
                                      "forbidden": ok_forbidden}}
         # sampling sweep
         lines += ["### Sample quality against sampling steps", "",
+                  "Sample NLL is the exact NLL per token of the samples that have a likelihood; `forbidden` is the "
+                  "fraction with a transition the language never makes. A step count matches the "
+                  f"{max(sc['sample_steps'])}-step quality when its NLL is within 5% and its forbidden fraction within "
+                  "5 points of it.", "",
                   "| sampler | steps | sample NLL/token | forbidden | sequences/s | network calls |", "|---|---|---|---|---|---|"]
         fewest = {}
         for sampler in ("ours", "released"):
-            ref = lm["sweep"][(sampler, max(sc["sample_steps"]))]["sample_nll_per_token"]
+            top = lm["sweep"][(sampler, max(sc["sample_steps"]))]
+            ref, ref_bad = top["sample_nll_per_token"], top["sample_forbidden_fraction"]
             for steps in sc["sample_steps"]:
                 m = lm["sweep"][(sampler, steps)]
                 lines.append(f"| {sampler} | {steps} | {m.get('sample_nll_per_token', float('nan')):.4f} | "
                              f"{100 * m['sample_forbidden_fraction']:.1f}% | {m['sequences_per_second']:.1f} | "
                              f"{m['network_calls']} |")
-                if sampler not in fewest and abs(m.get("sample_nll_per_token", math.inf) / ref - 1) <= 0.05:
+                if (sampler not in fewest and abs(m.get("sample_nll_per_token", math.inf) / ref - 1) <= 0.05
+                        and m["sample_forbidden_fraction"] <= ref_bad + 0.05):
                     fewest[sampler] = (steps, m["sequences_per_second"])
-        lines += [""] + [f"- {s}: the fewest steps within 5% of its {max(sc['sample_steps'])}-step sample NLL: "
+        lines += [""] + [f"- {s}: the fewest steps that match its {max(sc['sample_steps'])}-step quality: "
                          f"**{fewest[s][0]}**, at {fewest[s][1]:.1f} sequences/s" for s in fewest] + [""]
         summary["lm"]["fewest_steps"] = fewest
         line_plot(os.path.join(plots, "sample_quality.png"),
@@ -483,6 +492,10 @@ def main(argv=None):
     sc = SCALES[args.scale]
     out = args.out or os.path.join("results", f"reproduce-{args.scale}-{time.strftime('%Y%m%d-%H%M%S')}")
     os.makedirs(out, exist_ok=True)
+    settings = os.path.join(out, "settings.json")
+    if os.path.exists(settings) and read_json(settings) != json.loads(json.dumps({"scale": args.scale, **sc})):
+        raise UserError(f"{out} was made with other settings ({settings}); its steps cannot be reused: give a new --out")
+    write_json_atomic(settings, {"scale": args.scale, **sc})
     print(f"reproduce: scale {args.scale}, results in {out}", flush=True)
     runner = Runner(os.path.abspath(out), args.jobs, args.threads)
     start = time.time()
