@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import io
 import json
+import math
 import os
 
 from common.io import write_bytes_atomic
@@ -32,19 +33,19 @@ def read_metrics(path: str, split: str, key: str) -> tuple[list[int], list[float
 
 def line_plot(path: str, series: list[dict], title: str, xlabel: str, ylabel: str,
               hlines: list[dict] | None = None, logx: bool = False) -> str:
-    """One PNG with a line per ``series`` entry ``{"label", "x", "y", ["yerr"], ["style"]}`` and a
-    dashed horizontal line per ``hlines`` entry ``{"label", "y"}``."""
+    """One PNG with a line per ``series`` entry ``{"label", "x", "y"}`` and a dashed horizontal line per
+    ``hlines`` entry ``{"label", "y"}``. Points with a non-finite value are left out (a series with none
+    left is drawn as an empty legend entry); the x axis is logarithmic only if some point is left."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=110)
+    drawn = 0
     for s in series:
-        if s.get("yerr") is not None:
-            ax.errorbar(s["x"], s["y"], yerr=s["yerr"], label=s["label"], marker="o", ms=3, capsize=3,
-                        linestyle=s.get("style", "-"))
-        else:
-            ax.plot(s["x"], s["y"], s.get("style", "-"), label=s["label"], marker="o", ms=3)
+        pts = [(x, y) for x, y in zip(s["x"], s["y"]) if math.isfinite(x) and math.isfinite(y)]
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], "-", label=s["label"], marker="o", ms=3)
+        drawn += len(pts)
     for i, h in enumerate(hlines or []):
         ax.axhline(h["y"], color=f"C{(len(series) + i) % 10}", linestyle="--", linewidth=1, label=h["label"])
-    if logx:
+    if logx and drawn:
         ax.set_xscale("log", base=2)
     ax.set_title(title, fontsize=10)
     ax.set_xlabel(xlabel)

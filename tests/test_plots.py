@@ -34,3 +34,15 @@ def test_read_metrics_picks_the_split_and_key(tmp_path):
             {"step": 4, "split": "dev", "nelbo_per_token": 2.5}, {"step": 4, "split": "dev", "other": 1.0}]
     p.write_text("".join(json.dumps(r) + "\n" for r in rows))
     assert read_metrics(str(p), "dev", "nelbo_per_token") == ([2, 4], [3.0, 2.5])
+
+
+def test_non_finite_points_are_left_out(tmp_path):
+    a, b = str(tmp_path / "a.png"), str(tmp_path / "b.png")
+    line_plot(a, [{"label": "x", "x": [1, 2, 4, 8], "y": [3.0, float("nan"), 1.5, float("inf")]}], "t", "s", "n",
+              logx=True)
+    line_plot(b, [{"label": "x", "x": [1, 4], "y": [3.0, 1.5]}], "t", "s", "n", logx=True)
+    assert open(a, "rb").read() == open(b, "rb").read()  # the same picture as without those points
+    c = str(tmp_path / "c.png")  # nothing finite at all: still a picture, with the reference line
+    line_plot(c, [{"label": "x", "x": [1, 2], "y": [float("nan")] * 2}], "t", "s", "n",
+              hlines=[{"label": "truth", "y": 1.0}], logx=True)
+    assert _png_size(c) == (int(6.4 * 110), int(4.2 * 110))
