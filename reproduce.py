@@ -29,7 +29,6 @@ import argparse
 import json
 import math
 import os
-import shutil
 import statistics
 import subprocess
 import sys
@@ -88,10 +87,10 @@ class Runner:
                     TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1",
                     HF_DATASETS_CACHE=os.path.join(self.out, ".hf_cache"), PYTHONPATH=ROOT)
 
-    def run(self, name: str, script: str, args: list[str], done: str) -> bool:
-        """Run ``script args`` unless ``done`` exists; True if it ran."""
+    def run(self, name: str, script: str, args: list[str], done: str) -> None:
+        """Run ``script args`` unless ``done`` exists."""
         if os.path.exists(done):
-            return False
+            return
         log = os.path.join(self.logs, f"{name}.log")
         start = time.time()
         with open(log, "w", encoding="utf-8") as f:
@@ -103,7 +102,6 @@ class Runner:
             raise UserError(f"reproduce: step {name} failed (exit {proc.returncode}): {tail[0] if tail else ''} "
                             f"(log: {log}); run the same command again to continue")
         print(f"  {name}: {time.time() - start:.0f}s", flush=True)
-        return True
 
     def train(self, name: str, args: list[str]) -> str:
         """A train.py run in ``<out>/runs/<name>``: reused when finished, resumed when killed halfway."""
@@ -422,7 +420,7 @@ def report(out: str, scale: str, sc: dict, lm: dict | None, bible: dict | None, 
         lines += [""]
         series = []
         for v in lm["variants"]:
-            steps_, vals = lm["curves"][v][0]
+            steps_ = lm["curves"][v][0][0]
             ys = [statistics.fmean(c[1][i] for c in lm["curves"][v]) for i in range(len(steps_))]
             series.append({"label": VARIANT_LABELS[v], "x": steps_, "y": ys})
         line_plot(os.path.join(plots, "dev_nelbo.png"), series, "Synthetic language: dev NELBO (no length term)",

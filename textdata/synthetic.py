@@ -25,6 +25,7 @@ import json
 import math
 import os
 from dataclasses import dataclass
+from functools import cached_property
 
 import numpy as np
 
@@ -96,11 +97,10 @@ class SyntheticLanguage:
     def vocab_size(self) -> int:
         return len(self.words)
 
-    @property
+    @cached_property
     def index(self) -> dict[str, int]:
-        if not hasattr(self, "_index"):
-            self._index = {w: i for i, w in enumerate(self.words)}
-        return self._index
+        """word -> its id (row of ``trans``)."""
+        return {w: i for i, w in enumerate(self.words)}
 
     # ---- exact quantities
     def marginals(self) -> np.ndarray:
