@@ -26,12 +26,15 @@ checkpoint, so the same command continues an interrupted reproduction.
 from __future__ import annotations
 
 import argparse
+import heapq
+import itertools
 import json
 import math
 import os
 import statistics
 import subprocess
 import sys
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -41,69 +44,144 @@ from common.io import write_json_atomic, write_text_atomic
 ROOT = os.path.dirname(os.path.abspath(__file__))
 
 # Per scale: the data, the training budgets and the evaluation sizes. A budget is optimizer steps at a
-# fixed batch, the same for every variant of an ablation.
+# fixed batch, the same for every variant of an ablation (``lm_steps`` at ``lm_batch``); the base variant is
+# also trained once for longer (``lm_long``: steps, batch) for the targets against the exact entropy and the
+# sampling sweep (the ablation's seed-0 base run when it is the same). ``s2s_full_decode``: test pairs
+# decoded with DiffuSeq's full chain (2000 calls each); the other decodings use ``s2s_decode``.
 SCALES = {
-    # smoke: every step at a trivial size, to check the pipeline (tests, debugging); its numbers mean nothing
+    # smoke: every step at a trivial size, to check the pipeline (debugging); its numbers mean nothing
     "smoke": dict(
-        lm_lines=(400, 60, 60), lm_steps=20, lm_batch=16, seeds=(0, 1), elbo_steps=4,
+        lm_lines=(400, 60, 60), lm_steps=20, lm_batch=16, lm_long=(30, 16), seeds=(0, 1), elbo_steps=4,
         samples=12, sample_steps=(2, 4), ablations=("mutual",),
         bible_steps=2, bible_seeds=(0,), bible_eval=8,
-        s2s_lines=(300, 20, 20), s2s_steps=20, s2s_post_steps=10, s2s_decode=10,
-        respacings=("uniform_4", "adp_4")),
+        s2s_lines=(300, 20, 20), s2s_steps=20, s2s_post_steps=10, s2s_decode=10, s2s_full_decode=4,
+        respacings=("full", "adp_4")),
     "quick": dict(
-        lm_lines=(8000, 500, 500), lm_steps=800, lm_batch=64, seeds=(0,), elbo_steps=64,
+        lm_lines=(8000, 500, 500), lm_steps=800, lm_batch=64, lm_long=(800, 64), seeds=(0,), elbo_steps=64,
         samples=200, sample_steps=(8, 32, 128, 512), ablations=("mutual", "elbo"),
         bible_steps=30, bible_seeds=(0,), bible_eval=32,
-        s2s_lines=(8000, 200, 200), s2s_steps=800, s2s_post_steps=200, s2s_decode=50,
-        respacings=("uniform_20", "adp_20", "adp_4")),  # the full chain (2000 calls) is the full scale's
+        s2s_lines=(8000, 200, 200), s2s_steps=800, s2s_post_steps=200, s2s_decode=50, s2s_full_decode=0,
+        respacings=("uniform_20", "adp_20", "adp_4")),
     "full": dict(
-        lm_lines=(20000, 1000, 1000), lm_steps=3000, lm_batch=128, seeds=(0, 1, 2), elbo_steps=128,
-        samples=500, sample_steps=(8, 16, 32, 64, 128, 256, 512), ablations=("mutual", "layerwise", "token", "elbo"),
-        bible_steps=200, bible_seeds=(0, 1, 2), bible_eval=128,
-        s2s_lines=(20000, 500, 500), s2s_steps=4000, s2s_post_steps=1000, s2s_decode=300,
+        lm_lines=(20000, 1000, 1000), lm_steps=1000, lm_batch=64, lm_long=(3000, 128), seeds=(0, 1, 2),
+        elbo_steps=64, samples=500, sample_steps=(8, 16, 32, 64, 128, 256, 512),
+        ablations=("mutual", "layerwise", "token", "elbo"),
+        bible_steps=100, bible_seeds=(0, 1, 2), bible_eval=64,
+        s2s_lines=(20000, 500, 500), s2s_steps=4000, s2s_post_steps=1000, s2s_decode=300, s2s_full_decode=100,
         respacings=("full", "uniform_20", "adp_20", "adp_10", "adp_4")),
 }
+# the priority of each part's steps when they wait for a slot (lowest first): the seq2seq chain is longest
+PRIORITY = {"seq2seq": 0, "lm": 1, "bible": 2}
 
 # DiffusionBERT as released (the base variant), and one change per ablation
 LM_BASE = dict(schedule="spindle", time_conditioning="none", loss_weighting="released")
 LM_VARIANTS = {"base": {}, "mutual": {"schedule": "mutual"}, "layerwise": {"time_conditioning": "layerwise"},
                "token": {"time_conditioning": "token"}, "elbo": {"loss_weighting": "elbo"}}
+# what DiffusionBERT's paper reports for each change to its model (Table 2 and its ablations, LM1B)
+PAPER_DIRECTION = {"base": "", "mutual": "worse (PPL 78.76 vs 63.78)", "layerwise": "worse (77.50 vs 63.78, D3PM)",
+                   "token": "worse (its time-embedding ablation)",
+                   "elbo": "no claim (the released weighting is a code fact, docs/differences.md)"}
 VARIANT_LABELS = {"base": "spindle + TAD + released loss (DiffusionBERT)", "mutual": "mutual schedule",
                   "layerwise": "layer-wise time embedding", "token": "time as a prefix token",
                   "elbo": "ELBO-weighted loss"}
 
 
 class Runner:
-    """Runs the repository's scripts as subprocesses, ``jobs`` at a time, each with ``threads`` threads;
-    a step whose ``done`` path exists is skipped."""
+    """Runs the repository's scripts as subprocesses, at most ``jobs`` at a time, each with ``threads``
+    threads; a step whose ``done`` path exists is skipped.
+
+    Steps may be requested from many threads at once (the parts run side by side); when a slot frees,
+    the waiting step with the lowest ``priority`` (then the earliest) takes it, so that the longest chain
+    (seq2seq training, post-training, then decoding) is never queued behind the short runs that fill the
+    gaps. After a failure no new step starts and the running ones are stopped (a training run saves and
+    can be resumed)."""
 
     def __init__(self, out: str, jobs: int, threads: int):
+        from tqdm import tqdm
         self.out, self.jobs, self.threads = out, jobs, threads
         self.logs = os.path.join(out, "logs")
         os.makedirs(self.logs, exist_ok=True)
+        self._cond = threading.Condition()
+        self._waiting: list[tuple[int, int]] = []  # heap of (priority, ticket)
+        self._tickets = itertools.count()
+        self._free = jobs
+        self._procs: set[subprocess.Popen] = set()
+        self.failed: str | None = None
+        # a bar on a terminal only (disable=None); the finished steps are printed either way
+        self.bar = tqdm(total=0, desc="reproduce steps", dynamic_ncols=True, leave=False, disable=None)
 
     def env(self) -> dict:
         return dict(os.environ, OMP_NUM_THREADS=str(self.threads), MKL_NUM_THREADS=str(self.threads),
                     TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1",
                     HF_DATASETS_CACHE=os.path.join(self.out, ".hf_cache"), PYTHONPATH=ROOT)
 
-    def run(self, name: str, script: str, args: list[str], done: str) -> None:
+    def _acquire(self, priority: int) -> None:
+        with self._cond:
+            ticket = (priority, next(self._tickets))
+            heapq.heappush(self._waiting, ticket)
+            self._cond.wait_for(lambda: self.failed or (self._free > 0 and self._waiting[0] == ticket))
+            self._waiting.remove(ticket)
+            heapq.heapify(self._waiting)
+            if self.failed:
+                self._cond.notify_all()
+                raise UserError(self.failed)
+            self._free -= 1
+            self._cond.notify_all()
+
+    def _release(self) -> None:
+        with self._cond:
+            self._free += 1
+            self._cond.notify_all()
+
+    def say(self, message: str) -> None:
+        with self._cond:
+            self.bar.write(message)
+
+    def fail(self, message: str) -> None:
+        """Start nothing more and stop the running steps."""
+        with self._cond:
+            self.failed = self.failed or message
+            for proc in self._procs:
+                proc.terminate()
+            self._cond.notify_all()
+
+    def run(self, name: str, script: str, args: list[str], done: str, priority: int = 1) -> None:
         """Run ``script args`` unless ``done`` exists."""
         if os.path.exists(done):
             return
+        with self._cond:
+            self.bar.total += 1
+            self.bar.refresh()
+        self._acquire(priority)
         log = os.path.join(self.logs, f"{name}.log")
         start = time.time()
-        with open(log, "w", encoding="utf-8") as f:
-            proc = subprocess.run([sys.executable, os.path.join(ROOT, script), *map(str, args)], cwd=ROOT,
-                                  env=self.env(), stdout=f, stderr=subprocess.STDOUT)
-        if proc.returncode != 0:
+        try:
+            with open(log, "w", encoding="utf-8") as f:
+                proc = subprocess.Popen([sys.executable, os.path.join(ROOT, script), *map(str, args)], cwd=ROOT,
+                                        env=self.env(), stdout=f, stderr=subprocess.STDOUT)
+                with self._cond:
+                    self._procs.add(proc)
+                try:
+                    returncode = proc.wait()
+                finally:
+                    with self._cond:
+                        self._procs.discard(proc)
+        finally:
+            self._release()
+        if returncode != 0:
             with open(log, encoding="utf-8", errors="replace") as f:
                 tail = [line for line in f.read().replace("\r", "\n").splitlines() if line.strip()][-1:]
-            raise UserError(f"reproduce: step {name} failed (exit {proc.returncode}): {tail[0] if tail else ''} "
-                            f"(log: {log}); run the same command again to continue")
-        print(f"  {name}: {time.time() - start:.0f}s", flush=True)
+            message = (f"reproduce: step {name} failed (exit {returncode}): {tail[0] if tail else ''} "
+                       f"(log: {log}); run the same command again to continue")
+            if self.failed:  # stopped because another step failed
+                raise UserError(self.failed)
+            self.fail(message)
+            raise UserError(message)
+        with self._cond:
+            self.bar.update(1)
+            self.bar.write(f"  {name}: {time.time() - start:.0f}s")
 
-    def train(self, name: str, args: list[str]) -> str:
+    def train(self, name: str, args: list[str], priority: int = 1) -> str:
         """A train.py run in ``<out>/runs/<name>``: reused when finished, resumed when killed halfway."""
         run_dir = os.path.join(self.out, "runs", name)
         done = os.path.join(run_dir, "reproduce.done")
@@ -112,21 +190,26 @@ class Runner:
         last = os.path.join(run_dir, "checkpoints", "last")
         extra = ["--resume", run_dir] if os.path.isdir(last) else ["--overwrite"]
         self.run(f"train-{name}", "train.py", [*args, "--out_dir", run_dir, "--log_dir",
-                                              os.path.join(self.out, "fitlog"), *extra], done)
+                                              os.path.join(self.out, "fitlog"), *extra], done, priority)
         write_text_atomic(done, "finished\n")
         return run_dir
 
     def parallel(self, calls: list) -> list:
-        """Run the zero-argument callables ``jobs`` at a time; results in order."""
-        from tqdm import tqdm
+        """Run the zero-argument callables side by side (their steps wait for slots); results in order.
+        The first failure stops the rest and is raised."""
         results = [None] * len(calls)
-        with ThreadPoolExecutor(max_workers=self.jobs) as pool, tqdm(total=len(calls), leave=False,
-                                                                      dynamic_ncols=True) as bar:
-            futures = {pool.submit(c): i for i, c in enumerate(calls)}
-            for fut in futures:
-                results[futures[fut]] = fut.result()
-                bar.update(1)
+        with ThreadPoolExecutor(max_workers=max(1, len(calls))) as pool:
+            futures = [pool.submit(self._guard, c) for c in calls]
+            for i, fut in enumerate(futures):
+                results[i] = fut.result()
         return results
+
+    def _guard(self, call):
+        try:
+            return call()
+        except BaseException as e:
+            self.fail(f"reproduce: {e}")
+            raise
 
 
 def read_json(path: str) -> dict:
@@ -136,6 +219,18 @@ def read_json(path: str) -> dict:
 
 def mean_std(values: list[float]) -> tuple[float, float]:
     return (statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0)
+
+
+def direction(diff: float, spread: float, seeds: int, claim: bool) -> str:
+    """Whether a variant's bound is worse than the base's (``diff`` > 0) beyond twice the seed-to-seed
+    ``spread``; ``claim``: the paper says it is worse."""
+    word = "worse" if diff > 0 else "better"
+    if seeds < 2:
+        return f"{word} (one seed: no spread to judge by)"
+    if abs(diff) <= 2 * spread:
+        return f"no clear difference (|{diff:+.3f}| within 2 x std {spread:.3f})"
+    size = f"{abs(diff) / spread:.0f}x std" if spread > 0 else "std 0"
+    return f"{word}{(': holds' if diff > 0 else ': does not hold') if claim else ''} ({size})"
 
 
 def fmt_ms(values: list[float], digits: int = 3) -> str:
@@ -166,13 +261,12 @@ def make_data(out: str, sc: dict) -> dict:
 # --------------------------------------------------------------------------- 1 + 2: synthetic LM
 
 
-def lm_args(paths: dict, sc: dict, variant: str, seed: int, wf: str) -> list[str]:
+def lm_args(paths: dict, sc: dict, variant: str, seed: int, wf: str, steps: int, batch: int) -> list[str]:
     v = {**LM_BASE, **LM_VARIANTS[variant]}
-    steps = sc["lm_steps"]
     return ["--model_name_or_path", paths["model"], "--from_scratch", "--dataset", "text", "--data_files", paths["lm"],
             "--max_len", 24, "--num_steps", 1000, "--schedule", v["schedule"], "--word_freq_file", wf,
             "--time_conditioning", v["time_conditioning"], "--loss_weighting", v["loss_weighting"],
-            "--batch_size", sc["lm_batch"], "--lr", "2e-3", "--decay", "cosine", "--warmup_steps", max(1, steps // 20),
+            "--batch_size", batch, "--lr", "2e-3", "--decay", "cosine", "--warmup_steps", max(1, steps // 20),
             "--max_steps", steps, "--eval_every", max(1, steps // 10), "--eval_examples", 500, "--eval_steps", 32,
             "--save_every", max(1, steps // 5), "--log_every", max(1, steps // 40), "--dropout", 0.0,
             "--seed", seed, "--device", "cpu"]
@@ -184,7 +278,7 @@ def elbo(runner: Runner, run_dir: str, name: str, sc: dict, batch: int = 250, ba
     runner.run(f"elbo-{name}", "compute_elbo.py", ["--checkpoint", run_dir, "--num_examples", 0, "--eval_steps",
                                                    sc["elbo_steps"], "--batch_size", batch, "--seed", 0,
                                                    "--device", "cpu", "--out", out, "--overwrite",
-                                                   *(["--baselines"] if baselines else [])], out)
+                                                   *(["--baselines"] if baselines else [])], out, PRIORITY["lm"])
     return read_json(out)
 
 
@@ -196,41 +290,58 @@ def synthetic_lm(runner: Runner, paths: dict, sc: dict) -> dict:
     truth = {"entropy": lang.entropy(), "test": score(lang, test_lines)}
     wf = os.path.join(runner.out, "word_freq", "synthetic.json")
     runner.run("word-freq-synthetic", "word_freq.py", ["--model_name_or_path", paths["model"], "--dataset", "text",
-                                                      "--data_files", paths["lm"], "--out", wf, "--overwrite"], wf)
-
+                                                      "--data_files", paths["lm"], "--out", wf, "--overwrite"], wf,
+               PRIORITY["lm"])
     variants = ["base", *sc["ablations"]]
     jobs = [(v, s) for v in variants for s in sc["seeds"]]
-    print(f"== synthetic LM: {len(jobs)} training runs ({', '.join(variants)} x seeds {list(sc['seeds'])})", flush=True)
-    runs = dict(zip(jobs, runner.parallel([lambda v=v, s=s: runner.train(f"lm-{v}-s{s}", lm_args(paths, sc, v, s, wf))
-                                           for v, s in jobs])))
-    print("== synthetic LM: test NLL bounds", flush=True)
-    first = ("base", sc["seeds"][0])  # with the untrained network's bound and a unigram model beside it
-    bounds = dict(zip(jobs, runner.parallel([lambda v=v, s=s: elbo(runner, runs[(v, s)], f"lm-{v}-s{s}", sc,
-                                                                   baselines=(v, s) == first) for v, s in jobs])))
-    per_token = {k: b["nll_bound" if k == "untrained" else "nll"] / b["tokens"]
-                 for k, b in bounds[first]["baselines"].items()}
+    long_steps, long_batch = sc["lm_long"]
+    separate = (long_steps, long_batch) != (sc["lm_steps"], sc["lm_batch"])
+    first = ("base", sc["seeds"][0])
 
-    print("== synthetic LM: sampling sweep", flush=True)
-    base = runs[("base", sc["seeds"][0])]
-    sweep = {}
-    for sampler in ("ours", "released"):
-        for steps in sc["sample_steps"]:
-            name = f"lm-base-{sampler}-{steps}"
-            gen_dir = os.path.join(runner.out, "samples")
-            txt = os.path.join(gen_dir, f"{name}.txt")
-            runner.run(f"sample-{name}", "predict.py", ["--checkpoint", base, "--num_samples", sc["samples"],
-                                                        "--steps", steps, "--sampler", sampler, "--batch_size", 100,
-                                                        "--seed", 1, "--device", "cpu", "--out_dir", gen_dir,
-                                                        "--name", name, "--overwrite"], txt)
-            metric = os.path.join(gen_dir, f"{name}.metrics.json")
-            runner.run(f"score-{name}", "compute_metric.py", ["--mode", "synthetic", "--samples", txt, "--language",
-                                                              paths["language"], "--out", metric, "--overwrite"], metric)
-            sweep[(sampler, steps)] = {**read_json(metric)["metrics"], **{
-                k: read_json(os.path.join(gen_dir, f"{name}.json"))[k] for k in ("sequences_per_second",
-                                                                                  "network_calls", "wall_seconds")}}
+    def train_and_bound(name: str, v: str, s: int, steps: int, batch: int, baselines: bool) -> tuple[str, dict]:
+        run_dir = runner.train(name, lm_args(paths, sc, v, s, wf, steps, batch), PRIORITY["lm"])
+        return run_dir, elbo(runner, run_dir, name, sc, baselines=baselines)
+
+    # the base variant at the long budget (for the targets and the sampling sweep) is bounded beside the
+    # untrained network and a unigram model; without a long budget of its own it is the ablation's seed-0 run
+    calls = [lambda v=v, s=s: train_and_bound(f"lm-{v}-s{s}", v, s, sc["lm_steps"], sc["lm_batch"],
+                                              not separate and (v, s) == first) for v, s in jobs]
+    if separate:
+        calls.insert(0, lambda: train_and_bound("lm-base-long-s0", "base", sc["seeds"][0], long_steps, long_batch,
+                                                True))
+    runner.say(f"== synthetic LM: {len(calls)} training runs ({', '.join(variants)} x seeds {list(sc['seeds'])}"
+               f"{'; the base at ' + str(long_steps) + ' steps' if separate else ''})")
+    results = runner.parallel(calls)
+    ablated = dict(zip(jobs, results[1:] if separate else results))
+    long_dir, long_bound = results[0] if separate else ablated[first]
+    runs = {k: r[0] for k, r in ablated.items()}
+    bounds = {k: r[1] for k, r in ablated.items()}
+    per_token = {k: b["nll_bound" if k == "untrained" else "nll"] / b["tokens"]
+                 for k, b in long_bound["baselines"].items()}
+
+    def sample(sampler: str, steps: int) -> dict:
+        name = f"lm-base-{sampler}-{steps}"
+        gen_dir = os.path.join(runner.out, "samples")
+        txt = os.path.join(gen_dir, f"{name}.txt")
+        runner.run(f"sample-{name}", "predict.py", ["--checkpoint", long_dir, "--num_samples", sc["samples"],
+                                                    "--steps", steps, "--sampler", sampler, "--batch_size", 100,
+                                                    "--seed", 1, "--device", "cpu", "--out_dir", gen_dir,
+                                                    "--name", name, "--overwrite"], txt, PRIORITY["lm"])
+        metric = os.path.join(gen_dir, f"{name}.metrics.json")
+        runner.run(f"score-{name}", "compute_metric.py", ["--mode", "synthetic", "--samples", txt, "--language",
+                                                          paths["language"], "--out", metric, "--overwrite"], metric,
+                   PRIORITY["lm"])
+        return {**read_json(metric)["metrics"], **{k: read_json(os.path.join(gen_dir, f"{name}.json"))[k]
+                                                   for k in ("sequences_per_second", "network_calls", "wall_seconds")}}
+
+    runner.say("== synthetic LM: sampling sweep")
+    # one after another: the sequences/s of the sweep are comparable only without a sampler beside them
+    grid = [(sampler, steps) for sampler in ("ours", "released") for steps in sc["sample_steps"]]
+    sweep = {key: sample(*key) for key in grid}
     curves = {v: [read_metrics_dev(runs[(v, s)]) for s in sc["seeds"]] for v in variants}
-    return {"truth": truth, "variants": variants, "runs": runs, "bounds": bounds, "baselines": per_token,
-            "sweep": sweep, "curves": curves}
+    return {"truth": truth, "variants": variants, "runs": runs, "bounds": bounds, "long": long_bound,
+            "long_steps": (long_steps, long_batch), "long_curve": read_metrics_dev(long_dir),
+            "baselines": per_token, "sweep": sweep, "curves": curves}
 
 
 def read_metrics_dev(run_dir: str) -> tuple[list[int], list[float]]:
@@ -245,10 +356,10 @@ def bible_lm(runner: Runner, sc: dict) -> dict:
     wf = os.path.join(runner.out, "word_freq", "minilm__bible.json")
     runner.run("word-freq-bible", "word_freq.py", ["--model_name_or_path", "minilm", "--dataset", "bible",
                                                   "--data_dir", os.path.join(runner.out, "data", "bible"),
-                                                  "--out", wf, "--overwrite"], wf)
+                                                  "--out", wf, "--overwrite"], wf, PRIORITY["bible"])
     jobs = [(init, s) for init in ("pretrained", "scratch") for s in sc["bible_seeds"]]
-    print(f"== Bible LM: {len(jobs)} training runs (pretrained MiniLM / from scratch x seeds {list(sc['bible_seeds'])})",
-          flush=True)
+    runner.say(f"== Bible LM: {len(jobs)} training runs (pretrained MiniLM / from scratch x seeds "
+               f"{list(sc['bible_seeds'])})")
 
     def one(init: str, seed: int) -> dict:
         steps = sc["bible_steps"]
@@ -258,11 +369,12 @@ def bible_lm(runner: Runner, sc: dict) -> dict:
             "--num_steps", 2048, "--schedule", "spindle", "--word_freq_file", wf, "--time_conditioning", "none",
             "--loss_weighting", "released", "--batch_size", 16, "--lr", "1.5e-4", "--warmup_steps", max(1, steps // 10),
             "--max_steps", steps, "--eval_every", 0, "--eval_examples", 64, "--eval_steps", 8,
-            "--save_every", steps, "--log_every", max(1, steps // 10), "--seed", seed, "--device", "cpu"])
+            "--save_every", steps, "--log_every", max(1, steps // 10), "--seed", seed, "--device", "cpu"],
+            PRIORITY["bible"])
         out = os.path.join(runner.out, "elbo", f"bible-{init}-s{seed}.json")
         runner.run(f"elbo-bible-{init}-s{seed}", "compute_elbo.py", [
             "--checkpoint", run_dir, "--num_examples", sc["bible_eval"], "--eval_steps", 32, "--batch_size", 64,
-            "--seed", 42, "--device", "cpu", "--out", out, "--overwrite"], out)
+            "--seed", 42, "--device", "cpu", "--out", out, "--overwrite"], out, PRIORITY["bible"])
         return read_json(out)
 
     res = dict(zip(jobs, runner.parallel([lambda i=i, s=s: one(i, s) for i, s in jobs])))
@@ -273,12 +385,11 @@ def bible_lm(runner: Runner, sc: dict) -> dict:
 
 
 def seq2seq(runner: Runner, paths: dict, sc: dict) -> dict:
-    steps, post_steps = sc["s2s_steps"], sc["s2s_post_steps"]
+    steps, post_steps, prio = sc["s2s_steps"], sc["s2s_post_steps"], PRIORITY["seq2seq"]
     common = ["--task", "seq2seq", "--dataset", "folder", "--data_files", paths["s2s"], "--max_len", 48,
               "--batch_size", 64, "--warmup_steps", max(1, steps // 20), "--max_steps", steps,
               "--eval_every", max(1, steps // 5), "--eval_examples", 200, "--save_every", max(1, steps // 5),
               "--log_every", max(1, steps // 40), "--seed", 0, "--device", "cpu"]
-    print("== seq2seq: conditional DiffusionBERT and DiffuSeq", flush=True)
     absorbing_args = ["--model_name_or_path", paths["s2s_model"], "--from_scratch", "--num_steps", 2000,
                       "--schedule", "mutual", "--time_conditioning", "none", "--loss_weighting", "released",
                       "--hybrid_lambda", "3e-4", "--lr", "1e-3", "--eval_steps", 16, "--dropout", 0.0, *common]
@@ -286,35 +397,64 @@ def seq2seq(runner: Runner, paths: dict, sc: dict) -> dict:
                      "--schedule", "sqrt", "--timestep_sampler", "lossaware", "--loss_average", "all",
                      "--emb_dim", 64, "--hidden_size", 128, "--num_layers", 3, "--num_heads", 4, "--lr", "1e-3",
                      "--ema_rate", 0.999, *common]
-    absorbing_dir, gaussian_dir = runner.parallel([lambda: runner.train("s2s-absorbing", absorbing_args),
-                                                   lambda: runner.train("s2s-diffuseq", gaussian_args)])
-    post_dir = runner.train("s2s-diffuseq-post", override(gaussian_args, {
-        "--max_steps": post_steps, "--warmup_steps": 0, "--eval_every": max(1, post_steps // 4),
-        "--save_every": max(1, post_steps // 4), "--log_every": max(1, post_steps // 20)}) + [
-        "--post_train", gaussian_dir, "--simi_penalty", "l2_noise_random", "--simi_lambda", -2, "--simi_noise", 0.05])
+    # Post-training restarts from the converged model's EMA weights with a fresh optimizer for post_steps
+    # steps. "more" is its control: the same restart and steps with DiffuSeq's own loss and no penalty, so
+    # that the penalty is not credited with what extra training does.
+    restart = {"--max_steps": post_steps, "--warmup_steps": 0, "--eval_every": max(1, post_steps // 4),
+               "--save_every": max(1, post_steps // 4), "--log_every": max(1, post_steps // 20)}
+    continued = {"post": ["--simi_penalty", "l2_noise_random", "--simi_lambda", -2, "--simi_noise", 0.05],
+                 "more": ["--simi_penalty", "none"]}
 
-    def decode(name: str, run_dir: str, flags: list) -> dict:
+    def decode(name: str, run_dir: str, flags: list) -> tuple[str, str]:
         folder = os.path.join(runner.out, "decode", name)
+        pairs = sc["s2s_full_decode"] if "full" in flags else sc["s2s_decode"]
         runner.run(f"decode-{name}", "predict_downstream_condition.py", [
-            "--checkpoint", run_dir, "--split", "test", "--num_examples", sc["s2s_decode"], "--mbr_size", 1,
+            "--checkpoint", run_dir, "--split", "test", "--num_examples", pairs, "--mbr_size", 1,
             "--batch_size", 100, "--seed", 0, "--device", "cpu", "--out_dir", os.path.join(runner.out, "decode"),
-            "--name", name, "--overwrite", *flags], os.path.join(folder, "decode.json"))
-        return folder
+            "--name", name, "--overwrite", *flags], os.path.join(folder, "decode.json"), prio)
+        return name, folder
 
-    jobs = [("absorbing", absorbing_dir, ["--steps", 200])]
-    jobs += [(f"diffuseq-{r}", gaussian_dir, ["--decode_respacing", r]) for r in sc["respacings"]]
-    jobs += [(f"diffuseq-post-{r}", post_dir, ["--decode_respacing", r]) for r in sc["respacings"]]
-    print(f"== seq2seq: {len(jobs)} decodings", flush=True)
-    folders = runner.parallel([lambda n=n, d=d, f=f: decode(n, d, f) for n, d, f in jobs])
-    out = os.path.join(runner.out, "decode", "compare.json")
-    runner.run("compare-seq2seq", "compute_metric.py", ["--mode", "compare", "--samples", *folders,
-                                                        "--bertscore_model", "none", "--out", out, "--overwrite"], out)
-    rows = {r["setting"]: r for r in read_json(out)["metrics"]["rows"]}
+    def respaced(prefix: str, run_dir: str) -> list:
+        return runner.parallel([lambda r=r: decode(f"{prefix}-{r}", run_dir, ["--decode_respacing", r])
+                                for r in sc["respacings"]])
+
+    def absorbing_chain() -> list:
+        run_dir = runner.train("s2s-absorbing", absorbing_args, prio)
+        return [decode("absorbing", run_dir, ["--steps", 200])]
+
+    def continued_chain(tag: str, gaussian_dir: str) -> list:
+        run_dir = runner.train(f"s2s-diffuseq-{tag}", override(gaussian_args, restart) + [
+            "--post_train", gaussian_dir, *continued[tag]], prio)
+        return respaced(f"diffuseq-{tag}", run_dir)
+
+    def gaussian_chain() -> list:
+        run_dir = runner.train("s2s-diffuseq", gaussian_args, prio)
+        parts = runner.parallel([lambda: respaced("diffuseq", run_dir)] +
+                                [lambda t=t: continued_chain(t, run_dir) for t in ("post", "more")])
+        return [d for part in parts for d in part]
+
+    runner.say("== seq2seq: conditional DiffusionBERT; DiffuSeq, then its post-training and the control")
+    gaussian, absorbing = runner.parallel([gaussian_chain, absorbing_chain])
+    folders = dict(absorbing + gaussian)
+    # compare.py compares folders that decode the same sources: the full chain's (fewer) apart
+    rows = {}
+    for group, names in (("", [n for n in folders if not n.endswith("-full")]),
+                         ("-full", [n for n in folders if n.endswith("-full")])):
+        if not names:
+            continue
+        out = os.path.join(runner.out, "decode", f"compare{group}.json")
+        runner.run(f"compare-seq2seq{group}", "compute_metric.py", [
+            "--mode", "compare", "--samples", *(folders[n] for n in names), "--bertscore_model", "none",
+            "--out", out, "--overwrite"], out, prio)
+        rows |= {r["setting"]: r for r in read_json(out)["metrics"]["rows"]}
+    rows = {n: rows[n] for n in sorted(rows, key=list(folders).index)}
     copy = os.path.join(runner.out, "decode", "copy_source.metrics.json")
     runner.run("copy-source", "compute_metric.py", ["--mode", "seq2seq", "--samples",
-                                                     os.path.join(folders[0], "copy_source.jsonl"),
-                                                     "--bertscore_model", "none", "--out", copy, "--overwrite"], copy)
-    return {"rows": rows, "copy_source": read_json(copy)["metrics"]}
+                                                     os.path.join(folders["absorbing"], "copy_source.jsonl"),
+                                                     "--bertscore_model", "none", "--out", copy, "--overwrite"],
+               copy, prio)
+    pairs = {name: read_json(os.path.join(folder, "decode.json")).get("num_sources") for name, folder in folders.items()}
+    return {"rows": rows, "copy_source": read_json(copy)["metrics"], "pairs": pairs}
 
 
 def override(args: list, values: dict) -> list:
@@ -340,32 +480,35 @@ def report(out: str, scale: str, sc: dict, lm: dict | None, bible: dict | None, 
         h_tok, h_given = t["entropy"]["per_token"], t["entropy"]["per_token_given_length"]
         test_nll, test_se = t["test"]["nll_per_token"], t["test"]["nll_per_token_se"]
         seeds = sc["seeds"]
-        base = [lm["bounds"][("base", s)] for s in seeds]
-        b_mean = statistics.fmean(b["nelbo_per_token"] for b in base)
-        b_se = max(b["nelbo_per_token_se"] for b in base)
-        below = [b for b in base if b["nelbo_per_token"] + 2 * b["nelbo_per_token_se"] < test_nll]
+        long = lm["long"]
+        long_steps, long_batch = lm["long_steps"]
+        b_mean, b_se = long["nelbo_per_token"], long["nelbo_per_token_se"]
+        every = {f"{v}, seed {s}": b for (v, s), b in lm["bounds"].items()} | {"base, long": long}
+        below = [k for k, b in every.items() if b["nelbo_per_token"] + 2 * b["nelbo_per_token_se"] < test_nll]
         s512 = lm["sweep"][("ours", max(sc["sample_steps"]))]
         lines += ["## 1. Synthetic language: the bound and the samples against the exact answer", "",
                   f"True entropy {h_tok:.4f} nats/token ({t['entropy']['per_sequence']:.3f} per sequence, "
                   f"{t['entropy']['length'] / t['entropy']['mean_length']:.4f} of it the length); exact NLL of the "
-                  f"{t['test']['sequences']} test sequences {test_nll:.4f} ± {test_se:.4f} nats/token.", "",
+                  f"{t['test']['sequences']} test sequences {test_nll:.4f} ± {test_se:.4f} nats/token. The model is "
+                  f"DiffusionBERT as released (spindle, TAD, the released loss weighting), {long_steps} steps at "
+                  f"batch {long_batch}, from scratch on the word-level tokenizer.", "",
                   "| model | test NLL (bound), nats/token (K = %d) | ± s.e. | / true entropy |" % sc["elbo_steps"],
                   "|---|---|---|---|",
                   f"| the true language | {test_nll:.4f} | {test_se:.4f} | {test_nll / h_tok:.3f}x |",
                   f"| unigram (add-one, training counts) | {lm['baselines']['unigram']:.4f} | | "
                   f"{lm['baselines']['unigram'] / h_tok:.2f}x |",
                   f"| untrained network (step 0) | {lm['baselines']['untrained']:.4f} | | "
-                  f"{lm['baselines']['untrained'] / h_tok:.2f}x |"]
-        for s, b in zip(seeds, base):
-            lines.append(f"| base, seed {s} | {b['nelbo_per_token']:.4f} | {b['nelbo_per_token_se']:.4f} | "
-                         f"{b['nelbo_per_token'] / h_tok:.3f}x |")
+                  f"{lm['baselines']['untrained'] / h_tok:.2f}x |",
+                  f"| DiffusionBERT, {long_steps} steps at batch {long_batch} | {b_mean:.4f} | {b_se:.4f} | "
+                  f"{b_mean / h_tok:.3f}x |"]
         ok_floor = not below
         ok_close = b_mean <= 1.10 * h_tok
         ok_forbidden = s512["sample_forbidden_fraction"] <= 0.02
         # the exact NLL exists only for samples without a forbidden transition: it says little when many have one
         ok_nll = ok_forbidden and abs(s512.get("sample_nll_per_token", math.inf) / test_nll - 1) <= 0.10
         lines += ["", "Targets:",
-                  f"- never below the truth beyond 2 s.e.: **{'holds' if ok_floor else 'FAILS: a bug'}**",
+                  f"- never below the truth beyond 2 s.e. (all {len(every)} trained models): "
+                  f"**{'holds' if ok_floor else 'FAILS: a bug (' + ', '.join(below) + ')'}**",
                   f"- bound within 10% of the true entropy: **{'holds' if ok_close else 'not reached'}** "
                   f"({b_mean / h_tok:.3f}x)",
                   f"- sample NLL within 10% of held-out sequences (ours, {max(sc['sample_steps'])} steps; counted only "
@@ -411,58 +554,125 @@ def report(out: str, scale: str, sc: dict, lm: dict | None, bible: dict | None, 
         # ablations
         lines += ["## 2. DiffusionBERT's ablations on the synthetic language", "",
                   f"Equal budgets: {sc['lm_steps']} steps at batch {sc['lm_batch']}; seeds {list(seeds)}; "
-                  f"test NLL bound (nats/token; the truth is {h_tok:.4f}), mean ± std over seeds.", "",
-                  "| variant | test NLL bound | vs base |", "|---|---|---|"]
-        base_vals = [b["nelbo_per_token"] for b in base]
+                  f"test NLL bound (nats/token; the truth is {h_tok:.4f}), mean ± std over seeds. A direction "
+                  "holds when the variant's bound is higher than the base's by more than twice the larger seed "
+                  "std.", "",
+                  "| variant | test NLL bound | vs base | the paper's direction | at this scale |", "|---|---|---|---|---|"]
+        base_vals = [lm["bounds"][("base", s)]["nelbo_per_token"] for s in seeds]
+        verdicts = {}
         for v in lm["variants"]:
             vals = [lm["bounds"][(v, s)]["nelbo_per_token"] for s in seeds]
-            lines.append(f"| {VARIANT_LABELS[v]} | {fmt_ms(vals)} | {statistics.fmean(vals) - statistics.fmean(base_vals):+.3f} |")
+            diff = statistics.fmean(vals) - statistics.fmean(base_vals)
+            verdicts[v] = "" if v == "base" else direction(
+                diff, max(mean_std(vals)[1], mean_std(base_vals)[1]), len(seeds), PAPER_DIRECTION[v].startswith("worse"))
+            lines.append(f"| {VARIANT_LABELS[v]} | {fmt_ms(vals)} | {diff:+.3f} | {PAPER_DIRECTION[v]} | "
+                         f"{verdicts[v]} |")
+        summary["ablations"] = verdicts
         lines += [""]
         series = []
         for v in lm["variants"]:
             steps_ = lm["curves"][v][0][0]
             ys = [statistics.fmean(c[1][i] for c in lm["curves"][v]) for i in range(len(steps_))]
             series.append({"label": VARIANT_LABELS[v], "x": steps_, "y": ys})
+        if lm["long_steps"] != (sc["lm_steps"], sc["lm_batch"]):
+            series.append({"label": f"{VARIANT_LABELS['base']}, {long_steps} steps at batch {long_batch}",
+                           "x": lm["long_curve"][0], "y": lm["long_curve"][1]})
         line_plot(os.path.join(plots, "dev_nelbo.png"), series, "Synthetic language: dev NELBO (no length term)",
                   "optimizer step", "nats/token", hlines=[{"label": "true entropy given the length", "y": h_given}])
         lines += ["![dev NELBO](plots/dev_nelbo.png)", ""]
     if bible:
         lines += ["### Bible LM: pretrained MiniLM against the same network from scratch", "",
-                  f"{sc['bible_steps']} steps at batch 16 each; test bound on {sc['bible_eval']} verses (K = 32).", "",
-                  "| initialisation | PPL bound per word | per wordpiece |", "|---|---|---|"]
+                  f"{sc['bible_steps']} steps at batch 16 each; test bound on {sc['bible_eval']} verses (K = 32); "
+                  f"seeds {list(sc['bible_seeds'])}, mean ± std.", "",
+                  "| initialisation | PPL bound per word | per wordpiece | NELBO nats/wordpiece |", "|---|---|---|---|"]
+        nelbo = {}
         for init in ("pretrained", "scratch"):
             vals = [bible["bounds"][(init, s)] for s in sc["bible_seeds"]]
-            lines.append(f"| {init} | {fmt_ms([v['ppl_word'] for v in vals], 1)} | {fmt_ms([v['ppl_token'] for v in vals], 1)} |")
-        lines += [""]
+            nelbo[init] = [v["nelbo_per_token"] for v in vals]
+            lines.append(f"| {init} | {fmt_ms([v['ppl_word'] for v in vals], 1)} | "
+                         f"{fmt_ms([v['ppl_token'] for v in vals], 1)} | {fmt_ms(nelbo[init])} |")
+        diff = statistics.fmean(nelbo["scratch"]) - statistics.fmean(nelbo["pretrained"])
+        verdict = direction(diff, max(mean_std(nelbo["scratch"])[1], mean_std(nelbo["pretrained"])[1]),
+                            len(sc["bible_seeds"]), True)
+        lines += ["", f"- From scratch against pretrained (the paper: pretraining helps), NELBO {diff:+.3f} "
+                      f"nats/wordpiece: **{verdict}**", ""]
+        summary["bible"] = {"scratch_minus_pretrained_nelbo": diff, "verdict": verdict}
     if s2s:
-        rows, copy = s2s["rows"], s2s["copy_source"]
-        lines += ["## 3. Synthetic seq2seq: reverse the source and map each word", "",
-                  f"Copying the source scores exact match {copy['exact_match']:.3f}, BLEU {copy['bleu']:.4f}.", "",
-                  "| model / decoding | exact match | token accuracy | BLEU | network calls per sequence | wall s |",
-                  "|---|---|---|---|---|---|"]
-        for name, r in rows.items():
-            lines.append(f"| {name} | {r['exact_match']:.3f} | {r['token_accuracy']:.3f} | {r['bleu']:.4f} | "
-                         f"{r['calls_per_sequence']:.0f} | {r['wall_seconds']:.1f} |")
-        a = rows.get("absorbing", {})
-        g_name = "diffuseq-" + sc["respacings"][0]  # the full chain where the scale decodes it
-        g = rows.get(g_name, {})
-        lines += ["", "Targets (at least 90% exact match and BLEU 0.95):",
-                  f"- conditional DiffusionBERT: **{'holds' if a.get('exact_match', 0) >= 0.9 and a.get('bleu', 0) >= 0.95 else 'not reached'}**",
-                  f"- DiffuSeq ({sc['respacings'][0]}): **{'holds' if g.get('exact_match', 0) >= 0.9 and g.get('bleu', 0) >= 0.95 else 'not reached'}**", ""]
-        series = []
-        for tag, prefix in (("before post-training", "diffuseq-"), ("after post-training", "diffuseq-post-")):
-            pts = sorted((rows[prefix + r]["calls_per_sequence"], rows[prefix + r]["exact_match"]) for r in sc["respacings"]
-                         if prefix + r in rows)
-            series.append({"label": tag, "x": [p[0] for p in pts], "y": [p[1] for p in pts]})
-        line_plot(os.path.join(plots, "seq2seq_steps.png"), series, "DiffuSeq on reverse-and-map: exact match",
-                  "decoding steps (network calls per sequence)", "exact match", logx=True)
-        lines += ["![seq2seq quality against steps](plots/seq2seq_steps.png)", ""]
-        summary["seq2seq"] = {k: {m: r[m] for m in ("exact_match", "token_accuracy", "bleu", "calls_per_sequence",
-                                                    "wall_seconds")} for k, r in rows.items()}
+        lines += seq2seq_report(s2s, sc, plots, summary)
     write_json_atomic(os.path.join(out, "results.json"), json.loads(json.dumps(summary, default=str)))
     text = "\n".join(lines) + "\n"
     write_text_atomic(os.path.join(out, "results.md"), text)
     return text
+
+
+def seq2seq_report(s2s: dict, sc: dict, plots: str, summary: dict) -> list[str]:
+    """Section 3: the table, the targets, and Tang et al.'s claims judged on exact match."""
+    from evaluation.plots import line_plot
+    rows, copy, pairs = s2s["rows"], s2s["copy_source"], s2s["pairs"]
+    lines = ["## 3. Synthetic seq2seq: reverse the source and map each word", "",
+             f"Copying the source scores exact match {copy['exact_match']:.3f}, BLEU {copy['bleu']:.4f}. "
+             f"DiffuSeq: {sc['s2s_steps']} steps; `post`: {sc['s2s_post_steps']} more steps of Tang et al.'s "
+             f"post-training (the released l2_noise_random penalty, weight 1) from its EMA weights; `more`: the "
+             "control, the same restart and steps with DiffuSeq's own loss and no penalty. One sample per source "
+             "(no MBR).", "",
+             "| model / decoding | test pairs | exact match | token accuracy | BLEU | network calls per sequence | wall s |",
+             "|---|---|---|---|---|---|---|"]
+    for name, r in rows.items():
+        lines.append(f"| {name} | {pairs.get(name, '')} | {r['exact_match']:.3f} | {r['token_accuracy']:.3f} | "
+                     f"{r['bleu']:.4f} | {r['calls_per_sequence']:.0f} | {r['wall_seconds']:.1f} |")
+    a = rows.get("absorbing", {})
+    g_name = "diffuseq-" + sc["respacings"][0]  # the full chain where the scale decodes it
+    g = rows.get(g_name, {})
+    lines += ["", "Targets (at least 90% exact match and BLEU 0.95):",
+              f"- conditional DiffusionBERT: **{'holds' if a.get('exact_match', 0) >= 0.9 and a.get('bleu', 0) >= 0.95 else 'not reached'}**",
+              f"- DiffuSeq ({sc['respacings'][0]}): **{'holds' if g.get('exact_match', 0) >= 0.9 and g.get('bleu', 0) >= 0.95 else 'not reached'}**",
+              "", "Tang et al.'s claims, on exact match (a difference counts when it is larger than twice its "
+              "binomial standard error):"]
+
+    def versus(x: str, y: str) -> tuple[float, str] | None:
+        if x not in rows or y not in rows:
+            return None
+        px, py = rows[x]["exact_match"], rows[y]["exact_match"]
+        se = math.sqrt(px * (1 - px) / pairs[x] + py * (1 - py) / pairs[y])
+        d = px - py
+        word = "same" if abs(d) <= 2 * se else ("higher" if d > 0 else "lower")
+        return d, f"{x} {px:.3f} vs {y} {py:.3f}: {d:+.3f} ± {se:.3f}, {word}"
+
+    claims = []
+    for tag, when in (("", "before post-training"), ("post-", "after post-training")):
+        full = f"diffuseq-{tag}full"
+        claims += [(f"adp_20 matches the full chain ({when})", f"diffuseq-{tag}adp_20", full, "not lower"),
+                   (f"adp_4 matches the full chain ({when})", f"diffuseq-{tag}adp_4", full, "not lower"),
+                   (f"adp_20 is at least as good as uniform_20 ({when})", f"diffuseq-{tag}adp_20",
+                    f"diffuseq-{tag}uniform_20", "not lower")]
+    few = [r for r in sc["respacings"] if r != "full"][-1]
+    claims += [(f"post-training helps at {few} beyond the same extra training without the penalty",
+                f"diffuseq-post-{few}", f"diffuseq-more-{few}", "higher"),
+               (f"post-training helps at {few} (against the model it started from)", f"diffuseq-post-{few}",
+                f"diffuseq-{few}", "higher")]
+    judged = {}
+    for text, x, y, want in claims:
+        res = versus(x, y)
+        if res is None:
+            continue
+        word = res[1].rsplit(", ", 1)[1]
+        ok = word == "higher" if want == "higher" else word != "lower"
+        judged[text] = ok
+        lines.append(f"- {text}: **{'holds' if ok else 'does not hold'}** ({res[1]})")
+    summary["seq2seq_claims"] = judged
+    lines += [""]
+    series = []
+    for tag, prefix in (("before post-training", "diffuseq-"), ("after post-training", "diffuseq-post-"),
+                        ("control: more training, no penalty", "diffuseq-more-")):
+        pts = sorted((rows[prefix + r]["calls_per_sequence"], rows[prefix + r]["exact_match"]) for r in sc["respacings"]
+                     if prefix + r in rows)
+        series.append({"label": tag, "x": [p[0] for p in pts], "y": [p[1] for p in pts]})
+    line_plot(os.path.join(plots, "seq2seq_steps.png"), series, "DiffuSeq on reverse-and-map: exact match",
+              "decoding steps (network calls per sequence)", "exact match", logx=True)
+    lines += ["![seq2seq quality against steps](plots/seq2seq_steps.png)", ""]
+    summary["seq2seq"] = {k: {m: r[m] for m in ("exact_match", "token_accuracy", "bleu", "calls_per_sequence",
+                                                "wall_seconds")} | {"pairs": pairs.get(k)} for k, r in rows.items()}
+    return lines
 
 
 # --------------------------------------------------------------------------- CLI
@@ -499,9 +709,15 @@ def main(argv=None):
     runner = Runner(os.path.abspath(out), args.jobs, args.threads)
     start = time.time()
     paths = make_data(runner.out, sc)
-    lm = synthetic_lm(runner, paths, sc) if "lm" in parts else None
-    bible = bible_lm(runner, sc) if "bible" in parts else None
-    s2s = seq2seq(runner, paths, sc) if "seq2seq" in parts else None
+    # the parts run side by side; their steps share the --jobs slots (the seq2seq chain first)
+    work = {"lm": lambda: synthetic_lm(runner, paths, sc), "bible": lambda: bible_lm(runner, sc),
+            "seq2seq": lambda: seq2seq(runner, paths, sc)}
+    chosen = [k for k in ("seq2seq", "lm", "bible") if k in parts]
+    try:
+        done = dict(zip(chosen, runner.parallel([work[k] for k in chosen])))
+    finally:
+        runner.bar.close()
+    lm, bible, s2s = done.get("lm"), done.get("bible"), done.get("seq2seq")
     text = report(runner.out, args.scale, sc, lm, bible, s2s, time.time() - start)
     print("\n" + text)
     print(f"reproduce: wrote {os.path.join(out, 'results.md')} in {(time.time() - start) / 60:.1f} min")
