@@ -67,7 +67,7 @@ SCALES = {
         elbo_steps=64, samples=500, sample_steps=(8, 16, 32, 64, 128, 256, 512),
         ablations=("mutual", "layerwise", "token", "elbo"),
         bible_steps=100, bible_seeds=(0, 1, 2), bible_eval=64,
-        s2s_lines=(20000, 500, 500), s2s_steps=4000, s2s_post_steps=1000, s2s_decode=300, s2s_full_decode=100,
+        s2s_lines=(20000, 500, 500), s2s_steps=5000, s2s_post_steps=1000, s2s_decode=300, s2s_full_decode=100,
         respacings=("full", "uniform_20", "adp_20", "adp_10", "adp_4")),
 }
 # the priority of each part's steps when they wait for a slot (lowest first): the seq2seq chain is longest
