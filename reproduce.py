@@ -52,7 +52,7 @@ SCALES = {
     # smoke: every step at a trivial size, to check the pipeline (debugging); its numbers mean nothing
     "smoke": dict(
         lm_lines=(400, 60, 60), lm_steps=20, lm_batch=16, lm_long=(30, 16), seeds=(0, 1), elbo_steps=4,
-        samples=12, sample_steps=(2, 4), ablations=("mutual",),
+        samples=12, sample_steps=(2, 4), ablations=("mutual", "token"),
         bible_steps=2, bible_seeds=(0,), bible_eval=8,
         s2s_lines=(300, 20, 20), s2s_steps=20, s2s_post_steps=10, s2s_decode=10, s2s_full_decode=4,
         respacings=("full", "adp_4")),
@@ -73,6 +73,8 @@ SCALES = {
 # the priority of each part's steps when they wait for a slot (lowest first): the seq2seq chain is longest
 PRIORITY = {"seq2seq": 0, "lm": 1, "bible": 2}
 
+LM_T = 1000  # diffusion steps of the synthetic LM
+
 # DiffusionBERT as released (the base variant), and one change per ablation
 LM_BASE = dict(schedule="spindle", time_conditioning="none", loss_weighting="released")
 LM_VARIANTS = {"base": {}, "mutual": {"schedule": "mutual"}, "layerwise": {"time_conditioning": "layerwise"},
@@ -82,7 +84,7 @@ PAPER_DIRECTION = {"base": "", "mutual": "worse (PPL 78.76 vs 63.78)", "layerwis
                    "token": "worse (its time-embedding ablation)",
                    "elbo": "no claim (the released weighting is a code fact, docs/differences.md)"}
 VARIANT_LABELS = {"base": "spindle + TAD + released loss (DiffusionBERT)", "mutual": "mutual schedule",
-                  "layerwise": "layer-wise time embedding", "token": "time as a prefix token",
+                  "layerwise": "layer-wise time embedding", "token": "time as a prefix token (vocabulary + 1000 [unused])",
                   "elbo": "ELBO-weighted loss"}
 
 
@@ -93,7 +95,8 @@ class Runner:
     Steps may be requested from many threads at once (the parts run side by side); when a slot frees,
     the waiting step with the lowest ``priority`` (then the earliest) takes it, so that the longest chain
     (seq2seq training, post-training, then decoding) is never queued behind the short runs that fill the
-    gaps. After a failure no new step starts and the running ones are stopped (a training run saves and
+    gaps; a freed slot is held a few seconds for a step of the same or a lower priority, so that the next
+    step of a chain is not overtaken while it starts. After a failure no new step starts and the running ones are stopped (a training run saves and
     can be resumed)."""
 
     def __init__(self, out: str, jobs: int, threads: int):
@@ -105,6 +108,7 @@ class Runner:
         self._waiting: list[tuple[int, int]] = []  # heap of (priority, ticket)
         self._tickets = itertools.count()
         self._free = jobs
+        self._held_until, self._held_for = 0.0, 0
         self._procs: set[subprocess.Popen] = set()
         self.failed: str | None = None
         # a bar on a terminal only (disable=None); the finished steps are printed either way
@@ -115,11 +119,19 @@ class Runner:
                     TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1",
                     HF_DATASETS_CACHE=os.path.join(self.out, ".hf_cache"), PYTHONPATH=ROOT)
 
+    # a slot freed by a step stays its part's for a moment, for the step that follows it in its chain
+    HANDOVER_SECONDS = 5.0
+
     def _acquire(self, priority: int) -> None:
         with self._cond:
             ticket = (priority, next(self._tickets))
             heapq.heappush(self._waiting, ticket)
-            self._cond.wait_for(lambda: self.failed or (self._free > 0 and self._waiting[0] == ticket))
+
+            def ready() -> bool:
+                held = time.monotonic() < self._held_until and priority > self._held_for
+                return bool(self.failed) or (self._free > 0 and self._waiting[0] == ticket and not held)
+            while not self._cond.wait_for(ready, timeout=1.0):
+                pass
             self._waiting.remove(ticket)
             heapq.heapify(self._waiting)
             if self.failed:
@@ -128,9 +140,10 @@ class Runner:
             self._free -= 1
             self._cond.notify_all()
 
-    def _release(self) -> None:
+    def _release(self, priority: int) -> None:
         with self._cond:
             self._free += 1
+            self._held_until, self._held_for = time.monotonic() + self.HANDOVER_SECONDS, priority
             self._cond.notify_all()
 
     def say(self, message: str) -> None:
@@ -167,7 +180,7 @@ class Runner:
                     with self._cond:
                         self._procs.discard(proc)
         finally:
-            self._release()
+            self._release(priority)
         if returncode != 0:
             with open(log, encoding="utf-8", errors="replace") as f:
                 tail = [line for line in f.read().replace("\r", "\n").splitlines() if line.strip()][-1:]
@@ -255,16 +268,25 @@ def make_data(out: str, sc: dict) -> dict:
         write_tokenizer(lang.words, paths["model"], hidden_size=128, num_layers=3, num_heads=4, max_position=32)
         write_tokenizer(lang.words, paths["s2s_model"], hidden_size=128, num_layers=3, num_heads=4, max_position=64)
         write_text_atomic(os.path.join(data, "done"), "ok\n")
+    # the prefix-token ablation needs a spare vocabulary entry per diffusion step (T = 1000), as BERT's
+    # [unused*] entries are; the other variants keep the 305-entry vocabulary
+    paths["model_token"] = os.path.join(data, "model_token")
+    if not os.path.exists(os.path.join(paths["model_token"], "done")):
+        lang = SyntheticLanguage.load(paths["language"])
+        write_tokenizer(lang.words, paths["model_token"], hidden_size=128, num_layers=3, num_heads=4,
+                        max_position=32, spare=LM_T)
+        write_text_atomic(os.path.join(paths["model_token"], "done"), "ok\n")
     return paths
 
 
 # --------------------------------------------------------------------------- 1 + 2: synthetic LM
 
 
-def lm_args(paths: dict, sc: dict, variant: str, seed: int, wf: str, steps: int, batch: int) -> list[str]:
+def lm_args(paths: dict, sc: dict, variant: str, seed: int, wf: dict, steps: int, batch: int) -> list[str]:
     v = {**LM_BASE, **LM_VARIANTS[variant]}
-    return ["--model_name_or_path", paths["model"], "--from_scratch", "--dataset", "text", "--data_files", paths["lm"],
-            "--max_len", 24, "--num_steps", 1000, "--schedule", v["schedule"], "--word_freq_file", wf,
+    model = "model_token" if v["time_conditioning"] == "token" else "model"
+    return ["--model_name_or_path", paths[model], "--from_scratch", "--dataset", "text", "--data_files", paths["lm"],
+            "--max_len", 24, "--num_steps", LM_T, "--schedule", v["schedule"], "--word_freq_file", wf[model],
             "--time_conditioning", v["time_conditioning"], "--loss_weighting", v["loss_weighting"],
             "--batch_size", batch, "--lr", "2e-3", "--decay", "cosine", "--warmup_steps", max(1, steps // 20),
             "--max_steps", steps, "--eval_every", max(1, steps // 10), "--eval_examples", 500, "--eval_steps", 32,
@@ -288,10 +310,12 @@ def synthetic_lm(runner: Runner, paths: dict, sc: dict) -> dict:
     with open(os.path.join(paths["lm"], "test.txt"), encoding="utf-8") as f:
         test_lines = f.read().splitlines()
     truth = {"entropy": lang.entropy(), "test": score(lang, test_lines)}
-    wf = os.path.join(runner.out, "word_freq", "synthetic.json")
-    runner.run("word-freq-synthetic", "word_freq.py", ["--model_name_or_path", paths["model"], "--dataset", "text",
-                                                      "--data_files", paths["lm"], "--out", wf, "--overwrite"], wf,
-               PRIORITY["lm"])
+    wf = {}
+    for model, name in (("model", "synthetic"), ("model_token", "synthetic-spare")):
+        wf[model] = os.path.join(runner.out, "word_freq", f"{name}.json")
+        runner.run(f"word-freq-{name}", "word_freq.py", ["--model_name_or_path", paths[model], "--dataset", "text",
+                                                        "--data_files", paths["lm"], "--out", wf[model],
+                                                        "--overwrite"], wf[model], PRIORITY["lm"])
     variants = ["base", *sc["ablations"]]
     jobs = [(v, s) for v in variants for s in sc["seeds"]]
     long_steps, long_batch = sc["lm_long"]

@@ -219,13 +219,16 @@ def bijection(language: SyntheticLanguage) -> dict[str, str]:
 
 
 def write_tokenizer(words: list[str], out_dir: str, hidden_size: int = 128, num_layers: int = 2,
-                    num_heads: int = 4, max_position: int = 64) -> str:
+                    num_heads: int = 4, max_position: int = 64, spare: int = 0) -> str:
     """A word-level BERT tokenizer over ``SPECIALS + words`` and a small BERT config in ``out_dir``
-    (``from_pretrained`` loads both; no weights: train with ``--from_scratch``)."""
+    (``from_pretrained`` loads both; no weights: train with ``--from_scratch``). ``spare``: that many
+    ``[unused<k>]`` entries after the words, as BERT's vocabulary has (``--time_conditioning token``
+    needs one per diffusion step)."""
     from transformers import BertConfig, BertTokenizer  # transformers 5: backed by `tokenizers`
 
     os.makedirs(out_dir, exist_ok=True)
-    tok = BertTokenizer(vocab={w: i for i, w in enumerate(list(SPECIALS) + list(words))}, do_lower_case=True)
+    entries = list(SPECIALS) + list(words) + [f"[unused{k}]" for k in range(spare)]
+    tok = BertTokenizer(vocab={w: i for i, w in enumerate(entries)}, do_lower_case=True)
     tok.save_pretrained(out_dir)
     BertConfig(vocab_size=len(tok), hidden_size=hidden_size, num_hidden_layers=num_layers,
                num_attention_heads=num_heads, intermediate_size=4 * hidden_size,
