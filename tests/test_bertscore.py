@@ -212,23 +212,27 @@ def test_cli_reports_layer_and_package(tmp_path, capsys):
         assert f"minilm layer {layer}/6" in printed and version in printed
 
 
-def test_cli_unavailable_model_is_one_error_line(tmp_path):
-    """Offline and not cached, DiffuSeq's deberta-xlarge-mnli cannot load: one line, exit status 2.
-    (A model directory that does not exist gives the same.) Without BERTScore the package is never imported."""
+def test_cli_unavailable_model_is_one_error_line(tmp_path, capsys):
+    """A model directory that does not exist, and (offline, not cached) DiffuSeq's deberta-xlarge-mnli:
+    one error line, exit status 2."""
     from huggingface_hub import try_to_load_from_cache
     f = write_outputs(tmp_path / "out.json", PAIRS[:2])
-    models = [str(tmp_path / "no_such_model")]
-    if not isinstance(try_to_load_from_cache("microsoft/deberta-xlarge-mnli", "config.json"), str):
-        models.append("microsoft/deberta-xlarge-mnli")
-    for model in models:
-        p = run_cli("compute_metric.py", "--mode", "seq2seq", "--samples", f, "--bertscore_model", model,
-                    "--overwrite", cwd=str(tmp_path), check=False)
-        lines = p.stderr.strip().splitlines()
-        assert p.returncode == 2 and len(lines) == 1, p.stderr
-        assert lines[0].startswith(f"error: cannot load the BERTScore model {model}: ")
+    missing = str(tmp_path / "no_such_model")
+    assert run_script("compute_metric.py", "--mode", "seq2seq", "--samples", f, "--bertscore_model", missing) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"error: cannot load the BERTScore model {missing}: ")
+    if isinstance(try_to_load_from_cache("microsoft/deberta-xlarge-mnli", "config.json"), str):
+        pytest.skip("deberta-xlarge-mnli is cached here")
+    p = run_cli("compute_metric.py", "--mode", "seq2seq", "--samples", f, "--bertscore_model",
+                "microsoft/deberta-xlarge-mnli", cwd=str(tmp_path), check=False)  # run_cli: HF_HUB_OFFLINE=1
+    lines = p.stderr.strip().splitlines()
+    assert p.returncode == 2 and len(lines) == 1, p.stderr
+    assert lines[0].startswith("error: cannot load the BERTScore model microsoft/deberta-xlarge-mnli: ")
 
+
+def test_cli_without_bertscore_never_imports_the_package(tmp_path):
+    f = write_outputs(tmp_path / "out.json", PAIRS[:2])
     code = ("import sys, compute_metric; compute_metric.main(sys.argv[1:]); "
             "print('bert_score' in sys.modules, 'evaluation.seq2seq' in sys.modules)")
-    p = run_cli("-c", code, "--mode", "seq2seq", "--samples", f, "--bertscore_model", "none", "--overwrite",
-                cwd=str(tmp_path))
+    p = run_cli("-c", code, "--mode", "seq2seq", "--samples", f, "--bertscore_model", "none", cwd=str(tmp_path))
     assert p.stdout.split()[-2:] == ["False", "True"]
