@@ -71,8 +71,9 @@ CONVENTIONS = (
     "MBR = argmax_i sum_{j!=i} get_bleu(c_i, c_j) on the stripped candidates (ties: lowest index); "
     "all means with numpy.mean; bertscore_f1 = the bert-score package as DiffuSeq calls it "
     "(score(recover, reference, model_type, lang='en'): no idf, no baseline rescaling, [CLS]/[SEP] weight 0 "
-    "in the averages but kept as match candidates), on bertscore_model at bertscore_layer, torch.mean of "
-    "the float32 F1; exact_match = fraction of sources whose recover.split() equals reference.split(); "
+    "in the averages but kept as match candidates, padded positions cosine 0 in the maxima, batches of "
+    "bertscore_batch_size pairs), on bertscore_model at bertscore_layer, torch.mean of the float32 F1; "
+    "exact_match = fraction of sources whose recover.split() equals reference.split(); "
     "token_accuracy = per source, positions j with recover.split()[j] == reference.split()[j] over the "
     "longer of the two lengths (1 if both are empty), then the mean (ours, for tasks with one right output)."
 )
