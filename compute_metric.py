@@ -9,7 +9,7 @@ Usage::
     # seq2seq (DiffuSeq-format JSON lines with recover/reference/source): one file, several
     # per-seed files, or a folder of them (every *json file in it, sorted by name)
     python compute_metric.py --mode seq2seq --samples FILE_OR_FOLDER [FILE ...] \
-        [--bertscore_model minilm|PATH|none] [--bertscore_layer K] [--mbr [--mbr_order reversed]] \
+        [--bertscore_model minilm|PATH|HUB_NAME|none] [--bertscore_layer K] [--mbr [--mbr_order reversed]] \
         [--out FILE.json] [--overwrite]
 
     # samples of a synthetic language (textdata/synthetic.py): exact NLL per token under the true
@@ -372,10 +372,12 @@ def build_parser() -> argparse.ArgumentParser:
                         help="synthetic mode: the language.json written with the synthetic data")
     seq = parser.add_argument_group("seq2seq mode")
     seq.add_argument("--bertscore_model", default="minilm",
-                     help="local encoder for BERTScore: 'minilm', a model directory, or 'none' to skip "
-                          "(default: minilm)")
+                     help="encoder for BERTScore (computed by the bert-score package): 'minilm', a model "
+                          "directory, a cached hub name such as microsoft/deberta-xlarge-mnli (DiffuSeq's), "
+                          "or 'none' to skip (default: minilm)")
     seq.add_argument("--bertscore_layer", type=int, default=None,
-                     help="hidden layer for BERTScore embeddings (default: the last)")
+                     help="hidden layer for BERTScore embeddings, 0 = input embeddings (default: bert-score's "
+                          "layer for the model, 40 for deberta-xlarge-mnli, else the last)")
     seq.add_argument("--bertscore_batch_size", type=positive_int, default=64,
                      help="sentence pairs per BERTScore batch (default: 64)")
     seq.add_argument("--mbr", action="store_true",

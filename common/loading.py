@@ -89,20 +89,3 @@ def load_masked_lm(name_or_path: str, from_scratch: bool = False, log=print):
     if unexpected:
         log(f"model: ignored {len(unexpected)} checkpoint weights not used by the masked LM: {', '.join(unexpected)}")
     return mlm, tokenizer, path
-
-
-def load_encoder(name_or_path: str):
-    """``(tokenizer, AutoModel in eval mode)``, without a loading bar (for BERTScore)."""
-    from transformers import AutoModel
-    from transformers.utils import logging as hf_logging
-
-    tokenizer, path = load_tokenizer(name_or_path)
-    bar = hf_logging.is_progress_bar_enabled()
-    hf_logging.disable_progress_bar()  # a metric run prints its table, not a loading bar
-    try:
-        return tokenizer, AutoModel.from_pretrained(path).eval()
-    except (OSError, ValueError) as e:
-        raise _fail("model", name_or_path, e) from e
-    finally:
-        if bar:
-            hf_logging.enable_progress_bar()

@@ -34,15 +34,16 @@ are comparable):
 
 The sentence BLEU here is computed from cached n-gram counts with nltk's own floating-point
 operations (nltk 3.10 ``corpus_bleu`` + ``SmoothingFunction().method4``); the tests check it
-against nltk bit for bit. BERTScore is not DiffuSeq's (deberta-xlarge-mnli, layer 40): it runs
-on a local model and the result names the model and layer.
+against nltk bit for bit. BERTScore is DiffuSeq's call of the ``bert-score`` package (no idf, no
+rescaling); offline it runs on a local model (MiniLM by default, not DiffuSeq's deberta-xlarge-mnli
+at layer 40), and the result names the model, the layer and the package version.
 """
 from __future__ import annotations
 
 import json
 import math
 import os
-from collections import Counter
+from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Sequence
@@ -68,9 +69,11 @@ CONVENTIONS = (
     "sentence_bleu([c_j], c_i), then mean over sources (self_bleu_reversed: sentence_bleu([c_i], c_j)); "
     "div_4 = per source distinct/total 4-grams pooled over its candidates, then mean over sources; "
     "MBR = argmax_i sum_{j!=i} get_bleu(c_i, c_j) on the stripped candidates (ties: lowest index); "
-    "all means with numpy.mean; bertscore_f1 = greedy cosine matching of one layer's token embeddings "
-    "of a local model, no idf, no baseline rescaling, [CLS]/[SEP]/[PAD] excluded from matching and "
-    "averaging; exact_match = fraction of sources whose recover.split() equals reference.split(); "
+    "all means with numpy.mean; bertscore_f1 = the bert-score package as DiffuSeq calls it "
+    "(score(recover, reference, model_type, lang='en'): no idf, no baseline rescaling, [CLS]/[SEP] weight 0 "
+    "in the averages but kept as match candidates, padded positions cosine 0 in the maxima, batches of "
+    "bertscore_batch_size pairs), on bertscore_model at bertscore_layer, torch.mean of the float32 F1; "
+    "exact_match = fraction of sources whose recover.split() equals reference.split(); "
     "token_accuracy = per source, positions j with recover.split()[j] == reference.split()[j] over the "
     "longer of the two lengths (1 if both are empty), then the mean (ours, for tasks with one right output)."
 )
@@ -401,40 +404,6 @@ def mbr_select(candidates: Sequence[Sequence[str]], order: str = "diffuseq") -> 
 # --------------------------------------------------------------------------- BERTScore
 
 
-def greedy_cosine_prf(hyp_emb, hyp_mask, ref_emb, ref_mask):
-    """BERTScore P, R, F1 from token embeddings (Zhang et al. 2020, Eq. 1-3, no idf).
-
-    Each hyp token is matched to its most similar ref token (precision) and each ref token to
-    its most similar hyp token (recall), by cosine similarity; masked tokens take no part.
-
-    Args:
-        hyp_emb: ``[B, Lh, D]``; hyp_mask: ``[B, Lh]`` bool, True = a token that counts.
-        ref_emb: ``[B, Lr, D]``; ref_mask: ``[B, Lr]`` bool.
-
-    Returns:
-        ``(P, R, F)``, each ``[B]`` float64; 0 for a pair where either side has no token.
-    """
-    import torch
-    import torch.nn.functional as F
-
-    h = F.normalize(hyp_emb.double(), dim=-1)
-    r = F.normalize(ref_emb.double(), dim=-1)
-    sim = torch.bmm(h, r.transpose(1, 2))  # [B, Lh, Lr]
-    pair_mask = hyp_mask[:, :, None] & ref_mask[:, None, :]
-    sim = sim.masked_fill(~pair_mask, float("-inf"))
-    n_h = hyp_mask.sum(1)
-    n_r = ref_mask.sum(1)
-    ok = (n_h > 0) & (n_r > 0)
-    best_for_hyp = sim.max(dim=2).values.masked_fill(~hyp_mask, 0.0)  # [B, Lh]
-    best_for_ref = sim.max(dim=1).values.masked_fill(~ref_mask, 0.0)  # [B, Lr]
-    zero = torch.zeros_like(n_h, dtype=torch.float64)
-    P = torch.where(ok, best_for_hyp.sum(1) / n_h.clamp(min=1), zero)
-    R = torch.where(ok, best_for_ref.sum(1) / n_r.clamp(min=1), zero)
-    denom = P + R
-    Fs = torch.where(ok & (denom != 0), 2 * P * R / torch.where(denom != 0, denom, 1.0), zero)
-    return P, R, Fs
-
-
 @dataclass
 class BertScore:
     """Mean BERTScore and its per-sentence values; ``name`` says which model and layer."""
@@ -444,6 +413,7 @@ class BertScore:
     model: str
     layer: int
     num_layers: int
+    package: str  # "bert-score VERSION", the package that computed it
     f1_per_sentence: list[float] = field(repr=False)
     precision_per_sentence: list[float] = field(repr=False)
     recall_per_sentence: list[float] = field(repr=False)
@@ -453,58 +423,130 @@ class BertScore:
         return f"{self.model} layer {self.layer}/{self.num_layers}"
 
 
+def bertscore_package() -> str:
+    """``"bert-score VERSION"`` from the installed distribution (the 0.3.13 wheel's
+    ``bert_score.__version__`` still says 0.3.12)."""
+    from importlib import metadata
+    return f"bert-score {metadata.version('bert-score')}"
+
+
+@dataclass(frozen=True)
+class _Encoder:
+    tokenizer: object
+    network: object  # bert-score's get_model: the first ``layer`` blocks only
+    layer: int
+    num_layers: int
+
+
+def _needs_prefix_space(tokenizer) -> bool:
+    """Whether bert-score (under transformers 4, as DiffuSeq ran it) encoded with a leading space.
+
+    Its ``sent_encode`` passes ``add_prefix_space=True`` for GPT2Tokenizer/RobertaTokenizer instances,
+    DeBERTa's included (``DebertaTokenizer(GPT2Tokenizer)`` in transformers 4). In transformers 5 the
+    DeBERTa class no longer subclasses GPT-2's and ``encode`` ignores the argument, so the first word
+    would be split as a sentence-initial word, unlike in DiffuSeq's numbers.
+    """
+    import transformers
+    names = ("GPT2Tokenizer", "RobertaTokenizer", "DebertaTokenizer")
+    return isinstance(tokenizer, tuple(getattr(transformers, n) for n in names if hasattr(transformers, n)))
+
+
 @lru_cache(maxsize=2)
-def _load_encoder(model: str, device: str):
-    from common.loading import load_encoder
-    tok, net = load_encoder(model)
-    return tok, net.to(device)
+def _encoder(model: str, layer: int | None, device: str) -> _Encoder:
+    """The tokenizer and truncated network bert-score would build, loaded once per (model, layer, device).
+
+    The layer defaults to bert-score's own choice where it has one (``model2layers``: 40 for
+    ``microsoft/deberta-xlarge-mnli``, what DiffuSeq's call gets), else to the last layer. bert-score
+    keeps the first ``layer`` blocks and takes their output, i.e. ``hidden_states[layer]``.
+    """
+    from transformers import AutoConfig, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    from common.loading import resolve_model_path
+
+    path = resolve_model_path(model)
+
+    def fail(e: Exception) -> UserError:
+        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        return UserError(f"cannot load the BERTScore model {model}: {first} "
+                         "(--bertscore_model takes minilm, a model directory, a cached hub name, or none)")
+
+    try:
+        config = AutoConfig.from_pretrained(path)
+    except (OSError, ValueError) as e:
+        raise fail(e) from e
+    from bert_score.utils import get_model, get_tokenizer, model2layers  # only here: never with --bertscore_model none
+
+    num_layers = config.num_hidden_layers
+    layer = model2layers.get(path, num_layers) if layer is None else layer
+    if not 0 <= layer <= num_layers:
+        raise UserError(f"BERTScore layer must be in 0..{num_layers} for {model}, got {layer}")
+    # bert-score picks the network by its name: T5's encoder for any name containing "t5", a download for "scibert*"
+    if ("t5" in path and "t5" not in config.model_type) or path.startswith("scibert"):
+        raise UserError(f"bert-score would misread the model name {path} (it contains 't5' or starts with "
+                        "'scibert'); move or link the model to another directory")
+    bar = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()  # a metric run prints its table, not a loading bar
+    try:
+        tokenizer = get_tokenizer(path, use_fast=False)  # bert-score's default use_fast_tokenizer=False
+        if _needs_prefix_space(tokenizer):
+            tokenizer = AutoTokenizer.from_pretrained(path, use_fast=False, add_prefix_space=True)
+        if not hasattr(tokenizer, "build_inputs_with_special_tokens"):
+            # bert-score encodes an empty sentence as build_inputs_with_special_tokens([]) ([CLS] [SEP]);
+            # transformers 5 dropped the method, and the package would fail on an empty output
+            empty = tokenizer("")["input_ids"]
+
+            def build_inputs_with_special_tokens(ids):
+                if ids:
+                    raise NotImplementedError("only the empty sentence's encoding is provided")
+                return list(empty)
+            tokenizer.build_inputs_with_special_tokens = build_inputs_with_special_tokens
+        network = get_model(path, layer).to(device)
+    except (OSError, ValueError) as e:
+        raise fail(e) from e
+    finally:
+        if bar:
+            hf_logging.enable_progress_bar()
+    return _Encoder(tokenizer, network, layer, num_layers)
 
 
 def bert_score(hyps: Sequence[str], refs: Sequence[str], model: str = "minilm", batch_size: int = 64,
                device: str = "cpu", layer: int | None = None) -> BertScore:
-    """BERTScore of each ``(hyp, ref)`` pair with a local encoder.
+    """BERTScore of each ``(hyp, ref)`` pair, computed by the ``bert-score`` package as DiffuSeq does.
+
+    DiffuSeq calls ``bert_score.score(recovers, references, model_type=..., lang="en")``: Zhang et al.
+    (2020), Eq. 1-3, without idf or baseline rescaling. That call is ``bert_cos_score_idf`` with the
+    weights below, run here on the package's own tokenizer and truncated network (:func:`_encoder`).
+    As in the package:
+
+    * [CLS] and [SEP] have weight 0 in the averages but stay in the similarity matrix, so a word may
+      take its best match on the other side's [CLS]/[SEP];
+    * padding counts as similarity 0 in the maxima, so a token whose best cosine is negative scores 0
+      when the other sentence is shorter than the longest in its batch of ``batch_size`` pairs (64,
+      bert-score's default, gives DiffuSeq's batches);
+    * a pair with an empty side scores P = R = F = 0.
 
     Args:
-        model: ``minilm`` (resolved by ``common.loading.resolve_model_path``) or a model directory.
-        layer: hidden state to use, 1..num_layers (0 = input embeddings); default the last.
+        hyps, refs: ``[N]`` strings (``recover`` and ``reference`` of DiffuSeq's call).
+        model: ``minilm``, a model directory, or a hub name (e.g. ``microsoft/deberta-xlarge-mnli``)
+            that is cached or can be downloaded.
+        layer: the hidden state to use (0 = input embeddings); default bert-score's layer for the
+            model, else the last.
 
-    Special tokens ([CLS], [SEP], padding) are dropped before matching. Pairs are batched by
-    length; embeddings stay float32, the similarity and averages are float64.
+    The means are ``torch.mean`` of the float32 scores, as DiffuSeq prints them.
     """
-    import torch
+    from bert_score.utils import bert_cos_score_idf
 
     _check_pairs(hyps, refs)
-    tok, net = _load_encoder(model, device)
-    num_layers = net.config.num_hidden_layers
-    layer = num_layers if layer is None else layer
-    if not 0 <= layer <= num_layers:
-        raise UserError(f"BERTScore layer must be in 0..{num_layers} for {model}, got {layer}")
-    max_len = min(tok.model_max_length, getattr(net.config, "max_position_embeddings", 512))
-
-    def embed(texts):
-        enc = tok(list(texts), padding=True, truncation=True, max_length=max_len,
-                  return_tensors="pt", return_special_tokens_mask=True)
-        keep = enc.pop("special_tokens_mask").eq(0) & enc["attention_mask"].bool()
-        enc = {k: v.to(device) for k, v in enc.items()}
-        out = net(**enc, output_hidden_states=True)
-        return out.hidden_states[layer].float().cpu(), keep
-
-    n = len(hyps)
-    P = [0.0] * n
-    R = [0.0] * n
-    F = [0.0] * n
-    order = sorted(range(n), key=lambda i: len(hyps[i]) + len(refs[i]))  # less padding per batch
-    with torch.inference_mode():
-        for start in range(0, n, batch_size):
-            idx = order[start:start + batch_size]
-            h_emb, h_keep = embed(hyps[i] for i in idx)
-            r_emb, r_keep = embed(refs[i] for i in idx)
-            p, r, f = greedy_cosine_prf(h_emb, h_keep, r_emb, r_keep)
-            for k, i in enumerate(idx):
-                P[i], R[i], F[i] = p[k].item(), r[k].item(), f[k].item()
-    return BertScore(f1=float(np.mean(F)), precision=float(np.mean(P)), recall=float(np.mean(R)),
-                     model=model, layer=layer, num_layers=num_layers,
-                     f1_per_sentence=F, precision_per_sentence=P, recall_per_sentence=R)
+    enc = _encoder(model, layer, device)
+    tok = enc.tokenizer
+    weight = defaultdict(lambda: 1.0, {tok.sep_token_id: 0.0, tok.cls_token_id: 0.0})  # score(idf=False)
+    prf = bert_cos_score_idf(enc.network, list(refs), list(hyps), tok, weight, batch_size=batch_size,
+                             device=device).cpu()
+    P, R, F = prf.unbind(-1)
+    return BertScore(f1=F.mean().item(), precision=P.mean().item(), recall=R.mean().item(),
+                     model=model, layer=enc.layer, num_layers=enc.num_layers, package=bertscore_package(),
+                     f1_per_sentence=F.tolist(), precision_per_sentence=P.tolist(), recall_per_sentence=R.tolist())
 
 
 # --------------------------------------------------------------------------- one call for a run
@@ -525,6 +567,8 @@ def pair_metrics(recovers: Sequence[str], references: Sequence[str], bertscore_m
                         device=device, batch_size=batch_size)
         out["bertscore_f1"] = bs.f1
         out["bertscore_model"] = bs.name
+        out["bertscore_layer"] = bs.layer
+        out["bertscore_package"] = bs.package
     out["dist_1"] = dist_1(recovers)
     out["avg_len"] = avg_len(recovers)
     out["avg_len_words"] = avg_len_words(recovers)
@@ -540,7 +584,7 @@ def evaluate_outputs(rows_per_seed: Sequence[list[dict]], bertscore_model: str |
     Args:
         rows_per_seed: ``[num_files][num_sources]`` rows from :func:`read_outputs`; every file must
             hold the same sources in the same order.
-        bertscore_model: ``minilm``, a model directory, or None to skip BERTScore.
+        bertscore_model: ``minilm``, a model directory, a hub name, or None to skip BERTScore (:func:`bert_score`).
         mbr: with >= 2 files, report the headline metrics on the MBR choice among the files'
             candidates (DiffuSeq ``--mbr``) instead of on the first file.
         names: file names for error messages.

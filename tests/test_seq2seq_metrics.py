@@ -40,7 +40,6 @@ from evaluation.seq2seq import (
     div_4,
     evaluate_outputs,
     get_bleu,
-    greedy_cosine_prf,
     mbr_select,
     read_outputs,
     rouge_l,
@@ -548,30 +547,6 @@ def test_evaluate_outputs_rejects_different_sources():
 # --------------------------------------------------------------------------- BERTScore
 
 
-def test_greedy_cosine_prf_by_hand():
-    import torch
-
-    # hyp tokens h1 = (1,0), h2 = (0,1); ref tokens r1 = (2,0), r2 = (1,1), r3 = (-1,0); one padded
-    # hyp slot (masked out). cos(h1,r1) = 1, cos(h1,r2) = cos(h2,r2) = 1/sqrt2, cos(h1,r3) = -1,
-    # cos(h2,r1) = cos(h2,r3) = 0.
-    # P = mean over hyp of the best ref match = (1 + 1/sqrt2) / 2.
-    # R = mean over ref of the best hyp match = (1 + 1/sqrt2 + 0) / 3.
-    hyp = torch.tensor([[[1.0, 0.0], [0.0, 1.0], [5.0, 5.0]]])
-    ref = torch.tensor([[[2.0, 0.0], [1.0, 1.0], [-1.0, 0.0]]])
-    hm = torch.tensor([[True, True, False]])
-    rm = torch.tensor([[True, True, True]])
-    P, R, F = greedy_cosine_prf(hyp, hm, ref, rm)
-    p, r = (1 + 2 ** -0.5) / 2, (1 + 2 ** -0.5) / 3
-    assert P.item() == pytest.approx(p, abs=1e-12)
-    assert R.item() == pytest.approx(r, abs=1e-12)
-    assert F.item() == pytest.approx(2 * p * r / (p + r), abs=1e-12)
-    # Swapping roles swaps P and R; a side with no token gives 0.
-    P2, R2, _ = greedy_cosine_prf(ref, rm, hyp, hm)
-    assert (P2.item(), R2.item()) == pytest.approx((r, p), abs=1e-12)
-    zero = greedy_cosine_prf(hyp, torch.zeros_like(hm), ref, rm)
-    assert [t.item() for t in zero] == [0.0, 0.0, 0.0]
-
-
 def test_bert_score_minilm():
     hyps = ["the cat sat on the mat", "how do i learn python quickly ?", "stock markets fell sharply today", ""]
     refs = ["the cat sat on the mat", "what is the fastest way to learn python ?", "my grandmother bakes bread", "hello"]
@@ -579,10 +554,11 @@ def test_bert_score_minilm():
     f = res.f1_per_sentence
     assert f[0] == pytest.approx(1.0, abs=1e-5)  # identical pair
     assert f[2] < f[1] < 1 - 1e-3  # unrelated < paraphrase < identical
-    assert f[3] == 0.0  # empty hypothesis: no token to match
-    assert res.name == "minilm layer 6/6" and res.f1 == pytest.approx(np.mean(f), abs=1e-15)
+    assert f[3] == 0.0  # empty hypothesis: bert-score's 0
+    assert res.name == "minilm layer 6/6" and res.f1 == pytest.approx(np.mean(f), abs=1e-7)  # float32 mean
+    assert res.package.startswith("bert-score ")
 
-    swapped = bert_score(refs, hyps)
+    swapped = bert_score(refs, hyps, batch_size=2)  # the same batches: bert-score's padding enters the maxima
     assert swapped.precision_per_sentence == pytest.approx(res.recall_per_sentence, abs=1e-6)
     assert swapped.recall_per_sentence == pytest.approx(res.precision_per_sentence, abs=1e-6)
     assert swapped.f1_per_sentence == pytest.approx(f, abs=1e-6)
