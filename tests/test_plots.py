@@ -1,8 +1,13 @@
-"""evaluation/plots.py writes valid PNGs that follow their data."""
+"""evaluation/plots.py writes valid PNGs that follow their data: line plots and a run's training plots."""
 import json
+import os
 import struct
+import subprocess
+import sys
 import zlib
 
+from conftest import ROOT
+from evaluation import plots
 from evaluation.plots import line_plot, read_metrics
 
 
@@ -31,7 +36,7 @@ def test_line_plot_is_a_png_that_changes_with_the_data(tmp_path):
 def test_read_metrics_picks_the_split_and_key(tmp_path):
     p = tmp_path / "metrics.jsonl"
     rows = [{"step": 1, "split": "train", "loss": 5.0}, {"step": 2, "split": "dev", "nelbo_per_token": 3.0},
-            {"step": 4, "split": "dev", "nelbo_per_token": 2.5}, {"step": 4, "split": "dev", "other": 1.0}]
+            {"step": 4, "split": "dev", "nelbo_per_token": 2.5}, {"step": 6, "split": "dev", "other": 1.0}]
     p.write_text("".join(json.dumps(r) + "\n" for r in rows))
     assert read_metrics(str(p), "dev", "nelbo_per_token") == ([2, 4], [3.0, 2.5])
 
@@ -46,3 +51,80 @@ def test_non_finite_points_are_left_out(tmp_path):
     line_plot(c, [{"label": "x", "x": [1, 2], "y": [float("nan")] * 2}], "t", "s", "n",
               hlines=[{"label": "truth", "y": 1.0}], logx=True)
     assert _png_size(c) == (int(6.4 * 110), int(4.2 * 110))
+
+
+# ---- a run's training plots (train.py draws them at every evaluation)
+
+PNG_W, PNG_H1, PNG_H2 = int(6.4 * 110), int(4.2 * 110), int(7.0 * 110)  # one panel; two stacked panels
+
+
+def _write_log(path, rows, mode="w"):
+    with open(path, mode, encoding="utf-8") as f:
+        f.write("".join(json.dumps(r) + "\n" for r in rows))
+
+
+def _read_back(path):
+    """(width, height) of the PNG as matplotlib reads it back, after the byte-level checks."""
+    import matplotlib.image
+    w, h = _png_size(path)
+    assert matplotlib.image.imread(path).shape[:2] == (h, w)
+    return w, h
+
+
+def _absorbing_log(steps):
+    rows = []
+    for s in steps:
+        rows.append({"step": s, "split": "train", "loss": 6.0 / s, "nelbo_per_token": 5.0 / s, "lr": 1e-3})
+        if s % 2 == 0:
+            rows.append({"step": s, "split": "dev", "nelbo_per_token": 4.0 / s, "ppl_token": 2.718 ** (4.0 / s),
+                         "ppl_word": 2.718 ** (5.0 / s)})
+    return rows
+
+
+def test_training_plots_follow_the_log_and_repeat_byte_for_byte(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    _write_log(run / "metrics.jsonl", _absorbing_log(range(1, 7)))
+    written = plots.draw_training_plots(str(run))
+    loss, dev = run / "plots" / "train_loss.png", run / "plots" / "dev.png"
+    assert sorted(written) == sorted([str(loss), str(dev)])
+    assert _read_back(loss) == (PNG_W, PNG_H1) and _read_back(dev) == (PNG_W, PNG_H2)  # NELBO, then PPL
+    first = loss.read_bytes(), dev.read_bytes()
+    plots.draw_training_plots(str(run))  # the same log: the same bytes (no date or version in the PNG)
+    assert (loss.read_bytes(), dev.read_bytes()) == first
+    _write_log(run / "metrics.jsonl", [{"step": 8, "split": "dev", "nelbo_per_token": 0.4, "ppl_token": 1.5,
+                                        "ppl_word": 1.7}], mode="a")
+    plots.draw_training_plots(str(run))
+    assert loss.read_bytes() == first[0] and dev.read_bytes() != first[1]  # only the dev figure moved
+    assert not [f for f in os.listdir(run / "plots") if f.endswith(".tmp")]
+
+
+def test_the_dev_figure_is_the_objectives(tmp_path):
+    """Gaussian runs log a dev loss (one panel); before the first evaluation there is no dev figure."""
+    run = tmp_path / "g"
+    run.mkdir()
+    _write_log(run / "metrics.jsonl", [{"step": 1, "split": "train", "loss": 3.0, "mse": 1.0}])
+    assert plots.draw_training_plots(str(run)) == [str(run / "plots" / "train_loss.png")]
+    _write_log(run / "metrics.jsonl", [{"step": 2, "split": "dev", "loss": 2.5, "mse": 0.9}], mode="a")
+    plots.draw_training_plots(str(run))
+    assert _read_back(run / "plots" / "dev.png") == (PNG_W, PNG_H1)
+
+
+def test_read_log_keeps_what_a_resumed_run_redid(tmp_path):
+    """A run killed while logging step 6 resumes from its checkpoint at step 2: its records replace the
+    earlier ones from the step it logs again on, of every split. Its first record landed on the line the
+    crash cut short, which is skipped, so the old step 3 stays."""
+    p = tmp_path / "metrics.jsonl"
+    _write_log(p, _absorbing_log(range(1, 6)))
+    with open(p, "a", encoding="utf-8") as f:
+        f.write('{"time": 1.0, "step": 6, "spl')  # no newline
+    _write_log(p, [{"step": 3, "split": "train", "loss": 9.0}, {"step": 4, "split": "train", "loss": 8.0},
+                   {"step": 4, "split": "dev", "nelbo_per_token": 7.0}, {"step": 5, "split": "train", "loss": 7.5}],
+               mode="a")
+    assert read_metrics(str(p), "train", "loss") == ([1, 2, 3, 4, 5], [6.0, 3.0, 2.0, 8.0, 7.5])
+    assert read_metrics(str(p), "dev", "nelbo_per_token") == ([2, 4], [2.0, 7.0])
+
+
+def test_matplotlib_is_imported_only_to_draw():
+    code = "import sys, evaluation.plots; assert 'matplotlib' not in sys.modules"
+    subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True, env=dict(os.environ, PYTHONPATH=ROOT))
