@@ -1,12 +1,16 @@
-"""evaluation/plots.py writes valid PNGs that follow their data: line plots and a run's training plots."""
+"""evaluation/plots.py writes valid PNGs that follow their data: line plots and a run's training plots (as
+train.py leaves them, also after a resume, and when drawing fails)."""
 import json
 import os
+import shutil
 import struct
 import subprocess
 import sys
 import zlib
 
-from conftest import ROOT
+import pytest
+
+from conftest import ROOT, run_here, train_args
 from evaluation import plots
 from evaluation.plots import line_plot, read_metrics
 
@@ -128,3 +132,53 @@ def test_read_log_keeps_what_a_resumed_run_redid(tmp_path):
 def test_matplotlib_is_imported_only_to_draw():
     code = "import sys, evaluation.plots; assert 'matplotlib' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True, env=dict(os.environ, PYTHONPATH=ROOT))
+
+
+# ---- train.py
+
+
+@pytest.mark.slow
+def test_train_leaves_plots_of_its_whole_log(lm_run, tmp_path):
+    _, _, run, proc = lm_run
+    assert sorted(os.listdir(run / "plots")) == ["dev.png", "train_loss.png"]
+    assert "could not draw" not in proc.stdout and f"plots in {run / 'plots'}" in proc.stdout
+    copy = tmp_path / "run"  # the same name: the same title
+    copy.mkdir()
+    shutil.copy(run / "metrics.jsonl", copy / "metrics.jsonl")
+    plots.draw_training_plots(str(copy))
+    for name in ("train_loss.png", "dev.png"):  # drawn at the end from every record
+        assert (copy / "plots" / name).read_bytes() == (run / "plots" / name).read_bytes()
+
+
+@pytest.mark.slow
+def test_a_failing_draw_is_one_warning_and_training_goes_on(lm_word_freq, tiny_bert, tiny_corpus, tmp_path,
+                                                            monkeypatch):
+    _, wf = lm_word_freq
+
+    def broken(run_dir):
+        raise RuntimeError("no backend\nat all")
+
+    monkeypatch.setattr(plots, "draw_training_plots", broken)
+    out = tmp_path / "r"
+    p = run_here(*train_args(tiny_bert, tiny_corpus, wf, out, max_steps=2), cwd=str(tmp_path))
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
+    warnings = [line for line in p.stdout.splitlines() if "could not draw" in line]
+    # the evaluation at step 2 and the end of the run; one line each, the message kept
+    assert warnings == [f"warning: could not draw {out / 'plots'} (RuntimeError: no backend at all); "
+                        "training goes on"] * 2
+    assert "done: 2 steps" in p.stdout and (out / "checkpoints" / "last" / "model.pt").is_file()
+    assert not (out / "plots").exists()
+
+
+@pytest.mark.slow
+def test_a_resumed_run_draws_its_whole_log(lm_word_freq, tiny_bert, tiny_corpus, tmp_path):
+    """Stopped after step 2 and resumed to step 4, a run leaves the plots of the uninterrupted run, byte for
+    byte (same losses on the CPU, same run name in the titles)."""
+    _, wf = lm_word_freq
+    part, full = tmp_path / "a" / "run", tmp_path / "b" / "run"
+    for out, steps, extra in ((part, 2, ()), (part, 4, ("--resume", str(part))), (full, 4, ())):
+        p = run_here(*train_args(tiny_bert, tiny_corpus, wf, out, max_steps=steps, extra=extra), cwd=str(tmp_path))
+        assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
+    assert read_metrics(str(part / "metrics.jsonl"), "dev", "ppl_token")[0] == [2, 4]
+    for name in ("train_loss.png", "dev.png"):
+        assert (part / "plots" / name).read_bytes() == (full / "plots" / name).read_bytes(), name
