@@ -1,5 +1,5 @@
-"""evaluation/plots.py writes valid PNGs that follow their data: line plots and a run's training plots (as
-train.py leaves them, also after a resume, and when drawing fails)."""
+"""evaluation/plots.py writes valid PNGs that follow their data: line plots, a run's training plots (as
+train.py leaves them, and when drawing fails), and compute_metric.py --mode compare --plot."""
 import json
 import os
 import shutil
@@ -134,7 +134,7 @@ def test_matplotlib_is_imported_only_to_draw():
     subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True, env=dict(os.environ, PYTHONPATH=ROOT))
 
 
-# ---- train.py
+# ---- train.py and compute_metric.py
 
 
 @pytest.mark.slow
@@ -182,3 +182,44 @@ def test_a_resumed_run_draws_its_whole_log(lm_word_freq, tiny_bert, tiny_corpus,
     assert read_metrics(str(part / "metrics.jsonl"), "dev", "ppl_token")[0] == [2, 4]
     for name in ("train_loss.png", "dev.png"):
         assert (part / "plots" / name).read_bytes() == (full / "plots" / name).read_bytes(), name
+
+
+def _generation_folder(path, checkpoint, respacing, calls, recovers):
+    """A folder as predict_downstream_condition.py writes it: seed*.jsonl and decode.json."""
+    path.mkdir()
+    refs = ["the lord is my shepherd", "in the beginning was the word", "let there be light"]
+    for seed, rec in zip((1, 2), recovers):
+        _write_log(path / f"seed{seed}.jsonl", [{"recover": r, "reference": f, "source": "[CLS] x [SEP]"}
+                                                for r, f in zip(rec, refs)])
+    timings = [{"seed": s, "wall_seconds": 1.0, "network_calls": calls, "row_evaluations": calls * len(refs)}
+               for s in (1, 2)]
+    (path / "decode.json").write_text(json.dumps({"checkpoint": checkpoint, "process": "gaussian",
+                                                  "decode_respacing": respacing, "num_sources": len(refs),
+                                                  "timings": timings}))
+
+
+def test_compare_plot(tmp_path):
+    good = ["the lord is my shepherd", "in the beginning was the word", "let there be light"]
+    poor = ["the lord is a shepherd", "in the beginning", "light"]
+    dirs = []
+    for run, spec, calls, rec in (("base", "full", 100, [good, good]), ("base", "uniform_10", 10, [poor, good]),
+                                  ("base", "adp_10", 10, [good, poor]), ("post", "uniform_10", 10, [good, good])):
+        d = tmp_path / f"{run}-{spec}"
+        _generation_folder(d, f"outputs/{run}/checkpoints/best", None if spec == "full" else spec, calls, rec)
+        dirs.append(str(d))
+    png, out = tmp_path / "cmp.png", tmp_path / "cmp.json"
+    p = run_here("compute_metric.py", "--mode", "compare", "--samples", *dirs, "--bertscore_model", "none",
+                 "--out", str(out), "--plot", str(png), cwd=str(tmp_path))
+    assert p.returncode == 0, p.stderr
+    assert f"wrote {png}" in p.stdout and _read_back(png) == (PNG_W, PNG_H2)  # BLEU and exact match
+    rows = json.load(open(out))["metrics"]["rows"]
+    # a line per checkpoint and kind of step grid: the full chain is a uniform grid
+    assert [plots._decoding_group(r) for r in rows] == ["base uniform", "base uniform", "base adp", "post uniform"]
+    p = run_here("compute_metric.py", "--mode", "compare", "--samples", *dirs, "--bertscore_model", "none",
+                 "--out", str(out), "--plot", str(png), "--plot_metrics", "bleu", "--overwrite", cwd=str(tmp_path))
+    assert p.returncode == 0 and _read_back(png) == (PNG_W, PNG_H1)
+    p = run_here("compute_metric.py", "--mode", "compare", "--samples", *dirs, "--bertscore_model", "none",
+                 "--out", str(tmp_path / "x.json"), "--plot", str(tmp_path / "x.png"), "--plot_metrics", "blue",
+                 cwd=str(tmp_path))
+    assert p.returncode == 2 and p.stderr.strip().splitlines()[-1].startswith("error: --plot_metrics: blue")
+    assert not (tmp_path / "x.json").exists() and not (tmp_path / "x.png").exists()
