@@ -73,7 +73,7 @@ def read_metrics(path: str, split: str, key: str) -> tuple[list[int], list[float
 
 def figure(path: str, panels: list[dict], title: str, xlabel: str, logx: bool = False) -> str:
     """One PNG of panels stacked over a shared x axis. A panel is ``{"ylabel", "series", "hlines"?,
-    "logy"?}``: a line per ``series`` entry ``{"label", "x", "y"}`` and a dashed horizontal line per
+    "logy"?}``: a line per ``series`` entry ``{"label", "x", "y", "alpha"?}`` and a dashed horizontal line per
     ``hlines`` entry ``{"label", "y"}``. Points with a non-finite value are left out (a series with none
     left is an empty legend entry); a log axis is used only where some point is left (log y: some
     positive one)."""
@@ -88,7 +88,7 @@ def figure(path: str, panels: list[dict], title: str, xlabel: str, logx: bool = 
             pts = [(x, y) for x, y in zip(s["x"], s["y"]) if math.isfinite(x) and math.isfinite(y)]
             marker = "o" if len(pts) <= MARKERS_UP_TO else None
             ax.plot([p[0] for p in pts], [p[1] for p in pts], "-", label=s["label"], marker=marker, ms=3,
-                    linewidth=1.5 if marker else 1)
+                    linewidth=1.5 if marker else 1, alpha=s.get("alpha", 1.0))
             drawn_x += len(pts)
             positive += sum(p[1] > 0 for p in pts)
         for i, h in enumerate(panel.get("hlines") or []):
@@ -134,17 +134,19 @@ def _running_mean(y: list[float], window: int) -> list[float]:
 
 
 def draw_training_plots(run_dir: str) -> list[str]:
-    """(Re)draw ``<run_dir>/plots/train_loss.png`` (the training loss, and its running mean once the curve
-    is long) and ``<run_dir>/plots/dev.png`` (the dev figures of the run's objective, ``DEV_PANELS``)
-    from the whole of ``<run_dir>/metrics.jsonl``; returns the paths written (none before the first record)."""
+    """(Re)draw ``<run_dir>/plots/train_loss.png`` (the training loss, and from 20 records on its running
+    mean over a twentieth of them) and ``<run_dir>/plots/dev.png`` (the dev figures of the run's objective,
+    ``DEV_PANELS``) from the whole of ``<run_dir>/metrics.jsonl``; returns the paths written (none before
+    the first record)."""
     rows = read_log(os.path.join(run_dir, "metrics.jsonl"))
     out, name, written = os.path.join(run_dir, PLOTS_DIR), os.path.basename(os.path.normpath(run_dir)), []
     train = [(r["step"], float(r["loss"])) for r in rows if r["split"] == "train" and "loss" in r]
     if train:
         x, y = [p[0] for p in train], [p[1] for p in train]
         series = [{"label": "training loss", "x": x, "y": y}]
-        if len(train) > MARKERS_UP_TO:  # one optimizer step per record: a long curve is mostly noise
-            window = max(2, len(train) // 50)
+        if len(train) >= 20:  # a record is one optimizer step's loss: mostly noise
+            window = max(5, len(train) // 20)
+            series[0]["alpha"] = 0.4  # the mean in front
             series.append({"label": f"mean of the last {window} records", "x": x, "y": _running_mean(y, window)})
         written.append(line_plot(os.path.join(out, "train_loss.png"), series, f"{name}: training loss", "step",
                                  "loss"))

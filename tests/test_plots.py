@@ -1,6 +1,7 @@
 """evaluation/plots.py writes valid PNGs that follow their data: line plots, a run's training plots (as
 train.py leaves them, and when drawing fails), and compute_metric.py --mode compare --plot."""
 import json
+import math
 import os
 import shutil
 import struct
@@ -112,6 +113,25 @@ def test_the_dev_figure_is_the_objectives(tmp_path):
     _write_log(run / "metrics.jsonl", [{"step": 2, "split": "dev", "loss": 2.5, "mse": 0.9}], mode="a")
     plots.draw_training_plots(str(run))
     assert _read_back(run / "plots" / "dev.png") == (PNG_W, PNG_H1)
+
+
+def test_a_long_loss_curve_gets_its_running_mean(tmp_path, monkeypatch):
+    nan, inf = float("nan"), float("inf")
+    # by hand: the finite values among the last 2 (a skipped step's loss is non-finite)
+    assert plots._running_mean([1.0, nan, 3.0, 5.0, inf, 7.0], 2) == [1.0, 1.0, 3.0, 4.0, 5.0, 7.0]
+    assert math.isnan(plots._running_mean([nan, nan, 1.0], 2)[1])
+    drawn = []
+    monkeypatch.setattr(plots, "line_plot", lambda path, series, *a, **k: drawn.append(series) or path)
+    run = tmp_path / "run"
+    run.mkdir()
+    _write_log(run / "metrics.jsonl", [{"step": s, "split": "train", "loss": float(s % 2)} for s in range(1, 20)])
+    plots.draw_training_plots(str(run))
+    _write_log(run / "metrics.jsonl", [{"step": 20, "split": "train", "loss": 0.0}], mode="a")  # the 20th record
+    plots.draw_training_plots(str(run))
+    assert [len(d) for d in drawn] == [1, 2]
+    mean = drawn[1][1]
+    assert mean["label"] == "mean of the last 5 records" and mean["x"] == list(range(1, 21))
+    assert mean["y"][:2] == [1.0, 0.5] and mean["y"][4:] == [0.6, 0.4] * 8
 
 
 def test_read_log_keeps_what_a_resumed_run_redid(tmp_path):
