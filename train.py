@@ -7,8 +7,8 @@ DiffuSeq (Gaussian diffusion on embeddings, --process gaussian), optionally post
     torchrun --nproc_per_node 4 train.py ...            # DDP, decided by the RANK variable
 
 Writes ``<out_dir>/checkpoints/{last,best}`` (see runtime/checkpoint.py), ``<out_dir>/metrics.jsonl``,
-``<out_dir>/plots/{train_loss,dev}.png`` (redrawn from the whole log at every evaluation) and fitlog logs
-under ``--log_dir``. ``--resume <out_dir>`` continues a run exactly.
+``<out_dir>/plots/{train_loss,dev}.png`` (redrawn from the whole log at every evaluation, the last step's
+included) and fitlog logs under ``--log_dir``. ``--resume <out_dir>`` continues a run exactly.
 """
 from __future__ import annotations
 
@@ -231,7 +231,7 @@ def run(cfg: TrainConfig, info: dist.DistInfo, log, resume_dir: str | None, post
             logger.log(step, "dev", **dev_metrics)
             if info.is_main:
                 pbar.write(f"step {step}: {objective.format_dev(dev_metrics)}")
-                draw_plots(cfg.out_dir, pbar.write)
+                draw_plots(cfg.out_dir, pbar.write)  # the last step evaluates too: the end of the run is drawn
             if dev_metrics[objective.dev_key] < state.best:
                 state.best = dev_metrics[objective.dev_key]
                 logger.best(**dev_metrics)
@@ -251,8 +251,6 @@ def run(cfg: TrainConfig, info: dist.DistInfo, log, resume_dir: str | None, post
     stop.restore()
     pbar.close()
     logger.close()
-    if info.is_main:
-        draw_plots(cfg.out_dir, log)
     log(f"done: {state.step} steps in {time.time() - run_start:.0f}s; best dev {objective.dev_key} {state.best:.4f}; "
         f"checkpoints in {ckpt_root}/{{best,last}}, plots in {os.path.join(cfg.out_dir, plots.PLOTS_DIR)}")
 

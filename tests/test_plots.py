@@ -180,10 +180,11 @@ def test_a_failing_draw_is_one_warning_and_training_goes_on(lm_word_freq, tiny_b
 
     monkeypatch.setattr(plots, "draw_training_plots", broken)
     out = tmp_path / "r"
-    p = run_here(*train_args(tiny_bert, tiny_corpus, wf, out, max_steps=2), cwd=str(tmp_path))
+    p = run_here(*train_args(tiny_bert, tiny_corpus, wf, out, max_steps=2, extra=("--eval_every", "1")),
+                 cwd=str(tmp_path))
     assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
     warnings = [line for line in p.stdout.splitlines() if "could not draw" in line]
-    # the evaluation at step 2 and the end of the run; one line each, the message kept
+    # the evaluations at steps 1 and 2 (the last); one line each, the message kept
     assert warnings == [f"warning: could not draw {out / 'plots'} (RuntimeError: no backend at all); "
                         "training goes on"] * 2
     assert "done: 2 steps" in p.stdout and (out / "checkpoints" / "last" / "model.pt").is_file()
