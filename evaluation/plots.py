@@ -84,9 +84,9 @@ def figure(path: str, panels: list[dict], title: str, xlabel: str, logx: bool = 
     drawn_x = 0
     for ax, panel in zip(axes, panels):
         series, positive = panel["series"], 0
-        for s in series:
+        for i, s in enumerate(series):
             pts = [(x, y) for x, y in zip(s["x"], s["y"]) if math.isfinite(x) and math.isfinite(y)]
-            marker = "o" if len(pts) <= MARKERS_UP_TO else None
+            marker = "os^Dv"[i % 5] if len(pts) <= MARKERS_UP_TO else None  # shapes tell apart points that meet
             ax.plot([p[0] for p in pts], [p[1] for p in pts], "-", label=s["label"], marker=marker, ms=3,
                     linewidth=1.5 if marker else 1, alpha=s.get("alpha", 1.0))
             drawn_x += len(pts)
