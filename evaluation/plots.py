@@ -157,7 +157,9 @@ def draw_training_plots(run_dir: str) -> list[str]:
         for ylabel, logy, keys in DEV_PANELS[kind]:
             series = [{"label": label, "x": [r["step"] for r in dev if key in r],
                        "y": [float(r[key]) for r in dev if key in r]} for key, label in keys]
-            panels.append({"ylabel": ylabel, "logy": logy, "series": [s for s in series if s["x"]]})
+            series = [s for s in series if s["x"]]
+            if series:
+                panels.append({"ylabel": ylabel, "logy": logy, "series": series})
         written.append(figure(os.path.join(out, "dev.png"), panels, f"{name}: dev set", "step"))
     return written
 
