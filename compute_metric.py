@@ -18,8 +18,10 @@ Usage::
         [--references data/synth/test.txt]
 
     # compare decoding settings: one generation folder each (seed*.jsonl + decode.json, as written by
-    # predict_downstream_condition.py); MBR metrics, diversity across the seeds, wall time, network calls
-    python compute_metric.py --mode compare --samples generation_results/a generation_results/b ... --out cmp.json
+    # predict_downstream_condition.py); MBR metrics, diversity across the seeds, wall time, network calls;
+    # --plot: a PNG of the --plot_metrics against network calls per sequence, a line per checkpoint
+    python compute_metric.py --mode compare --samples generation_results/a generation_results/b ... --out cmp.json \
+        [--plot cmp.png [--plot_metrics bleu exact_match]]
 
 Prints a table and writes JSON (default ``<samples>.metrics.json`` in unconditional mode;
 in seq2seq mode ``FOLDER/seq2seq_metrics.json`` for a folder and ``<first file>.seq2seq_metrics.json``
@@ -45,7 +47,7 @@ import sys
 import time
 from typing import Callable
 
-from evaluation import seq2seq
+from evaluation import plots, seq2seq
 from evaluation.text_metrics import CONVENTIONS, summarise_unconditional
 from common.errors import UserError as InputError, cli_main, refuse_overwrite
 from common.io import write_json_atomic
@@ -224,7 +226,8 @@ def run_synthetic(args: argparse.Namespace) -> tuple[dict, dict]:
 
 
 def decode_cost(folder: str) -> dict:
-    """Wall time and network calls of a decoding run, from its ``decode.json``."""
+    """Wall time and network calls of a decoding run, and what it decoded (checkpoint, process and respacing,
+    for the plot's lines), from its ``decode.json``."""
     path = os.path.join(folder, "decode.json")
     try:
         with open(path, encoding="utf-8") as f:
@@ -235,12 +238,18 @@ def decode_cost(folder: str) -> dict:
     return {"wall_seconds": sum(t["wall_seconds"] for t in timings),
             "network_calls": sum(t["network_calls"] for t in timings),
             "calls_per_sequence": sum(t["row_evaluations"] for t in timings) / max(1, n * len(timings)),
-            "device": info.get("device")}
+            "device": info.get("device"), "checkpoint": info.get("checkpoint"), "process": info.get("process"),
+            "decode_respacing": info.get("decode_respacing")}
 
 
 def run_compare(args: argparse.Namespace) -> tuple[dict, dict]:
     """One row per generation folder: metrics of the MBR choice over its ``seed*.jsonl`` files,
-    self-BLEU/div-4 across them, and the decoding cost from ``decode.json``."""
+    self-BLEU/div-4 across them, and the decoding cost from ``decode.json``; with ``--plot``, a PNG of the
+    ``--plot_metrics`` against network calls per sequence."""
+    if args.plot:
+        refuse_overwrite(args.plot, args.overwrite)  # before the metrics, which may take long
+        if not os.path.isdir(os.path.dirname(os.path.abspath(args.plot))):
+            raise InputError(f"--plot: directory {os.path.dirname(os.path.abspath(args.plot))} does not exist")
     rows = []
     device = args.device or ("cuda" if _cuda_available() else "cpu")
     bert = None if args.bertscore_model.lower() == "none" else args.bertscore_model
@@ -256,7 +265,14 @@ def run_compare(args: argparse.Namespace) -> tuple[dict, dict]:
     n = {r["num_sources"] for r in rows}
     if len(n) > 1:
         raise InputError(f"the folders decode different numbers of sources ({sorted(n)}); compare like with like")
-    return {"rows": rows}, {"samples": args.samples, "bertscore_model": args.bertscore_model, "device": device}
+    if args.plot:
+        missing = [m for m in args.plot_metrics if not all(isinstance(r.get(m), (int, float)) for r in rows)]
+        if missing:
+            have = sorted(k for k in rows[0] if isinstance(rows[0][k], float))
+            raise InputError(f"--plot_metrics: {', '.join(missing)} not in every compared row "
+                             f"(numbers: {', '.join(have)})")
+    return {"rows": rows}, {"samples": args.samples, "bertscore_model": args.bertscore_model, "device": device,
+                            "plot": args.plot}
 
 
 def format_compare(rows: list[dict]) -> str:
@@ -390,6 +406,12 @@ def build_parser() -> argparse.ArgumentParser:
                           "orders (bleu, bleu_reversed, self_bleu, self_bleu_reversed)")
     seq.add_argument("--device", default=None,
                      help="device for BERTScore (default: cuda if available, else cpu)")
+    cmp = parser.add_argument_group("compare mode")
+    cmp.add_argument("--plot", default=None, metavar="PATH.png",
+                     help="also write a PNG of --plot_metrics against network calls per sequence, a line per "
+                          "checkpoint (and, for DiffuSeq, per uniform/adp step grid)")
+    cmp.add_argument("--plot_metrics", nargs="+", default=["bleu", "exact_match"], metavar="METRIC",
+                     help="the rows' metrics to plot, one panel each (default: bleu exact_match)")
     parser.add_argument("--out", default=None,
                         help="JSON output path (default: <samples>.metrics.json; seq2seq: "
                              "FOLDER/seq2seq_metrics.json or <first file>.seq2seq_metrics.json)")
@@ -401,6 +423,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> None:
     """Run the CLI: bad input is one ``error:`` line and exit code 2."""
     args = build_parser().parse_args(argv)
+    if args.plot and args.mode != "compare":
+        raise InputError("--plot is for --mode compare")
     out_path = args.out = args.out or default_out_path(args)
     start = time.perf_counter()
     refuse_overwrite(out_path, args.overwrite)  # early, so that a long computation is not thrown away
@@ -417,11 +441,15 @@ def main(argv: list[str] | None = None) -> None:
         "seconds": round(seconds, 3),
     }
     write_output(out_path, payload, args.overwrite)
+    if args.mode == "compare" and args.plot:  # after the JSON: the metrics are kept if drawing fails
+        plots.compare_plot(args.plot, metrics["rows"], args.plot_metrics)
     print(format_compare(metrics["rows"]) if args.mode == "compare" else format_table(metrics))
     if "per_file" in metrics:
         print("\nper file:")
         print(format_per_file(metrics["per_file"], inputs["files"]))
     print(f"wrote {out_path}")
+    if args.mode == "compare" and args.plot:
+        print(f"wrote {args.plot}")
     print(f"took {seconds:.2f} s")
 
 

@@ -99,6 +99,7 @@ cat <<EOF
 == done in $(( $(date +%s) - START ))s
 checkpoints:      $RUN/checkpoints/{best,last}
 training log:     $RUN/metrics.jsonl (fitlog: logs/)
+training plots:   $RUN/plots/train_loss.png, $RUN/plots/dev.png (dev NELBO and perplexity bound)
 samples:          generation_results/$NAME.txt (settings and timing: generation_results/$NAME.json)
 uncached timing:  generation_results/$NAME-nocache.json
 perplexity:       generation_results/$NAME.elbo.json

@@ -82,6 +82,7 @@ cat <<EOF
 == done in $(( $(date +%s) - START ))s
 checkpoints:   $RUN/checkpoints/{best,last}
 training log:  $RUN/metrics.jsonl
+plots:         $RUN/plots/train_loss.png, $RUN/plots/dev.png (dev NELBO and perplexity bound)
 outputs:       $OUT/seed*.jsonl (candidates), $OUT/mbr.jsonl (MBR), $OUT/copy_source.jsonl, $OUT/decode.json (timings)
 metrics:       $OUT/metrics_mbr.json, $OUT/metrics_candidates.json, $OUT/metrics_copy_source.json
 

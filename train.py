@@ -6,8 +6,9 @@ DiffuSeq (Gaussian diffusion on embeddings, --process gaussian), optionally post
     python train.py --task seq2seq --process gaussian --post_train outputs/diffuseq --simi_penalty l2_noise_random ...
     torchrun --nproc_per_node 4 train.py ...            # DDP, decided by the RANK variable
 
-Writes ``<out_dir>/checkpoints/{last,best}`` (see runtime/checkpoint.py), ``<out_dir>/metrics.jsonl``
-and fitlog logs under ``--log_dir``. ``--resume <out_dir>`` continues a run exactly.
+Writes ``<out_dir>/checkpoints/{last,best}`` (see runtime/checkpoint.py), ``<out_dir>/metrics.jsonl``,
+``<out_dir>/plots/{train_loss,dev}.png`` (redrawn from the whole log at every evaluation, the last step's
+included) and fitlog logs under ``--log_dir``. ``--resume <out_dir>`` continues a run exactly.
 """
 from __future__ import annotations
 
@@ -23,6 +24,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from common.errors import UserError, cli_main
+from evaluation import plots
 from runtime import checkpoint, dist
 from runtime.assemble import build_diffusion, initial_network, load_task_data
 from runtime.checkpoint import TrainingState
@@ -63,6 +65,15 @@ def load_word_freq(cfg: TrainConfig, tokenizer):
     rec = word_freq.load(path, lm.vocab_fingerprint(tokenizer), len(tokenizer), create_hint=hint)
     return torch.tensor(rec["counts"]), {"path": path, "sha256": rec["sha256"], "tokenizer": rec["tokenizer"],
                                          "dataset": rec["dataset"]}
+
+
+def draw_plots(out_dir: str, warn) -> None:
+    """Redraw ``<out_dir>/plots`` from metrics.jsonl. A plot is not worth a run: a failure is one warning."""
+    try:
+        plots.draw_training_plots(out_dir)
+    except Exception as e:
+        why = " ".join(f"{type(e).__name__}: {e}".split())  # one line, whatever the message
+        warn(f"warning: could not draw {os.path.join(out_dir, plots.PLOTS_DIR)} ({why}); training goes on")
 
 
 @cli_main
@@ -220,6 +231,7 @@ def run(cfg: TrainConfig, info: dist.DistInfo, log, resume_dir: str | None, post
             logger.log(step, "dev", **dev_metrics)
             if info.is_main:
                 pbar.write(f"step {step}: {objective.format_dev(dev_metrics)}")
+                draw_plots(cfg.out_dir, pbar.write)  # the last step evaluates too: the end of the run is drawn
             if dev_metrics[objective.dev_key] < state.best:
                 state.best = dev_metrics[objective.dev_key]
                 logger.best(**dev_metrics)
@@ -240,7 +252,7 @@ def run(cfg: TrainConfig, info: dist.DistInfo, log, resume_dir: str | None, post
     pbar.close()
     logger.close()
     log(f"done: {state.step} steps in {time.time() - run_start:.0f}s; best dev {objective.dev_key} {state.best:.4f}; "
-        f"checkpoints in {ckpt_root}/{{best,last}}")
+        f"checkpoints in {ckpt_root}/{{best,last}}, plots in {os.path.join(cfg.out_dir, plots.PLOTS_DIR)}")
 
 
 if __name__ == "__main__":

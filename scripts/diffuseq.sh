@@ -72,7 +72,8 @@ case "$PRESET" in
     DIRS=()
     for SET in "${SETS[@]}"; do decode "$RUN" "$NAME-$SET" "$SET"; DIRS+=("generation_results/$NAME-$SET"); done
     echo "== 3/3 metrics"
-    "$PY" compute_metric.py --mode compare --samples "${DIRS[@]}" --out "${DIRS[0]}/compare_metrics.json"
+    "$PY" compute_metric.py --mode compare --samples "${DIRS[@]}" --out "${DIRS[0]}/compare_metrics.json" \
+      --plot "${DIRS[0]}/compare.png"
     echo "-- copy baseline (the source itself as the output)"
     "$PY" compute_metric.py --mode seq2seq --samples "${DIRS[0]}/copy_source.jsonl" --out "${DIRS[0]}/metrics_copy_source.json"
     SUMMARY=$("$PY" summarise.py --bleu "${DIRS[0]}/compare_metrics.json" --copy "${DIRS[0]}/metrics_copy_source.json")
@@ -82,6 +83,7 @@ case "$PRESET" in
 checkpoints:   $RUN/checkpoints/{best,last}
 outputs:       ${DIRS[*]} (seed*.jsonl, mbr.jsonl, copy_source.jsonl, decode.json)
 metrics:       ${DIRS[0]}/compare_metrics.json, ${DIRS[0]}/metrics_copy_source.json
+plots:         $RUN/plots/train_loss.png, $RUN/plots/dev.png (dev loss); ${DIRS[0]}/compare.png (quality against steps)
 next:          bash run_condition.sh diffuseq_post $RUN
 
 $SUMMARY
@@ -111,7 +113,15 @@ EOF
     echo "== 3/3 comparison (MBR metrics; self-BLEU across the seeds; wall time summed over the seeds)"
     DIRS=()
     for W in "$BASE_NAME" "$NAME"; do for SET in "${SETS[@]}"; do DIRS+=("generation_results/$W-$SET"); done; done
-    "$PY" compute_metric.py --mode compare --samples "${DIRS[@]}" --out "generation_results/$NAME-compare.json"
-    echo "== done in $(( $(date +%s) - START ))s"
+    "$PY" compute_metric.py --mode compare --samples "${DIRS[@]}" --out "generation_results/$NAME-compare.json" \
+      --plot "generation_results/$NAME-compare.png"
+    cat <<EOF
+
+== done in $(( $(date +%s) - START ))s
+checkpoints:   $RUN/checkpoints/{best,last}
+comparison:    generation_results/$NAME-compare.json
+plots:         $RUN/plots/train_loss.png, $RUN/plots/dev.png (dev loss of the post-training);
+               generation_results/$NAME-compare.png (BLEU and exact match against decoding steps, before and after)
+EOF
     ;;
 esac

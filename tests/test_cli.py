@@ -228,6 +228,7 @@ def test_torchrun_two_ranks_gloo(tmp_path, lm_word_freq, tiny_bert, tiny_corpus)
     assert [r["step"] for r in records(out, "train")] == [1, 2]  # one writer, not two
     assert proc.stdout.count("done: 2 steps") == 1
     assert (out / "checkpoints" / "last" / "model.pt").is_file()
+    assert sorted(os.listdir(out / "plots")) == ["dev.png", "train_loss.png"] and "could not draw" not in proc.stdout
     import torch
     state = torch.load(out / "checkpoints" / "last" / "training_state.pt", weights_only=False)
     assert len(state["rng"]) == 2  # every rank's RNG is saved for an exact resume
