@@ -23,7 +23,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from common.errors import UserError, cli_main
-from runtime import checkpoint, dist
+from runtime import checkpoint, dist, weights
 from runtime.assemble import build_diffusion, initial_network, load_task_data
 from runtime.checkpoint import TrainingState
 from runtime.config import TrainConfig, build_parser, from_args
@@ -96,10 +96,9 @@ def run(cfg: TrainConfig, info: dist.DistInfo, log, resume_dir: str | None, post
     # seeded with cfg.seed, so every rank (and compute_elbo.py --baselines) builds the same network
     denoiser, tokenizer, model_path, hf_config = initial_network(cfg, log)
     if post_dir and not resume_dir:
-        start = checkpoint.load_state(post_dir, "ema.pt")
         if lm.vocab_fingerprint(tokenizer) != checkpoint.read_run_config(post_dir)["derived"]["vocab_fingerprint"]:
             raise UserError(f"--post_train {post_dir} was trained with another tokenizer than {model_path}")
-        denoiser.load_state_dict(start)
+        weights.load_into(post_dir, denoiser, "ema")
         log(f"post-training: starting from the EMA weights of {post_dir}")
     denoiser.to(device)
     counts, wf_identity = load_word_freq(cfg, tokenizer)
@@ -137,7 +136,7 @@ def run(cfg: TrainConfig, info: dist.DistInfo, log, resume_dir: str | None, post
             objective, device_ids=[device.index] if device.type == "cuda" else None)
     state = TrainingState(denoiser, optim, sched, objective, ema)
     if resume_dir:
-        state.restore(resume_dir, info.rank, device)
+        state.restore(resume_dir, info.rank)
         log(f"resume: {resume_dir} at step {state.step} (epoch {state.epoch}, example "
             f"{state.position * info.world_size})")
     else:
