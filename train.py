@@ -143,6 +143,8 @@ def run(cfg: TrainConfig, info: dist.DistInfo, log, resume_dir: str | None, post
         seed_everything(cfg.seed + info.rank)  # different noise on every rank
 
     run_info = {"config": dataclasses.asdict(cfg), "derived": derived}
+    if resume_dir:  # the model card of a save before the next evaluation names the latest one
+        run_info["latest_dev"] = checkpoint.read_run_config(resume_dir).get("latest_dev")
     files = {"hf_config": hf_config, "tokenizer": tokenizer,
              "extra_files": {"word_freq.json": wf_identity["path"]} if wf_identity else None}
 
@@ -217,6 +219,7 @@ def run(cfg: TrainConfig, info: dist.DistInfo, log, resume_dir: str | None, post
         if (cfg.eval_every and step % cfg.eval_every == 0) or step == cfg.max_steps:
             dev_metrics = objective.evaluate(dev_loader, ema, info, cfg.seed, use_bf16)
             logger.log(step, "dev", **dev_metrics)
+            run_info["latest_dev"] = {"step": step, **dev_metrics}
             if info.is_main:
                 pbar.write(f"step {step}: {objective.format_dev(dev_metrics)}")
             if dev_metrics[objective.dev_key] < state.best:

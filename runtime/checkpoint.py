@@ -2,7 +2,10 @@
 
 Layout of ``<out_dir>/checkpoints/{last,best,step-<N>}/``::
 
-    run_config.json            the TrainConfig plus derived facts (vocab size, mask id, length prior, ...)
+    README.md                  the model card (runtime/model_card.py): process, data, step, dev metrics, commands
+    run_config.json            the TrainConfig plus derived facts (vocab size, mask id, length prior, ...) and, at
+                               the top level, step, best_dev_<key>, dev (best: the metrics it was chosen on) and
+                               latest_dev (the latest evaluation, with its step)
     config.json                the transformers model config (the network is rebuilt from it, offline)
     tokenizer files            tokenizer.save_pretrained
     model.safetensors          absorbing: the masked LM, transformers' names (``from_pretrained`` loads it)
@@ -29,7 +32,7 @@ from dataclasses import dataclass
 import torch
 
 from common.errors import UserError
-from runtime import faults, weights
+from runtime import faults, model_card, weights
 from runtime.training import gather_rng_states, set_rng_state
 
 RUN_CONFIG = "run_config.json"
@@ -39,7 +42,7 @@ TRAINING_STATE = "training_state.pt"
 def save(ckpt_dir: str, *, run_config: dict, model: torch.nn.Module, ema_state: dict | None = None, hf_config=None,
          tokenizer=None, training_state: dict | None = None, extra_files: dict[str, str] | None = None) -> str:
     """Write a checkpoint directory atomically: ``model``'s weights and ``ema_state`` (a state dict of it) as
-    runtime/weights.py lays them out. ``extra_files`` maps names to source paths to copy."""
+    runtime/weights.py lays them out, and the model card. ``extra_files`` maps names to source paths to copy."""
     parent = os.path.dirname(os.path.abspath(ckpt_dir))
     os.makedirs(parent, exist_ok=True)
     tmp = f"{ckpt_dir}.tmp-{os.getpid()}"
@@ -57,6 +60,7 @@ def save(ckpt_dir: str, *, run_config: dict, model: torch.nn.Module, ema_state: 
         torch.save(training_state, os.path.join(tmp, TRAINING_STATE))
     for name, src in (extra_files or {}).items():
         shutil.copyfile(src, os.path.join(tmp, name))
+    model_card.write(tmp, run_config, ckpt_dir)
     old = f"{ckpt_dir}.old"
     shutil.rmtree(old, ignore_errors=True)
     if os.path.exists(ckpt_dir):
@@ -73,6 +77,7 @@ def snapshot(ckpt_root: str, name: str, step: int, keep: int) -> str:
     tmp = f"{dst}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     shutil.copytree(os.path.join(ckpt_root, name), tmp)
+    model_card.write(tmp, read_run_config(tmp), dst)  # its commands name the snapshot, not the copied one
     shutil.rmtree(dst, ignore_errors=True)
     os.replace(tmp, dst)
     snaps = sorted(d for d in os.listdir(ckpt_root) if d.startswith("step-") and ".tmp-" not in d)

@@ -53,7 +53,7 @@ def test_train_writes_checkpoints_and_logs(lm_run):
     for name in ("best", "last"):
         d = run / "checkpoints" / name
         for f in ("run_config.json", "config.json", "model.safetensors", "training_state.pt", "word_freq.json",
-                  "tokenizer.json"):
+                  "tokenizer.json", "README.md"):
             assert (d / f).is_file(), f"{name}/{f} missing"
     info = json.load(open(run / "checkpoints" / "last" / "run_config.json"))
     assert info["step"] == 4 and info["derived"]["word_freq"]["sha256"]

@@ -162,7 +162,7 @@ def test_training_state_round_trip_continues_exactly(tmp_path):
     assert a.scheduler.get_last_lr() == b.scheduler.get_last_lr()
 
     # the files and keys that train.py has always written (predict.py and --resume read them)
-    assert sorted(os.listdir(ckpt)) == ["denoiser.safetensors", "denoiser_ema.safetensors",
+    assert sorted(os.listdir(ckpt)) == ["README.md", "denoiser.safetensors", "denoiser_ema.safetensors",
                                         "run_config.json", "training_state.pt"]
     ts = checkpoint.load_training_state(ckpt)  # weights_only=True
     assert list(ts) == ["optimizer", "scheduler", "step", "epoch", "position", "best", "rng", "ema_updates",
