@@ -36,7 +36,8 @@ def _model_rows(cfg) -> list[tuple[str, str]]:
     rows = [("process", f"Gaussian diffusion on word embeddings (DiffuSeq), T = {cfg.num_steps}"),
             ("schedule", cfg.schedule),
             ("network", f"DiffuSeq transformer from scratch: embeddings {cfg.emb_dim}, hidden {cfg.hidden_size}, "
-                        f"{cfg.num_layers} layers, {cfg.num_heads} heads; the tokenizer of {cfg.model_name_or_path}"),
+                        f"{cfg.num_layers} layer{'s' * (cfg.num_layers != 1)}, {cfg.num_heads} heads; the tokenizer of "
+                        f"{cfg.model_name_or_path}"),
             ("training", f"timestep sampler {cfg.timestep_sampler}, loss average {cfg.loss_average}, "
                          f"EMA rate {cfg.ema_rate}")]
     if cfg.post_train:
@@ -92,12 +93,12 @@ def render(run_config: dict, ckpt_dir: str) -> str:
         lines += ["## Dev metrics", "", "No evaluation yet.", ""]
     if cfg.task == "lm":
         use = [f"python predict.py --checkpoint {ckpt_dir}", f"python compute_elbo.py --checkpoint {ckpt_dir}"]
-        say = "Sample, then bound the perplexity by the negative ELBO (from the repository root):"
+        say = "Sample, then bound the perplexity by the negative ELBO (from where train.py ran):"
     else:
         out = f"{run}-{name}"
         use = [f"python predict_downstream_condition.py --checkpoint {ckpt_dir} --name {out}",
                f"python compute_metric.py --mode seq2seq --samples generation_results/{out}"]
-        say = "Decode the test split (with MBR), then score the outputs (from the repository root):"
+        say = "Decode the test split (with MBR), then score the outputs (from where train.py ran):"
     lines += ["## Use", "", say, "", "```", *use, "```", ""]
     return "\n".join(lines)
 
