@@ -236,7 +236,8 @@ def test_crash_in_save_leaves_no_checkpoint(tmp_path):
     assert proc.returncode == 99
     assert not os.path.exists(tmp_path / "ckpt")
     (tmp,) = os.listdir(tmp_path)  # the half-written copy: weights and no training state
-    assert tmp.startswith("ckpt.tmp-") and sorted(os.listdir(tmp_path / tmp)) == ["denoiser.safetensors", "run_config.json"]
+    assert tmp.startswith("ckpt.tmp-")
+    assert sorted(os.listdir(tmp_path / tmp)) == ["denoiser.safetensors", "run_config.json"]
 
 
 def test_stop_signals_record_the_signal_and_restore_the_handlers():
