@@ -25,7 +25,7 @@ from torch.utils.data import DataLoader
 
 from common.errors import UserError, cli_main
 from evaluation import plots
-from runtime import checkpoint, dist
+from runtime import checkpoint, dist, weights
 from runtime.assemble import build_diffusion, initial_network, load_task_data
 from runtime.checkpoint import TrainingState
 from runtime.config import TrainConfig, build_parser, from_args
@@ -107,10 +107,9 @@ def run(cfg: TrainConfig, info: dist.DistInfo, log, resume_dir: str | None, post
     # seeded with cfg.seed, so every rank (and compute_elbo.py --baselines) builds the same network
     denoiser, tokenizer, model_path, hf_config = initial_network(cfg, log)
     if post_dir and not resume_dir:
-        start = checkpoint.load_state(post_dir, "ema.pt")
         if lm.vocab_fingerprint(tokenizer) != checkpoint.read_run_config(post_dir)["derived"]["vocab_fingerprint"]:
             raise UserError(f"--post_train {post_dir} was trained with another tokenizer than {model_path}")
-        denoiser.load_state_dict(start)
+        weights.load_into(post_dir, denoiser, "ema")
         log(f"post-training: starting from the EMA weights of {post_dir}")
     denoiser.to(device)
     counts, wf_identity = load_word_freq(cfg, tokenizer)
@@ -148,13 +147,15 @@ def run(cfg: TrainConfig, info: dist.DistInfo, log, resume_dir: str | None, post
             objective, device_ids=[device.index] if device.type == "cuda" else None)
     state = TrainingState(denoiser, optim, sched, objective, ema)
     if resume_dir:
-        state.restore(resume_dir, info.rank, device)
+        state.restore(resume_dir, info.rank)
         log(f"resume: {resume_dir} at step {state.step} (epoch {state.epoch}, example "
             f"{state.position * info.world_size})")
     else:
         seed_everything(cfg.seed + info.rank)  # different noise on every rank
 
     run_info = {"config": dataclasses.asdict(cfg), "derived": derived}
+    if resume_dir:  # the model card of a save before the next evaluation names the latest one
+        run_info["latest_dev"] = checkpoint.read_run_config(resume_dir).get("latest_dev")
     files = {"hf_config": hf_config, "tokenizer": tokenizer,
              "extra_files": {"word_freq.json": wf_identity["path"]} if wf_identity else None}
 
@@ -229,6 +230,7 @@ def run(cfg: TrainConfig, info: dist.DistInfo, log, resume_dir: str | None, post
         if (cfg.eval_every and step % cfg.eval_every == 0) or step == cfg.max_steps:
             dev_metrics = objective.evaluate(dev_loader, ema, info, cfg.seed, use_bf16)
             logger.log(step, "dev", **dev_metrics)
+            run_info["latest_dev"] = {"step": step, **dev_metrics}
             if info.is_main:
                 pbar.write(f"step {step}: {objective.format_dev(dev_metrics)}")
                 draw_plots(cfg.out_dir, pbar.write)  # the last step evaluates too: the end of the run is drawn

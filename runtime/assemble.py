@@ -13,6 +13,7 @@ import torch
 from diffusion import AbsorbingDiffusion, GaussianDiffusion, gaussian_betas, make_schedule
 from models import BertDenoiser, DiffuSeqTransformer, spare_token_ids
 from runtime import checkpoint
+from runtime.weights import load_into as load_weights
 from runtime.config import TrainConfig, from_dict
 from common.errors import UserError
 from common.loading import check_tokenizer, load_masked_lm, load_tokenizer, load_tokenizer_and_config
@@ -20,8 +21,8 @@ from runtime.training import seed_everything
 
 
 GAUSSIAN_DROPOUT = 0.1  # DiffuSeq's default
-# the weights a gaussian checkpoint decodes with (--weights): the EMA (ema.pt, as DiffuSeq) or the raw ones
-WEIGHTS = {"ema": "ema.pt", "raw": "model.pt"}
+# the weights a gaussian checkpoint decodes with (--weights): the EMA (as DiffuSeq) or the raw ones
+WEIGHTS = {"ema": "the EMA of the weights (denoiser_ema.safetensors)", "raw": "the trained weights"}
 
 
 def build_diffusion(cfg: TrainConfig, mask_id: int | None, pad_id: int | None, counts=None):
@@ -97,14 +98,15 @@ class ProcessParts:
     build_process: Callable      # (cfg, mask_id, pad_id, counts) -> the process
     build_network: Callable      # (cfg, hf_config, tokenizer) -> the denoiser, before its weights are loaded
     build_initial: Callable      # (cfg, log) -> (denoiser, tokenizer, model_path, hf_config): what training starts from
-    weights_files: dict          # --weights -> the checkpoint file the inference scripts load
+    weight_sets: dict            # --weights -> the weight set the inference scripts load (runtime/weights.py)
     needs_mask: bool             # whether the tokenizer must have a [MASK] token
 
 
 PROCESS_PARTS = {
-    "absorbing": ProcessParts(_absorbing, _bert_from_config, _bert_initial, {w: "model.pt" for w in WEIGHTS},
+    "absorbing": ProcessParts(_absorbing, _bert_from_config, _bert_initial, {w: "raw" for w in WEIGHTS},
                               needs_mask=True),
-    "gaussian": ProcessParts(_gaussian, _diffuseq_from_config, _diffuseq_initial, WEIGHTS, needs_mask=False),
+    "gaussian": ProcessParts(_gaussian, _diffuseq_from_config, _diffuseq_initial, {w: w for w in WEIGHTS},
+                             needs_mask=False),
 }
 
 
@@ -178,8 +180,9 @@ def load_for_inference(path: str, device: torch.device, prefer: str = "best", ta
                        weights: str = "ema") -> Loaded:
     """Rebuild tokenizer, network and process from a checkpoint (or a run directory).
 
-    ``weights`` (a key of ``WEIGHTS``): for a gaussian checkpoint, ``ema`` (ema.pt, the default, as DiffuSeq
-    decodes) or ``raw`` (model.pt); absorbing checkpoints have only model.pt."""
+    ``weights`` (a key of ``WEIGHTS``): for a gaussian checkpoint, ``ema`` (the default, as DiffuSeq decodes)
+    or ``raw``; absorbing checkpoints have only their trained weights. Old checkpoints (model.pt, ema.pt) load
+    too, with one line on stderr saying so."""
     ckpt_dir = checkpoint.resolve(path, prefer)
     run_info = checkpoint.read_run_config(ckpt_dir)
     cfg = from_dict(run_info["config"])
@@ -190,12 +193,7 @@ def load_for_inference(path: str, device: torch.device, prefer: str = "best", ta
     tokenizer, hf_config = load_tokenizer_and_config(ckpt_dir)
     check_tokenizer(tokenizer, hf_config.vocab_size, ckpt_dir, need_mask=parts.needs_mask)
     denoiser = parts.build_network(cfg, hf_config, tokenizer)
-    state = checkpoint.load_state(ckpt_dir, parts.weights_files[weights])
-    try:
-        denoiser.load_state_dict(state)
-    except RuntimeError as e:
-        raise UserError(f"the weights in {ckpt_dir} do not fit the stored model config: "
-                        f"{str(e).splitlines()[0]}") from e
+    load_weights(ckpt_dir, denoiser, parts.weight_sets[weights])
     denoiser.to(device).eval()
     counts = None
     if cfg.schedule == "spindle":

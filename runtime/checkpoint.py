@@ -1,14 +1,22 @@
-"""Checkpoints: one directory each, written atomically.
+"""Checkpoints: one directory each, written atomically, laid out as a Hugging Face model directory.
 
-Layout of ``<out_dir>/checkpoints/{last,best}/``::
+Layout of ``<out_dir>/checkpoints/{last,best,step-<N>}/``::
 
-    run_config.json     the TrainConfig plus derived facts (vocab size, mask id, length prior, ...)
-    config.json         the transformers model config (the network is rebuilt from it, offline)
-    tokenizer files     tokenizer.save_pretrained
-    model.pt            the denoiser's state dict (never with DDP's ``module.`` prefix)
-    ema.pt              gaussian only: the EMA of the weights (what decoding uses by default)
-    training_state.pt   optimizer, scheduler, step, data position, RNG states (resume only)
-    word_freq.json      copy of the spindle token counts, if used
+    README.md                  the model card (runtime/model_card.py): process, data, step, dev metrics, commands
+    run_config.json            the TrainConfig plus derived facts (vocab size, mask id, length prior, ...) and, at
+                               the top level, step, best_dev_<key>, dev (best: the metrics it was chosen on) and
+                               latest_dev (the latest evaluation, with its step)
+    config.json                the transformers model config (the network is rebuilt from it, offline)
+    tokenizer files            tokenizer.save_pretrained
+    model.safetensors          absorbing: the masked LM, transformers' names (``from_pretrained`` loads it)
+    denoiser.safetensors       absorbing with token/layerwise time conditioning: those weights; gaussian: all weights
+    denoiser_ema.safetensors   gaussian only: the EMA of the weights (what decoding uses by default)
+    training_state.pt          optimizer, scheduler, step, data position, RNG states (resume only)
+    word_freq.json             copy of the spindle token counts, if used
+
+The weight files and their key names (the denoiser's, never with DDP's ``module.`` prefix) are described
+in runtime/weights.py. Old checkpoints hold ``model.pt`` and ``ema.pt`` (torch pickles of the state dict)
+instead; they still load everywhere.
 
 A checkpoint is written to ``<name>.tmp-<pid>`` and swapped in with renames, so a crash leaves the
 previous good checkpoint (or ``<name>.old`` during the swap, which :func:`resolve` also finds).
@@ -24,17 +32,17 @@ from dataclasses import dataclass
 import torch
 
 from common.errors import UserError
-from runtime import faults
+from runtime import faults, model_card, weights
 from runtime.training import gather_rng_states, set_rng_state
 
 RUN_CONFIG = "run_config.json"
+TRAINING_STATE = "training_state.pt"
 
 
-def save(ckpt_dir: str, *, run_config: dict, model_state: dict, hf_config=None, tokenizer=None,
-         training_state: dict | None = None, extra_files: dict[str, str] | None = None,
-         extra_states: dict[str, dict] | None = None) -> str:
-    """Write a checkpoint directory atomically. ``extra_files`` maps names to source paths to copy;
-    ``extra_states`` maps file names to objects for ``torch.save`` (e.g. ``ema.pt``)."""
+def save(ckpt_dir: str, *, run_config: dict, model: torch.nn.Module, ema_state: dict | None = None, hf_config=None,
+         tokenizer=None, training_state: dict | None = None, extra_files: dict[str, str] | None = None) -> str:
+    """Write a checkpoint directory atomically: ``model``'s weights and ``ema_state`` (a state dict of it) as
+    runtime/weights.py lays them out, and the model card. ``extra_files`` maps names to source paths to copy."""
     parent = os.path.dirname(os.path.abspath(ckpt_dir))
     os.makedirs(parent, exist_ok=True)
     tmp = f"{ckpt_dir}.tmp-{os.getpid()}"
@@ -46,14 +54,13 @@ def save(ckpt_dir: str, *, run_config: dict, model_state: dict, hf_config=None, 
         hf_config.save_pretrained(tmp)
     if tokenizer is not None:
         tokenizer.save_pretrained(tmp)
-    torch.save(model_state, os.path.join(tmp, "model.pt"))
+    weights.write(tmp, model, ema_state)  # after the config: save_pretrained adds the architectures to it
     faults.crash_in_save()
     if training_state is not None:
-        torch.save(training_state, os.path.join(tmp, "training_state.pt"))
-    for name, obj in (extra_states or {}).items():
-        torch.save(obj, os.path.join(tmp, name))
+        torch.save(training_state, os.path.join(tmp, TRAINING_STATE))
     for name, src in (extra_files or {}).items():
         shutil.copyfile(src, os.path.join(tmp, name))
+    model_card.write(tmp, run_config, ckpt_dir)
     old = f"{ckpt_dir}.old"
     shutil.rmtree(old, ignore_errors=True)
     if os.path.exists(ckpt_dir):
@@ -70,6 +77,7 @@ def snapshot(ckpt_root: str, name: str, step: int, keep: int) -> str:
     tmp = f"{dst}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     shutil.copytree(os.path.join(ckpt_root, name), tmp)
+    model_card.write(tmp, read_run_config(tmp), dst)  # its commands name the snapshot, not the copied one
     shutil.rmtree(dst, ignore_errors=True)
     os.replace(tmp, dst)
     snaps = sorted(d for d in os.listdir(ckpt_root) if d.startswith("step-") and ".tmp-" not in d)
@@ -86,10 +94,10 @@ def resolve(path: str, prefer: str = "best") -> str:
                   os.path.join(path, "checkpoints", "last" if prefer == "best" else "best")]
     for c in candidates:
         for d in (c, f"{c}.old"):
-            if os.path.isfile(os.path.join(d, RUN_CONFIG)) and os.path.isfile(os.path.join(d, "model.pt")):
+            if os.path.isfile(os.path.join(d, RUN_CONFIG)) and weights.has_weights(d):
                 return d
-    raise UserError(f"{path} is neither a checkpoint directory (with {RUN_CONFIG} and model.pt) nor a run "
-                    f"directory with checkpoints/{prefer}")
+    raise UserError(f"{path} is neither a checkpoint directory (with {RUN_CONFIG} and {weights.MODEL}, "
+                    f"{weights.DENOISER} or an old model.pt) nor a run directory with checkpoints/{prefer}")
 
 
 def read_run_config(ckpt_dir: str) -> dict:
@@ -100,14 +108,25 @@ def read_run_config(ckpt_dir: str) -> dict:
         raise UserError(f"cannot read {os.path.join(ckpt_dir, RUN_CONFIG)}: {e}") from e
 
 
-def load_state(ckpt_dir: str, name: str = "model.pt", map_location="cpu") -> dict:
-    path = os.path.join(ckpt_dir, name)
+def _numpy_rng_globals() -> list:
+    """What a pickled ``np.random.get_state()`` (in the RNG states) needs beyond ``weights_only``'s defaults."""
+    import numpy as np
+    keys = np.random.get_state()[1]
+    return [np.ndarray, np.dtype, type(keys.dtype), keys.__reduce__()[0]]
+
+
+def load_training_state(ckpt_dir: str) -> dict:
+    """``training_state.pt``, unpickled with ``weights_only=True`` (tensors, numbers, strings and numpy's RNG
+    state only: a checkpoint file cannot run code)."""
+    path = os.path.join(ckpt_dir, TRAINING_STATE)
     if not os.path.isfile(path):
-        raise UserError(f"checkpoint {ckpt_dir} has no {name}")
+        raise UserError(f"checkpoint {ckpt_dir} has no {TRAINING_STATE}")
     try:
-        return torch.load(path, map_location=map_location, weights_only=False)
+        with torch.serialization.safe_globals(_numpy_rng_globals()):
+            return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise UserError(f"cannot load {path} (corrupt or incomplete checkpoint): {e}") from e
+        raise UserError(f"cannot load {path} (corrupt or incomplete checkpoint): "
+                        f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from e
 
 
 @dataclass
@@ -136,18 +155,18 @@ class TrainingState:
                           "step": self.step, "epoch": self.epoch, "position": self.position, "best": self.best,
                           "rng": rng, "ema_updates": self.ema.updates if self.ema is not None else 0,
                           **self.objective.state_dict_extra()}
-        ema = {"ema.pt": self.ema.state_dict()} if self.ema is not None else None
-        return save(ckpt_dir, run_config=run_config, model_state=self.model.state_dict(),
-                    training_state=training_state, extra_states=ema, **files)
+        return save(ckpt_dir, run_config=run_config, model=self.model,
+                    ema_state=self.ema.state_dict() if self.ema is not None else None,
+                    training_state=training_state, **files)
 
-    def restore(self, ckpt_dir: str, rank: int, device) -> None:
+    def restore(self, ckpt_dir: str, rank: int) -> None:
         """Load what :meth:`save` wrote; this rank's RNG state (rank 0's if the run had fewer ranks)."""
-        self.model.load_state_dict(load_state(ckpt_dir, "model.pt", map_location=device))
-        ts = load_state(ckpt_dir, "training_state.pt")
+        weights.load_into(ckpt_dir, self.model, "raw")
+        ts = load_training_state(ckpt_dir)
         self.optimizer.load_state_dict(ts["optimizer"])
         self.scheduler.load_state_dict(ts["scheduler"])
         self.step, self.epoch, self.position, self.best = ts["step"], ts["epoch"], ts["position"], ts["best"]
         self.objective.load_state_dict_extra(ts)
         if self.ema is not None:
-            self.ema.load_state_dict(load_state(ckpt_dir, "ema.pt", map_location=device), ts["ema_updates"])
+            self.ema.load_state_dict(weights.read(ckpt_dir, self.model, "ema"), ts["ema_updates"])
         set_rng_state(ts["rng"][rank] if rank < len(ts["rng"]) else ts["rng"][0])

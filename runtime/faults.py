@@ -38,6 +38,6 @@ class Faults:
 
 
 def crash_in_save() -> None:
-    """Checked on every save, after model.pt is written: leave a half-written checkpoint behind."""
+    """Checked on every save, after the weights are written: leave a half-written checkpoint behind."""
     if os.environ.get("DLM_FAULT_CRASH_IN_SAVE"):
         os._exit(99)

@@ -117,19 +117,20 @@ def keep_rng():
 
 @pytest.mark.slow
 def test_initial_network_is_train_py_step_zero(step0_run):
-    from runtime import checkpoint
+    from runtime import checkpoint, weights
     from runtime.assemble import initial_network
     from runtime.config import from_dict
     ckpt = checkpoint.resolve(str(step0_run), "best")
     info = json.load(open(os.path.join(ckpt, "run_config.json")))
     assert info["step"] == 1
-    saved = torch.load(os.path.join(ckpt, "model.pt"))
     cfg = from_dict(info["config"])
     quiet = lambda *a, **k: None  # noqa: E731
     with torch.random.fork_rng(), keep_rng():  # initial_network seeds the global RNGs
-        net = initial_network(cfg, log=quiet)[0].state_dict()
+        model = initial_network(cfg, log=quiet)[0]
+        net = model.state_dict()
         cfg.seed += 1
         other = initial_network(cfg, log=quiet)[0].state_dict()
+    saved = weights.read(ckpt, model)  # the checkpoint's files, tied weights filled from the network's tying
     assert saved.keys() == net.keys() and all(torch.equal(saved[k], net[k]) for k in saved)
     # the seed matters: another one draws another head over the same pretrained encoder
     head = "mlm.cls.predictions.transform.dense.weight"

@@ -52,12 +52,14 @@ def test_train_writes_checkpoints_and_logs(lm_run):
         assert all(k in r for k in ("loss", "lr", "tokens_per_s")) and r["loss"] > 0
     for name in ("best", "last"):
         d = run / "checkpoints" / name
-        for f in ("run_config.json", "config.json", "model.pt", "training_state.pt", "word_freq.json", "tokenizer.json"):
+        for f in ("run_config.json", "config.json", "model.safetensors", "training_state.pt", "word_freq.json",
+                  "tokenizer.json", "README.md"):
             assert (d / f).is_file(), f"{name}/{f} missing"
     info = json.load(open(run / "checkpoints" / "last" / "run_config.json"))
     assert info["step"] == 4 and info["derived"]["word_freq"]["sha256"]
     assert info["config"]["schedule"] == "spindle" and info["derived"]["mask_id"] == 103
-    assert not any(k.startswith("module.") for k in __import__("torch").load(run / "checkpoints" / "last" / "model.pt"))
+    from safetensors.torch import load_file
+    assert not any(k.startswith("module.") for k in load_file(run / "checkpoints" / "last" / "model.safetensors"))
     assert "it/s" in proc.stdout or "s/it" in proc.stdout  # the tqdm bar
 
 
@@ -227,7 +229,7 @@ def test_torchrun_two_ranks_gloo(tmp_path, lm_word_freq, tiny_bert, tiny_corpus)
                    os.path.join(ROOT, args[0]), *args[1:], cwd=str(tmp_path))
     assert [r["step"] for r in records(out, "train")] == [1, 2]  # one writer, not two
     assert proc.stdout.count("done: 2 steps") == 1
-    assert (out / "checkpoints" / "last" / "model.pt").is_file()
+    assert (out / "checkpoints" / "last" / "model.safetensors").is_file()
     assert sorted(os.listdir(out / "plots")) == ["dev.png", "train_loss.png"] and "could not draw" not in proc.stdout
     import torch
     state = torch.load(out / "checkpoints" / "last" / "training_state.pt", weights_only=False)

@@ -16,6 +16,7 @@ import time
 import pytest
 import torch
 from conftest import ROOT, cli_env
+from safetensors.torch import load_file
 from test_faults import args, ckpt_step
 
 from runtime.training import ResumableSampler
@@ -125,7 +126,7 @@ def test_nan_on_one_rank_skips_on_every_rank_and_only_rank0_writes(tmp_path, tin
     assert [r["step"] for r in rows if r["split"] == "dev"] == [6]
     assert [r for r in rows if r["split"] == "train"][-1]["skipped_steps"] == 2
     assert out.count("update skipped") == 2 and out.count("done: 6 steps") == 1
-    s2, s4, s6 = (torch.load(run / "checkpoints" / f"step-00000000{k}" / "model.pt") for k in (2, 4, 6))
+    s2, s4, s6 = (load_file(run / "checkpoints" / f"step-00000000{k}" / "denoiser.safetensors") for k in (2, 4, 6))
     assert all(torch.equal(s2[k], s4[k]) for k in s2)  # no update at steps 3 and 4 ...
     assert any(not torch.equal(s4[k], s6[k]) for k in s4)  # ... and training went on
     # rank 1, whose loss was NaN, skipped the same updates: the replicas end with the same weights

@@ -8,6 +8,7 @@ import os
 
 import pytest
 import torch
+from safetensors.torch import load_file
 from nltk.translate.bleu_score import SmoothingFunction, sentence_bleu
 
 from conftest import ROOT, gauss_args, run_cli, run_here, run_together
@@ -50,7 +51,7 @@ def test_checkpoint_holds_ema_and_config(gauss_run):
     cfg = json.load(open(last / "run_config.json"))
     assert cfg["config"]["process"] == "gaussian" and cfg["config"]["schedule"] == "sqrt"
     assert cfg["derived"]["schedule"]["alphabar_0"] < 1
-    raw, ema = torch.load(last / "model.pt"), torch.load(last / "ema.pt")
+    raw, ema = load_file(last / "denoiser.safetensors"), load_file(last / "denoiser_ema.safetensors")
     assert raw.keys() == ema.keys()
     assert any(not torch.equal(raw[k], ema[k]) for k in raw)  # the average lags the weights
     ts = torch.load(last / "training_state.pt", weights_only=False)
@@ -72,9 +73,9 @@ def test_resume_is_exact_with_lossaware_and_ema(tmp_path, tiny_bert, tiny_pairs)
     assert len(train_losses(run)) == 8 and train_losses(part) == train_losses(run)
     ts = torch.load(run / "checkpoints" / "last" / "training_state.pt", weights_only=False)
     assert int(ts["timestep_sampler"]["count"].min()) >= 10  # the sampler was used warm after the resume
-    for name in ("model.pt", "ema.pt"):
-        a = torch.load(run / "checkpoints" / "last" / name)
-        b = torch.load(part / "checkpoints" / "last" / name)
+    for name in ("denoiser.safetensors", "denoiser_ema.safetensors"):
+        a = load_file(run / "checkpoints" / "last" / name)
+        b = load_file(part / "checkpoints" / "last" / name)
         assert all(torch.equal(a[k], b[k]) for k in a), name
 
 

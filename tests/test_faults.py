@@ -12,6 +12,7 @@ import time
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from conftest import ROOT, cli_env, gauss_args, run_cli, run_together
 from test_diffuseq_cli import train_losses
@@ -97,13 +98,13 @@ def test_crash_while_saving_keeps_the_previous_checkpoint(tmp_path, straight, ti
     import shutil
     run = tmp_path / "run"
     shutil.copytree(straight, run)
-    before = torch.load(run / "checkpoints" / "last" / "model.pt")
+    before = load_file(run / "checkpoints" / "last" / "denoiser.safetensors")
     p = run_cli(*args(tiny_bert, tiny_pairs, run, max_steps=STEPS + 2, extra=("--resume", str(run))), cwd=str(tmp_path),
                 check=False, env_extra={"DLM_FAULT_CRASH_IN_SAVE": "1"})
     assert p.returncode == 99
     assert any(".tmp-" in d for d in os.listdir(run / "checkpoints"))  # the half-written one is there ...
     assert ckpt_step(run) == STEPS  # ... but last is still the good one, complete
-    after = torch.load(run / "checkpoints" / "last" / "model.pt")
+    after = load_file(run / "checkpoints" / "last" / "denoiser.safetensors")
     assert all(torch.equal(before[k], after[k]) for k in before)
     run_cli(*args(tiny_bert, tiny_pairs, run, max_steps=STEPS + 2, extra=("--resume", str(run))), cwd=str(tmp_path))
     assert ckpt_step(run) == STEPS + 2
@@ -123,9 +124,9 @@ def test_non_finite_losses_skip_the_update_then_stop(tmp_path, tiny_bert, tiny_p
     assert [r["step"] for r in rows if r.get("split") == "skip"] == [3, 4]
     assert [r for r in rows if r.get("split") == "train"][-1]["skipped_steps"] == 2
     assert "update skipped" in p.stdout
-    s2 = torch.load(run / "checkpoints" / "step-000000002" / "model.pt")
-    s4 = torch.load(run / "checkpoints" / "step-000000004" / "model.pt")
-    s6 = torch.load(run / "checkpoints" / "step-000000006" / "model.pt")
+    s2 = load_file(run / "checkpoints" / "step-000000002" / "denoiser.safetensors")
+    s4 = load_file(run / "checkpoints" / "step-000000004" / "denoiser.safetensors")
+    s6 = load_file(run / "checkpoints" / "step-000000006" / "denoiser.safetensors")
     assert all(torch.equal(s2[k], s4[k]) for k in s2)  # no weight changed in the skipped steps
     assert any(not torch.equal(s4[k], s6[k]) for k in s4)  # and training went on afterwards
     assert all(torch.isfinite(v).all() for v in s6.values())
@@ -133,7 +134,7 @@ def test_non_finite_losses_skip_the_update_then_stop(tmp_path, tiny_bert, tiny_p
     p = p_stop
     assert p.returncode == 2 and "2 non-finite losses in a row at step 4" in p.stderr.strip().splitlines()[-1]
     assert ckpt_step(stop) == 4
-    last = torch.load(stop / "checkpoints" / "last" / "model.pt")
+    last = load_file(stop / "checkpoints" / "last" / "denoiser.safetensors")
     assert all(torch.equal(s2[k], last[k]) for k in s2)  # the saved state is the last good one
 
 

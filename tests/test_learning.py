@@ -104,6 +104,7 @@ def untrained_copy(ckpt: str, dest: str) -> str:
     within 2e-12)."""
     import torch
 
+    from runtime import weights
     from runtime.assemble import initial_network
     from runtime.config import from_dict
 
@@ -112,14 +113,13 @@ def untrained_copy(ckpt: str, dest: str) -> str:
         cfg = from_dict(json.load(f)["config"])
     saved = random.getstate(), np.random.get_state(), torch.random.get_rng_state()
     try:
-        weights = initial_network(cfg, lambda *a, **k: None)[0].state_dict()
+        net = initial_network(cfg, lambda *a, **k: None)[0]
     finally:
         random.setstate(saved[0])
         np.random.set_state(saved[1])
         torch.random.set_rng_state(saved[2])
-    for name in ("model.pt", "ema.pt"):  # a gaussian checkpoint decodes with its EMA
-        if os.path.exists(os.path.join(dest, name)):
-            torch.save(weights, os.path.join(dest, name))
+    ema = os.path.exists(os.path.join(dest, weights.DENOISER_EMA))  # a gaussian checkpoint decodes with its EMA
+    weights.write(dest, net, net.state_dict() if ema else None)
     return dest
 
 

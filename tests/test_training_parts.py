@@ -152,7 +152,7 @@ def test_training_state_round_trip_continues_exactly(tmp_path):
     after_a = train_steps(a, 3)
 
     b = make_state(1)  # other weights, other RNG
-    b.restore(ckpt, rank=0, device="cpu")
+    b.restore(ckpt, rank=0)
     assert (b.step, b.epoch, b.position, b.best, b.ema.updates) == (3, 2, 40, 0.5, 3)
     after_b = train_steps(b, 3)
     assert after_b == after_a
@@ -162,8 +162,9 @@ def test_training_state_round_trip_continues_exactly(tmp_path):
     assert a.scheduler.get_last_lr() == b.scheduler.get_last_lr()
 
     # the files and keys that train.py has always written (predict.py and --resume read them)
-    assert sorted(os.listdir(ckpt)) == ["ema.pt", "model.pt", "run_config.json", "training_state.pt"]
-    ts = torch.load(os.path.join(ckpt, "training_state.pt"), weights_only=False)
+    assert sorted(os.listdir(ckpt)) == ["README.md", "denoiser.safetensors", "denoiser_ema.safetensors",
+                                        "run_config.json", "training_state.pt"]
+    ts = checkpoint.load_training_state(ckpt)  # weights_only=True
     assert list(ts) == ["optimizer", "scheduler", "step", "epoch", "position", "best", "rng", "ema_updates",
                         "timestep_sampler"]
     assert len(ts["rng"]) == 1 and set(ts["rng"][0]) >= {"torch", "python", "numpy"}
@@ -175,8 +176,8 @@ def test_training_state_without_ema_writes_no_ema_file(tmp_path):
     a = make_state(0)
     a.ema = None
     a.save(str(tmp_path / "c"), DistInfo(), {})
-    assert "ema.pt" not in os.listdir(tmp_path / "c")
-    assert torch.load(tmp_path / "c" / "training_state.pt", weights_only=False)["ema_updates"] == 0
+    assert "denoiser_ema.safetensors" not in os.listdir(tmp_path / "c")
+    assert checkpoint.load_training_state(str(tmp_path / "c"))["ema_updates"] == 0
 
 
 def test_only_the_main_rank_writes(tmp_path):
@@ -229,13 +230,14 @@ def test_fault_hooks_read_the_environment(monkeypatch):
 
 def test_crash_in_save_leaves_no_checkpoint(tmp_path):
     code = ("import sys; from runtime import checkpoint; "
-            "checkpoint.save(sys.argv[1], run_config={}, model_state={})")
+            "import torch; checkpoint.save(sys.argv[1], run_config={}, model=torch.nn.Linear(2, 2))")
     env = dict(os.environ, PYTHONPATH=ROOT, DLM_FAULT_CRASH_IN_SAVE="1")
     proc = subprocess.run([sys.executable, "-c", code, str(tmp_path / "ckpt")], env=env, timeout=300)
     assert proc.returncode == 99
     assert not os.path.exists(tmp_path / "ckpt")
-    (tmp,) = os.listdir(tmp_path)  # the half-written copy, model.pt and no training state
-    assert tmp.startswith("ckpt.tmp-") and "model.pt" in os.listdir(tmp_path / tmp)
+    (tmp,) = os.listdir(tmp_path)  # the half-written copy: weights and no training state
+    assert tmp.startswith("ckpt.tmp-")
+    assert sorted(os.listdir(tmp_path / tmp)) == ["denoiser.safetensors", "run_config.json"]
 
 
 def test_stop_signals_record_the_signal_and_restore_the_handlers():
