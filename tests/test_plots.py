@@ -187,7 +187,7 @@ def test_a_failing_draw_is_one_warning_and_training_goes_on(lm_word_freq, tiny_b
     # the evaluations at steps 1 and 2 (the last); one line each, the message kept
     assert warnings == [f"warning: could not draw {out / 'plots'} (RuntimeError: no backend at all); "
                         "training goes on"] * 2
-    assert "done: 2 steps" in p.stdout and (out / "checkpoints" / "last" / "model.pt").is_file()
+    assert "done: 2 steps" in p.stdout and (out / "checkpoints" / "last" / "model.safetensors").is_file()
     assert not (out / "plots").exists()
 
 
