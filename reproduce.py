@@ -1,6 +1,6 @@
 """Does it learn? Known-answer tasks and the papers' ablations at small scale, with one command.
 
-    bash run.sh reproduce          # the full run (about 90 min on 2 CPU cores)
+    bash run.sh reproduce          # the full run (about 70 min on 2 CPU cores)
     bash run.sh reproduce quick    # the same at a smaller scale (about 10 min)
     python reproduce.py --scale quick --out results/reproduce-quick   # run again: finished parts are reused
 
@@ -16,7 +16,8 @@ Everything is offline and generated from seeds (textdata/synthetic.py, docs/algo
    against the ELBO one; and on the Bible LM, pretrained MiniLM against the same network from scratch.
 3. **Synthetic seq2seq with one right answer** (reverse the source, map each word through a fixed
    bijection): conditional DiffusionBERT and DiffuSeq; DiffuSeq decoded with the full chain,
-   uniform_20, adp_20, adp_10 and adp_4, before and after Tang et al.'s post-training.
+   uniform_20, adp_20, adp_10 and adp_4, before and after Tang et al.'s post-training, and after its
+   control (the same extra steps without the penalty).
 
 Writes ``<out>/results.md`` (tables, the targets met or not, embedded plots), ``<out>/results.json``
 and ``<out>/plots/*.png``. Every step runs one of the repository's scripts (logs in ``<out>/logs``);

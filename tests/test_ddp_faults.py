@@ -136,7 +136,7 @@ def test_nan_on_one_rank_skips_on_every_rank_and_only_rank0_writes(tmp_path, tin
     w0, w1 = r0["weights"], r1["weights"]
     assert w0.keys() == s6.keys() and all(torch.equal(w0[k], s6[k]) and torch.equal(w1[k], s6[k]) for k in s6)
     # exactly one set of files, all where they belong
-    assert sorted(os.listdir(run)) == ["checkpoints", "metrics.jsonl"]
+    assert sorted(os.listdir(run)) == ["checkpoints", "metrics.jsonl", "plots"]
     assert sorted(os.listdir(run / "checkpoints")) == ["best", "last", "step-000000002", "step-000000004",
                                                        "step-000000006"]
     assert sorted(os.listdir(cwd)) == [".hf_cache", "run", "run_logs"]
