@@ -105,9 +105,10 @@ def sample_all(args, info: dist.DistInfo) -> None:
             "sequences_per_second": args.num_samples / wall, "device": str(info.device), "ranks": info.world_size,
             "threads": torch.get_num_threads()}
     write_json_atomic(out_json, meta)
+    ranks = f", {info.world_size} ranks" if info.enabled else ""
     print(f"predict: wrote {args.num_samples} samples to {out_txt} in {wall:.1f}s "
           f"({args.num_samples / wall:.2f} sequences/s); {calls} network calls, {rows} sequence evaluations "
-          f"({'cache on' if sampling.use_cache else 'cache off'}{f', {info.world_size} ranks' if info.enabled else ''})")
+          f"({'cache on' if sampling.use_cache else 'cache off'}{ranks})")
 
 
 if __name__ == "__main__":

@@ -136,7 +136,7 @@ class Model:
         return FLAGS.get(key, f"--{key}") if self.flags else key
 
     def _setting(self, key: str, value: str) -> str:
-        """An option set to a value, as the user would write it (``--decode_respacing adp_20``, ``respacing='adp_20'``)."""
+        """An option set to a value as the user writes it: ``--decode_respacing adp_20``, ``respacing='adp_20'``."""
         return f"{self._name(key)} {value}" if self.flags else f"{key}={value!r}"
 
     def _at_least_one(self, **counts: int) -> None:
@@ -170,7 +170,8 @@ class Model:
         self._check_filters(sampler, topk, top_p, temperature)
         n, train_max_len = self._name, self.run.cfg.max_len
         if max_len is not None and not 3 <= max_len <= train_max_len:
-            raise UserError(f"{n('max_len')} must be between 3 and the training --max_len {train_max_len}, got {max_len}")
+            raise UserError(f"{n('max_len')} must be between 3 and the training --max_len {train_max_len}, "
+                            f"got {max_len}")
         longest = (max_len or train_max_len) - 2
         if length is not None and not 1 <= length <= longest:
             raise UserError(f"{n('length')} must be between 1 and {longest} ({n('max_len')} minus [CLS] and [SEP]), "
