@@ -21,6 +21,9 @@ generated after a [SEP] count, as there.
 Under ``torchrun --nproc_per_node N`` the batches are shared out among the ranks; every batch has its
 own seed (from the candidate's seed and the batch index) and rank 0 writes the files in input order,
 so they are the same for any number of ranks.
+
+The decoding is ``runtime.api``'s: in Python, ``load(checkpoint).decode(sources, ..., seed=k)`` returns the
+``recover`` strings of ``seed<k>.jsonl`` for those sources (where the pair data did not cut them).
 """
 from __future__ import annotations
 
@@ -28,14 +31,10 @@ import argparse
 import json
 import os
 import time
-from dataclasses import dataclass, field
-from typing import Callable
 
-import torch
-
-from diffusion import SAMPLERS, SampleOutput
-from runtime import dist
-from runtime.assemble import WEIGHTS, load_for_inference, load_task_data
+from diffusion import SAMPLERS
+from runtime import api, dist
+from runtime.assemble import WEIGHTS, load_task_data
 from common.errors import UserError, check_sampling_flags, cli_main, require_at_least_one
 from common.io import write_json_atomic, write_text_atomic
 
@@ -124,81 +123,35 @@ def main(argv=None):
         decode_all(args, info)
 
 
-# ---------------------------------------------------------------------------- per-process decoding
-@dataclass
-class Decoding:
-    """How to sample a checkpoint's process, from the flags; chosen once by ``DECODINGS[cfg.process]``."""
-    setting: str                                 # in the default output folder name
-    use_cache: bool                              # reported in decode.json
-    sample: Callable[..., SampleOutput]          # (ids, attention_mask, noise_mask, generator) -> SampleOutput
-    report: dict = field(default_factory=dict)   # extra keys of decode.json
-
-
-def absorbing_decoding(args, run) -> Decoding:
-    """DiffusionBERT: ``--steps`` iterations (default 200) with ``--sampler``, its filters and the cache."""
-    if args.decode_respacing is not None or args.weights != "ema":
-        raise UserError("--decode_respacing and --weights are for gaussian (DiffuSeq) checkpoints; "
-                        "an absorbing checkpoint takes --steps")
-    args.steps = 200 if args.steps is None else args.steps  # recorded in decode.json
-    require_at_least_one(args, "steps")
-    run.check_steps(args.steps, "--steps")
-    use_cache = not args.no_cache and run.denoiser.time_agnostic
-
-    def sample(ids, att, noise, gen):
-        return run.diffusion.sample(run.denoiser, ids, noise, att, args.steps, args.topk, args.top_p,
-                                    args.temperature, cache=use_cache, generator=gen, sampler=args.sampler,
-                                    final_x0=args.sampler == "released")
-    return Decoding(f"steps{args.steps}", use_cache, sample)
-
-
-def gaussian_decoding(args, run) -> Decoding:
-    """DiffuSeq: the steps of ``--decode_respacing``, with clamping; the absorbing sampler's flags are refused."""
-    if args.steps is not None:
-        raise UserError(f"{run.ckpt_dir} is a gaussian (DiffuSeq) checkpoint: choose its steps with "
-                        f"--decode_respacing uniform_{args.steps} (or adp_N, full), not --steps")
-    if args.topk or args.top_p != 1.0 or args.temperature != 1.0 or args.no_cache or args.sampler != "ours":
-        raise UserError("--topk, --top_p, --temperature, --sampler and --no_cache are absorbing-sampler flags; a gaussian "
-                        "checkpoint samples with clamping")
-    try:
-        grid = run.diffusion.timesteps(args.decode_respacing)
-    except ValueError as e:
-        raise UserError(f"--decode_respacing: {e}") from e
-    kept = grid[:-1].flip(0).tolist()  # the kept steps, ascending
-
-    def sample(ids, att, noise, gen):
-        return run.diffusion.sample(run.denoiser, ids, noise, kept, generator=gen)
-    return Decoding(f"respacing{args.decode_respacing or 'full'}", False, sample, {"timesteps": kept})
-
-
-DECODINGS = {"absorbing": absorbing_decoding, "gaussian": gaussian_decoding}
-
-
 # ---------------------------------------------------------------------------- decoding
+DECODINGS = api.DECODINGS  # each process's decoding lives in runtime.api; tests/test_process_api.py reads it here
+
+
 def decode_all(args, info: dist.DistInfo) -> None:
-    if info.device.type == "cpu":
-        torch.set_flush_denormal(True)
-    run = load_for_inference(args.checkpoint, info.device, task="seq2seq", weights=args.weights)
-    decoding = DECODINGS[run.cfg.process](args, run)
+    model = api.load(args.checkpoint, info=info, task="seq2seq", weights=args.weights, flags=True)
+    run = model.run
+    decoding = model.decoding(args.steps, args.decode_respacing, args.sampler, args.topk, args.top_p,
+                              args.temperature, not args.no_cache)
+    args.steps = decoding.steps  # absorbing: the default 200, recorded in decode.json
     folder = os.path.join(args.out_dir, args.name or f"{run.run_name}_{args.split}_{decoding.setting}"
                                                      f"_mbr{args.mbr_size}_seed{args.seed}")
     if info.is_main:
         prepare_out(folder, args.overwrite)
     dist.barrier(info)  # nothing runs on the other ranks if rank 0 refused the folder (it exits)
 
-    data, collate, sources, references = load_split(args, run, info)
+    data, sources, references = load_split(args, run, info)
     if info.is_main:
         write_text_atomic(os.path.join(folder, "copy_source.jsonl"),
                           jsonl([{"recover": s, "reference": r, "source": s} for s, r in zip(sources, references)]))
     timings, candidates = [], []
     for seed in range(args.seed, args.seed + args.mbr_size):
         start = time.time()
-        results = decode_candidate(data, collate, decoding, run.tokenizer, seed, args.batch_size, info)
-        if results is None:  # not rank 0
+        out = model.decode_batches(data["src_ids"], decoding, seed, args.batch_size)
+        if out is None:  # not rank 0
             continue
         wall = time.time() - start
-        hyps = [h for recovers, _, _ in results for h in recovers]
-        calls, rows_eval = sum(r[1] for r in results), sum(r[2] for r in results)
-        rows = [{"recover": h, "reference": r, "source": s} for h, r, s in zip(hyps, references, sources)]
+        calls, rows_eval = out.network_calls, out.row_evaluations
+        rows = [{"recover": h, "reference": r, "source": s} for h, r, s in zip(out.texts, references, sources)]
         write_text_atomic(os.path.join(folder, f"seed{seed}.jsonl"), jsonl(rows))
         candidates.append(rows)
         timings.append({"seed": seed, "wall_seconds": wall, "network_calls": calls, "row_evaluations": rows_eval})
@@ -209,38 +162,22 @@ def decode_all(args, info: dist.DistInfo) -> None:
 
 
 def load_split(args, run, info: dist.DistInfo):
-    """The split's tokenised pairs (the first ``--num_examples``), their collator, and the source and
-    reference strings as DiffuSeq writes them."""
+    """The split's tokenised pairs (the first ``--num_examples``), and the source and reference strings
+    as DiffuSeq writes them."""
     from evaluation.seq2seq import decode_like_diffuseq
     cfg, tok = run.cfg, run.tokenizer
     args.skip_bad_lines = cfg.skip_bad_lines = args.skip_bad_lines or cfg.skip_bad_lines
     with dist.main_first(info):  # rank 0 builds the datasets cache
-        data, collate = load_task_data(cfg, tok, (args.split,), log=info.log)
+        data, _ = load_task_data(cfg, tok, (args.split,), log=info.log)
     data = data[args.split]
     if args.num_examples:
         data = data.select(range(min(args.num_examples, len(data))))
     sources = [decode_like_diffuseq(tok, r) for r in data["src_ids"]]
     references = [decode_like_diffuseq(tok, r) for r in data["trg_ids"]]
-    return data, collate, sources, references
+    return data, sources, references
 
 
-def decode_candidate(data, collate, decoding: Decoding, tok, seed: int, batch_size: int, info: dist.DistInfo):
-    """One candidate for every source, seeded with ``seed``: on rank 0, per batch in order,
-    (recover strings, network calls, sequence evaluations); None on the other ranks."""
-    from evaluation.seq2seq import decode_like_diffuseq
-
-    def decode_batch(b: int, gen: torch.Generator):
-        i = b * batch_size
-        batch = collate([data[j] for j in range(i, min(i + batch_size, len(data)))])
-        ids, att, noise = (batch[k].to(info.device) for k in ("input_ids", "attention_mask", "noise_mask"))
-        out = decoding.sample(ids, att, noise, gen)
-        recovers = [decode_like_diffuseq(tok, row[src_len:])
-                    for row, src_len in zip(out.x0.cpu(), batch["src_len"].tolist())]
-        return recovers, out.network_calls, out.row_evaluations
-    return dist.map_batches(-(-len(data) // batch_size), decode_batch, info, seed)
-
-
-def write_summary(folder: str, args, run, decoding: Decoding, candidates, timings, num_sources: int,
+def write_summary(folder: str, args, run, decoding: api.Decoding, candidates, timings, num_sources: int,
                   info: dist.DistInfo) -> None:
     """mbr.jsonl (with two or more candidates) and decode.json: the flags, the process and the timings."""
     if args.mbr_size > 1:
