@@ -60,8 +60,8 @@ SCALES = {
     "quick": dict(
         lm_lines=(8000, 500, 500), lm_steps=800, lm_batch=64, lm_long=(800, 64), seeds=(0,), elbo_steps=64,
         samples=200, sample_steps=(8, 32, 128, 512), ablations=("mutual", "elbo"),
-        bible_steps=30, bible_seeds=(0,), bible_eval=32,
-        s2s_lines=(8000, 200, 200), s2s_steps=800, s2s_post_steps=200, s2s_decode=50, s2s_full_decode=0,
+        bible_steps=15, bible_seeds=(0,), bible_eval=32,
+        s2s_lines=(8000, 200, 200), s2s_steps=600, s2s_post_steps=100, s2s_decode=50, s2s_full_decode=0,
         respacings=("uniform_20", "adp_20", "adp_4")),
     "full": dict(
         lm_lines=(20000, 1000, 1000), lm_steps=1000, lm_batch=64, lm_long=(3000, 128), seeds=(0, 1, 2),
