@@ -1,7 +1,7 @@
 """Does it learn? Known-answer tasks and the papers' ablations at small scale, with one command.
 
     bash run.sh reproduce          # the full run (about 70 min on 2 CPU cores)
-    bash run.sh reproduce quick    # the same at a smaller scale (about 10 min)
+    bash run.sh reproduce quick    # the same at a smaller scale (about 7 min)
     python reproduce.py --scale quick --out results/reproduce-quick   # run again: finished parts are reused
 
 Everything is offline and generated from seeds (textdata/synthetic.py, docs/algorithms.md §5):

@@ -5,7 +5,7 @@
 #   bash run.sh lm1b         the paper setup: bert-base-uncased on LM1B (GPU and internet)
 #   NGPU=4 bash run.sh lm1b  the same under torchrun --nproc_per_node 4 (DDP)
 #   bash run.sh reproduce [quick]   does it learn? known-answer tasks and the papers' ablations
-#                            (offline CPU; about 70 min on 2 cores, quick: under 10 min); reproduce.py --help
+#                            (offline CPU; about 70 min on 2 cores, quick: 7 min); reproduce.py --help
 #
 # Extra arguments after the preset go to train.py, e.g. `bash run.sh demo --max_steps 100`.
 set -euo pipefail
