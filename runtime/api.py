@@ -26,9 +26,8 @@ from typing import Callable, Sequence
 import torch
 
 from diffusion import SAMPLERS, SampleOutput
-from runtime import checkpoint, dist
+from runtime import dist
 from runtime.assemble import WEIGHTS, Loaded, load_for_inference
-from runtime.config import from_dict
 from common.errors import UserError
 
 # the scripts' flag for an option whose flag is not --<keyword>
@@ -85,8 +84,6 @@ def load(path: str, device: str | torch.device = "auto", *, weights: str = "ema"
             info = dist.DistInfo(device=dist.pick_device(device))
         except RuntimeError as e:
             raise UserError(f"device {device!r}: {e}") from e
-    if task is None:
-        task = from_dict(checkpoint.read_run_config(checkpoint.resolve(path, prefer))["config"]).task
     run = load_for_inference(path, info.device, prefer, task=task, weights=weights)
     return Model(run, info, weights, flags)
 

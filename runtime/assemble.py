@@ -182,11 +182,12 @@ def load_for_inference(path: str, device: torch.device, prefer: str = "best", ta
 
     ``weights`` (a key of ``WEIGHTS``): for a gaussian checkpoint, ``ema`` (the default, as DiffuSeq decodes)
     or ``raw``; absorbing checkpoints have only their trained weights. Old checkpoints (model.pt, ema.pt) load
-    too, with one line on stderr saying so."""
+    too, with one line on stderr saying so. ``task``: refuse a checkpoint of another task, naming its script
+    (None: any task)."""
     ckpt_dir = checkpoint.resolve(path, prefer)
     run_info = checkpoint.read_run_config(ckpt_dir)
     cfg = from_dict(run_info["config"])
-    if cfg.task != task:
+    if task is not None and cfg.task != task:
         raise UserError(f"{ckpt_dir} is a {cfg.task} checkpoint but this script needs a {task} one; "
                         f"use {SCRIPT_FOR_TASK.get(cfg.task, 'the script for that task')}")
     parts = PROCESS_PARTS[cfg.process]

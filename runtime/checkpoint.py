@@ -118,15 +118,10 @@ def _numpy_rng_globals() -> list:
 def load_training_state(ckpt_dir: str) -> dict:
     """``training_state.pt``, unpickled with ``weights_only=True`` (tensors, numbers, strings and numpy's RNG
     state only: a checkpoint file cannot run code)."""
-    path = os.path.join(ckpt_dir, TRAINING_STATE)
-    if not os.path.isfile(path):
-        raise UserError(f"checkpoint {ckpt_dir} has no {TRAINING_STATE}")
-    try:
+    def load(path: str) -> dict:
         with torch.serialization.safe_globals(_numpy_rng_globals()):
             return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise UserError(f"cannot load {path} (corrupt or incomplete checkpoint): "
-                        f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from e
+    return weights.load_checked(ckpt_dir, TRAINING_STATE, load)
 
 
 @dataclass

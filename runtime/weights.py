@@ -93,32 +93,30 @@ def write(ckpt_dir: str, model: torch.nn.Module, ema_state: dict | None = None) 
         _save_file(ema_state, os.path.join(ckpt_dir, DENOISER_EMA))
 
 
-def _load_file(ckpt_dir: str, name: str) -> dict:
-    from safetensors.torch import load_file
+def load_checked(ckpt_dir: str, name: str, load) -> dict:
+    """``load(path)`` of the checkpoint file ``name``; a missing or unreadable file is one clear error line."""
     path = os.path.join(ckpt_dir, name)
     if not os.path.isfile(path):
         raise UserError(f"checkpoint {ckpt_dir} has no {name}")
     try:
-        return load_file(path)
+        return load(path)
     except Exception as e:
         raise UserError(f"cannot load {path} (corrupt or incomplete checkpoint): "
                         f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from e
+
+
+def _load_file(ckpt_dir: str, name: str) -> dict:
+    from safetensors.torch import load_file
+    return load_checked(ckpt_dir, name, load_file)
 
 
 def _load_legacy(ckpt_dir: str, name: str) -> dict:
-    path = os.path.join(ckpt_dir, name)
-    if not os.path.isfile(path):
-        raise UserError(f"checkpoint {ckpt_dir} has no {name}")
     key = os.path.abspath(ckpt_dir)
-    if key not in _reported:
+    if os.path.isfile(os.path.join(ckpt_dir, name)) and key not in _reported:
         _reported.add(key)
         print(f"note: {ckpt_dir} is an old-format checkpoint (model.pt/ema.pt, torch pickles); it loads as before, "
               f"and checkpoints written now hold safetensors ({MODEL}, {DENOISER})", file=sys.stderr, flush=True)
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise UserError(f"cannot load {path} (corrupt or incomplete checkpoint): "
-                        f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from e
+    return load_checked(ckpt_dir, name, lambda path: torch.load(path, map_location="cpu", weights_only=True))
 
 
 def read(ckpt_dir: str, model: torch.nn.Module, which: str = "raw") -> dict:
