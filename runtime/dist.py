@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import gc
 import os
 from dataclasses import dataclass
 
@@ -50,18 +51,33 @@ def setup(requested_device: str | None = None) -> DistInfo:
 
 
 def cleanup(info: DistInfo) -> None:
+    """Destroy the process group, then collect garbage, so that the gloo/NCCL backend (which the last
+    reference, e.g. a DDP reducer in a reference cycle, keeps alive) is torn down now, in this thread, and
+    not during interpreter shutdown, where a gloo backend can abort the process ("terminate called without
+    an active exception", SIGABRT) after all its work is done."""
     if info.enabled and dist.is_initialized():
         dist.destroy_process_group()
+        gc.collect()
+
+
+def finish(info: DistInfo) -> None:
+    """The normal end of a run on every rank: wait for all ranks (none tears the group down while another
+    still communicates with it), then :func:`cleanup`."""
+    barrier(info)
+    cleanup(info)
 
 
 @contextlib.contextmanager
 def session(requested_device: str | None = None):
-    """``with session(args.device) as info:`` -- :func:`setup`, then :func:`cleanup` however the block ends."""
+    """``with session(args.device) as info:`` -- :func:`setup`, then :func:`finish` when the block ends
+    normally, or :func:`cleanup` (no barrier: the other ranks may never reach it) when it raises."""
     info = setup(requested_device)
     try:
         yield info
-    finally:
+    except BaseException:
         cleanup(info)
+        raise
+    finish(info)
 
 
 def all_reduce_sum(t: torch.Tensor, info: DistInfo) -> torch.Tensor:

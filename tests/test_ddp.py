@@ -12,6 +12,7 @@ import torch.multiprocessing as mp
 
 from diffusion import AbsorbingDiffusion, GaussianDiffusion, gaussian_betas, make_schedule
 from models import DiffuSeqTransformer
+from runtime import dist
 from runtime.objective import Objective, make_objective as objective_for
 
 B, L, V = 4, 10, 50
@@ -54,8 +55,8 @@ def _rank(rank: int, world: int, port: int, process: str, out: str) -> None:
     ddp(micro_batch(rank)).loss.backward()
     if rank == 0:
         torch.save(grads(obj), out)
-    torch.distributed.barrier()  # a rank that tears gloo down while the other still works can abort it (SIGABRT)
-    torch.distributed.destroy_process_group()
+    del ddp  # the reducer holds the process group: let cleanup tear it down (runtime.dist.cleanup)
+    dist.finish(dist.DistInfo(rank, world))
 
 
 def free_port() -> int:

@@ -222,8 +222,7 @@ def _map_rank(rank: int, world: int, port: int, path: str) -> None:
         torch.save(out, path)
     else:
         assert out is None
-    torch.distributed.barrier()
-    torch.distributed.destroy_process_group()
+    dist.finish(info)
 
 
 def test_map_batches_under_two_ranks_equals_one_process(tmp_path):
