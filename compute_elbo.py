@@ -73,6 +73,9 @@ def evaluate(args, info: dist.DistInfo) -> None:
     device = info.device
     log = info.log
     run = load_for_inference(args.checkpoint, device, task="lm")
+    if run.cfg.process != "absorbing":
+        raise UserError(f"{run.ckpt_dir} is a gaussian (Diffusion-LM) checkpoint; compute_elbo.py bounds only "
+                        "absorbing (DiffusionBERT) checkpoints so far")
     cfg, tok, diffusion = run.cfg, run.tokenizer, run.diffusion
     gaussian = cfg.process == "gaussian"
     if gaussian and args.monte_carlo:
