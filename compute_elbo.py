@@ -73,9 +73,6 @@ def evaluate(args, info: dist.DistInfo) -> None:
     device = info.device
     log = info.log
     run = load_for_inference(args.checkpoint, device, task="lm")
-    if run.cfg.process != "absorbing":
-        raise UserError(f"{run.ckpt_dir} is a gaussian (Diffusion-LM) checkpoint; compute_elbo.py bounds only "
-                        "absorbing (DiffusionBERT) checkpoints so far")
     cfg, tok, diffusion = run.cfg, run.tokenizer, run.diffusion
     gaussian = cfg.process == "gaussian"
     if gaussian and args.monte_carlo:
@@ -187,12 +184,18 @@ def evaluate(args, info: dist.DistInfo) -> None:
     write_json_atomic(out, res)
     print(f"elbo: {len(data)} {args.split} examples, K={args.eval_steps}: NELBO {nll / tot['tokens']:.4f} "
           f"(+- {tot['nll_per_token_se']:.4f}) nats/token; "
-          f"PPL <= {res['ppl_token']:.2f} per wordpiece, <= {res['ppl_word']:.2f} per word "
+          f"PPL <= {_ppl(res['ppl_token'])} per wordpiece, <= {_ppl(res['ppl_word'])} per word "
           + ("(no length term: the canvas generates it)" if gaussian else
              f"(length term {tot['length_nll'] / tot['tokens']:.4f} nats/token)")
           + f"; wrote {out} in {res['seconds']:.0f}s")
     if baselines:
         print("\n".join(lm_lines(res)))
+
+
+def _ppl(x: float) -> str:
+    """Two decimals, or three significant digits once it is astronomical (an untrained or tiny Gaussian LM's
+    bound is easily e^100 per token)."""
+    return f"{x:.2f}" if x < 1e6 else f"{x:.3g}"
 
 
 def train_rows(train):

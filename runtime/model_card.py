@@ -100,9 +100,10 @@ def render(run_config: dict, ckpt_dir: str) -> str:
         lines += ["## Dev metrics", "", "No evaluation yet.", ""]
     if cfg.task == "lm" and cfg.process == "gaussian":
         steps = min(200, cfg.num_steps)
-        use = [f"python predict.py --checkpoint {ckpt_dir} --decode_respacing uniform_{steps}"]
+        use = [f"python predict.py --checkpoint {ckpt_dir} --decode_respacing uniform_{steps}",
+               f"python compute_elbo.py --checkpoint {ckpt_dir}"]
         say = (f"Sample (`--decode_respacing`: `full` walks all T = {cfg.num_steps} steps, `uniform_K` and `adp_K` "
-               "K of them; from where train.py ran):")
+               "K of them), then bound the perplexity by the negative ELBO (from where train.py ran):")
     elif cfg.task == "lm":
         use = [f"python predict.py --checkpoint {ckpt_dir}", f"python compute_elbo.py --checkpoint {ckpt_dir}"]
         say = "Sample, then bound the perplexity by the negative ELBO (from where train.py ran):"

@@ -81,6 +81,7 @@ def test_a_gaussian_lm_trains_through_the_cli(gauss_lm_run, tiny_corpus):
     card = (last / "README.md").read_text(encoding="utf-8")
     assert "(Diffusion-LM), T = 100" in card and "# Diffusion-LM checkpoint" in card
     assert f"python predict.py --checkpoint {last} --decode_respacing uniform_100\n" in card
+    assert f"python compute_elbo.py --checkpoint {last}\n" in card
 
 
 @pytest.mark.slow
@@ -117,6 +118,38 @@ def test_bad_flags_give_one_error_line(gauss_lm_run, tiny_bert, tiny_corpus, tmp
     one_error_line(run_here(*lm_args(tiny_bert, tiny_corpus, tmp_path / "t", extra=("--from_scratch",)),
                             cwd=str(cwd)), "--process absorbing flags")
     one_error_line(run_here("compute_elbo.py", "--checkpoint", str(run), "--out", str(tmp_path / "e.json"),
-                            cwd=str(cwd)), "gaussian (Diffusion-LM) checkpoint", "absorbing")
+                            "--monte_carlo", cwd=str(cwd)), "--monte_carlo is for absorbing checkpoints")
     one_error_line(run_here("predict_downstream_condition.py", "--checkpoint", str(run), "--out_dir",
                             str(tmp_path / "g"), cwd=str(cwd)), "lm checkpoint", "predict.py")
+
+
+@pytest.mark.slow
+def test_compute_elbo_bounds_a_gaussian_lm(gauss_lm_run, tmp_path):
+    """compute_elbo.py on the tiny Gaussian LM: a finite bound, and the very number of GaussianDiffusion.nelbo called
+    directly on the same examples (the seeded subset, the canvas batches) with the same per-batch generators."""
+    import math
+
+    from runtime import dist
+    from runtime.assemble import load_for_inference, load_task_data
+
+    cwd, run = gauss_lm_run
+    out = tmp_path / "elbo.json"
+    n, K, bs, seed = 6, 5, 4, 3
+    p = run_cli("compute_elbo.py", "--checkpoint", str(run), "--num_examples", str(n), "--eval_steps", str(K),
+                "--batch_size", str(bs), "--seed", str(seed), "--out", str(out), "--device", "cpu", cwd=str(cwd))
+    assert "no length term" in p.stdout
+    res = json.loads(out.read_text())
+    assert math.isfinite(res["nelbo_per_token"]) and res["nelbo_per_token"] > 0 and res["length_nll"] == 0.0
+
+    loaded = load_for_inference(str(run), torch.device("cpu"), task="lm")
+    data, collate = load_task_data(loaded.cfg, loaded.tokenizer, ("test",), log=lambda *a, **k: None)
+    rows = data["test"].shuffle(seed=seed).select(range(n))
+    total, tokens = 0.0, 0
+    for b in range(-(-n // bs)):
+        batch = collate([rows[j] for j in range(b * bs, min((b + 1) * bs, n))])
+        gen = torch.Generator().manual_seed(dist.batch_seed(seed, b))
+        total += float(loaded.diffusion.nelbo(loaded.denoiser, batch["input_ids"], batch["noise_mask"], K,
+                                              generator=gen).sum())
+        tokens += sum(len(r["input_ids"]) - 2 for r in (rows[j] for j in range(b * bs, min((b + 1) * bs, n))))
+    assert res["diffusion_nll"] == total and res["nll_bound"] == total
+    assert res["tokens"] == tokens  # per token: the wordpieces, not the canvas's [SEP] and padding
