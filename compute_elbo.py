@@ -1,11 +1,17 @@
-"""Perplexity bound of a DiffusionBERT checkpoint from its negative ELBO.
+"""Perplexity bound of a language-model checkpoint (DiffusionBERT, or Gaussian diffusion on embeddings)
+from its negative ELBO.
 
     python compute_elbo.py --checkpoint outputs/demo --eval_steps 128 --num_examples 1000
 
-On a seeded subset of the checkpoint's dataset split, computes for each example
-``NLL <= -log p(n) + sum_k KL_k`` (the length term plus the K-step diffusion bound; docs/algorithms.md
-§1.9) and reports ``exp(total / wordpieces)`` (per token, [CLS]/[SEP]/[PAD] excluded) and
-``exp(total / whitespace words)`` (per word, DiffusionBERT's LM1B convention). Same seed, same number,
+On a seeded subset of the checkpoint's dataset split, computes for each example an upper bound on its NLL
+and reports ``exp(total / wordpieces)`` (per token, [CLS]/[SEP]/[PAD] excluded) and
+``exp(total / whitespace words)`` (per word, DiffusionBERT's LM1B convention). The bound:
+
+* absorbing: ``NLL <= -log p(n) + sum_k KL_k``, the length term plus the diffusion bound on a grid of K =
+  ``--eval_steps`` steps (docs/algorithms.md §1.9);
+* gaussian: the NELBO of the whole canvas after [CLS] (``GaussianDiffusion.nelbo``, docs/algorithms.md
+  §2.9), with the sum over t estimated from K = ``--eval_steps`` stratified draws (K + 1 network calls per
+  batch; K >= T - 1 computes every term). No length term: the model generates [SEP] and the padding. Same seed, same number,
 also under ``torchrun --nproc_per_node N`` (batches are shared out among the ranks, each batch has its
 own seed, and rank 0 adds the per-batch sums in batch order).
 
@@ -24,7 +30,7 @@ import time
 
 import torch
 
-from runtime.assemble import load_for_inference, load_initial
+from runtime.assemble import load_for_inference, load_initial, load_task_data
 from runtime import dist
 from common.errors import UserError, cli_main, refuse_overwrite
 from common.io import write_json_atomic
@@ -39,7 +45,9 @@ def parse_args(argv=None):
     p.add_argument("--split", default="test", choices=lm.SPLITS)
     p.add_argument("--num_examples", type=int, default=1000, help="size of the seeded subset (0: the whole split)")
     p.add_argument("--eval_steps", type=int, default=128, help="K, the grid size of the bound")
-    p.add_argument("--monte_carlo", action="store_true", help="one random grid step per example (K times cheaper, noisier)")
+    p.add_argument("--monte_carlo", action="store_true",
+                   help="absorbing: one random grid step per example (K times cheaper, noisier); the gaussian "
+                        "bound always draws its K steps")
     p.add_argument("--batch_size", type=int, default=32)
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--baselines", action="store_true",
@@ -66,6 +74,10 @@ def evaluate(args, info: dist.DistInfo) -> None:
     log = info.log
     run = load_for_inference(args.checkpoint, device, task="lm")
     cfg, tok, diffusion = run.cfg, run.tokenizer, run.diffusion
+    gaussian = cfg.process == "gaussian"
+    if gaussian and args.monte_carlo:
+        raise UserError("--monte_carlo is for absorbing checkpoints: the gaussian bound already draws its "
+                        "--eval_steps steps of t at random (stratified)")
     run.check_steps(args.eval_steps, "--eval_steps")
     out = args.out or os.path.join("generation_results", f"elbo_{run.run_name}_{os.path.basename(run.ckpt_dir)}_{args.split}"
                                    f"_K{args.eval_steps}_n{args.num_examples}_seed{args.seed}"
@@ -78,31 +90,39 @@ def evaluate(args, info: dist.DistInfo) -> None:
 
     splits = ("train", args.split) if args.baselines else (args.split,)  # the unigram counts the training split
     with dist.main_first(info):  # rank 0 builds the datasets cache
-        raw = lm.load_text_splits(cfg.dataset, cfg.data_files, cfg.data_dir, log=log, skip_bad_lines=cfg.skip_bad_lines)
-        tokenised = lm.tokenize_splits({s: raw[s] for s in splits}, tok, cfg.max_len, log=log)
+        # the run's own batches: dynamic padding (absorbing) or the fixed canvas (gaussian)
+        tokenised, collate = load_task_data(cfg, tok, splits, log=log)
     data = tokenised[args.split]
     if args.num_examples and args.num_examples < len(data):
         data = data.shuffle(seed=args.seed).select(range(args.num_examples))
     prior = lm.LengthPrior(run.run_info["derived"]["length_counts"])
+    special_ids = lm.collator_for(tok).special_ids  # [CLS]/[SEP] (and BOS/EOS): never counted as tokens
+    not_a_token = torch.tensor(special_ids + (tok.pad_token_id,), device=device)
     start = time.time()
-    collate = lm.collator_for(tok)
     num_batches = -(-len(data) // args.batch_size)
 
     def batch_at(b: int) -> dict:
         batch = collate([data[j] for j in range(b * args.batch_size, min((b + 1) * args.batch_size, len(data)))])
         return {k: v.to(device) for k, v in batch.items()}
 
-    def total(nll_of, what: str, model_key: str = "diffusion_nll", nll_key: str = "nll_bound") -> dict | None:
-        """Sums over the examples of the model's NLL (``nll_of(batch, gen)``, [B]) and the length NLL, the tokens
-        and words, the perplexities of their total, and ``nll_per_token_se``, the standard error of the total
-        per token over examples (delta method: the Monte Carlo error of the x_t draws and the sampling error of
-        the examples together); None on ranks other than 0. Every call walks the same
-        batches with the same per-batch seeds, so two models see the same examples, grid steps and noise; rank
-        0 adds the batch sums in batch order (the same float for any number of ranks)."""
+    def wordpieces(batch: dict) -> torch.Tensor:
+        """[B, L] bool: the text's wordpieces, what "per token" divides by. Absorbing: the noised positions
+        themselves; gaussian: the noised canvas less its [SEP] and padding."""
+        return batch["noise_mask"] & ~torch.isin(batch["input_ids"], not_a_token)
+
+    def total(nll_of, what: str, model_key: str = "diffusion_nll", nll_key: str = "nll_bound",
+              length_term: bool = True) -> dict | None:
+        """Sums over the examples of the model's NLL (``nll_of(batch, gen)``, [B]) and the length NLL (0 without
+        ``length_term``), the tokens and words, the perplexities of their total, and ``nll_per_token_se``, the
+        standard error of the total per token over examples (delta method: the Monte Carlo error of the x_t
+        draws and the sampling error of the examples together); None on ranks other than 0. Every call walks the
+        same batches with the same per-batch seeds, so two models see the same examples, grid steps and noise;
+        rank 0 adds the batch sums in batch order (the same float for any number of ranks)."""
         def batch_sums(b: int, gen: torch.Generator):
             batch = batch_at(b)
-            n = batch["noise_mask"].sum(-1)
-            model_nll, length_nll = nll_of(batch, gen).double().cpu(), -prior.log_prob(n.cpu()).double()
+            n = wordpieces(batch).sum(-1)
+            model_nll = nll_of(batch, gen).double().cpu()
+            length_nll = -prior.log_prob(n.cpu()).double() if length_term else torch.zeros_like(model_nll)
             return (float(model_nll.sum()), float(length_nll.sum()), int(n.sum()), int(batch["n_words"].sum()),
                     ((model_nll + length_nll).tolist(), n.tolist()))
 
@@ -124,19 +144,23 @@ def evaluate(args, info: dist.DistInfo) -> None:
                 "nll_per_token_se": se}
 
     def bound_of(denoiser):
-        """The K-step NELBO of ``denoiser`` (docs/algorithms.md §1.9): one code path, whatever the weights."""
+        """The K-step NELBO of ``denoiser`` (docs/algorithms.md §1.9, §2.9): one code path, whatever the weights."""
+        if gaussian:
+            return lambda batch, gen: diffusion.nelbo(denoiser, batch["input_ids"], batch["noise_mask"],
+                                                      args.eval_steps, generator=gen)
         return lambda batch, gen: diffusion.nelbo(denoiser, batch["input_ids"], batch["noise_mask"],
                                                   batch["attention_mask"], args.eval_steps,
                                                   monte_carlo=args.monte_carlo, generator=gen)
 
-    tot = total(bound_of(run.denoiser), "elbo")
+    # the gaussian canvas generates [SEP] and the padding: its bound already covers the length
+    tot = total(bound_of(run.denoiser), "elbo", length_term=not gaussian)
     baselines = {}
     if args.baselines:
-        baselines["untrained"] = total(bound_of(untrained), "elbo of the untrained network")
+        baselines["untrained"] = total(bound_of(untrained), "elbo of the untrained network", length_term=not gaussian)
         V = run.run_info["derived"]["vocab_size"]  # the network's output size
-        counts = word_freq.count_tokens(train_rows(tokenised["train"]), V, collate.special_ids)
+        counts = word_freq.count_tokens(train_rows(tokenised["train"]), V, special_ids)
         unigram = Unigram(counts)
-        baselines["unigram"] = total(lambda batch, gen: unigram.nll(batch["input_ids"], batch["noise_mask"]),
+        baselines["unigram"] = total(lambda batch, gen: unigram.nll(batch["input_ids"], wordpieces(batch)),
                                      "unigram", model_key="unigram_nll", nll_key="nll")
         if tot is not None:
             baselines["untrained"]["what"] = ("the same bound of the run's network at step 0 (its config and seed), "
@@ -151,17 +175,27 @@ def evaluate(args, info: dist.DistInfo) -> None:
            "nelbo_per_token": nll / tot["tokens"], "nelbo_per_token_se": tot["nll_per_token_se"],
            "ppl_token_diffusion_only": math.exp(tot["diffusion_nll"] / tot["tokens"]),
            "seconds": time.time() - start, "ranks": info.world_size,
-           "convention": "NLL bound = -log p(n) + K-step diffusion NELBO; per token excludes [CLS]/[SEP]/[PAD]; "
-                         "per word divides by whitespace words of the text"}
+           "convention": (("NLL bound = NELBO of the canvas after [CLS] ([SEP] and padding generated, no length term), "
+                           "sum over t from K stratified draws" if gaussian else
+                           "NLL bound = -log p(n) + K-step diffusion NELBO") +
+                          "; per token excludes [CLS]/[SEP]/[PAD]; per word divides by whitespace words of the text")}
     if baselines:
         res["baselines"] = baselines
     write_json_atomic(out, res)
     print(f"elbo: {len(data)} {args.split} examples, K={args.eval_steps}: NELBO {nll / tot['tokens']:.4f} "
           f"(+- {tot['nll_per_token_se']:.4f}) nats/token; "
-          f"PPL <= {res['ppl_token']:.2f} per wordpiece, <= {res['ppl_word']:.2f} per word "
-          f"(length term {tot['length_nll'] / tot['tokens']:.4f} nats/token); wrote {out} in {res['seconds']:.0f}s")
+          f"PPL <= {_ppl(res['ppl_token'])} per wordpiece, <= {_ppl(res['ppl_word'])} per word "
+          + ("(no length term: the canvas generates it)" if gaussian else
+             f"(length term {tot['length_nll'] / tot['tokens']:.4f} nats/token)")
+          + f"; wrote {out} in {res['seconds']:.0f}s")
     if baselines:
         print("\n".join(lm_lines(res)))
+
+
+def _ppl(x: float) -> str:
+    """Two decimals, or three significant digits once it is astronomical (an untrained or tiny Gaussian LM's
+    bound is easily e^100 per token)."""
+    return f"{x:.2f}" if x < 1e6 else f"{x:.3g}"
 
 
 def train_rows(train):

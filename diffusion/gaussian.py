@@ -261,6 +261,96 @@ class GaussianDiffusion:
         return GaussianLossOutput((w * per_example).mean(), per_example.detach(), (0.5 * (mse1 + mse2)).detach(),
                                   nll.detach(), t_T.detach(), penalty.detach())
 
+    # ---- the variational bound (docs/algorithms.md §2.9)
+    @torch.no_grad()
+    def nelbo(self, denoiser, ids: torch.Tensor, noise_mask: torch.Tensor, K: int,
+              generator: torch.Generator | None = None) -> torch.Tensor:
+        """An unbiased estimate of each example's negative ELBO, [B] float64 nats: an upper bound on
+        ``-log p(w_noised | w_fixed)`` for ``ids`` [B, L] (``w``), ``noise_mask`` [B, L] bool (the noised positions).
+
+        The model ``p`` is the one :meth:`sample` draws from, without clamping, with a density at its last step.
+        Write ``x`` for this file's ``z0`` (the chain's index -1) and ``z_t``, t = 0..T-1, for the latents that
+        the network sees; ``e = Emb(w)``, ``f_t = denoiser(z_t, t)`` (the x0-prediction), D the embedding width.
+        On the noised positions:
+
+        * ``p(z_{T-1}) = N(0, I)``;
+        * ``p(z_{t-1} | z_t) = N(mu_t(f_t, z_t), beta_t I)`` for t = 1..T-1, ``mu_t`` the posterior mean of
+          :meth:`posterior_coefficients` (Ho et al. 2020, Eq. 7) and DiffuSeq's fixed-large variance beta_t,
+          which :meth:`step` samples with;
+        * ``p(x | z_0) = N(f_0, beta_0 I)`` (the step to index -1: its mean is f_0, as in :meth:`step`; its
+          variance is that step's beta, ``1 - alphabar_0 / alphabar_{-1} = beta_0``; :meth:`step` adds no
+          noise there, so the sampler is this model's mean at that one step);
+        * ``p(w_l | x_l) = softmax(denoiser.logits(x_l))[w_l]``, the rounding head tied to Emb, independently
+          per position.
+
+        The fixed positions (outside ``noise_mask``) are conditioned on: held at ``Emb(w)`` in every network
+        input (as :meth:`sample` does) and never scored. ``q`` is the forward process: ``q(x | w) = N(e, beta_0
+        I)``, ``q(z_t | x) = N(sqrt(alphabar_t) x, (1 - alphabar_t) I)``. Per example, summed over the noised
+        positions l and their D dimensions:
+
+        ``-log p(w) <= E_q[ -log p(w | x)                                               (rounding)
+                           + KL(q(z_{T-1} | x) || N(0, I))                            (prior)
+                           + KL(q(x | z_0, w) || p(x | z_0)) - D/2 log(2 - beta_0)    (t = 0, embedding)
+                           + sum_{t=1}^{T-1} KL(q(z_{t-1} | z_t, x) || p(z_{t-1} | z_t)) ]``
+
+        This is exactly ``E_q[log q(x, z_{0:T-1} | w) - log p(w, x, z_{0:T-1})]``. The t = 0 term is
+        ``E_q[log q(x | w) - log p(x | z_0)]`` (Li et al. 2022's embedding term) with the integral over x given
+        z_0 done in closed form: ``q(x | z_0, w) = N((e + sqrt(1 - beta_0) z_0) / (2 - beta_0), beta_0 / (2 -
+        beta_0) I)``, and ``E[log q(x | w) - log q(x | z_0, w)] = -I(x; z_0 | w) = -D/2 log(2 - beta_0)``.
+        Every KL is between isotropic Gaussians, in closed form.
+
+        Estimator: one ``x`` per example; the rounding, prior and t = 0 terms at every call; the sum over
+        t = 1..T-1 stratified: K contiguous strata of ``1..T-1`` (sizes n_k differing by at most 1), one t drawn
+        uniformly in each, per example, and ``sum_k n_k KL_{t_k}``. That is K + 1 network calls. ``K >= T - 1``
+        computes every term (``K`` is capped at T - 1). Random draws from ``generator``, in this order: the
+        noise of x [B, L, D], of z_0 [B, L, D], the strata's uniforms [K, B] (float64), then each stratum's
+        z_t noise [B, L, D]. Run the denoiser in eval mode (dropout off) for the bound of one network.
+        """
+        if K < 1:
+            raise ValueError(f"need K >= 1 draws of t, got {K}")
+        B, T, device = ids.shape[0], self.num_steps, ids.device
+        emb = denoiser.embed(ids)
+        D = emb.shape[-1]
+        m = noise_mask.to(torch.float64)
+
+        def held(z):  # the network input: the fixed positions at Emb(w), as in sample()
+            return torch.where(noise_mask[..., None], z, emb)
+
+        def summed(v):  # [B, L] per position -> [B], over the noised positions only
+            return (v.double() * m).sum(1)
+
+        x = self.z0_from_embedding(emb, generator)
+        nll = torch.zeros(ids.shape, dtype=torch.float64, device=device)
+        nll[noise_mask] = chunked_cross_entropy(denoiser.logits, x[noise_mask], ids[noise_mask]).double()
+
+        ab_last = float(self.alphabar[-1])
+        prior = 0.5 * (ab_last * x.double().pow(2).sum(-1) - D * (ab_last + math.log1p(-ab_last)))
+
+        b0 = float(self.betas[0])
+        t0 = torch.zeros(B, dtype=torch.long, device=device)
+        z_0 = self.q_sample(x, t0, noise_mask, generator=generator)
+        post_mean = (emb + math.sqrt(1 - b0) * z_0) / (2 - b0)
+        # KL(q(x|z_0,w) || N(f_0, beta_0)) - D/2 log(2 - beta_0): the variance ratio 1/(2 - beta_0) cancels the log
+        emb_term = 0.5 * ((post_mean - denoiser(held(z_0), t0)).double().pow(2).sum(-1) / b0
+                          - D * (1 - b0) / (2 - b0))
+        total = summed(nll + prior + emb_term)
+
+        if T > 1:
+            K = min(K, T - 1)
+            edges = 1 + torch.arange(K + 1, device=device) * (T - 1) // K  # strata [edges[k], edges[k+1])
+            sizes = edges[1:] - edges[:-1]
+            u = torch.rand((K, B), generator=generator, dtype=torch.float64, device=device)
+            for k in range(K):
+                t = torch.minimum(edges[k] + (u[k] * sizes[k]).floor().long(), edges[k + 1] - 1)
+                z_t = self.q_sample(x, t, noise_mask, generator=generator)
+                beta, coef_x0, _ = self.posterior_coefficients(t, t - 1)
+                ab, ab_prev = self.alphabar_at(t), self.alphabar_at(t - 1)
+                d = (ab - ab_prev) / (1 - ab)  # posterior variance / beta_t - 1, in (-1, 0]
+                sq = (x - denoiser(held(z_t), t)).double().pow(2).sum(-1)  # mean difference = coef_x0 (x - f_t)
+                kl = 0.5 * (D * (d - torch.log1p(d))[:, None] + (coef_x0.pow(2) / beta)[:, None] * sq)
+                total += sizes[k] * summed(kl)
+        return total
+
     # ---- sampling
     def alphabar_at(self, t: torch.Tensor) -> torch.Tensor:
         """``alphabar_t`` for ``t`` in -1..T-1 (long, any shape), float64; ``alphabar_{-1} = 1`` (the data)."""
