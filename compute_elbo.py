@@ -65,6 +65,9 @@ def evaluate(args, info: dist.DistInfo) -> None:
     device = info.device
     log = info.log
     run = load_for_inference(args.checkpoint, device, task="lm")
+    if run.cfg.process != "absorbing":
+        raise UserError(f"{run.ckpt_dir} is a gaussian (Diffusion-LM) checkpoint; compute_elbo.py bounds only "
+                        "absorbing (DiffusionBERT) checkpoints so far")
     cfg, tok, diffusion = run.cfg, run.tokenizer, run.diffusion
     run.check_steps(args.eval_steps, "--eval_steps")
     out = args.out or os.path.join("generation_results", f"elbo_{run.run_name}_{os.path.basename(run.ckpt_dir)}_{args.split}"

@@ -1,8 +1,10 @@
 """Train a diffusion LM: DiffusionBERT (absorbing diffusion on a pretrained BERT-family masked LM) or
-DiffuSeq (Gaussian diffusion on embeddings, --process gaussian), optionally post-trained (Tang et al.).
+Gaussian diffusion on embeddings (--process gaussian: DiffuSeq for seq2seq, Diffusion-LM for lm),
+optionally post-trained (Tang et al.).
 
     python train.py --dataset bible --model_name_or_path minilm --schedule spindle --max_steps 400
     python train.py --task seq2seq --process gaussian --hidden_size 128 --num_layers 2 ...
+    python train.py --task lm --process gaussian --num_steps 2000 --emb_dim 16 ...   # Diffusion-LM
     python train.py --task seq2seq --process gaussian --post_train outputs/diffuseq --simi_penalty l2_noise_random ...
     torchrun --nproc_per_node 4 train.py ...            # DDP, decided by the RANK variable
 

@@ -167,7 +167,8 @@ def load_task_data(cfg: TrainConfig, tokenizer, splits=("train", "valid"), log=p
         raw = lm.load_text_splits(cfg.dataset, cfg.data_files, cfg.data_dir, log=log,
                                   skip_bad_lines=cfg.skip_bad_lines)
         data = lm.tokenize_splits({s: raw[s] for s in splits}, tokenizer, cfg.max_len, log=log)
-        return data, lm.collator_for(tokenizer)
+        # gaussian (Diffusion-LM): a max_len canvas whose [SEP] and padding are generated, as in seq2seq below
+        return data, lm.collator_for(tokenizer, canvas_len=cfg.max_len if cfg.process == "gaussian" else None)
     from conditional_data import PairCollator, load_pair_splits, tokenize_pairs
     raw = load_pair_splits(cfg.dataset, cfg.data_files, cfg.data_dir, splits=tuple(splits), log=log,
                            skip_bad_lines=cfg.skip_bad_lines)

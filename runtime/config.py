@@ -33,7 +33,8 @@ class TrainConfig:
     task: str = opt("lm", "lm: unconditional language modelling; seq2seq: conditional generation of trg from src",
                     choices=("lm", "seq2seq"))
     process: str = opt("absorbing", "absorbing: DiffusionBERT (discrete masking on a pretrained BERT); gaussian: "
-                       "DiffuSeq (continuous diffusion on embeddings, transformer from scratch; --task seq2seq)",
+                       "continuous diffusion on embeddings with a transformer from scratch: DiffuSeq with --task "
+                       "seq2seq, Diffusion-LM with --task lm (a --max_len canvas, [SEP] and padding generated)",
                        choices=tuple(PROCESS_SCHEDULES))
     # model
     model_name_or_path: str = opt("minilm", "hub id, local directory, or 'minilm' (offline all-MiniLM-L6-v2); "
@@ -48,7 +49,8 @@ class TrainConfig:
     data_files: str | None = opt(None, "lm --dataset text: a text file or a folder with train.txt [valid.txt test.txt]; "
                                  "seq2seq: a DiffuSeq folder with train.jsonl valid.jsonl test.jsonl")
     data_dir: str = opt("data", "where the offline corpus is written")
-    max_len: int = opt(64, "maximum wordpieces per example, [CLS] and [SEP] included")
+    max_len: int = opt(64, "maximum wordpieces per example, [CLS] and [SEP] included (gaussian and seq2seq: "
+                       "every row is a canvas of this length)")
     skip_bad_lines: bool = opt(False, "skip bad data lines (counted and logged per file) instead of stopping at "
                                "the first: seq2seq lines that are not one JSON object with non-empty string "
                                "src/trg, and lines that are not UTF-8")
@@ -68,7 +70,7 @@ class TrainConfig:
                               "or not, divided by the batch size); configs stored without it are elbo",
                               choices=LOSS_WEIGHTINGS)
     low_discrepancy: bool = opt(False, "stratify t across the batch (MDLM's low-discrepancy sampler)")
-    # gaussian (DiffuSeq) model and training
+    # gaussian (DiffuSeq, Diffusion-LM) model and training
     emb_dim: int = opt(128, "gaussian: word-embedding (diffusion) dimension D")
     hidden_size: int = opt(768, "gaussian: transformer hidden size")
     num_layers: int = opt(12, "gaussian: transformer layers")
@@ -77,7 +79,8 @@ class TrainConfig:
     ema_rate: float = opt(0.9999, "gaussian: EMA decay of the weights (decoding uses the EMA by default)")
     loss_average: str = opt("all", "gaussian: all: the MSE, L_T and rounding NLL are means over every position, "
                             "source and padding included (DiffuSeq as released: the source embeddings are trained "
-                            "too); target: means over the target positions only", choices=LOSS_AVERAGES)
+                            "too); target: means over the noised positions only (seq2seq: the target and its "
+                            "padding; lm: all but [CLS])", choices=LOSS_AVERAGES)
     # post-training (Tang et al. 2023)
     post_train: str | None = opt(None, "gaussian: continue from this checkpoint (its EMA weights) with a fresh "
                                  "optimizer into --out_dir; the model and data flags must match it")
@@ -142,8 +145,6 @@ class TrainConfig:
         if self.keep_last < 0:
             raise UserError(f"--keep_last must be 0 or more, got {self.keep_last}")
         if gaussian:
-            if self.task != "seq2seq":
-                raise UserError("--process gaussian (DiffuSeq) is a seq2seq model; add --task seq2seq")
             if self.time_conditioning != "none" or self.from_scratch:
                 raise UserError("--time_conditioning and --from_scratch are --process absorbing flags (the gaussian "
                                 "transformer is always trained from scratch and always conditioned on t)")

@@ -1,9 +1,9 @@
 """The model card: a ``README.md`` in every checkpoint directory, written with it from its run config.
 
-It says what was trained (process, schedule, time conditioning and loss weighting, or the DiffuSeq
-settings), on what data, up to which step, the dev metrics of the latest evaluation, and the commands
-that sample from and evaluate the checkpoint. Everything comes from ``run_config.json``; nothing is
-measured here.
+It says what was trained (process, schedule, time conditioning and loss weighting, or the Gaussian
+settings: DiffuSeq, or Diffusion-LM for an lm run), on what data, up to which step, the dev metrics of the
+latest evaluation, and the commands that sample from and evaluate the checkpoint. Everything comes from
+``run_config.json``; nothing is measured here.
 """
 from __future__ import annotations
 
@@ -22,6 +22,13 @@ def _table(rows) -> list[str]:
     return ["| | |", "|---|---|", *(f"| {k} | {v} |" for k, v in rows)]
 
 
+def _kind(cfg) -> str:
+    """What the run trained, by the paper it follows."""
+    if cfg.process == "absorbing":
+        return "DiffusionBERT"
+    return "Diffusion-LM" if cfg.task == "lm" else "DiffuSeq"
+
+
 def _model_rows(cfg) -> list[tuple[str, str]]:
     if cfg.process == "absorbing":
         tc = {"none": "none (time-agnostic decoding, TAD)", "token": "token (a time token after [CLS])",
@@ -33,7 +40,7 @@ def _model_rows(cfg) -> list[tuple[str, str]]:
                 ("loss weighting", f"{cfg.loss_weighting}, hybrid lambda {cfg.hybrid_lambda}"),
                 ("network", f"{'randomly initialised ' if cfg.from_scratch else ''}masked LM of "
                             f"{cfg.model_name_or_path}")]
-    rows = [("process", f"Gaussian diffusion on word embeddings (DiffuSeq), T = {cfg.num_steps}"),
+    rows = [("process", f"Gaussian diffusion on word embeddings ({_kind(cfg)}), T = {cfg.num_steps}"),
             ("schedule", cfg.schedule),
             ("network", f"DiffuSeq transformer from scratch: embeddings {cfg.emb_dim}, hidden {cfg.hidden_size}, "
                         f"{cfg.num_layers} layer{'s' * (cfg.num_layers != 1)}, {cfg.num_heads} heads; the tokenizer of "
@@ -67,7 +74,7 @@ def render(run_config: dict, ckpt_dir: str) -> str:
     step = run_config.get("step")
     name = os.path.basename(os.path.normpath(ckpt_dir))
     run = os.path.basename(os.path.dirname(os.path.dirname(os.path.abspath(ckpt_dir))))
-    kind = "DiffusionBERT" if cfg.process == "absorbing" else "DiffuSeq"
+    kind = _kind(cfg)
     lines = ["---"]
     if cfg.process == "absorbing":
         lines.append("library_name: transformers")
@@ -91,7 +98,12 @@ def render(run_config: dict, ckpt_dir: str) -> str:
                   "| metric | value |", "|---|---|", *(f"| {k} | {_num(v)} |" for k, v in metrics.items()), ""]
     else:
         lines += ["## Dev metrics", "", "No evaluation yet.", ""]
-    if cfg.task == "lm":
+    if cfg.task == "lm" and cfg.process == "gaussian":
+        steps = min(200, cfg.num_steps)
+        use = [f"python predict.py --checkpoint {ckpt_dir} --decode_respacing uniform_{steps}"]
+        say = (f"Sample (`--decode_respacing`: `full` walks all T = {cfg.num_steps} steps, `uniform_K` and `adp_K` "
+               "K of them; from where train.py ran):")
+    elif cfg.task == "lm":
         use = [f"python predict.py --checkpoint {ckpt_dir}", f"python compute_elbo.py --checkpoint {ckpt_dir}"]
         say = "Sample, then bound the perplexity by the negative ELBO (from where train.py ran):"
     else:

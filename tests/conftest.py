@@ -145,6 +145,16 @@ def run_here(*args: str, cwd: str) -> subprocess.CompletedProcess:
     return subprocess.CompletedProcess(list(args), code, out.getvalue(), err.getvalue())
 
 
+def one_error_line(proc, *needles) -> None:
+    """A script stopped with exit status 2 and, last on stderr, one ``error:`` line holding every needle (no
+    traceback)."""
+    assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-2000:]
+    lines = proc.stderr.strip().splitlines()
+    assert lines and lines[-1].startswith("error:") and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    for n in needles:
+        assert n in lines[-1], lines[-1]
+
+
 def run_script(script: str, *args: str) -> int:
     """Run a script's command line in this process (``sys.argv`` in, exit status out): faster than a
     subprocess for the cheap scripts, and ``capsys`` sees what it prints."""
@@ -214,14 +224,46 @@ def train_args(tiny_bert, tiny_corpus, wf, out, max_steps=4, extra=()):
             "--max_steps", str(max_steps), "--out_dir", str(out), "--log_dir", str(out) + "-logs", *extra]
 
 
-def gauss_args(tiny_bert, tiny_pairs, out, max_steps=4, extra=(), T=100):
-    """train.py for a tiny DiffuSeq transformer (--process gaussian) on the verse pairs."""
-    return ("train.py", "--task", "seq2seq", "--process", "gaussian", "--dataset", "folder", "--data_files", tiny_pairs,
+def gauss_args(tiny_bert, data, out, max_steps=4, extra=(), T=100, task="seq2seq"):
+    """train.py for a tiny DiffuSeq transformer (--process gaussian): on the verse pairs (``data`` = tiny_pairs),
+    or with ``task="lm"`` a Diffusion-LM on the verses (``data`` = tiny_corpus)."""
+    dataset = "folder" if task == "seq2seq" else "text"
+    return ("train.py", "--task", task, "--process", "gaussian", "--dataset", dataset, "--data_files", data,
             "--model_name_or_path", tiny_bert, "--num_steps", str(T), "--eval_steps", str(min(T, 64)), "--max_len", "48", "--emb_dim", "8",
             "--hidden_size", "16", "--num_layers", "1", "--num_heads", "2", "--batch_size", "8",
             "--max_steps", str(max_steps), "--eval_every", "2", "--eval_examples", "8", "--save_every", "2",
             "--lr", "1e-3", "--warmup_steps", "0", "--decay", "constant", "--log_every", "1", "--ema_rate", "0.9",
             "--out_dir", str(out), "--log_dir", str(out) + "_logs", *extra)
+
+
+def train_losses(run) -> dict:
+    """{step: training loss} from a run's metrics.jsonl."""
+    import json
+    with open(os.path.join(run, "metrics.jsonl"), encoding="utf-8") as f:
+        return {r["step"]: r["loss"] for r in map(json.loads, f) if r.get("split") == "train"}
+
+
+def assert_resume_is_exact(tmp_path, args_of, steps=8) -> str:
+    """Train ``steps`` optimizer steps in one go, and half of them then ``--resume`` to ``steps``: the same
+    training losses and bitwise the same weights (the EMA too, where the run keeps one). ``args_of(out,
+    max_steps, extra)`` gives train.py's arguments. Returns the uninterrupted run's directory."""
+    import torch
+    from safetensors.torch import load_file
+
+    run, part = tmp_path / "run", tmp_path / "part"
+    (tmp_path / "c").mkdir()  # the second one's datasets cache: they run side by side
+    run_together(lambda: run_cli(*args_of(run, steps, ()), cwd=str(tmp_path)),
+                 lambda: run_cli(*args_of(part, steps // 2, ()), cwd=str(tmp_path / "c")))
+    run_cli(*args_of(part, steps, ("--resume", str(part))), cwd=str(tmp_path))
+    assert len(train_losses(run)) == steps and train_losses(part) == train_losses(run)
+    last = run / "checkpoints" / "last"
+    names = [n for n in ("model.safetensors", "denoiser.safetensors", "denoiser_ema.safetensors")
+             if (last / n).is_file()]
+    assert names
+    for name in names:
+        a, b = load_file(last / name), load_file(part / "checkpoints" / "last" / name)
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
+    return run
 
 
 @pytest.fixture(scope="session")

@@ -8,7 +8,7 @@ import shutil
 
 import pytest
 
-from conftest import ROOT, run_cli, run_here, run_together, train_args
+from conftest import ROOT, one_error_line, run_cli, run_here, run_together, train_args
 
 
 def records(run_dir, split):
@@ -162,15 +162,6 @@ def test_resume_continues_with_identical_losses(tmp_path, lm_run, tiny_bert, tin
     full = {r["step"]: r["loss"] for r in records(run, "train")}
     resumed = {r["step"]: r["loss"] for r in records(part, "train")}
     assert resumed == full  # bitwise on CPU: data order, RNG, optimizer all restored
-
-
-def one_error_line(proc, *needles):
-    assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-2000:]
-    lines = proc.stderr.strip().splitlines()
-    assert lines and lines[-1].startswith("error:"), proc.stderr[-2000:]
-    assert "Traceback" not in proc.stderr
-    for n in needles:
-        assert n in lines[-1], lines[-1]
 
 
 @pytest.mark.slow

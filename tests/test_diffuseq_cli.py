@@ -11,17 +11,13 @@ import torch
 from safetensors.torch import load_file
 from nltk.translate.bleu_score import SmoothingFunction, sentence_bleu
 
-from conftest import ROOT, gauss_args, run_cli, run_here, run_together
+from conftest import ROOT, assert_resume_is_exact, gauss_args, one_error_line, run_cli, run_here, run_together
 from released_diffuseq import space_timesteps_adp
 
 
 def read_jsonl(path):
     with open(path, encoding="utf-8") as f:
         return [json.loads(line) for line in f]
-
-
-def train_losses(run):
-    return {r["step"]: r["loss"] for r in read_jsonl(run / "metrics.jsonl") if r.get("split") == "train"}
 
 
 def nltk_m4(ref: str, hyp: str) -> float:
@@ -61,22 +57,10 @@ def test_checkpoint_holds_ema_and_config(gauss_run):
 @pytest.mark.slow
 def test_resume_is_exact_with_lossaware_and_ema(tmp_path, tiny_bert, tiny_pairs):
     # T = 4: the lossaware sampler is half warm at the checkpoint (step 4 of 8, 10 losses needed per t)
-    run, part = tmp_path / "run", tmp_path / "part"
-    (tmp_path / "c").mkdir()  # the second one's datasets cache: they run side by side
-    run_together(
-        lambda: run_cli(*gauss_args(tiny_bert, tiny_pairs, run, max_steps=8, T=4, extra=("--save_every", "4")),
-                        cwd=str(tmp_path)),
-        lambda: run_cli(*gauss_args(tiny_bert, tiny_pairs, part, max_steps=4, T=4, extra=("--save_every", "4")),
-                        cwd=str(tmp_path / "c")))
-    run_cli(*gauss_args(tiny_bert, tiny_pairs, part, max_steps=8, T=4, extra=("--save_every", "4", "--resume", str(part))),
-            cwd=str(tmp_path))
-    assert len(train_losses(run)) == 8 and train_losses(part) == train_losses(run)
+    run = assert_resume_is_exact(tmp_path, lambda out, n, extra: gauss_args(
+        tiny_bert, tiny_pairs, out, max_steps=n, T=4, extra=("--save_every", "4", *extra)))
     ts = torch.load(run / "checkpoints" / "last" / "training_state.pt", weights_only=False)
     assert int(ts["timestep_sampler"]["count"].min()) >= 10  # the sampler was used warm after the resume
-    for name in ("denoiser.safetensors", "denoiser_ema.safetensors"):
-        a = load_file(run / "checkpoints" / "last" / name)
-        b = load_file(part / "checkpoints" / "last" / name)
-        assert all(torch.equal(a[k], b[k]) for k in a), name
 
 
 @pytest.mark.slow
@@ -152,14 +136,6 @@ def test_torchrun_decoding_matches_one_process_and_repeats(tmp_path, gauss_run, 
     assert sorted(os.listdir(tmp_path / "two")) == sorted((*files, "decode.json"))
 
 
-def one_error_line(proc, *needles):
-    assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-2000:]
-    last = proc.stderr.strip().splitlines()[-1]
-    assert last.startswith("error:") and "Traceback" not in proc.stderr, proc.stderr[-2000:]
-    for n in needles:
-        assert n in last, last
-
-
 @pytest.mark.slow
 def test_mismatches_give_one_error_line(tmp_path, gauss_run, tiny_bert, tiny_pairs):
     cwd, run = gauss_run
@@ -179,7 +155,7 @@ def test_mismatches_give_one_error_line(tmp_path, gauss_run, tiny_bert, tiny_pai
     # a different network than the checkpoint's, and post-training an unknown process
     one_error_line(run_here("train.py", "--post_train", str(run), "--hidden_size", "32", "--out_dir",
                             str(tmp_path / "p"), cwd=str(cwd)), "--hidden_size: checkpoint 16 vs now 32")
-    one_error_line(task, "--task seq2seq")
+    one_error_line(task, "--task lm: unknown --dataset 'folder'")  # a seq2seq folder for the Gaussian LM
     one_error_line(run_here(*gauss_args(tiny_bert, tiny_pairs, tmp_path / "sch", extra=("--schedule", "spindle")),
                             cwd=str(cwd)), "not a gaussian schedule")
     one_error_line(run_here("train.py", "--simi_penalty", "l2_noise_random", "--out_dir", str(tmp_path / "a"),

@@ -14,8 +14,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import ROOT, cli_env, gauss_args, run_cli, run_together
-from test_diffuseq_cli import train_losses
+from conftest import ROOT, cli_env, gauss_args, run_cli, run_together, train_losses
 
 pytestmark = pytest.mark.slow  # every test trains
 

@@ -231,11 +231,42 @@ class Collator:
                 "n_words": torch.tensor([r.get("n_words", 0) for r in rows], dtype=torch.long)}
 
 
-def collator_for(tokenizer) -> Collator:
-    special = tuple(i for i in (tokenizer.cls_token_id, tokenizer.sep_token_id, tokenizer.bos_token_id,
-                                tokenizer.eos_token_id) if i is not None)
+@dataclass
+class CanvasCollator:
+    """Diffusion-LM's layout for the Gaussian process: every row is a canvas of ``canvas_len`` positions,
+    ``[CLS] w1..wn [SEP] [PAD]...[PAD]``. Everything after [CLS] is noised and generated, [SEP] and the
+    padding included, so the model decides the length (as DiffuSeq's target padding); [CLS] is the fixed
+    prefix, kept at its embedding like a seq2seq source. Returns ``input_ids`` [B, L] long,
+    ``attention_mask`` [B, L] long (all ones: padding is a token to predict), ``noise_mask`` [B, L] bool
+    (all but position 0) and ``n_words`` [B] long, with ``L = canvas_len``."""
+
+    pad_id: int
+    canvas_len: int
+
+    def __call__(self, rows):
+        L = self.canvas_len
+        ids = torch.full((len(rows), L), self.pad_id, dtype=torch.long)
+        for i, r in enumerate(rows):
+            n = len(r["input_ids"])
+            if n > L:
+                raise UserError(f"a line of {n} tokens does not fit the canvas of {L}; tokenise with "
+                                f"max_len <= canvas_len")
+            ids[i, :n] = torch.tensor(r["input_ids"], dtype=torch.long)
+        noise = torch.ones_like(ids, dtype=torch.bool)
+        noise[:, 0] = False
+        return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "noise_mask": noise,
+                "n_words": torch.tensor([r.get("n_words", 0) for r in rows], dtype=torch.long)}
+
+
+def collator_for(tokenizer, canvas_len: int | None = None) -> Collator | CanvasCollator:
+    """The LM batches: dynamic padding with the special tokens never noised (absorbing), or with
+    ``canvas_len`` the fixed canvas of the Gaussian process (``CanvasCollator``)."""
     if tokenizer.pad_token_id is None:
         raise UserError("the tokenizer has no padding token")
+    if canvas_len is not None:
+        return CanvasCollator(tokenizer.pad_token_id, canvas_len)
+    special = tuple(i for i in (tokenizer.cls_token_id, tokenizer.sep_token_id, tokenizer.bos_token_id,
+                                tokenizer.eos_token_id) if i is not None)
     return Collator(tokenizer.pad_token_id, special)
 
 
