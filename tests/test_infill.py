@@ -79,10 +79,16 @@ def test_rows_lay_out_as_the_training_collators(tok):
     ids, att, noise = lay_out(api.Model.source_rows(srcs), pad, mask, MAX_LEN)
     assert torch.equal(att, want["attention_mask"]) and torch.equal(noise, want["noise_mask"])
     assert torch.equal(ids[~noise], want["input_ids"][~noise])
-    # gaussian lm: [CLS] fixed, every other position generated (h14-train's rows); a length fixes [SEP] and [PAD]s
-    ids, att, noise = lay_out([Row((cls,), open=True), Row((cls, SLOT, SLOT, sep))], pad, mask, 6)
-    assert noise.tolist() == [[False] + [True] * 5, [False, True, True, False, False, False]]
-    assert ids[1].tolist() == [cls, mask, mask, sep, pad, pad] and att.all()
+    # gaussian lm: [CLS] fixed and every other position generated, as its training canvas; a length also fixes
+    # the [SEP] and the [PAD]s
+    from textdata.lm import CanvasCollator
+    want = CanvasCollator(pad, MAX_LEN)([{"input_ids": [cls, *w, sep]} for w in lines])
+    ids, att, noise = lay_out([Row((cls,), open=True)] * 3, pad, mask, MAX_LEN)
+    assert torch.equal(att, want["attention_mask"]) and torch.equal(noise, want["noise_mask"])
+    assert torch.equal(ids[~noise], want["input_ids"][~noise])
+    ids, att, noise = lay_out([Row((cls, SLOT, SLOT, sep))], pad, mask, 6)
+    assert noise.tolist() == [[False, True, True, False, False, False]]
+    assert ids[0].tolist() == [cls, mask, mask, sep, pad, pad] and att.all()
 
 
 # ---------------------------------------------------------------- given tokens never change
@@ -259,3 +265,38 @@ def test_predict_py_templates_prompts_and_refusals(lm_run, tmp_path):
         assert p.returncode == 2 and len(err.splitlines()) == 1 and err.startswith("error: "), (flags, p.stderr)
         assert all(n in err for n in needles), (flags, err)
     assert sorted(f.name for f in gen.iterdir()) == ["p.json", "p.txt", "t.json", "t.txt"]
+
+
+@pytest.mark.slow
+def test_predict_py_on_a_trained_gaussian_lm(gauss_lm_run, tok):
+    """predict.py end to end on a Diffusion-LM checkpoint from train.py: unconditional with --decode_respacing,
+    a prompt with lengths and a template; the lines are the API's, and the absorbing flags are refused."""
+    import json
+
+    from conftest import one_error_line, run_here
+    from runtime.api import load
+    cwd, run = gauss_lm_run
+    gen = cwd / "gen_infill"
+    base = ("predict.py", "--checkpoint", str(run), "--decode_respacing", "uniform_5", "--batch_size", "3",
+            "--out_dir", str(gen))
+    p = run_here(*base, "--num_samples", "4", cwd=str(cwd))
+    assert p.returncode == 0, p.stderr
+    name = "run_best_respacinguniform_5_n4_seed42"
+    lines = (gen / f"{name}.txt").read_text(encoding="utf-8").splitlines()
+    meta = json.load(open(gen / f"{name}.json"))
+    assert meta["process"] == "gaussian" and meta["timesteps"] == [0, 25, 50, 74, 99] and meta["network_calls"] == 2 * 5  # two batches
+    m = load(str(run))
+    assert lines == m.sample(4, respacing="uniform_5", batch_size=3)
+    assert run_here(*base, "--num_samples", "3", "--prompt", PROMPT, "--length", "6,9", "--name", "p",
+                    cwd=str(cwd)).returncode == 0
+    assert all(line.startswith(PROMPT) for line in (gen / "p.txt").read_text(encoding="utf-8").splitlines())
+    out = m.generate(m.lm_rows(3, length=[6, 9], prompt=PROMPT), m.decoding(respacing="uniform_5"), batch_size=3)
+    assert [len(text_of(c, tok)) for c in out.canvases] == [6, 9, 6]
+    assert (gen / "p.txt").read_text(encoding="utf-8") == "".join(t + "\n" for t in out.texts)
+    assert run_here(*base, "--template", "[MASK] and god said [MASK]", "--name", "t", cwd=str(cwd)).returncode == 0
+    (line,) = (gen / "t.txt").read_text(encoding="utf-8").splitlines()
+    assert " and god said " in f" {line} "
+    one_error_line(run_here(*base, "--steps", "10", cwd=str(cwd)), "--decode_respacing uniform_10")
+    one_error_line(run_here(*base, "--topk", "3", cwd=str(cwd)), "absorbing-sampler flags")
+    one_error_line(run_here(*base, "--max_len", "20", cwd=str(cwd)), "--max_len is for absorbing")
+    one_error_line(run_here(*base, "--decode_respacing", "adp_500", cwd=str(cwd)), "--decode_respacing: ")
