@@ -1,4 +1,4 @@
-"""Sampling from a trained lm checkpoint: DiffusionBERT (absorbing) or DiffuSeq (gaussian).
+"""Sampling from a trained lm checkpoint: DiffusionBERT (absorbing) or Diffusion-LM (gaussian).
 
     python predict.py --checkpoint outputs/demo --num_samples 200 --steps 128
 

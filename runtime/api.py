@@ -5,7 +5,7 @@
     m.sample(8, steps=128)                          # an lm checkpoint: 8 strings
     m.sample(4, length=[8, 12], prompt="in the beginning")    # sample i has length[i % 2] wordpieces
     m.infill(["the [MASK] [MASK] of the lord [MASK]"], num_samples=3)   # only the [MASK]s are generated
-    m.sample(8, respacing="adp_20")                 # a gaussian (DiffuSeq) lm: its steps are a respacing
+    m.sample(8, respacing="adp_20")                 # a gaussian (Diffusion-LM) lm: its steps are a respacing
     m.decode(["a source", "another"], steps=200)    # an absorbing seq2seq checkpoint: one string per source
     m.decode(sources, respacing="adp_20")           # a gaussian (DiffuSeq) one
 
@@ -17,7 +17,7 @@ one resets them to their embeddings after every step. :meth:`Model.generate` run
 
 * lm, absorbing (DiffusionBERT): ``[CLS] [MASK]*n [SEP]``; n is ``length`` or drawn from the training
   lengths (with a prompt: conditioned on being longer than the prompt), over a grid of ``steps``.
-* lm, gaussian (DiffuSeq): a canvas of the checkpoint's max_len, ``[CLS]`` and then all noised, so the
+* lm, gaussian (Diffusion-LM, DiffuSeq's network): a canvas of the checkpoint's max_len, ``[CLS]`` and then all noised, so the
   model places [SEP] and the padding; with a ``length`` the [SEP] and [PAD]s are fixed, and then a generated
   position never becomes a special token (clamping skips them), so the text has exactly that many
   wordpieces. Steps: ``respacing``.
