@@ -233,7 +233,7 @@ def test_predict_py_templates_prompts_and_refusals(lm_run, tmp_path):
     the file, the json records the settings, and each bad flag is one error line with exit status 2."""
     import json
 
-    from conftest import run_here
+    from conftest import one_error_line, run_here
     gen = tmp_path / "gen"
     base = ("predict.py", "--checkpoint", str(lm_run[2]), "--steps", "4", "--out_dir", str(gen))
     (tmp_path / "templates.txt").write_text("the [MASK] of the lord\n\nand god said\n", encoding="utf-8")
@@ -260,10 +260,7 @@ def test_predict_py_templates_prompts_and_refusals(lm_run, tmp_path):
         (("--length", "8,x"), ("--length must be",)),
         (("--decode_respacing", "adp_5"), ("--decode_respacing and --weights are for gaussian",)),
     ]:
-        p = run_here(*base, *flags, cwd=str(tmp_path))
-        err = p.stderr.strip()
-        assert p.returncode == 2 and len(err.splitlines()) == 1 and err.startswith("error: "), (flags, p.stderr)
-        assert all(n in err for n in needles), (flags, err)
+        one_error_line(run_here(*base, *flags, cwd=str(tmp_path)), *needles)
     assert sorted(f.name for f in gen.iterdir()) == ["p.json", "p.txt", "t.json", "t.txt"]
 
 
