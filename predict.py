@@ -1,27 +1,51 @@
-"""Unconditional sampling from a trained DiffusionBERT checkpoint.
+"""Sampling from a trained lm checkpoint: DiffusionBERT (absorbing) or Diffusion-LM (gaussian).
 
     python predict.py --checkpoint outputs/demo --num_samples 200 --steps 128
 
-Each sample's length n is drawn from the training-length histogram stored in the checkpoint (or fixed
-with ``--length``), then ``[CLS] [MASK]*n [SEP]`` is denoised over a grid of ``--steps`` timesteps.
+Absorbing: each sample's length n is drawn from the training-length histogram stored in the checkpoint
+(or fixed with ``--length``), then ``[CLS] [MASK]*n [SEP]`` is denoised over a grid of ``--steps`` timesteps.
 
     python predict.py --checkpoint outputs/demo --sampler released --steps 256 --topk 30 --temperature 0.1 --length 32
 
 is DiffusionBERT's released sampler with its predict.py settings (T = 512 walked in steps of 2 is the
-same t/T grid as 256 steps over any T; 32 wordpieces per sample). Writes one sample per
-line to ``generation_results/<name>.txt`` (and the settings and timings to ``<name>.json``).
+same t/T grid as 256 steps over any T; 32 wordpieces per sample).
+
+    python predict.py --checkpoint outputs/diffuseq_lm --decode_respacing adp_20
+
+Gaussian: the canvas is the checkpoint's max_len, ``[CLS]`` and then all noised; the model places [SEP] and
+the padding (the text ends at the first [SEP] or [PAD]), over the steps of ``--decode_respacing`` (``full``,
+the default; ``uniform_N``; ``adp_N``; or a comma-separated list). With ``--length`` the [SEP] and padding
+are fixed and the generated positions are words (clamping skips the special tokens).
+
+Conditioning, either process (the given wordpieces stay fixed at every step, as a seq2seq source does):
+
+    python predict.py --checkpoint RUN --template "the [MASK] [MASK] of the lord [MASK]" --num_samples 3
+    python predict.py --checkpoint RUN --prompt "in the beginning" --length 12,16
+    python predict.py --checkpoint RUN --length 8,12,16       # sample i has the (i mod 3)-th length
+
+* ``--template`` (repeatable) or ``--template_file`` (one per line, blank lines skipped): only the [MASK]
+  slots are generated, on ``[CLS] template [SEP]``; ``--num_samples`` is then per template (default 1) and
+  the lines are template-major. A template without [MASK] is written back (its tokenisation, decoded) with no
+  network call. ``--length`` with templates must equal each template's wordpiece count.
+* ``--prompt``: ``[CLS] prompt`` and then generated. ``--length N`` counts every wordpiece between [CLS] and
+  [SEP], the prompt's included; without it an absorbing length is drawn from the training lengths longer
+  than the prompt, and a gaussian model places [SEP] itself.
+
+Writes one sample per line to ``generation_results/<name>.txt`` (and the settings and timings to
+``<name>.json``).
 
     torchrun --nproc_per_node 4 predict.py --checkpoint outputs/demo --num_samples 1000
 
 Under torchrun the batches are shared out among the ranks and rank 0 writes them in order; each batch
 has its own seed (from ``--seed`` and its index), so the file is the same for any number of ranks.
 
-The sampling is ``runtime.api``'s: in Python, ``load(checkpoint).sample(n, steps=..., seed=...)`` returns
-these lines.
+The sampling is ``runtime.api``'s: in Python, ``load(checkpoint).sample(n, steps=..., seed=...)`` (and
+``.infill(templates, ...)``) returns these lines.
 """
 from __future__ import annotations
 
 import argparse
+import hashlib
 import os
 import time
 
@@ -29,26 +53,41 @@ import torch
 
 from diffusion import SAMPLERS
 from runtime import api, dist
-from common.errors import cli_main, refuse_overwrite, require_at_least_one
+from runtime.assemble import WEIGHTS
+from common.errors import UserError, cli_main, refuse_overwrite, require_at_least_one
 from common.io import write_json_atomic, write_text_atomic
+
+DEFAULT_NUM_SAMPLES = {"sample": 100, "template": 1}  # --num_samples: in all; per template
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--checkpoint", required=True, help="checkpoint directory, or a run directory (uses its best)")
-    p.add_argument("--num_samples", type=int, default=100)
-    p.add_argument("--steps", type=int, default=128, help="sampling iterations (grid over 0..T)")
+    p.add_argument("--num_samples", type=int, default=None,
+                   help="samples to draw (default 100); with templates, per template (default 1)")
+    p.add_argument("--steps", type=int, default=None, help="absorbing: sampling iterations (grid over 0..T; default 128)")
+    p.add_argument("--decode_respacing", default=None,
+                   help="gaussian: full (all T steps, the default), uniform_N, adp_N (Tang et al.'s adaptive decay) "
+                        "or a comma-separated list of steps")
+    p.add_argument("--weights", default="ema", choices=WEIGHTS,
+                   help="gaussian: sample with the EMA of the weights (default, as DiffuSeq) or the raw weights")
     p.add_argument("--sampler", default="ours", choices=SAMPLERS,
-                   help="ours: top-k/top-p/temperature filter p_hat, then the exact reverse step; released: "
+                   help="absorbing: ours: top-k/top-p/temperature filter p_hat, then the exact reverse step; released: "
                         "DiffusionBERT's sampler, they filter the posterior logits with [MASK] a candidate "
                         "(its predict.py: --topk 30 --temperature 0.1, 256 steps)")
     p.add_argument("--topk", type=int, default=0, help="keep the k most likely tokens (0: all)")
     p.add_argument("--top_p", type=float, default=1.0, help="nucleus sampling mass (1: off)")
     p.add_argument("--temperature", type=float, default=1.0)
-    p.add_argument("--max_len", type=int, default=None, help="longest sample in wordpieces incl. [CLS]/[SEP] (default: training --max_len)")
-    p.add_argument("--length", type=int, default=None,
+    p.add_argument("--max_len", type=int, default=None, help="absorbing: longest sample in wordpieces incl. [CLS]/[SEP] (default: training --max_len)")
+    p.add_argument("--length", default=None,
                    help="every sample has this many wordpieces between [CLS] and [SEP] (the released predict.py: "
-                        "32); default: drawn from the training-length histogram")
+                        "32), or a comma-separated list (sample i gets the (i mod k)-th); default: absorbing, drawn "
+                        "from the training-length histogram; gaussian, where the model puts [SEP]")
+    p.add_argument("--prompt", default=None, help="every sample starts with this text (counted in --length)")
+    p.add_argument("--template", action="append", default=None,
+                   help="generate only the [MASK]s of this text, e.g. 'the [MASK] [MASK] of the lord [MASK]' "
+                        "(repeatable)")
+    p.add_argument("--template_file", default=None, help="a file of templates, one per line")
     p.add_argument("--batch_size", type=int, default=32)
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--no_cache", action="store_true", help="call the network at every step (no MDLM cache)")
@@ -59,6 +98,33 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
+def parse_length(text: str | None):
+    """``--length``: None, a count (an int, as always recorded) or a list of counts."""
+    if text is None:
+        return None
+    try:
+        values = [int(v) for v in text.split(",")]
+    except ValueError:
+        raise UserError(f"--length must be a number of wordpieces or a comma-separated list of them, got {text!r}") from None
+    return values[0] if len(values) == 1 else values
+
+
+def read_templates(args) -> list[str] | None:
+    """The ``--template`` texts, then the lines of ``--template_file`` (blank ones skipped); None if neither."""
+    if args.template is None and args.template_file is None:
+        return None
+    templates = list(args.template or [])
+    if args.template_file is not None:
+        try:
+            with open(args.template_file, encoding="utf-8") as f:
+                templates += [line.rstrip("\r\n") for line in f if line.strip()]
+        except (OSError, UnicodeDecodeError) as e:
+            raise UserError(f"--template_file {args.template_file}: {e}") from e
+        if not templates:
+            raise UserError(f"--template_file {args.template_file} holds no template")
+    return templates
+
+
 @cli_main
 def main(argv=None):
     args = parse_args(argv)
@@ -66,49 +132,76 @@ def main(argv=None):
         sample_all(args, info)
 
 
-def default_name(args, run) -> str:
-    return (f"{run.run_name}_{os.path.basename(run.ckpt_dir)}"
-            f"{'_released' if args.sampler == 'released' else ''}_steps{args.steps}_topk{args.topk}_p{args.top_p}"
-            f"_temp{args.temperature}{f'_len{args.length}' if args.length else ''}"
+def short_hash(texts) -> str:
+    return hashlib.sha256("\n".join(texts).encode()).hexdigest()[:8]
+
+
+def default_name(args, run, templates) -> str:
+    if run.cfg.process == "gaussian":
+        how = f"_respacing{args.decode_respacing or 'full'}{'_raw' if args.weights == 'raw' else ''}"
+    else:
+        how = (f"{'_released' if args.sampler == 'released' else ''}_steps{args.steps}_topk{args.topk}_p{args.top_p}"
+               f"_temp{args.temperature}")
+    length = args.length if not isinstance(args.length, list) else "-".join(map(str, args.length))
+    given = (f"_prompt{short_hash([args.prompt])}" if args.prompt is not None else
+             f"_templates{short_hash(templates)}" if templates is not None else "")
+    return (f"{run.run_name}_{os.path.basename(run.ckpt_dir)}{how}{f'_len{length}' if args.length else ''}{given}"
             f"_n{args.num_samples}_seed{args.seed}")
 
 
 def sample_all(args, info: dist.DistInfo) -> None:
     log = info.log
-    model = api.load(args.checkpoint, info=info, task="lm", flags=True)
+    args.length = parse_length(args.length)
+    templates = read_templates(args)
+    if templates is not None and args.prompt is not None:
+        raise UserError("--template and --prompt do not go together: a template's start is its prompt "
+                        "(write 'in the beginning [MASK] [MASK] ...')")
+    if args.num_samples is None:
+        args.num_samples = DEFAULT_NUM_SAMPLES["sample" if templates is None else "template"]
+    model = api.load(args.checkpoint, info=info, task="lm", weights=args.weights, flags=True)
     run = model.run
-    require_at_least_one(args, "num_samples", "steps", "batch_size")  # the counts first; the API checks the rest
-    sampling = model.sampling(args.steps, args.sampler, args.topk, args.top_p, args.temperature, not args.no_cache,
-                              args.length, args.max_len)
-    if not args.no_cache and not sampling.use_cache:
+    require_at_least_one(args, "num_samples", "batch_size")  # the counts first; the API checks the rest
+    if templates is None:
+        rows = model.lm_rows(args.num_samples, args.length, args.prompt, args.max_len, args.seed)
+    else:
+        if args.max_len is not None:
+            raise UserError("--max_len is for sampling without templates: a template fixes its own length")
+        rows = model.template_rows(templates, args.num_samples, args.length)
+    decoding = model.decoding(args.steps, args.decode_respacing, args.sampler, args.topk, args.top_p,
+                              args.temperature, not args.no_cache)
+    args.steps = decoding.steps  # absorbing: the default 128, recorded in the json
+    if not args.no_cache and run.cfg.process == "absorbing" and not decoding.use_cache:
         log(f"predict: the denoiser is conditioned on t ({run.cfg.time_conditioning}); caching is off")
 
-    name = args.name or default_name(args, run)
+    name = args.name or default_name(args, run, templates)
     out_txt = os.path.join(args.out_dir, f"{name}.txt")
     out_json = os.path.join(args.out_dir, f"{name}.json")
     refuse_overwrite(out_txt, args.overwrite, "generation file")  # every rank checks before any work
 
     def progress(done: int) -> None:
-        log(f"predict: {min(done * args.batch_size * info.world_size, args.num_samples)}/{args.num_samples} "
+        log(f"predict: {min(done * args.batch_size * info.world_size, len(rows))}/{len(rows)} "
             f"samples, {time.time() - start:.1f}s", flush=True)
 
     start = time.time()
-    out = model.sample_batches(args.num_samples, sampling, args.seed, args.batch_size, on_batch=progress)
+    out = model.generate(rows, decoding, args.seed, args.batch_size, on_batch=progress)
     if out is None:  # not rank 0
         return
     wall = time.time() - start
-    calls, rows = out.network_calls, out.row_evaluations
+    calls, evaluations = out.network_calls, out.row_evaluations
     os.makedirs(args.out_dir, exist_ok=True)
     write_text_atomic(out_txt, "".join(text + "\n" for text in out.texts))
     meta = {"checkpoint": run.ckpt_dir, "samples": out_txt, **{k: v for k, v in vars(args).items() if k != "checkpoint"},
-            "cache": sampling.use_cache, "wall_seconds": wall, "network_calls": calls, "row_evaluations": rows,
-            "sequences_per_second": args.num_samples / wall, "device": str(info.device), "ranks": info.world_size,
-            "threads": torch.get_num_threads()}
+            "cache": decoding.use_cache, "wall_seconds": wall, "network_calls": calls,
+            "row_evaluations": evaluations, "sequences_per_second": len(rows) / wall, "device": str(info.device),
+            "ranks": info.world_size, "threads": torch.get_num_threads(), "process": run.cfg.process,
+            "templates": templates, **decoding.report}
     write_json_atomic(out_json, meta)
     ranks = f", {info.world_size} ranks" if info.enabled else ""
-    print(f"predict: wrote {args.num_samples} samples to {out_txt} in {wall:.1f}s "
-          f"({args.num_samples / wall:.2f} sequences/s); {calls} network calls, {rows} sequence evaluations "
-          f"({'cache on' if sampling.use_cache else 'cache off'}{ranks})")
+    cache = (f"cache {'on' if decoding.use_cache else 'off'}" if run.cfg.process == "absorbing" else
+             f"{len(decoding.report['timesteps'])} steps")
+    print(f"predict: wrote {len(rows)} samples to {out_txt} in {wall:.1f}s "
+          f"({len(rows) / wall:.2f} sequences/s); {calls} network calls, {evaluations} sequence evaluations "
+          f"({cache}{ranks})")
 
 
 if __name__ == "__main__":

@@ -3,16 +3,37 @@
     from runtime.api import load
     m = load("outputs/demo/checkpoints/best")      # a checkpoint directory, or a run directory (its best)
     m.sample(8, steps=128)                          # an lm checkpoint: 8 strings
+    m.sample(4, length=[8, 12], prompt="in the beginning")    # sample i has length[i % 2] wordpieces
+    m.infill(["the [MASK] [MASK] of the lord [MASK]"], num_samples=3)   # only the [MASK]s are generated
+    m.sample(8, respacing="adp_20")                 # a gaussian (Diffusion-LM) lm: its steps are a respacing
     m.decode(["a source", "another"], steps=200)    # an absorbing seq2seq checkpoint: one string per source
     m.decode(sources, respacing="adp_20")           # a gaussian (DiffuSeq) one
+
+Every request is a canvas of token ids with some positions fixed and the others generated
+(``runtime.canvas``: a length, a prompt, a template and a seq2seq source are all rows of it), and one
+function per process (:class:`Decoding`, ``sample(ids, attention_mask, noise_mask, generator)``) generates
+the noised positions and never changes the fixed ones: the absorbing process never masks them, the Gaussian
+one resets them to their embeddings after every step. :meth:`Model.generate` runs the batches.
+
+* lm, absorbing (DiffusionBERT): ``[CLS] [MASK]*n [SEP]``; n is ``length`` or drawn from the training
+  lengths (with a prompt: conditioned on being longer than the prompt), over a grid of ``steps``.
+* lm, gaussian (Diffusion-LM, DiffuSeq's network): a canvas of the checkpoint's max_len, ``[CLS]`` and then all noised, so the
+  model places [SEP] and the padding; with a ``length`` the [SEP] and [PAD]s are fixed, and then a generated
+  position never becomes a special token (clamping skips them), so the text has exactly that many
+  wordpieces. Steps: ``respacing``.
+* seq2seq: ``[CLS] src [SEP]`` fixed and the rest of the canvas generated (:meth:`Model.decode`).
+* a template: ``[CLS] template [SEP]``, fixed except its [MASK]s; one with no [MASK] is its own output
+  (its tokenisation decoded), without a network call.
 
 ``predict.py`` and ``predict_downstream_condition.py`` sample through this object, so for the same
 checkpoint, settings, ``seed`` and ``batch_size``, ``sample`` returns the lines of predict.py's file and
 ``decode`` the ``recover`` fields of the decoder's ``seed<k>.jsonl`` (for the sources that the pair data
 left uncut: ``decode`` never cuts one, and refuses one longer than max_len - 2): DiffuSeq's strings, the generated
 target region with its [SEP] kept and its trailing [PAD]s dropped (``evaluation.seq2seq.strip_special``
-removes the special tokens as the metrics do). Batch b draws from a generator of its own, seeded with
-(seed, b) (``dist.map_batches``): the same call gives the same strings again, on any number of ranks.
+removes the special tokens as the metrics do). An lm text is the wordpieces between [CLS] and its [SEP]
+(gaussian, open-ended: the first generated [SEP] or [PAD]) decoded without special tokens, single-spaced.
+Batch b draws from a generator of its own, seeded with (seed, b) (``dist.map_batches``): the same call gives
+the same strings again, on any number of ranks.
 
 A bad request is a ``UserError`` of one line that names the keyword argument. The scripts' checks are
 these same ones, naming the scripts' flags instead (``load(..., flags=True)``).
@@ -28,42 +49,32 @@ import torch
 from diffusion import SAMPLERS, SampleOutput
 from runtime import dist
 from runtime.assemble import WEIGHTS, Loaded, load_for_inference
+from runtime.canvas import SLOT, Row, lay_out, text_end, wordpieces
 from common.errors import UserError
 
 # the scripts' flag for an option whose flag is not --<keyword>
-FLAGS = {"respacing": "--decode_respacing", "cache=False": "--no_cache"}
-
-
-@dataclass(frozen=True)
-class Sampling:
-    """Unconditional sampling settings, checked against an lm checkpoint (``Model.sampling``)."""
-    steps: int                 # iterations over a grid of 0..T
-    sampler: str               # a name of diffusion.SAMPLERS
-    topk: int
-    top_p: float
-    temperature: float
-    use_cache: bool            # the MDLM cache: asked for, and the denoiser ignores t
-    length: int | None         # wordpieces between [CLS] and [SEP]; None: drawn from the training lengths
-    max_len: int               # the longest sample, [CLS] and [SEP] included
+FLAGS = {"respacing": "--decode_respacing", "cache=False": "--no_cache", "templates": "--template"}
+# absorbing: the default number of steps of each task (predict.py's and predict_downstream_condition.py's)
+DEFAULT_STEPS = {"lm": 128, "seq2seq": 200}
 
 
 @dataclass
 class Decoding:
-    """How a seq2seq checkpoint decodes, checked against it (``Model.decoding``; one per process in
-    ``DECODINGS``)."""
+    """How a checkpoint generates, checked against it (``Model.decoding``; one per process in ``DECODINGS``)."""
     setting: str                                 # in the decoder's default output folder name
     steps: int | None                            # absorbing: iterations; gaussian: None (see report)
     use_cache: bool
     sample: Callable[..., SampleOutput]          # (ids, attention_mask, noise_mask, generator) -> SampleOutput
-    report: dict = field(default_factory=dict)   # extra keys of decode.json
+    report: dict = field(default_factory=dict)   # extra keys of decode.json / predict.py's json
 
 
 @dataclass
 class Generated:
-    """The strings of ``Model.sample_batches`` / ``decode_batches`` (rank 0) and what they cost."""
-    texts: list[str]           # one per sample / source, in order
+    """What ``Model.generate`` gives on rank 0: the strings and what they cost."""
+    texts: list[str]           # one per row (sample, template sample, source), in order
     network_calls: int         # batched denoiser invocations, summed over the batches
     row_evaluations: int       # sequences passed through the denoiser, summed over the calls
+    canvases: list[list[int]] = field(default_factory=list)  # each row's generated canvas (token ids)
 
 
 def load(path: str, device: str | torch.device = "auto", *, weights: str = "ema", prefer: str = "best",
@@ -72,7 +83,7 @@ def load(path: str, device: str | torch.device = "auto", *, weights: str = "ema"
 
     ``device``: ``auto`` (cuda if there is one, else cpu) or a torch device. ``weights``: what a gaussian
     checkpoint decodes with, ``ema`` (as DiffuSeq; the default) or ``raw``; an absorbing checkpoint has
-    one set and ``decode`` refuses ``raw``. ``task`` (``lm``/``seq2seq``): refuse a checkpoint of the other
+    one set and refuses ``raw``. ``task`` (``lm``/``seq2seq``): refuse a checkpoint of the other
     task, with the message that names the other script; None takes the checkpoint's task. ``info``: the
     scripts' ``dist.DistInfo`` under torchrun (the batches are shared out among the ranks and only rank 0
     gets the strings), in place of ``device``. ``flags``: the checks name the scripts' flags (``--steps``).
@@ -123,6 +134,12 @@ class Model:
     def device(self) -> torch.device:
         return self.info.device
 
+    @property
+    def canvas_width(self) -> int | None:
+        """The checkpoint's max_len for the fixed canvases it was trained on (seq2seq, gaussian); None for the
+        absorbing lm, whose batches are as long as their longest row (``runtime.canvas``)."""
+        return None if (self.task, self.process) == ("lm", "absorbing") else self.run.cfg.max_len
+
     def __repr__(self) -> str:
         return (f"Model({self.run.ckpt_dir!r}: {self.task}, {self.process}, T={self.run.cfg.num_steps}, "
                 f"max_len={self.run.cfg.max_len}, on {self.device})")
@@ -148,99 +165,97 @@ class Model:
         if sampler not in SAMPLERS:
             raise UserError(f"{n('sampler')} must be one of {', '.join(SAMPLERS)}, got {sampler!r}")
 
-    def _need_task(self, task: str) -> None:
+    def _need_task(self, task: str, method: str) -> None:
         if self.task == task:
             return
         if task == "lm":
-            raise UserError(f"{self.run.ckpt_dir} is a {self.task} checkpoint: sample() draws from lm checkpoints; "
+            raise UserError(f"{self.run.ckpt_dir} is a {self.task} checkpoint: {method}() is for lm checkpoints; "
                             "give it sources with decode()")
         raise UserError(f"{self.run.ckpt_dir} is an {self.task} checkpoint: decode() is for seq2seq checkpoints; "
                         "draw from it with sample()")
 
-    # ------------------------------------------------------------------------ lm
-    def sampling(self, steps: int = 128, sampler: str = "ours", topk: int = 0, top_p: float = 1.0,
-                 temperature: float = 1.0, cache: bool = True, length: int | None = None,
-                 max_len: int | None = None) -> Sampling:
-        """Check unconditional sampling settings against this lm checkpoint (see :meth:`sample`)."""
-        self._need_task("lm")
-        self._at_least_one(steps=steps)
-        self._check_filters(sampler, topk, top_p, temperature)
-        n, train_max_len = self._name, self.run.cfg.max_len
-        if max_len is not None and not 3 <= max_len <= train_max_len:
-            raise UserError(f"{n('max_len')} must be between 3 and the training --max_len {train_max_len}, "
-                            f"got {max_len}")
-        longest = (max_len or train_max_len) - 2
-        if length is not None and not 1 <= length <= longest:
-            raise UserError(f"{n('length')} must be between 1 and {longest} ({n('max_len')} minus [CLS] and [SEP]), "
-                            f"got {length}")
-        self.run.check_steps(steps, n("steps"))
-        return Sampling(steps, sampler, topk, top_p, temperature, cache and self.run.denoiser.time_agnostic, length,
-                        max_len or train_max_len)
-
-    def sample_batches(self, num_samples: int, sampling: Sampling, seed: int = 42, batch_size: int = 32,
-                       on_batch: Callable[[int], None] | None = None) -> Generated | None:
-        """``num_samples`` samples, in batches of ``batch_size`` shared out among the ranks: on rank 0 a
-        :class:`Generated`, None on the others. ``on_batch(n)``: called after each of this rank's batches.
-
-        Each sample's length n (wordpieces between [CLS] and [SEP]) is ``sampling.length``, or drawn from
-        the training-length histogram by a generator seeded with ``seed``; samples of similar lengths share
-        a batch (little padding), and ``[CLS] [MASK]*n [SEP]`` is denoised over a grid of ``sampling.steps``.
-        A text is the generated wordpieces decoded without special tokens, single-spaced.
-        """
-        from textdata.lm import LengthPrior, canvas
-        self._at_least_one(num_samples=num_samples, batch_size=batch_size)
-        run, tok, device = self.run, self.tokenizer, self.device
-        gen_len = torch.Generator().manual_seed(seed)
-        if sampling.length is not None:
-            lengths = torch.full((num_samples,), sampling.length, dtype=torch.long)
-        else:
-            lengths = LengthPrior(run.run_info["derived"]["length_counts"]).sample(num_samples, sampling.max_len - 2,
-                                                                                   gen_len)
-        order = torch.argsort(lengths, stable=True)  # similar lengths share a batch: little padding
-
-        def sample_batch(b: int, gen: torch.Generator):
-            """Batch b: ({sample index: text}, network calls, sequence evaluations)."""
-            idx = order[b * batch_size:(b + 1) * batch_size]
-            ids, att, noise = (x.to(device) for x in canvas(lengths[idx], tok.cls_token_id, tok.sep_token_id,
-                                                             tok.pad_token_id, tok.mask_token_id))
-            out = run.diffusion.sample(run.denoiser, ids, noise, att, sampling.steps, sampling.topk, sampling.top_p,
-                                       sampling.temperature, cache=sampling.use_cache, generator=gen,
-                                       sampler=sampling.sampler)
-            texts = {j: " ".join(tok.decode(row[1:int(lengths[j]) + 1], skip_special_tokens=True).split())
-                     for j, row in zip(idx.tolist(), out.x0.cpu())}
-            return texts, out.network_calls, out.row_evaluations
-
-        results = dist.map_batches(-(-num_samples // batch_size), sample_batch, self.info, seed, on_batch=on_batch)
-        if results is None:  # not rank 0
+    def _lengths(self, length, longest: int) -> list[int] | None:
+        """``length`` (an int or a list of them) as a list, each between 1 and ``longest``."""
+        if length is None:
             return None
-        texts = {j: text for batch_texts, _, _ in results for j, text in batch_texts.items()}
-        return Generated([texts[j] for j in range(num_samples)], sum(r[1] for r in results),
-                         sum(r[2] for r in results))
+        values = [length] if isinstance(length, int) else length
+        if (isinstance(values, (str, bytes)) or not isinstance(values, Sequence) or not values
+                or not all(isinstance(v, int) and not isinstance(v, bool) for v in values)):
+            raise UserError(f"{self._name('length')} must be a number of wordpieces or a list of them, got {length!r}")
+        for v in values:
+            if not 1 <= v <= longest:
+                raise UserError(f"{self._name('length')} must be between 1 and {longest} ({self._name('max_len')} "
+                                f"minus [CLS] and [SEP]), got {v}")
+        return list(values)
 
-    def sample(self, num_samples: int, *, steps: int = 128, seed: int = 42, batch_size: int = 32,
-               sampler: str = "ours", topk: int = 0, top_p: float = 1.0, temperature: float = 1.0,
-               length: int | None = None, max_len: int | None = None, cache: bool = True) -> list[str]:
-        """``num_samples`` strings from an lm checkpoint (predict.py's lines for the same arguments).
-
-        ``steps``: iterations over a grid of 0..T (at most T). ``sampler``: ``ours`` (``topk``/``top_p``/
-        ``temperature`` filter p_hat, then the exact reverse step) or ``released`` (DiffusionBERT's: they
-        filter the posterior logits). ``length``: every sample has this many wordpieces between [CLS] and
-        [SEP] (default: drawn from the training lengths); ``max_len``: the longest sample with [CLS]/[SEP]
-        (default: the training max_len). ``cache``: reuse p_hat for rows that did not change (only where the
-        denoiser ignores t; the strings are the same either way). The output depends on ``seed`` and
-        ``batch_size``. Under a torchrun ``info``, ranks other than 0 get None.
-        """
-        out = self.sample_batches(num_samples, self.sampling(steps, sampler, topk, top_p, temperature, cache, length,
-                                                             max_len), seed, batch_size)
-        return None if out is None else out.texts
-
-    # ------------------------------------------------------------------------ seq2seq
+    # ------------------------------------------------------------------------ how: one function per process
     def decoding(self, steps: int | None = None, respacing=None, sampler: str = "ours", topk: int = 0,
                  top_p: float = 1.0, temperature: float = 1.0, cache: bool = True) -> Decoding:
-        """Check decoding settings against this seq2seq checkpoint (see :meth:`decode`)."""
-        self._need_task("seq2seq")
+        """Check generation settings against this checkpoint (see :meth:`sample` and :meth:`decode`)."""
         self._check_filters(sampler, topk, top_p, temperature)
         return DECODINGS[self.process](self, steps, respacing, sampler, topk, top_p, temperature, cache)
+
+    # ------------------------------------------------------------------------ what: canvas rows
+    def lm_rows(self, num_samples: int, length=None, prompt: str | None = None, max_len: int | None = None,
+                seed: int = 42) -> list[Row]:
+        """The canvas rows of :meth:`sample` (``runtime.canvas``), one per sample."""
+        self._need_task("lm", "sample")
+        self._at_least_one(num_samples=num_samples)
+        n, tok, cfg = self._name, self.tokenizer, self.run.cfg
+        gaussian = self.process == "gaussian"
+        if max_len is not None:
+            if gaussian:
+                raise UserError(f"{n('max_len')} is for absorbing checkpoints: a gaussian lm samples on its canvas "
+                                f"of max_len={cfg.max_len}; choose a length with {n('length')}")
+            if not 3 <= max_len <= cfg.max_len:
+                raise UserError(f"{n('max_len')} must be between 3 and the training --max_len {cfg.max_len}, "
+                                f"got {max_len}")
+        longest = (max_len or cfg.max_len) - 2
+        lengths = self._lengths(length, longest)
+        given = [] if prompt is None else wordpieces(tok, prompt, n("prompt"), slots=False)
+        room = longest if lengths is None else min(lengths)
+        if len(given) >= room:
+            where = (f"{n('length')} {room} (which counts the prompt's wordpieces)" if lengths else
+                     f"the canvas, at most {longest} between [CLS] and [SEP]")
+            raise UserError(f"{n('prompt')} {prompt!r} is {len(given)} wordpieces: {where} leaves no room to continue it")
+        if lengths is None and not gaussian:
+            from textdata.lm import LengthPrior
+            counts = self.run.run_info["derived"]["length_counts"]
+            try:  # longer than the prompt: the training-length prior conditioned on n > |prompt|
+                lengths = LengthPrior(counts).sample(num_samples, longest, torch.Generator().manual_seed(seed),
+                                                     min_n=len(given) + 1).tolist()
+            except UserError as e:
+                raise UserError(f"{e}; give {n('length')}") from e
+        cls, sep = tok.cls_token_id, tok.sep_token_id
+        if lengths is None:  # gaussian, open-ended: the model places [SEP] and the padding
+            return [Row((cls, *given), open=True)] * num_samples
+        return [Row((cls, *given, *[SLOT] * (lengths[i % len(lengths)] - len(given)), sep))
+                for i in range(num_samples)]
+
+    def template_rows(self, templates: Sequence[str], num_samples: int = 1, length=None) -> list[Row]:
+        """The canvas rows of :meth:`infill`: ``[CLS] template [SEP]`` with its [MASK]s generated, ``num_samples``
+        rows per template (template-major)."""
+        self._need_task("lm", "infill")
+        self._at_least_one(num_samples=num_samples)
+        n, tok, max_len = self._name, self.tokenizer, self.run.cfg.max_len
+        if isinstance(templates, str) or not isinstance(templates, Sequence):
+            raise UserError(f"{n('templates')} must be a list of strings, got {type(templates).__name__}")
+        if not templates:
+            raise UserError(f"{n('templates')} is empty: give at least one template")
+        if tok.mask_token_id is None:
+            raise UserError(f"the tokenizer of {self.run.ckpt_dir} has no mask token to mark a template's slots")
+        lengths = self._lengths(length, max_len - 2)
+        rows = []
+        for i, text in enumerate(templates):
+            cells = wordpieces(tok, text, f"template {i}", slots=True)
+            if len(cells) > max_len - 2:
+                raise UserError(f"template {i} is {len(cells)} wordpieces; the checkpoint's canvas holds max_len="
+                                f"{max_len}, so a template may take at most {max_len - 2} besides [CLS] and [SEP]")
+            if lengths and any(v != len(cells) for v in lengths):
+                raise UserError(f"{n('length')} {','.join(map(str, lengths))} conflicts with template {i}, which is "
+                                f"{len(cells)} wordpieces (a template's tokens and {tok.mask_token}s fix its length)")
+            rows += [Row((tok.cls_token_id, *cells, tok.sep_token_id))] * num_samples
+        return rows
 
     def source_ids(self, sources: Sequence[str]) -> list[list[int]]:
         """``[CLS] src [SEP]`` token ids of each source string, tokenised as the pair data is
@@ -264,38 +279,104 @@ class Model:
                                 "the target")
         return ids
 
-    def decode_batches(self, src_ids: Sequence[Sequence[int]], decoding: Decoding, seed: int = 42,
-                       batch_size: int = 32, on_batch: Callable[[int], None] | None = None) -> Generated | None:
-        """One output for every source (``[CLS] src [SEP]`` token ids), in batches of ``batch_size`` shared
-        out among the ranks: on rank 0 a :class:`Generated` of ``recover`` strings, None on the others.
+    @staticmethod
+    def source_rows(src_ids: Sequence[Sequence[int]]) -> list[Row]:
+        """``[CLS] src [SEP]`` fixed, the rest of the canvas generated (``conditional_data.PairCollator`` with an
+        empty target: what the target region held never matters, it is noised whole)."""
+        return [Row(tuple(x), open=True) for x in src_ids]
 
-        A source sits on the canvas ``[CLS] src [SEP] | target`` of the checkpoint's max_len
-        (``conditional_data.PairCollator``, given an empty target: the target region is noised whole, so
-        what it held never matters). The source stays fixed; ``decoding.sample`` denoises the target region,
-        and the generated padding decides the output's length (DiffuSeq style).
+    # ------------------------------------------------------------------------ the one loop
+    def _read(self, row: Row, x0: list[int]) -> str:
+        """The string of a generated canvas row (module docstring)."""
+        tok = self.tokenizer
+        if self.task == "seq2seq":
+            from evaluation.seq2seq import decode_like_diffuseq
+            return decode_like_diffuseq(tok, x0[len(row.cells):])
+        end = text_end(row, x0, (tok.sep_token_id, tok.pad_token_id))
+        return " ".join(tok.decode(x0[1:end], skip_special_tokens=True).split())
+
+    def generate(self, rows: Sequence[Row], decoding: Decoding, seed: int = 42, batch_size: int = 32,
+                 on_batch: Callable[[int], None] | None = None) -> Generated | None:
+        """Generate the canvas ``rows`` with ``decoding``, in batches of ``batch_size`` shared out among the
+        ranks: on rank 0 a :class:`Generated` in row order, None on the others. ``on_batch(n)``: called after
+        each of this rank's batches.
+
+        On the absorbing lm's canvas (no fixed width) rows of similar lengths share a batch (little padding);
+        other canvases keep the rows' order. A row with nothing to generate (a template without [MASK]) is its
+        own output and never reaches the network.
         """
-        from conditional_data import PairCollator
-        from evaluation.seq2seq import decode_like_diffuseq
         self._at_least_one(batch_size=batch_size)
-        tok, device = self.tokenizer, self.device
-        rows = [{"src_ids": list(x), "trg_ids": []} for x in src_ids]
-        collate = PairCollator(tok.pad_token_id, canvas_len=self.run.cfg.max_len)
+        tok, device, width = self.tokenizer, self.device, self.canvas_width
+        work = [i for i, r in enumerate(rows) if r.generates]
+        if width is None:
+            work.sort(key=lambda i: len(rows[i].cells))  # stable
+        fill = tok.mask_token_id if tok.mask_token_id is not None else tok.pad_token_id
 
-        def decode_batch(b: int, gen: torch.Generator):
-            """Batch b: (recover strings, network calls, sequence evaluations)."""
-            batch = collate(rows[b * batch_size:(b + 1) * batch_size])
-            ids, att, noise = (batch[k].to(device) for k in ("input_ids", "attention_mask", "noise_mask"))
+        def generate_batch(b: int, gen: torch.Generator):
+            """Batch b: ({row index: (text, canvas)}, network calls, sequence evaluations)."""
+            idx = work[b * batch_size:(b + 1) * batch_size]
+            ids, att, noise = (x.to(device) for x in lay_out([rows[i] for i in idx], tok.pad_token_id, fill, width))
             out = decoding.sample(ids, att, noise, gen)
-            recovers = [decode_like_diffuseq(tok, row[src_len:])
-                        for row, src_len in zip(out.x0.cpu(), batch["src_len"].tolist())]
-            return recovers, out.network_calls, out.row_evaluations
+            done = {i: (self._read(rows[i], x0), x0) for i, x0 in zip(idx, out.x0.cpu().tolist())}
+            return done, out.network_calls, out.row_evaluations
 
-        with flush_denormal(device):
-            results = dist.map_batches(-(-len(rows) // batch_size), decode_batch, self.info, seed, on_batch=on_batch)
+        # the fixed canvases run as the decoder always has (flush_denormal); the absorbing lm as predict.py has
+        with flush_denormal(device) if width is not None else contextlib.nullcontext():
+            results = dist.map_batches(-(-len(work) // batch_size), generate_batch, self.info, seed, on_batch=on_batch)
         if results is None:  # not rank 0
             return None
-        return Generated([h for recovers, _, _ in results for h in recovers], sum(r[1] for r in results),
-                         sum(r[2] for r in results))
+        done = {i: out for batch, _, _ in results for i, out in batch.items()}
+        for i, r in enumerate(rows):
+            if not r.generates:
+                done[i] = (self._read(r, list(r.cells)), list(r.cells))
+        return Generated([done[i][0] for i in range(len(rows))], sum(r[1] for r in results),
+                         sum(r[2] for r in results), [done[i][1] for i in range(len(rows))])
+
+    # ------------------------------------------------------------------------ the requests
+    def sample(self, num_samples: int, *, steps: int | None = None, respacing=None, seed: int = 42,
+               batch_size: int = 32, sampler: str = "ours", topk: int = 0, top_p: float = 1.0,
+               temperature: float = 1.0, length=None, prompt: str | None = None, max_len: int | None = None,
+               cache: bool = True) -> list[str]:
+        """``num_samples`` strings from an lm checkpoint (predict.py's lines for the same arguments).
+
+        Absorbing: ``steps`` iterations over a grid of 0..T (default 128, at most T). ``sampler``: ``ours``
+        (``topk``/``top_p``/``temperature`` filter p_hat, then the exact reverse step) or ``released``
+        (DiffusionBERT's: they filter the posterior logits). ``cache``: reuse p_hat for rows that did not change
+        (only where the denoiser ignores t; the strings are the same either way). ``max_len``: the longest
+        sample with [CLS]/[SEP] (default: the training max_len).
+        Gaussian: the steps of ``respacing`` (``full``, the default; ``uniform_N``; ``adp_N``; or a list), with
+        clamping; the absorbing options are refused.
+
+        ``length``: wordpieces between [CLS] and [SEP], an int or a list (sample i gets ``length[i % len]``);
+        default: absorbing, drawn from the training lengths; gaussian, where the model puts [SEP].
+        ``prompt``: every sample starts with these wordpieces (counted in ``length``); without a length,
+        absorbing lengths are drawn from the training lengths longer than the prompt.
+        The output depends on ``seed`` and ``batch_size``. Under a torchrun ``info``, ranks other than 0 get None.
+        """
+        rows = self.lm_rows(num_samples, length, prompt, max_len, seed)
+        out = self.generate(rows, self.decoding(steps, respacing, sampler, topk, top_p, temperature, cache), seed,
+                            batch_size)
+        return None if out is None else out.texts
+
+    def infill(self, templates: Sequence[str], *, num_samples: int = 1, length=None, steps: int | None = None,
+               respacing=None, seed: int = 42, batch_size: int = 32, sampler: str = "ours", topk: int = 0,
+               top_p: float = 1.0, temperature: float = 1.0, cache: bool = True) -> list[str]:
+        """Fill in the [MASK]s of each template (an lm checkpoint): ``num_samples`` strings per template,
+        template-major. Every other wordpiece of a template stays as the checkpoint's tokenizer gives it, at every
+        step; a template without [MASK] comes back as its own tokenisation, decoded. ``length`` is only a check:
+        it must equal each template's wordpiece count. The other options are :meth:`sample`'s.
+        """
+        rows = self.template_rows(templates, num_samples, length)
+        out = self.generate(rows, self.decoding(steps, respacing, sampler, topk, top_p, temperature, cache), seed,
+                            batch_size)
+        return None if out is None else out.texts
+
+    def decode_batches(self, src_ids: Sequence[Sequence[int]], decoding: Decoding, seed: int = 42,
+                       batch_size: int = 32, on_batch: Callable[[int], None] | None = None) -> Generated | None:
+        """One ``recover`` string for every source (``[CLS] src [SEP]`` token ids): :meth:`generate` of
+        :meth:`source_rows` on the checkpoint's canvas; the generated padding decides the output's length
+        (DiffuSeq style)."""
+        return self.generate(self.source_rows(src_ids), decoding, seed, batch_size, on_batch)
 
     def decode(self, sources: Sequence[str], *, steps: int | None = None, respacing=None, seed: int = 42,
                batch_size: int = 32, sampler: str = "ours", topk: int = 0, top_p: float = 1.0,
@@ -311,6 +392,7 @@ class Model:
         refused. The output depends on ``seed`` and ``batch_size``. Under a torchrun ``info``, ranks other
         than 0 get None.
         """
+        self._need_task("seq2seq", "decode")
         decoding = self.decoding(steps, respacing, sampler, topk, top_p, temperature, cache)
         out = self.decode_batches(self.source_ids(sources), decoding, seed, batch_size)
         return None if out is None else out.texts
@@ -318,24 +400,46 @@ class Model:
 
 # ---------------------------------------------------------------------------- per-process decoding
 def absorbing_decoding(m: Model, steps, respacing, sampler, topk, top_p, temperature, cache) -> Decoding:
-    """DiffusionBERT: ``steps`` iterations (default 200) with ``sampler``, its filters and the cache."""
+    """DiffusionBERT: ``steps`` iterations (default 128 for lm, 200 for seq2seq) with ``sampler``, its filters
+    and the cache. The released seq2seq sampler also redraws every target position at the last step."""
     n, run = m._name, m.run
     if respacing is not None or m.weights != "ema":
         raise UserError(f"{n('respacing')} and {n('weights')} are for gaussian (DiffuSeq) checkpoints; "
                         f"an absorbing checkpoint takes {n('steps')}")
-    steps = 200 if steps is None else steps
+    steps = DEFAULT_STEPS[m.task] if steps is None else steps
     m._at_least_one(steps=steps)
     run.check_steps(steps, n("steps"))
     use_cache = cache and run.denoiser.time_agnostic
+    final_x0 = sampler == "released" and m.task == "seq2seq"
 
     def sample(ids, att, noise, gen):
         return run.diffusion.sample(run.denoiser, ids, noise, att, steps, topk, top_p, temperature, cache=use_cache,
-                                    generator=gen, sampler=sampler, final_x0=sampler == "released")
+                                    generator=gen, sampler=sampler, final_x0=final_x0)
     return Decoding(f"steps{steps}", steps, use_cache, sample)
 
 
+class WordsOnly:
+    """A DiffuSeq denoiser seen through a clamping table in which no special token ([CLS], [SEP], [PAD],
+    [MASK], [UNK]) can be the nearest row (``GaussianDiffusion.step`` clamps to ``embedding_weight``): the
+    generated positions of a row whose end is fixed on the canvas are words."""
+
+    def __init__(self, denoiser, special_ids: Sequence[int]):
+        self.denoiser = denoiser
+        table = denoiser.embedding_weight.detach().clone()
+        table[list(special_ids)] = 1e4 * (1.0 + float(table.abs().max()))  # far from any x0_hat
+        self.embedding_weight = table
+
+    def __call__(self, z_t, t):
+        return self.denoiser(z_t, t)
+
+    def embed(self, ids):
+        return self.denoiser.embed(ids)
+
+
 def gaussian_decoding(m: Model, steps, respacing, sampler, topk, top_p, temperature, cache) -> Decoding:
-    """DiffuSeq: the steps of ``respacing``, with clamping; the absorbing sampler's options are refused."""
+    """DiffuSeq: the steps of ``respacing``, with clamping; the absorbing sampler's options are refused. Rows
+    whose end is fixed (the canvas's last position is not generated: a length or a template) clamp to words
+    only (:class:`WordsOnly`); open rows (a source, an lm without a length) may generate [SEP] and [PAD]."""
     n, run = m._name, m.run
     if steps is not None:
         raise UserError(f"{run.ckpt_dir} is a gaussian (DiffuSeq) checkpoint: choose its steps with "
@@ -348,9 +452,18 @@ def gaussian_decoding(m: Model, steps, respacing, sampler, topk, top_p, temperat
     except (ValueError, TypeError) as e:
         raise UserError(f"{n('respacing')}: {e}") from e
     kept = grid[:-1].flip(0).tolist()  # the kept steps, ascending
+    words_only = []  # built once, on the first batch that needs it
 
     def sample(ids, att, noise, gen):
-        return run.diffusion.sample(run.denoiser, ids, noise, kept, generator=gen)
+        closed = ~noise[:, -1]
+        if bool(closed.any()) and not bool(closed.all()):
+            raise ValueError("rows whose end is fixed and rows whose end is generated cannot share a batch")
+        net = run.denoiser
+        if bool(closed.all()):
+            if not words_only:
+                words_only.append(WordsOnly(run.denoiser, m.tokenizer.all_special_ids))
+            net = words_only[0]
+        return run.diffusion.sample(net, ids, noise, kept, generator=gen)
     return Decoding(f"respacing{respacing or 'full'}", None, False, sample, {"timesteps": kept})
 
 

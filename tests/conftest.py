@@ -299,6 +299,18 @@ def gauss_run(tmp_path_factory, tiny_bert, tiny_pairs):
 
 
 @pytest.fixture(scope="session")
+def gauss_lm_run(tmp_path_factory, tiny_bert, tiny_corpus):
+    """(folder, run directory): 4 steps of a tiny Gaussian LM, ``gauss_args(task="lm")`` (T = 100, --schedule
+    auto), read by tests/test_gaussian_lm.py and tests/test_infill.py."""
+    cwd = tmp_path_factory.mktemp("gauss_lm")
+    run = cwd / "run"
+    run_cli(*gauss_args(tiny_bert, tiny_corpus, run, task="lm"), cwd=str(cwd))
+    before = files_of(run)
+    yield cwd, run
+    unchanged(run, before)
+
+
+@pytest.fixture(scope="session")
 def seq2seq_run(tmp_path_factory, tiny_bert, tiny_pairs):
     """(folder, run directory): 3 steps of absorbing seq2seq training on the tiny BERT (T = 50)."""
     cwd = tmp_path_factory.mktemp("cond")

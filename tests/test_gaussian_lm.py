@@ -8,8 +8,7 @@ import pytest
 import torch
 
 from common.errors import UserError
-from conftest import (assert_resume_is_exact, files_of, gauss_args, one_error_line, run_cli, run_here, train_losses,
-                      unchanged)
+from conftest import assert_resume_is_exact, gauss_args, one_error_line, run_cli, run_here, train_losses
 from runtime.config import TrainConfig
 from textdata import lm
 
@@ -50,17 +49,6 @@ def test_the_gaussian_lm_task_batches_on_the_canvas(tok, tiny_corpus, private_hf
 
 def lm_args(tiny_bert, tiny_corpus, out, max_steps=4, extra=(), T=100):
     return gauss_args(tiny_bert, tiny_corpus, out, max_steps=max_steps, extra=extra, T=T, task="lm")
-
-
-@pytest.fixture(scope="module")
-def gauss_lm_run(tmp_path_factory, tiny_bert, tiny_corpus):
-    """(folder, run directory): 4 steps of a tiny Gaussian LM (T = 100, --schedule auto)."""
-    cwd = tmp_path_factory.mktemp("gauss_lm")
-    run = cwd / "run"
-    run_cli(*lm_args(tiny_bert, tiny_corpus, run), cwd=str(cwd))
-    before = files_of(run)
-    yield cwd, run
-    unchanged(run, before)
 
 
 @pytest.mark.slow

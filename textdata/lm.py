@@ -283,24 +283,16 @@ class LengthPrior:
     def log_prob(self, n: torch.Tensor) -> torch.Tensor:
         return torch.log(self.probs[n.long().clamp(0, len(self.probs) - 1)])
 
-    def sample(self, num: int, max_n: int | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
-        """Draw lengths from the empirical histogram (no smoothing), cut to ``max_n``. [num] long."""
+    def sample(self, num: int, max_n: int | None = None, generator: torch.Generator | None = None,
+               min_n: int = 0) -> torch.Tensor:
+        """Draw lengths from the empirical histogram (no smoothing) conditioned on ``min_n <= n <= max_n``.
+        [num] long."""
         p = self.empirical.clone()
         if max_n is not None:
             p[max_n + 1:] = 0.0
+        p[:min_n] = 0.0
         if p.sum() <= 0:
-            raise UserError(f"no training example has at most {max_n} tokens")
+            between = f"between {min_n} and {max_n}" if min_n else f"at most {max_n}"
+            raise UserError(f"no training example has {between} tokens")
         return torch.multinomial(p, num, replacement=True, generator=generator)
 
-
-def canvas(lengths: torch.Tensor, cls_id: int, sep_id: int, pad_id: int, mask_id: int):
-    """``[CLS] [MASK]*n [SEP] [PAD]...`` for each length n: (input_ids, attention_mask, noise_mask)."""
-    B, L = len(lengths), int(lengths.max()) + 2
-    ar = torch.arange(L)[None]
-    n = lengths[:, None]
-    ids = torch.full((B, L), pad_id, dtype=torch.long)
-    ids[:, 0] = cls_id
-    noise = (ar >= 1) & (ar <= n)
-    ids[noise] = mask_id
-    ids[ar == n + 1] = sep_id
-    return ids, (ar <= n + 1).long(), noise
