@@ -44,9 +44,10 @@ from common.io import write_json_atomic, write_text_atomic
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 
-# The Gaussian LM's step budget at full scale: about the absorbing model's training time (``lm_long``) on
-# the same cores (measured: see docs/reproduce-full/results.md, section 4).
-GLM_FULL_STEPS = 3000
+# The Gaussian LM's step budget at full scale: the absorbing model's training time (``lm_long``: 3000 steps
+# at batch 128). Side by side on 2 cores, 150 steps at batch 128 took 145 s for the Gaussian LM and 133 s
+# for DiffusionBERT (1 thread each), so 3000 x 133 / 145 steps.
+GLM_FULL_STEPS = 2750
 
 # Per scale: the data, the training budgets and the evaluation sizes. A budget is optimizer steps at a
 # fixed batch, the same for every variant of an ablation (``lm_steps`` at ``lm_batch``); the base variant is
