@@ -17,6 +17,11 @@ Usage::
     python compute_metric.py --mode synthetic --samples generation_results/x.txt --language data/synth/language.json \
         [--references data/synth/test.txt]
 
+    # filled templates (predict.py --template_file): given words kept, exact-word accuracy of the slots
+    # against the sentences the templates were made from, and with --language their exact NLL
+    python compute_metric.py --mode infill --samples filled.txt --templates templates.txt --references originals.txt \
+        [--language data/synth/language.json]
+
     # compare decoding settings: one generation folder each (seed*.jsonl + decode.json, as written by
     # predict_downstream_condition.py); MBR metrics, diversity across the seeds, wall time, network calls;
     # --plot: a PNG of the --plot_metrics against network calls per sequence, a line per checkpoint
@@ -225,6 +230,28 @@ def run_synthetic(args: argparse.Namespace) -> tuple[dict, dict]:
                      "max_samples": args.max_samples, "seed": args.seed}
 
 
+def run_infill(args: argparse.Namespace) -> tuple[dict, dict]:
+    """Filled templates against their templates and the references they were cut from
+    (:func:`evaluation.infill.score_fills`); with ``--language``, the exact NLL of the fills and of the
+    references under the synthetic language."""
+    from evaluation.infill import score_fills
+    if len(args.samples) != 1 or not args.templates or not args.references:
+        raise InputError("infill mode takes one --samples file, --templates and --references (aligned line by line)")
+    fills, templates = read_lines(args.samples[0], "samples"), read_lines(args.templates, "templates")
+    refs = read_lines(args.references, "references")
+    try:
+        metrics = score_fills(templates, fills, refs)
+    except ValueError as e:
+        raise InputError(f"infill mode: {e}")
+    if args.language:
+        from textdata.synthetic import SyntheticLanguage, score
+        language = SyntheticLanguage.load(args.language)
+        metrics |= {f"fill_{k}": v for k, v in score(language, fills).items()}
+        metrics |= {f"reference_{k}": v for k, v in score(language, refs).items()}
+    return metrics, {"samples": args.samples[0], "templates": args.templates, "references": args.references,
+                     "language": args.language}
+
+
 def decode_cost(folder: str) -> dict:
     """Wall time and network calls of a decoding run, and what it decoded (checkpoint, process and respacing,
     for the plot's lines), from its ``decode.json``."""
@@ -298,12 +325,17 @@ MODES: dict[str, Callable[[argparse.Namespace], tuple[dict, dict]]] = {
     "seq2seq": run_seq2seq,
     "compare": run_compare,
     "synthetic": run_synthetic,
+    "infill": run_infill,
 }
 SYNTHETIC_CONVENTIONS = ("each line is one sequence of whitespace-separated words; nll_per_token = -sum log p(line) / "
                          "sum words over the lines with a finite likelihood (log p includes the length term); "
                          "forbidden_fraction = lines with a transition the language never makes or an unknown word; "
                          "invalid_fraction = lines with zero probability (also an impossible length); nats")
-MODE_CONVENTIONS = {"unconditional": CONVENTIONS, "seq2seq": seq2seq.CONVENTIONS, "compare": seq2seq.CONVENTIONS,
+INFILL_CONVENTIONS = ("words are whitespace-separated and a template's [MASK] is one word; given_kept: the "
+                      "template's words in place and its length; slot_accuracy: slots holding the reference's "
+                      "word, over all slots; fill_nll_per_token: as synthetic mode, over the fills")
+MODE_CONVENTIONS = {"infill": INFILL_CONVENTIONS, "unconditional": CONVENTIONS, "seq2seq": seq2seq.CONVENTIONS,
+                    "compare": seq2seq.CONVENTIONS,
                     "synthetic": SYNTHETIC_CONVENTIONS}
 
 
@@ -386,6 +418,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--seed", type=int, default=0, help="seed for the subsets (default: 0)")
     parser.add_argument("--language", default=None,
                         help="synthetic mode: the language.json written with the synthetic data")
+    parser.add_argument("--templates", default=None,
+                        help="infill mode: the templates the samples fill, one per line ([MASK] marks a slot)")
     seq = parser.add_argument_group("seq2seq mode")
     seq.add_argument("--bertscore_model", default="minilm",
                      help="encoder for BERTScore (computed by the bert-score package): 'minilm', a model "

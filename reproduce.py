@@ -44,6 +44,11 @@ from common.io import write_json_atomic, write_text_atomic
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 
+# The Gaussian LM's step budget at full scale: the absorbing model's training time (``lm_long``: 3000 steps
+# at batch 128). Side by side on 2 cores, 150 steps at batch 128 took 145 s for the Gaussian LM and 133 s
+# for DiffusionBERT (1 thread each), so 3000 x 133 / 145 steps.
+GLM_FULL_STEPS = 2750
+
 # Per scale: the data, the training budgets and the evaluation sizes. A budget is optimizer steps at a
 # fixed batch, the same for every variant of an ablation (``lm_steps`` at ``lm_batch``); the base variant is
 # also trained once for longer (``lm_long``: steps, batch) for the targets against the exact entropy and the
@@ -56,23 +61,27 @@ SCALES = {
         samples=12, sample_steps=(2, 4), ablations=("mutual", "token"),
         bible_steps=2, bible_seeds=(0,), bible_eval=8,
         s2s_lines=(300, 20, 20), s2s_steps=20, s2s_post_steps=10, s2s_decode=10, s2s_full_decode=4,
-        respacings=("full", "adp_4")),
+        respacings=("full", "adp_4"), glm_steps=20, glm_post_steps=10, glm_samples=12, glm_infill=10,
+        glm_respacings=("full", "adp_4")),
     "quick": dict(
         lm_lines=(8000, 500, 500), lm_steps=800, lm_batch=64, lm_long=(800, 64), seeds=(0,), elbo_steps=64,
         samples=200, sample_steps=(8, 32, 128, 512), ablations=("mutual", "elbo"),
         bible_steps=15, bible_seeds=(0,), bible_eval=32,
         s2s_lines=(8000, 200, 200), s2s_steps=600, s2s_post_steps=100, s2s_decode=50, s2s_full_decode=0,
-        respacings=("uniform_20", "adp_20", "adp_4")),
+        respacings=("uniform_20", "adp_20", "adp_4"), glm_steps=800, glm_post_steps=100, glm_samples=100,
+        glm_infill=100, glm_respacings=("adp_20", "adp_4")),
     "full": dict(
         lm_lines=(20000, 1000, 1000), lm_steps=1000, lm_batch=64, lm_long=(3000, 128), seeds=(0, 1, 2),
         elbo_steps=64, samples=500, sample_steps=(8, 16, 32, 64, 128, 256, 512),
         ablations=("mutual", "layerwise", "token", "elbo"),
         bible_steps=100, bible_seeds=(0, 1, 2), bible_eval=64,
         s2s_lines=(20000, 500, 500), s2s_steps=5000, s2s_post_steps=1000, s2s_decode=300, s2s_full_decode=100,
-        respacings=("full", "uniform_20", "adp_20", "adp_10", "adp_4")),
+        respacings=("full", "uniform_20", "adp_20", "adp_10", "adp_4"), glm_steps=GLM_FULL_STEPS,
+        glm_post_steps=1000, glm_samples=500, glm_infill=300, glm_respacings=("full", "adp_20", "adp_4")),
 }
 # the priority of each part's steps when they wait for a slot (lowest first): the seq2seq chain is longest
-PRIORITY = {"seq2seq": 0, "lm": 1, "bible": 2}
+PRIORITY = {"seq2seq": 0, "lm": 1, "glm": 1, "bible": 2}
+PARTS = ("seq2seq", "lm", "glm", "bible")  # the order in which they start
 
 LM_T = 1000  # diffusion steps of the synthetic LM
 
@@ -111,6 +120,7 @@ class Runner:
         self._free = jobs
         self._held_until, self._held_for = 0.0, 0
         self._procs: set[subprocess.Popen] = set()
+        self._step_locks: dict[str, threading.RLock] = {}  # one per output: two parts asking for a step share it
         self.failed: str | None = None
         # a bar on a terminal only (disable=None); the finished steps are printed either way
         self.bar = tqdm(total=0, desc="reproduce steps", dynamic_ncols=True, leave=False, disable=None)
@@ -160,9 +170,17 @@ class Runner:
             self._cond.notify_all()
 
     def run(self, name: str, script: str, args: list[str], done: str, priority: int = 1) -> None:
-        """Run ``script args`` unless ``done`` exists."""
-        if os.path.exists(done):
-            return
+        """Run ``script args`` unless ``done`` exists (a part that asks for a step another part is running
+        waits for it)."""
+        with self._step_lock(done):
+            if not os.path.exists(done):
+                self._run(name, script, args, done, priority)
+
+    def _step_lock(self, done: str) -> threading.RLock:
+        with self._cond:
+            return self._step_locks.setdefault(done, threading.RLock())
+
+    def _run(self, name: str, script: str, args: list[str], done: str, priority: int) -> None:
         with self._cond:
             self.bar.total += 1
             self.bar.refresh()
@@ -199,13 +217,14 @@ class Runner:
         """A train.py run in ``<out>/runs/<name>``: reused when finished, resumed when killed halfway."""
         run_dir = os.path.join(self.out, "runs", name)
         done = os.path.join(run_dir, "reproduce.done")
-        if os.path.exists(done):
-            return run_dir
-        last = os.path.join(run_dir, "checkpoints", "last")
-        extra = ["--resume", run_dir] if os.path.isdir(last) else ["--overwrite"]
-        self.run(f"train-{name}", "train.py", [*args, "--out_dir", run_dir, "--log_dir",
-                                              os.path.join(self.out, "fitlog"), *extra], done, priority)
-        write_text_atomic(done, "finished\n")
+        with self._step_lock(done):
+            if os.path.exists(done):
+                return run_dir
+            last = os.path.join(run_dir, "checkpoints", "last")
+            extra = ["--resume", run_dir] if os.path.isdir(last) else ["--overwrite"]
+            self.run(f"train-{name}", "train.py", [*args, "--out_dir", run_dir, "--log_dir",
+                                                  os.path.join(self.out, "fitlog"), *extra], done, priority)
+            write_text_atomic(done, "finished\n")
         return run_dir
 
     def parallel(self, calls: list) -> list:
@@ -312,18 +331,41 @@ def elbo(runner: Runner, run_dir: str, name: str, sc: dict, batch: int = 250, ba
     return read_json(out)
 
 
-def synthetic_lm(runner: Runner, paths: dict, sc: dict) -> dict:
-    from textdata.synthetic import SyntheticLanguage, score
-    lang = SyntheticLanguage.load(paths["language"])
-    with open(os.path.join(paths["lm"], "test.txt"), encoding="utf-8") as f:
-        test_lines = f.read().splitlines()
-    truth = {"entropy": lang.entropy(), "test": score(lang, test_lines)}
+def word_freqs(runner: Runner, paths: dict) -> dict:
+    """The spindle schedule's token counts for the synthetic tokenizers: ``{model key: word_freq.json}``."""
     wf = {}
     for model, name in (("model", "synthetic"), ("model_token", "synthetic-spare")):
         wf[model] = os.path.join(runner.out, "word_freq", f"{name}.json")
         runner.run(f"word-freq-{name}", "word_freq.py", ["--model_name_or_path", paths[model], "--dataset", "text",
                                                         "--data_files", paths["lm"], "--out", wf[model],
                                                         "--overwrite"], wf[model], PRIORITY["lm"])
+    return wf
+
+
+def sample_and_score(runner: Runner, paths: dict, run_dir: str, name: str, flags: list, priority: int) -> dict:
+    """``predict.py`` from ``run_dir`` with ``flags`` into ``<out>/samples/<name>.txt``, scored on the synthetic
+    language (``compute_metric.py --mode synthetic``); with the sampling speed and cost."""
+    gen_dir = os.path.join(runner.out, "samples")
+    txt = os.path.join(gen_dir, f"{name}.txt")
+    runner.run(f"sample-{name}", "predict.py", ["--checkpoint", run_dir, *flags, "--batch_size", 100, "--seed", 1,
+                                                "--device", "cpu", "--out_dir", gen_dir, "--name", name,
+                                                "--overwrite"], txt, priority)
+    metric = os.path.join(gen_dir, f"{name}.metrics.json")
+    runner.run(f"score-{name}", "compute_metric.py", ["--mode", "synthetic", "--samples", txt, "--language",
+                                                      paths["language"], "--out", metric, "--overwrite"], metric,
+               priority)
+    return {**read_json(metric)["metrics"], **{k: read_json(os.path.join(gen_dir, f"{name}.json"))[k]
+                                               for k in ("sequences_per_second", "network_calls", "wall_seconds")},
+            "samples_file": txt}
+
+
+def synthetic_lm(runner: Runner, paths: dict, sc: dict) -> dict:
+    from textdata.synthetic import SyntheticLanguage, score
+    lang = SyntheticLanguage.load(paths["language"])
+    with open(os.path.join(paths["lm"], "test.txt"), encoding="utf-8") as f:
+        test_lines = f.read().splitlines()
+    truth = {"entropy": lang.entropy(), "test": score(lang, test_lines)}
+    wf = word_freqs(runner, paths)
     variants = ["base", *sc["ablations"]]
     jobs = [(v, s) for v in variants for s in sc["seeds"]]
     long_steps, long_batch = sc["lm_long"]
@@ -351,25 +393,12 @@ def synthetic_lm(runner: Runner, paths: dict, sc: dict) -> dict:
     per_token = {k: b["nll_bound" if k == "untrained" else "nll"] / b["tokens"]
                  for k, b in long_bound["baselines"].items()}
 
-    def sample(sampler: str, steps: int) -> dict:
-        name = f"lm-base-{sampler}-{steps}"
-        gen_dir = os.path.join(runner.out, "samples")
-        txt = os.path.join(gen_dir, f"{name}.txt")
-        runner.run(f"sample-{name}", "predict.py", ["--checkpoint", long_dir, "--num_samples", sc["samples"],
-                                                    "--steps", steps, "--sampler", sampler, "--batch_size", 100,
-                                                    "--seed", 1, "--device", "cpu", "--out_dir", gen_dir,
-                                                    "--name", name, "--overwrite"], txt, PRIORITY["lm"])
-        metric = os.path.join(gen_dir, f"{name}.metrics.json")
-        runner.run(f"score-{name}", "compute_metric.py", ["--mode", "synthetic", "--samples", txt, "--language",
-                                                          paths["language"], "--out", metric, "--overwrite"], metric,
-                   PRIORITY["lm"])
-        return {**read_json(metric)["metrics"], **{k: read_json(os.path.join(gen_dir, f"{name}.json"))[k]
-                                                   for k in ("sequences_per_second", "network_calls", "wall_seconds")}}
-
     runner.say("== synthetic LM: sampling sweep")
     # one after another: the sequences/s of the sweep are comparable only without a sampler beside them
     grid = [(sampler, steps) for sampler in ("ours", "released") for steps in sc["sample_steps"]]
-    sweep = {key: sample(*key) for key in grid}
+    sweep = {(sampler, steps): sample_and_score(runner, paths, long_dir, f"lm-base-{sampler}-{steps}", [
+        "--num_samples", sc["samples"], "--steps", steps, "--sampler", sampler], PRIORITY["lm"])
+        for sampler, steps in grid}
     curves = {v: [read_metrics_dev(runs[(v, s)]) for s in sc["seeds"]] for v in variants}
     return {"truth": truth, "variants": variants, "runs": runs, "bounds": bounds, "long": long_bound,
             "long_steps": (long_steps, long_batch), "long_curve": read_metrics_dev(long_dir),
@@ -489,6 +518,115 @@ def seq2seq(runner: Runner, paths: dict, sc: dict) -> dict:
     return {"rows": rows, "copy_source": read_json(copy)["metrics"], "pairs": pairs}
 
 
+# --------------------------------------------------------------------------- 4: Gaussian LM, infilling, length
+
+GLM_T = 2000  # Diffusion-LM's T
+GLM_LENGTHS = (6, 10, 14, 18)  # --length: words per sample, cycled
+INFILL_FRACTION = 0.3
+
+
+def absorbing_long(runner: Runner, paths: dict, sc: dict) -> str:
+    """The run directory of DiffusionBERT's base variant at the long budget (part 1 trains it; a part that
+    needs it first waits for it or trains it)."""
+    long_steps, long_batch = sc["lm_long"]
+    seed = sc["seeds"][0]
+    name = "lm-base-long-s0" if (long_steps, long_batch) != (sc["lm_steps"], sc["lm_batch"]) else f"lm-base-s{seed}"
+    return runner.train(name, lm_args(paths, sc, "base", seed, word_freqs(runner, paths), long_steps, long_batch),
+                        PRIORITY["lm"])
+
+
+def glm_args(paths: dict, steps: int) -> list:
+    """Diffusion-LM on the synthetic language: sqrt schedule, T = 2000, a 16-dimensional embedding, x0
+    prediction with the rounding loss, a transformer from scratch the size of part 1's BERT (hidden 128,
+    3 layers), batch 128 as part 1's long run."""
+    return ["--process", "gaussian", "--task", "lm", "--model_name_or_path", paths["model"], "--dataset", "text",
+            "--data_files", paths["lm"], "--max_len", 24, "--num_steps", GLM_T, "--schedule", "sqrt",
+            "--emb_dim", 16, "--hidden_size", 128, "--num_layers", 3, "--num_heads", 4, "--dropout", 0.0,
+            "--timestep_sampler", "lossaware", "--loss_average", "all", "--ema_rate", 0.999, "--batch_size", 128,
+            "--lr", "1e-3", "--decay", "cosine", "--warmup_steps", max(1, steps // 20), "--max_steps", steps,
+            "--eval_every", max(1, steps // 10), "--eval_examples", 500, "--save_every", max(1, steps // 5),
+            "--log_every", max(1, steps // 40), "--seed", 0, "--device", "cpu"]
+
+
+def train_seconds(run_dir: str) -> float:
+    """Wall time of a finished training run, from its log's first and last records."""
+    with open(os.path.join(run_dir, "metrics.jsonl"), encoding="utf-8") as f:
+        times = [json.loads(line)["time"] for line in f if line.strip()]
+    return times[-1] - times[0]
+
+
+def gaussian_lm(runner: Runner, paths: dict, sc: dict) -> dict:
+    """Diffusion-LM (Gaussian, unconditional) against DiffusionBERT on the synthetic language; its samples
+    with the full chain and Tang et al.'s adaptive decay, before and after post-training (and the control);
+    infilling of held-out sentences with 30% of their words masked, and length control, for both."""
+    from evaluation.infill import make_templates
+    prio, steps, post_steps = PRIORITY["glm"], sc["glm_steps"], sc["glm_post_steps"]
+    restart = {"--max_steps": post_steps, "--warmup_steps": 0, "--eval_every": max(1, post_steps // 4),
+               "--save_every": max(1, post_steps // 4), "--log_every": max(1, post_steps // 20)}
+    continued = {"post": ["--simi_penalty", "l2_noise_random", "--simi_lambda", -2, "--simi_noise", 0.05],
+                 "more": ["--simi_penalty", "none"]}
+    runner.say(f"== Gaussian LM: Diffusion-LM {steps} steps, then post-training and its control ({post_steps})")
+
+    def chain() -> dict:
+        base = runner.train("glm", glm_args(paths, steps), prio)
+        post, more = runner.parallel([lambda t=t: runner.train(f"glm-{t}", override(glm_args(paths, steps), restart) +
+                                                               ["--post_train", base, *continued[t]], prio)
+                                      for t in ("post", "more")])
+        return {"": base, "post-": post, "more-": more}
+
+    runs, absorbing_dir = runner.parallel([chain, lambda: absorbing_long(runner, paths, sc)])
+    n = sc["glm_samples"]
+    a_steps = max(sc["sample_steps"])
+    samples = {f"glm-{tag}{r}": sample_and_score(runner, paths, run_dir, f"glm-{tag}{r}",
+                                                 ["--num_samples", n, "--decode_respacing", r], prio)
+               for tag, run_dir in runs.items() for r in sc["glm_respacings"]}
+    samples["absorbing"] = sample_and_score(runner, paths, absorbing_dir, f"glm-vs-absorbing-{a_steps}",
+                                            ["--num_samples", n, "--steps", a_steps], prio)
+    bound = elbo(runner, runs[""], "glm", sc)
+
+    # length control: every sample asks for one of GLM_LENGTHS words
+    lengths = ",".join(map(str, GLM_LENGTHS))
+    length = {}
+    for model, run_dir, flags in (("absorbing", absorbing_dir, ["--steps", a_steps]),
+                                  ("gaussian", runs[""], ["--decode_respacing", sc["glm_respacings"][0]])):
+        m = sample_and_score(runner, paths, run_dir, f"length-{model}", ["--num_samples", n, "--length", lengths,
+                                                                         *flags], prio)
+        with open(m["samples_file"], encoding="utf-8") as f:
+            got = [len(line.split()) for line in f.read().splitlines()]
+        m["length_met"] = statistics.fmean(g == GLM_LENGTHS[i % len(GLM_LENGTHS)] for i, g in enumerate(got))
+        length[model] = m
+
+    # infilling: held-out test sentences with 30% of their words masked
+    folder = os.path.join(runner.out, "infill")
+    os.makedirs(folder, exist_ok=True)
+    with open(os.path.join(paths["lm"], "test.txt"), encoding="utf-8") as f:
+        refs = [line for line in f.read().splitlines() if line.strip()][:sc["glm_infill"]]
+    templates, references = os.path.join(folder, "templates.txt"), os.path.join(folder, "references.txt")
+    write_text_atomic(templates, "".join(t + "\n" for t in make_templates(refs, INFILL_FRACTION, seed=3)))
+    write_text_atomic(references, "".join(r + "\n" for r in refs))
+    infill = {}
+    for model, run_dir, flags in (("absorbing", absorbing_dir, ["--steps", a_steps]),
+                                  ("gaussian", runs[""], ["--decode_respacing", sc["glm_respacings"][0]]),
+                                  ("gaussian-post", runs["post-"], ["--decode_respacing", sc["glm_respacings"][-1]])):
+        txt = os.path.join(folder, f"{model}.txt")
+        runner.run(f"infill-{model}", "predict.py", ["--checkpoint", run_dir, "--template_file", templates, *flags,
+                                                     "--batch_size", 100, "--seed", 1, "--device", "cpu",
+                                                     "--out_dir", folder, "--name", model, "--overwrite"], txt, prio)
+        metric = os.path.join(folder, f"{model}.metrics.json")
+        runner.run(f"score-infill-{model}", "compute_metric.py", [
+            "--mode", "infill", "--samples", txt, "--templates", templates, "--references", references,
+            "--language", paths["language"], "--out", metric, "--overwrite"], metric, prio)
+        infill[model] = read_json(metric)["metrics"]
+        infill[model]["flags"] = " ".join(map(str, flags))
+    from textdata.synthetic import SyntheticLanguage, score
+    lang = SyntheticLanguage.load(paths["language"])
+    truth = {"entropy": lang.entropy()["per_token"], "test": score(lang, refs)["nll_per_token"]}
+    return {"truth": truth, "runs": runs, "absorbing_dir": absorbing_dir, "samples": samples, "bound": bound, "length": length,
+            "infill": infill, "train_seconds": {"gaussian": train_seconds(runs[""]),
+                                                "absorbing": train_seconds(absorbing_dir)},
+            "absorbing_steps": a_steps}
+
+
 def override(args: list, values: dict) -> list:
     """``args`` with the value after each flag in ``values`` replaced."""
     args = list(args)
@@ -500,7 +638,8 @@ def override(args: list, values: dict) -> list:
 # --------------------------------------------------------------------------- report
 
 
-def report(out: str, scale: str, sc: dict, lm: dict | None, bible: dict | None, s2s: dict | None, seconds: float) -> str:
+def report(out: str, scale: str, sc: dict, lm: dict | None, bible: dict | None, s2s: dict | None, seconds: float,
+           glm: dict | None = None) -> str:
     from evaluation.plots import line_plot
     plots = os.path.join(out, "plots")
     lines = [f"# Does it learn? (`bash run.sh reproduce{' quick' if scale == 'quick' else ''}`)", "",
@@ -632,6 +771,8 @@ def report(out: str, scale: str, sc: dict, lm: dict | None, bible: dict | None, 
         summary["bible"] = {"scratch_minus_pretrained_nelbo": diff, "verdict": verdict}
     if s2s:
         lines += seq2seq_report(s2s, sc, plots, summary)
+    if glm:
+        lines += glm_report(glm, sc, summary)
     write_json_atomic(os.path.join(out, "results.json"), json.loads(json.dumps(summary, default=str)))
     text = "\n".join(lines) + "\n"
     write_text_atomic(os.path.join(out, "results.md"), text)
@@ -708,6 +849,60 @@ def seq2seq_report(s2s: dict, sc: dict, plots: str, summary: dict) -> list[str]:
     return lines
 
 
+def glm_report(g: dict, sc: dict, summary: dict) -> list[str]:
+    """Section 4: Diffusion-LM against DiffusionBERT, adaptive decay and post-training, infilling and length."""
+    smp, secs, a_steps = g["samples"], g["train_seconds"], g["absorbing_steps"]
+    long_steps, long_batch = sc["lm_long"]
+    h = g["truth"]["entropy"]
+
+    def q(m: dict) -> str:
+        return (f"{m.get('sample_nll_per_token', math.nan):.4f} | {100 * m['sample_forbidden_fraction']:.1f}% | "
+                f"{m['sequences_per_second']:.1f}")
+    lines = ["## 4. Gaussian LM (Diffusion-LM) against DiffusionBERT; infilling and length control", "",
+             f"Diffusion-LM as `glm_args` sets it (sqrt schedule, T = {GLM_T}, embedding 16, x0 prediction with the "
+             f"rounding loss, a transformer from scratch of hidden 128 and 3 layers) trained for {sc['glm_steps']} "
+             f"steps at batch 128 in {secs['gaussian']:.0f} s; DiffusionBERT (part 1's base model) for {long_steps} "
+             f"steps at batch {long_batch} in {secs['absorbing']:.0f} s, on the same data and cores. {sc['glm_samples']} "
+             f"samples each (seed 1); the true entropy is {h:.4f} nats/token. Sample NLL: the exact NLL per token of "
+             "the samples that have a likelihood; forbidden: the fraction with a transition the language never makes.",
+             "", "| model | decoding | test NLL bound, nats/token | sample NLL/token | forbidden | sequences/s |",
+             "|---|---|---|---|---|---|",
+             f"| DiffusionBERT | {a_steps} steps | (part 1) | {q(smp['absorbing'])} |"]
+    bound = g["bound"]
+    for r in sc["glm_respacings"]:
+        b = f"{bound['nelbo_per_token']:.4f} ± {bound['nelbo_per_token_se']:.4f}" if r == sc["glm_respacings"][0] else ""
+        lines.append(f"| Diffusion-LM | {r} | {b} | {q(smp['glm-' + r])} |")
+    lines += ["", f"Tang et al. on the Gaussian LM: {sc['glm_post_steps']} more steps with the released penalty "
+              "(`post`) or without it (`more`, the control), from the EMA weights. Sample NLL / forbidden:", "",
+              "| decoding | Diffusion-LM | + post-training | + the same steps, no penalty |", "|---|---|---|---|"]
+    for r in sc["glm_respacings"]:
+        cells = [f"{smp[f'glm-{t}{r}'].get('sample_nll_per_token', math.nan):.4f} / "
+                 f"{100 * smp[f'glm-{t}{r}']['sample_forbidden_fraction']:.1f}%" for t in ("", "post-", "more-")]
+        lines.append(f"| {r} | " + " | ".join(cells) + " |")
+    inf = g["infill"]
+    ref_nll = next(iter(inf.values())).get("reference_nll_per_token", math.nan)
+    lines += ["", f"Infilling: {sc['glm_infill']} held-out test sentences with {INFILL_FRACTION:.0%} of their words "
+              f"masked (`make_templates`, seed 3); the originals have NLL {ref_nll:.4f} nats/token. Slot accuracy is "
+              "exact-word accuracy against the original; several words can fit a slot, so the exact NLL of the "
+              "filled sentence is the fairer score.", "",
+              "| model | decoding | given words kept | slot accuracy | filled NLL/token | forbidden |",
+              "|---|---|---|---|---|---|"]
+    for model, m in inf.items():
+        lines.append(f"| {model} | {m['flags']} | {100 * m['given_kept']:.1f}% | {m['slot_accuracy']:.3f} | "
+                     f"{m.get('fill_nll_per_token', math.nan):.4f} | {100 * m['fill_forbidden_fraction']:.1f}% |")
+    lines += ["", f"Length control: `--length {','.join(map(str, GLM_LENGTHS))}` (sample i asks for the i-th, cycled).",
+              "", "| model | length met | sample NLL/token | forbidden |", "|---|---|---|---|"]
+    for model, m in g["length"].items():
+        lines.append(f"| {model} | {100 * m['length_met']:.1f}% | {m.get('sample_nll_per_token', math.nan):.4f} | "
+                     f"{100 * m['sample_forbidden_fraction']:.1f}% |")
+    lines += [""]
+    summary["gaussian_lm"] = {"train_seconds": secs, "bound": bound.get("nelbo_per_token"),
+                              "samples": {k: {m: v.get(m) for m in ("sample_nll_per_token", "sample_forbidden_fraction",
+                                                                    "sequences_per_second")} for k, v in smp.items()},
+                              "infill": inf, "length_met": {k: v["length_met"] for k, v in g["length"].items()}}
+    return lines
+
+
 # --------------------------------------------------------------------------- CLI
 
 
@@ -716,7 +911,8 @@ def parse_args(argv=None):
     p.add_argument("--scale", choices=sorted(SCALES), default="full")
     p.add_argument("--out", default=None, help="results folder (default: results/reproduce-<time>); an existing "
                                                "one continues where it stopped")
-    p.add_argument("--parts", default="lm,bible,seq2seq", help="comma-separated: lm, bible, seq2seq")
+    p.add_argument("--parts", default="lm,bible,seq2seq,glm",
+                   help="comma-separated: lm, bible, seq2seq, glm (the Gaussian LM, infilling and length control)")
     p.add_argument("--jobs", type=int, default=max(1, min(4, os.cpu_count() or 1)),
                    help="runs side by side (each with --threads threads)")
     p.add_argument("--threads", type=int, default=1, help="threads per run")
@@ -727,31 +923,33 @@ def parse_args(argv=None):
 def main(argv=None):
     args = parse_args(argv)
     parts = set(args.parts.split(","))
-    if not parts <= {"lm", "bible", "seq2seq"}:
-        raise UserError(f"--parts takes lm, bible and seq2seq, got {args.parts}")
+    if not parts <= set(PARTS):
+        raise UserError(f"--parts takes {', '.join(PARTS)}, got {args.parts}")
     if args.jobs < 1 or args.threads < 1:
         raise UserError("--jobs and --threads must be at least 1")
     sc = SCALES[args.scale]
     out = args.out or os.path.join("results", f"reproduce-{args.scale}-{time.strftime('%Y%m%d-%H%M%S')}")
     os.makedirs(out, exist_ok=True)
     settings = os.path.join(out, "settings.json")
-    if os.path.exists(settings) and read_json(settings) != json.loads(json.dumps({"scale": args.scale, **sc})):
+    now = json.loads(json.dumps({"scale": args.scale, **sc}))
+    # a folder made before a setting existed (a part added since) is continued; a changed setting is refused
+    if os.path.exists(settings) and any(now.get(k) != v for k, v in read_json(settings).items()):
         raise UserError(f"{out} was made with other settings ({settings}); its steps cannot be reused: give a new --out")
-    write_json_atomic(settings, {"scale": args.scale, **sc})
+    write_json_atomic(settings, now)
     print(f"reproduce: scale {args.scale}, results in {out}", flush=True)
     runner = Runner(os.path.abspath(out), args.jobs, args.threads)
     start = time.time()
     paths = make_data(runner.out, sc)
     # the parts run side by side; their steps share the --jobs slots (the seq2seq chain first)
     work = {"lm": lambda: synthetic_lm(runner, paths, sc), "bible": lambda: bible_lm(runner, sc),
-            "seq2seq": lambda: seq2seq(runner, paths, sc)}
-    chosen = [k for k in ("seq2seq", "lm", "bible") if k in parts]
+            "seq2seq": lambda: seq2seq(runner, paths, sc), "glm": lambda: gaussian_lm(runner, paths, sc)}
+    chosen = [k for k in PARTS if k in parts]
     try:
         done = dict(zip(chosen, runner.parallel([work[k] for k in chosen])))
     finally:
         runner.bar.close()
     lm, bible, s2s = done.get("lm"), done.get("bible"), done.get("seq2seq")
-    text = report(runner.out, args.scale, sc, lm, bible, s2s, time.time() - start)
+    text = report(runner.out, args.scale, sc, lm, bible, s2s, time.time() - start, done.get("glm"))
     print("\n" + text)
     print(f"reproduce: wrote {os.path.join(out, 'results.md')} in {(time.time() - start) / 60:.1f} min")
 
