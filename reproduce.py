@@ -575,28 +575,7 @@ def gaussian_lm(runner: Runner, paths: dict, sc: dict) -> dict:
         return {"": base, "post-": post, "more-": more}
 
     runs, absorbing_dir = runner.parallel([chain, lambda: absorbing_long(runner, paths, sc)])
-    n = sc["glm_samples"]
-    a_steps = max(sc["sample_steps"])
-    samples = {f"glm-{tag}{r}": sample_and_score(runner, paths, run_dir, f"glm-{tag}{r}",
-                                                 ["--num_samples", n, "--decode_respacing", r], prio)
-               for tag, run_dir in runs.items() for r in sc["glm_respacings"]}
-    samples["absorbing"] = sample_and_score(runner, paths, absorbing_dir, f"glm-vs-absorbing-{a_steps}",
-                                            ["--num_samples", n, "--steps", a_steps], prio)
-    bound = elbo(runner, runs[""], "glm", sc)
-
-    # length control: every sample asks for one of GLM_LENGTHS words
-    lengths = ",".join(map(str, GLM_LENGTHS))
-    length = {}
-    for model, run_dir, flags in (("absorbing", absorbing_dir, ["--steps", a_steps]),
-                                  ("gaussian", runs[""], ["--decode_respacing", sc["glm_respacings"][0]])):
-        m = sample_and_score(runner, paths, run_dir, f"length-{model}", ["--num_samples", n, "--length", lengths,
-                                                                         *flags], prio)
-        with open(m["samples_file"], encoding="utf-8") as f:
-            got = [len(line.split()) for line in f.read().splitlines()]
-        m["length_met"] = statistics.fmean(g == GLM_LENGTHS[i % len(GLM_LENGTHS)] for i, g in enumerate(got))
-        length[model] = m
-
-    # infilling: held-out test sentences with 30% of their words masked
+    n, a_steps = sc["glm_samples"], max(sc["sample_steps"])
     folder = os.path.join(runner.out, "infill")
     os.makedirs(folder, exist_ok=True)
     with open(os.path.join(paths["lm"], "test.txt"), encoding="utf-8") as f:
@@ -604,25 +583,50 @@ def gaussian_lm(runner: Runner, paths: dict, sc: dict) -> dict:
     templates, references = os.path.join(folder, "templates.txt"), os.path.join(folder, "references.txt")
     write_text_atomic(templates, "".join(t + "\n" for t in make_templates(refs, INFILL_FRACTION, seed=3)))
     write_text_atomic(references, "".join(r + "\n" for r in refs))
-    infill = {}
-    for model, run_dir, flags in (("absorbing", absorbing_dir, ["--steps", a_steps]),
-                                  ("gaussian", runs[""], ["--decode_respacing", sc["glm_respacings"][0]]),
-                                  ("gaussian-post", runs["post-"], ["--decode_respacing", sc["glm_respacings"][-1]])):
-        txt = os.path.join(folder, f"{model}.txt")
+    absorbing = (absorbing_dir, ["--steps", a_steps])
+    gaussian = (runs[""], ["--decode_respacing", sc["glm_respacings"][0]])
+
+    def length_control(model: str, run_dir: str, flags: list) -> dict:
+        """Every sample asks for one of GLM_LENGTHS words; the fraction that has exactly that many."""
+        m = sample_and_score(runner, paths, run_dir, f"length-{model}", ["--num_samples", n, "--length",
+                                                                         ",".join(map(str, GLM_LENGTHS)), *flags], prio)
+        with open(m["samples_file"], encoding="utf-8") as f:
+            got = [len(line.split()) for line in f.read().splitlines()]
+        return m | {"length_met": statistics.fmean(g == GLM_LENGTHS[i % len(GLM_LENGTHS)] for i, g in enumerate(got))}
+
+    def infill(model: str, run_dir: str, flags: list) -> dict:
+        """The held-out test sentences with 30% of their words masked, filled and scored."""
+        txt, metric = os.path.join(folder, f"{model}.txt"), os.path.join(folder, f"{model}.metrics.json")
         runner.run(f"infill-{model}", "predict.py", ["--checkpoint", run_dir, "--template_file", templates, *flags,
                                                      "--batch_size", 100, "--seed", 1, "--device", "cpu",
                                                      "--out_dir", folder, "--name", model, "--overwrite"], txt, prio)
-        metric = os.path.join(folder, f"{model}.metrics.json")
         runner.run(f"score-infill-{model}", "compute_metric.py", [
             "--mode", "infill", "--samples", txt, "--templates", templates, "--references", references,
             "--language", paths["language"], "--out", metric, "--overwrite"], metric, prio)
-        infill[model] = read_json(metric)["metrics"]
-        infill[model]["flags"] = " ".join(map(str, flags))
+        return read_json(metric)["metrics"] | {"flags": " ".join(map(str, flags))}
+
+    # every evaluation is independent: they share the --jobs slots (sequences/s: one run per core)
+    jobs = {("samples", f"glm-{tag}{r}"): lambda d=run_dir, tag=tag, r=r: sample_and_score(
+                runner, paths, d, f"glm-{tag}{r}", ["--num_samples", n, "--decode_respacing", r], prio)
+            for tag, run_dir in runs.items() for r in sc["glm_respacings"]}
+    jobs[("samples", "absorbing")] = lambda: sample_and_score(runner, paths, absorbing_dir,
+                                                              f"glm-vs-absorbing-{a_steps}",
+                                                              ["--num_samples", n, "--steps", a_steps], prio)
+    jobs[("bound", "")] = lambda: elbo(runner, runs[""], "glm", sc)
+    for model, (run_dir, flags) in (("absorbing", absorbing), ("gaussian", gaussian)):
+        jobs[("length", model)] = lambda m=model, d=run_dir, fl=flags: length_control(m, d, fl)
+    for model, (run_dir, flags) in (("absorbing", absorbing), ("gaussian", gaussian),
+                                    ("gaussian-post", (runs["post-"], ["--decode_respacing",
+                                                                        sc["glm_respacings"][-1]]))):
+        jobs[("infill", model)] = lambda m=model, d=run_dir, fl=flags: infill(m, d, fl)
+    done = dict(zip(jobs, runner.parallel(list(jobs.values()))))
+    samples, length, infills = ({k: v for (kind, k), v in done.items() if kind == want}
+                                for want in ("samples", "length", "infill"))
     from textdata.synthetic import SyntheticLanguage, score
     lang = SyntheticLanguage.load(paths["language"])
     truth = {"entropy": lang.entropy()["per_token"], "test": score(lang, refs)["nll_per_token"]}
-    return {"truth": truth, "runs": runs, "absorbing_dir": absorbing_dir, "samples": samples, "bound": bound, "length": length,
-            "infill": infill, "train_seconds": {"gaussian": train_seconds(runs[""]),
+    return {"truth": truth, "runs": runs, "absorbing_dir": absorbing_dir, "samples": samples,
+            "bound": done[("bound", "")], "length": length, "infill": infills, "train_seconds": {"gaussian": train_seconds(runs[""]),
                                                 "absorbing": train_seconds(absorbing_dir)},
             "absorbing_steps": a_steps}
 
