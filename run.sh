@@ -6,6 +6,8 @@
 #   NGPU=4 bash run.sh lm1b  the same under torchrun --nproc_per_node 4 (DDP)
 #   bash run.sh reproduce [quick]   does it learn? known-answer tasks and the papers' ablations
 #                            (offline CPU; about 70 min on 2 cores, quick: 7 min); reproduce.py --help
+#   bash run.sh reproduce --parts glm --out DIR   part 4: the Gaussian LM, infilling and length control
+#                            (beside a finished full run in DIR)
 #   bash run.sh diffusion-lm  Diffusion-LM: the Gaussian process as an unconditional LM on the offline Bible
 #                            corpus, a small transformer for the CPU (training only; the paper's sizes below)
 #
