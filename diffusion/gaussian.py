@@ -300,7 +300,7 @@ class GaussianDiffusion:
         return betas, coef_x0, coef_zt
 
     @staticmethod
-    def nearest_embedding(z: torch.Tensor, table, chunk: int = 4096) -> torch.Tensor:
+    def nearest_embedding(z: torch.Tensor, table: torch.Tensor | EmbeddingIndex, chunk: int = 4096) -> torch.Tensor:
         """Index of the L2-nearest row of the table for each row of ``z`` [N, D] -> [N] long; the first
         such row on an exact tie.
 
