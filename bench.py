@@ -33,7 +33,8 @@ process's peak resident set on the CPU (Linux ``VmHWM``, reset before each phase
 Gaussian process (DiffuSeq, ``--process gaussian``): training (``gaussian_training``, train mode),
 the step against the network-only step (forward + MSE + backward + AdamW); sampling
 (``gaussian_sampling``, eval mode), one reverse step (network + clamping against the V-entry
-embedding table + posterior) against one forward, plus a full adp_20 decode.
+embedding table + posterior) against one forward, plus a full adp_20 decode. The step is timed as
+``sample`` runs it: the table and its ``|e|^2`` prepared once per decode (``EmbeddingIndex``).
 """
 from __future__ import annotations
 
@@ -450,6 +451,7 @@ def gaussian_sampling(g: Gaussian) -> tuple[dict, dict, dict]:
     """One reverse step (network + clamping against the V-row table + posterior) against one forward,
     and a full adp_20 decode against calls x one forward, in eval mode."""
     from diffusion import adaptive_decay_timesteps
+    from diffusion.gaussian import EmbeddingIndex
 
     net, diffusion, ids, noise_mask, T, B, amp = g.net, g.diffusion, g.ids, g.noise_mask, g.T, g.B, g.amp
     net.eval()
@@ -461,9 +463,11 @@ def gaussian_sampling(g: Gaussian) -> tuple[dict, dict, dict]:
         with torch.no_grad(), amp():
             net(z, t_mid)
 
+    index = EmbeddingIndex.build(net.embedding_weight.detach(), z.dtype)  # once per decode, as sample does
+
     def reverse():
         with torch.no_grad(), amp():
-            diffusion.step(net(z, t_mid), T // 2, T // 2 - 1, z, noise_mask, z_src, net.embedding_weight.detach())
+            diffusion.step(net(z, t_mid), T // 2, T // 2 - 1, z, noise_mask, z_src, index)
 
     steps = interleaved(g.clock, {"forward": forward, "reverse_step": reverse}, g.args.repeats)
     adp = adaptive_decay_timesteps(T, 20) if T >= 20 else list(range(T))

@@ -9,6 +9,7 @@ import torch
 
 from diffusion import (GaussianDiffusion, LossAwareSampler, adaptive_decay_timesteps, gaussian_betas,
                        parse_respacing, uniform_timesteps)
+from diffusion.gaussian import EmbeddingIndex, _first_argmin
 from models import DiffuSeqTransformer
 from released_diffuseq import diffuseq_losses, fill_noise_map, space_timesteps_adp, t_similar_by_noise, tang_losses
 
@@ -357,9 +358,41 @@ def test_nearest_embedding_is_the_l2_argmin():
     table = torch.randn(300, 8, generator=gen) * torch.rand(300, 1, generator=gen) * 3  # rows of varied norm
     z = torch.randn(1000, 8, generator=gen) * 2
     got = GaussianDiffusion.nearest_embedding(z, table, chunk=128)
-    assert torch.equal(got, torch.cdist(z, table).argmin(-1))
+    oracle = ((z[:, None, :].double() - table[None].double()) ** 2).sum(-1).argmin(-1)
+    assert torch.equal(got, oracle)
     # the nearest is not the largest dot product when norms differ (DiffuSeq's final-step mismatch)
     assert (got != (z @ table.t()).argmax(-1)).any()
+
+
+@pytest.mark.parametrize("V", [5, 256, 300, 700])
+def test_nearest_embedding_returns_the_first_of_exact_ties(V):
+    """Brute force in float64 against the fast path (cached |e|^2, 256-column blocks). Entries are small
+    integers, so every float32 distance is exact and ties are exact: the first nearest row must win,
+    also when the tied rows lie in different blocks. V below, at and across block multiples."""
+    gen = torch.Generator().manual_seed(V)
+    table = torch.randint(-1, 2, (V, 4), generator=gen).float()  # 81 distinct rows at most: many duplicates
+    table[-1] = table[0]
+    z = torch.randint(-2, 3, (400, 4), generator=gen).float()
+    dist = ((z[:, None, :].double() - table[None].double()) ** 2).sum(-1)
+    oracle = dist.argmin(-1)  # the first minimum
+    assert ((dist == dist.min(-1, keepdim=True).values).sum(-1) > 1).float().mean() > 0.2  # ties are common
+    index = EmbeddingIndex.build(table, torch.float32)
+    for chunk in (7, 4096):
+        assert torch.equal(GaussianDiffusion.nearest_embedding(z, table, chunk=chunk), oracle)
+        assert torch.equal(GaussianDiffusion.nearest_embedding(z, index, chunk=chunk), oracle)
+
+
+@pytest.mark.parametrize("V", [1, 255, 256, 257, 1000])
+def test_block_argmin_is_min_indices(V):
+    """The two-level reduction returns exactly ``d.min(-1).indices``: the first minimum, exact ties
+    planted across blocks, and NaN counting as the minimum."""
+    gen = torch.Generator().manual_seed(V)
+    d = torch.randint(0, 50, (64, V), generator=gen).float()
+    d[:8, -1] = -1.0
+    d[:8, 0] = -1.0  # a tie between the first and the last column
+    d[8:16, V // 2] = float("nan")
+    d[16:24, :] = 3.0
+    assert torch.equal(_first_argmin(d), d.min(-1).indices)
 
 
 def test_sampling_keeps_the_source_and_clamps_the_target():
