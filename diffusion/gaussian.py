@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Sequence
 
 import torch
 
@@ -400,7 +401,7 @@ class GaussianDiffusion:
         """
         index = table if isinstance(table, EmbeddingIndex) else EmbeddingIndex.build(table, z.dtype)
         if index.rows.dtype != z.dtype:
-            index = EmbeddingIndex.build(index.table, z.dtype)
+            index = EmbeddingIndex.build(index.table, z.dtype, index.exclude)
         out = [_first_argmin(torch.addmm(index.e2, z[i:i + chunk], index.rows.t(), alpha=-2.0))
                for i in range(0, len(z), chunk)]
         return torch.cat(out) if out else torch.zeros(0, dtype=torch.long, device=z.device)
@@ -448,13 +449,15 @@ class GaussianDiffusion:
 
     @torch.no_grad()
     def sample(self, denoiser, ids: torch.Tensor, noise_mask: torch.Tensor, timesteps=None, clamp: bool = True,
-               generator=None) -> SampleOutput:
+               generator=None, exclude: Sequence[int] = ()) -> SampleOutput:
         """Generate the target region of ``ids`` [B, L] given its source (positions outside ``noise_mask``).
 
         The source comes from Emb and the target from N(0, I); then, for each step (t, s) of
         ``self.timesteps(timesteps)`` (a respacing spec; default all T steps): ``x0_hat = denoiser(z_t, t)``
         and :meth:`step`. After the last step the target tokens are the L2-nearest embeddings of z_0
         (the same rule as clamping, not DiffuSeq's dot-product argmax of the LM head).
+        ``exclude``: token ids that clamping and the final rounding never choose (e.g. the special tokens,
+        where the canvas fixes a row's end: its generated positions are then words).
         Returns ``SampleOutput(x0 [B, L], network_calls, row_evaluations, z0 [B, L, D])``.
         """
         grid = self.timesteps(timesteps)  # stays on the CPU: step takes (t, s) as ints
@@ -462,7 +465,7 @@ class GaussianDiffusion:
         z_src = denoiser.embed(ids)
         z = torch.randn(z_src.shape, device=ids.device, dtype=z_src.dtype, generator=generator)
         z = torch.where(noise_mask[..., None], z, z_src)
-        table = EmbeddingIndex.build(denoiser.embedding_weight.detach(), z_src.dtype)  # once, not per step
+        table = EmbeddingIndex.build(denoiser.embedding_weight.detach(), z_src.dtype, exclude)  # once, not per step
         for k in range(len(grid) - 1):
             x0_hat = denoiser(z, grid[k].to(ids.device).expand(B))  # the network sees t as [B]
             out = self.step(x0_hat, int(grid[k]), int(grid[k + 1]), z, noise_mask, z_src,
@@ -487,15 +490,21 @@ NEAREST_BLOCK = 256  # columns per block in _first_argmin
 @dataclass
 class EmbeddingIndex:
     """An embedding table prepared for :meth:`GaussianDiffusion.nearest_embedding` once per ``sample``
-    call, not once per step: the rows in the queries' dtype and their ``|e|^2``."""
+    call, not once per step: the rows in the queries' dtype and their ``|e|^2``. The ``exclude``d rows
+    get ``|e|^2 = inf``, so no query is nearest to them."""
     table: torch.Tensor  # [V, D] the table as given: clamping returns its rows
     rows: torch.Tensor   # [V, D] the table in the queries' dtype
-    e2: torch.Tensor     # [V] |e|^2
+    e2: torch.Tensor     # [V] |e|^2 (inf at the excluded rows)
+    exclude: tuple = ()  # token ids never chosen
 
     @classmethod
-    def build(cls, table: torch.Tensor, dtype: torch.dtype) -> "EmbeddingIndex":
+    def build(cls, table: torch.Tensor, dtype: torch.dtype, exclude: Sequence[int] = ()) -> "EmbeddingIndex":
         rows = table.to(dtype)
-        return cls(table, rows, rows.pow(2).sum(-1))
+        e2 = rows.pow(2).sum(-1)
+        exclude = tuple(exclude)
+        if exclude:
+            e2[list(exclude)] = math.inf
+        return cls(table, rows, e2, exclude)
 
 
 def _first_argmin(d: torch.Tensor) -> torch.Tensor:

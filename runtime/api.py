@@ -418,28 +418,11 @@ def absorbing_decoding(m: Model, steps, respacing, sampler, topk, top_p, tempera
     return Decoding(f"steps{steps}", steps, use_cache, sample)
 
 
-class WordsOnly:
-    """A DiffuSeq denoiser seen through a clamping table in which no special token ([CLS], [SEP], [PAD],
-    [MASK], [UNK]) can be the nearest row (``GaussianDiffusion.step`` clamps to ``embedding_weight``): the
-    generated positions of a row whose end is fixed on the canvas are words."""
-
-    def __init__(self, denoiser, special_ids: Sequence[int]):
-        self.denoiser = denoiser
-        table = denoiser.embedding_weight.detach().clone()
-        table[list(special_ids)] = 1e4 * (1.0 + float(table.abs().max()))  # far from any x0_hat
-        self.embedding_weight = table
-
-    def __call__(self, z_t, t):
-        return self.denoiser(z_t, t)
-
-    def embed(self, ids):
-        return self.denoiser.embed(ids)
-
-
 def gaussian_decoding(m: Model, steps, respacing, sampler, topk, top_p, temperature, cache) -> Decoding:
     """DiffuSeq: the steps of ``respacing``, with clamping; the absorbing sampler's options are refused. Rows
     whose end is fixed (the canvas's last position is not generated: a length or a template) clamp to words
-    only (:class:`WordsOnly`); open rows (a source, an lm without a length) may generate [SEP] and [PAD]."""
+    only (the special tokens are excluded from the clamping table); open rows (a source, an lm without a length)
+    may generate [SEP] and [PAD]."""
     n, run = m._name, m.run
     if steps is not None:
         raise UserError(f"{run.ckpt_dir} is a gaussian (DiffuSeq) checkpoint: choose its steps with "
@@ -452,18 +435,14 @@ def gaussian_decoding(m: Model, steps, respacing, sampler, topk, top_p, temperat
     except (ValueError, TypeError) as e:
         raise UserError(f"{n('respacing')}: {e}") from e
     kept = grid[:-1].flip(0).tolist()  # the kept steps, ascending
-    words_only = []  # built once, on the first batch that needs it
+    special = tuple(m.tokenizer.all_special_ids)
 
     def sample(ids, att, noise, gen):
         closed = ~noise[:, -1]
         if bool(closed.any()) and not bool(closed.all()):
             raise ValueError("rows whose end is fixed and rows whose end is generated cannot share a batch")
-        net = run.denoiser
-        if bool(closed.all()):
-            if not words_only:
-                words_only.append(WordsOnly(run.denoiser, m.tokenizer.all_special_ids))
-            net = words_only[0]
-        return run.diffusion.sample(net, ids, noise, kept, generator=gen)
+        return run.diffusion.sample(run.denoiser, ids, noise, kept, generator=gen,
+                                    exclude=special if bool(closed.all()) else ())
     return Decoding(f"respacing{respacing or 'full'}", None, False, sample, {"timesteps": kept})
 
 

@@ -382,6 +382,20 @@ def test_nearest_embedding_returns_the_first_of_exact_ties(V):
         assert torch.equal(GaussianDiffusion.nearest_embedding(z, index, chunk=chunk), oracle)
 
 
+def test_excluded_rows_are_never_the_nearest():
+    """An index built with ``exclude`` (as ``sample(exclude=...)`` builds it) returns the float64 brute-force
+    nearest among the other rows only, also in another dtype than it was built in."""
+    gen = torch.Generator().manual_seed(3)
+    table = torch.randn(300, 8, generator=gen)
+    excluded = [0, 5, 299]
+    z = torch.cat([table[excluded] + 1e-3, torch.randn(200, 8, generator=gen)])  # some sit on an excluded row
+    dist = ((z[:, None, :].double() - table[None].double()) ** 2).sum(-1)
+    dist[:, excluded] = float("inf")
+    index = EmbeddingIndex.build(table, torch.float32, excluded)
+    assert torch.equal(GaussianDiffusion.nearest_embedding(z, index), dist.argmin(-1))
+    assert torch.equal(GaussianDiffusion.nearest_embedding(z.double(), index), dist.argmin(-1))
+
+
 @pytest.mark.parametrize("V", [1, 255, 256, 257, 1000])
 def test_block_argmin_is_min_indices(V):
     """The two-level reduction returns exactly ``d.min(-1).indices``: the first minimum, exact ties
