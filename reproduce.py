@@ -390,7 +390,7 @@ def synthetic_lm(runner: Runner, paths: dict, sc: dict) -> dict:
     calls = [lambda v=v, s=s: train_and_bound(f"lm-{v}-s{s}", v, s, sc["lm_steps"], sc["lm_batch"],
                                               not separate and (v, s) == first) for v, s in jobs]
     if separate:
-        calls.insert(0, lambda: train_and_bound("lm-base-long-s0", "base", sc["seeds"][0], long_steps, long_batch,
+        calls.insert(0, lambda: train_and_bound(long_run_name(sc), "base", sc["seeds"][0], long_steps, long_batch,
                                                 True))
     runner.say(f"== synthetic LM: {len(calls)} training runs ({', '.join(variants)} x seeds {list(sc['seeds'])}"
                f"{'; the base at ' + str(long_steps) + ' steps' if separate else ''})")
@@ -537,11 +537,15 @@ INFILL_FRACTION = 0.3
 def absorbing_long(runner: Runner, paths: dict, sc: dict) -> str:
     """The run directory of DiffusionBERT's base variant at the long budget (part 1 trains it; a part that
     needs it first waits for it or trains it)."""
-    long_steps, long_batch = sc["lm_long"]
+    return runner.train(long_run_name(sc), lm_args(paths, sc, "base", sc["seeds"][0], word_freqs(runner, paths),
+                                                   *sc["lm_long"]), PRIORITY["lm"])
+
+
+def long_run_name(sc: dict) -> str:
+    """Part 1's base model at the long budget: a run of its own, or the ablation's seed-0 base run when the
+    budgets are the same (``synthetic_lm`` trains it; ``absorbing_long`` must find the same run)."""
     seed = sc["seeds"][0]
-    name = "lm-base-long-s0" if (long_steps, long_batch) != (sc["lm_steps"], sc["lm_batch"]) else f"lm-base-s{seed}"
-    return runner.train(name, lm_args(paths, sc, "base", seed, word_freqs(runner, paths), long_steps, long_batch),
-                        PRIORITY["lm"])
+    return f"lm-base-long-s{seed}" if tuple(sc["lm_long"]) != (sc["lm_steps"], sc["lm_batch"]) else f"lm-base-s{seed}"
 
 
 def glm_args(paths: dict, steps: int) -> list:
