@@ -1,0 +1,79 @@
+"""One writer per output: an exclusive advisory lock on a folder, held for the life of a process.
+
+``fcntl.flock`` locks belong to the open file description, so the kernel drops them when the
+process dies, however it dies: a killed run leaves no stale lock to clean up. The lock file
+``.lock`` inside the folder holds the holder's pid and command line, so that a second writer can
+name it in its one error line.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import sys
+
+from common.errors import UserError
+
+LOCK_NAME = ".lock"
+
+# Locks held by this process, by folder: a process may ask again for a folder it already holds.
+_held: dict[str, int] = {}
+
+
+def _describe(fd: int) -> str:
+    try:
+        os.lseek(fd, 0, os.SEEK_SET)
+        text = os.read(fd, 4096).decode("utf-8", "replace").strip()
+    except OSError:
+        text = ""
+    return text.splitlines()[0] if text else "another process"
+
+
+def acquire(folder, what: str = "run directory") -> str:
+    """Take the exclusive lock on ``folder`` (created if missing) and keep it until exit or ``release``.
+
+    Raises ``UserError`` naming the holder when another process has it. Returns the folder's path.
+    """
+    import fcntl
+    folder = os.path.abspath(os.fspath(folder))
+    if folder in _held:
+        return folder
+    if os.path.exists(folder) and not os.path.isdir(folder):
+        raise UserError(f"{what} {folder} is a file, not a folder")
+    try:
+        os.makedirs(folder, exist_ok=True)
+        fd = os.open(os.path.join(folder, LOCK_NAME), os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as e:
+        raise UserError(f"cannot write to {what} {folder}: {e.strerror or e}") from None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = _describe(fd)
+        os.close(fd)
+        raise UserError(f"{what} {folder} is in use by {holder}; wait for it to finish or choose another "
+                        f"folder") from None
+    os.ftruncate(fd, 0)
+    os.lseek(fd, 0, os.SEEK_SET)
+    os.write(fd, f"pid {os.getpid()} ({' '.join(sys.argv)[:200]})\n".encode("utf-8", "replace"))
+    _held[folder] = fd
+    return folder
+
+
+def release(folder) -> None:
+    """Give the lock back (it also goes when the process ends)."""
+    folder = os.path.abspath(os.fspath(folder))
+    fd = _held.pop(folder, None)
+    if fd is not None:
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def held(folder, what: str = "run directory"):
+    """``with held(dir): ...``: the lock for the block only (unless this process held it already)."""
+    folder = os.path.abspath(os.fspath(folder))
+    already = folder in _held
+    acquire(folder, what)
+    try:
+        yield folder
+    finally:
+        if not already:
+            release(folder)
