@@ -385,7 +385,7 @@ class AbsorbingDiffusion:
                attention_mask: torch.Tensor, steps: int, topk: int = 0, top_p: float = 1.0,
                temperature: float = 1.0, cache: bool = True,
                generator: torch.Generator | None = None, sampler: str = "ours",
-               final_x0: bool = False) -> SampleOutput:
+               final_x0: bool = False, start_id: int | None = None) -> SampleOutput:
         """Ancestral sampling from ``x`` (noised positions set to [MASK]) over a grid of ``steps``.
 
         ``sampler``:
@@ -400,6 +400,11 @@ class AbsorbingDiffusion:
         ``cache`` (MDLM): with a time-agnostic denoiser the output depends on ``x_t`` only, so a row
         whose tokens did not change since its last evaluation reuses its ``p_hat``; the network is
         called only on rows that changed. Only valid when the denoiser ignores t.
+
+        ``start_id``: the token the noised positions start from (default [MASK]). The released
+        ``discrete_diffusion_predict_fn`` starts from its default ``mask_token_id=103``, BERT's [MASK], with any
+        tokenizer; with RoBERTa that is an ordinary token, which the released step never changes, so only the
+        ``final_x0`` redraw moves it.
         """
         if sampler not in SAMPLERS:
             raise ValueError(f"unknown sampler {sampler!r}; choose one of {SAMPLERS}")
@@ -408,7 +413,7 @@ class AbsorbingDiffusion:
             raise ValueError("final_x0 belongs to the released sampler")
         # the released spindle posterior scores the argmax of p_hat at every noised position
         need_guess = released and self.schedule.token_dependent
-        x = x.masked_fill(noise_mask, self.mask_id)
+        x = x.masked_fill(noise_mask, self.mask_id if start_id is None else start_id)
         x0_guess = x.clone() if need_guess else None
         grid = self.timesteps(steps).to(x.device)
         K = grid.numel() - 1
