@@ -637,3 +637,19 @@ def test_start_id_keeps_the_chain_until_the_released_last_step():
     diff.sample(denoise, x, noise, torch.ones_like(x), 10, topk=1, sampler="released", final_x0=True,
                 generator=torch.Generator().manual_seed(0))
     assert len(seen) > 1 and seen[0][0, 2:].eq(MASK).all()
+
+
+def test_start_id_on_a_bert_checkpoint(seq2seq_run):
+    """bert-base-uncased's [MASK] is 103, so the released start is ours there (the same strings); --start_id is
+    refused without the released sampler and outside the vocabulary."""
+    from common.errors import UserError
+    from runtime.api import load
+    m = load(str(seq2seq_run[1]))
+    with pytest.raises(UserError, match="start_id"):
+        m.decoding(steps=5, sampler="ours", start_id=103)
+    with pytest.raises(UserError, match="start_id"):
+        m.decoding(steps=5, sampler="released", start_id=len(m.tokenizer))
+    src = m.source_ids(["in the beginning god created the heaven and the earth"])
+    a = m.decode_batches(src, m.decoding(steps=5, sampler="released", topk=15), seed=3)
+    b = m.decode_batches(src, m.decoding(steps=5, sampler="released", topk=15, start_id=103), seed=3)
+    assert m.tokenizer.mask_token_id == 103 and a.texts == b.texts
