@@ -45,8 +45,8 @@ case "$PRESET" in
     RUN=outputs/cond-$PRESET-$STAMP
     DATA_ARGS=(--dataset "$PRESET" --data_files "$FOLDER")
     # DiffusionBERT's released seq2seq run (run_condition.sh: DDP_main_conditional.py on 4 GPUs, --lr 5e-5
-    # --batch_size 64, its defaults for the rest): T = 2000, mutual, the released objective with hybrid lambda
-    # 3e-4; 64 a GPU x 4 GPUs x accumulation 4 = 1024 a step at any NGPU; LinearLR from lr/3 to lr over 10k
+    # --batch_size 64, its defaults for the rest): T = 2000, mutual, the released objective (summed, not divided by
+    # the batch size) with hybrid lambda 3e-4; 64 a GPU x 4 GPUs x accumulation 4 = 1024 a step at any NGPU; LinearLR from lr/3 to lr over 10k
     # steps, then constant; value clipping at 5 after every micro-batch; AdamW's default weight decay 0.01;
     # 200 epochs (counted from the lines of train.jsonl as DistributedSampler and the accumulation count them).
     # Its decoding (predict_downstream_condition.py): top-k 15, temperature 1, T = 2000 in steps of 10 = 200
@@ -57,7 +57,7 @@ case "$PRESET" in
     MICRO=$(( ( (ROWS + 3) / 4 + 63) / 64 ))   # micro-batches per epoch on each of the 4 ranks
     MAX_STEPS=$(( 200 * MICRO / 4 ))
     TRAIN_ARGS=(--model_name_or_path bert-base-uncased --task seq2seq --max_len 128 --num_steps 2000 --schedule mutual
-                --loss_weighting released --hybrid_lambda 3e-4
+                --loss_weighting released_conditional --hybrid_lambda 3e-4
                 --batch_size 64 --accumulation_steps $ACC --lr 5e-5 --lr_schedule ddp_main_conditional
                 --warmup_steps 10000 --grad_clip 0 --grad_clip_value 5 --weight_decay 0.01 --max_steps $MAX_STEPS
                 --eval_every 1000 --eval_examples 1000 --eval_steps 25 --save_every 1000 --log_every 50

@@ -41,7 +41,7 @@ from .schedules import Schedule
 # Token-independent schedules never reach it (w >= 1/T there).
 REVERSE_W_MIN = 1e-6
 
-LOSS_WEIGHTINGS = ("elbo", "released")
+LOSS_WEIGHTINGS = ("elbo", "released", "released_conditional")
 SAMPLERS = ("ours", "released")
 
 # DiffusionBERT's sampler (diffusion_word_freq.py): the epsilon inside every log, and the clip of the
@@ -190,6 +190,8 @@ class AbsorbingDiffusion:
           tokens, masked or not, everything divided by the batch size. Relative to the KL term the
           hybrid term weighs about ``t`` times more than under ``elbo``; the projection runs at every
           noised position.
+        * ``released_conditional`` (``diffusion_condition.py`` with ``DDP_main_conditional.py``): the same
+          sums, not divided by the batch size (a gradient B times larger, which matters under value clipping).
 
         ``nelbo`` and ``ce`` are reported the same way under both (T * KL per example; mean CE over
         masked positions), so logs stay comparable.
@@ -200,7 +202,7 @@ class AbsorbingDiffusion:
         t = self.sample_t(B, x0.device, low_discrepancy, generator)
         x_t = self.q_sample(x0, t, noise_mask, generator)
         masked = (x_t == self.mask_id) & noise_mask
-        released = weighting == "released"
+        released = weighting != "elbo"
         logp_all = self.log_p_hat(denoise(x_t, t, attention_mask, noise_mask if released else masked))
         logp = logp_all[masked[noise_mask]] if released else logp_all  # the masked rows, row-major
         kl_pos = self.kl(logp, x0, x_t, t, t - 1, noise_mask)
@@ -211,7 +213,7 @@ class AbsorbingDiffusion:
         nelbo = self.T * kl_b
         if released:
             ce_all = -logp_all.gather(-1, x0[noise_mask][:, None]).squeeze(-1)
-            loss = (kl_b.sum() + self.hybrid_lambda * ce_all.sum()) / B
+            loss = (kl_b.sum() + self.hybrid_lambda * ce_all.sum()) / (B if weighting == "released" else 1)
         else:
             loss = nelbo.sum() / num_tokens.clamp_min(1) + self.hybrid_lambda * ce
         return LossOutput(loss, nelbo.detach(), ce.detach(), num_tokens, num_masked)

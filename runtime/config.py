@@ -67,7 +67,8 @@ class TrainConfig:
     loss_weighting: str = opt("elbo", "absorbing: elbo (T * KL per noised token + hybrid_lambda * mean CE over "
                               "masked tokens) or released (DiffusionBERT's DDP_main.py: KL summed over the noised "
                               "tokens with no factor T + hybrid_lambda * CE summed over all noised tokens, masked "
-                              "or not, divided by the batch size); configs stored without it are elbo",
+                              "or not, divided by the batch size), or released_conditional (DDP_main_conditional.py: "
+                              "the same sums, not divided by the batch size); configs stored without it are elbo",
                               choices=LOSS_WEIGHTINGS)
     low_discrepancy: bool = opt(False, "stratify t across the batch (MDLM's low-discrepancy sampler)")
     # gaussian (DiffuSeq, Diffusion-LM) model and training
@@ -156,7 +157,7 @@ class TrainConfig:
                 raise UserError("--time_conditioning and --from_scratch are --process absorbing flags (the gaussian "
                                 "transformer is always trained from scratch and always conditioned on t)")
             if self.loss_weighting != "elbo":
-                raise UserError("--loss_weighting released is DiffusionBERT's (--process absorbing) objective")
+                raise UserError(f"--loss_weighting {self.loss_weighting} is DiffusionBERT's (--process absorbing) objective")
             require_at_least_one(self, "emb_dim", "hidden_size", "num_layers", "num_heads")
             if not 0.0 <= self.ema_rate < 1.0:
                 raise UserError(f"--ema_rate must be in [0, 1), got {self.ema_rate}")

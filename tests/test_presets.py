@@ -309,7 +309,7 @@ def conditional_as_ours(a: Reads, nproc: int, train_rows: int) -> dict:
         "num_steps": a.num_steps,
         "schedule": a.schedule if a.word_freq_lambda == 0 else "spindle",
         "hybrid_lambda": a.hybrid_lambda,
-        "loss_weighting": "released",
+        "loss_weighting": "released_conditional",  # compute_kl_reverse_process(...)['loss'], no division
         "lr": a.lr,
         "lr_schedule": "ddp_main_conditional", "warmup_steps": 10000,  # LinearLR(optimizer, total_iters=10000)
         "grad_clip": 0.0, "grad_clip_value": 5.0, "weight_decay": 0.01,
