@@ -531,7 +531,9 @@ DEMO_TRAIN_ARGS = ["--dataset", "bible", "--num_steps", "2048", "--schedule", "s
 
 def rss_mb(pid: int | str = "self", field: str = "VmRSS") -> float | None:
     """A process's resident set in MB from /proc (Linux): ``VmRSS`` now, or ``VmHWM``, its peak since the last
-    :func:`reset_peak_rss`; None where /proc cannot tell."""
+    :func:`reset_peak_rss`, or one part of it: ``RssAnon`` (the heap and other private memory, where a leak
+    grows) or ``RssFile`` (pages of mapped files, such as a memory-mapped dataset: they grow as more of the file
+    is read, and the kernel can drop them); None where /proc cannot tell."""
     try:
         with open(f"/proc/{pid}/status") as f:
             for line in f:
@@ -551,9 +553,13 @@ def reset_peak_rss(pid: int | str = "self") -> None:
         pass
 
 
+MEASURES = {"rss_mb": "RSS", "anon_mb": "anonymous (heap)", "file_mb": "file-backed", "peak_mb": "peak per window"}
+
+
 def rss_record(step: int, pid: int | str, start: float) -> dict:
     """The RSS now and the peak since the previous record (whose window this record closes), then a new window."""
-    rec = {"step": step, "rss_mb": rss_mb(pid), "peak_mb": rss_mb(pid, "VmHWM"), "seconds": round(time.time() - start, 1)}
+    rec = {"step": step, "rss_mb": rss_mb(pid), "peak_mb": rss_mb(pid, "VmHWM"), "anon_mb": rss_mb(pid, "RssAnon"),
+           "file_mb": rss_mb(pid, "RssFile"), "seconds": round(time.time() - start, 1)}
     reset_peak_rss(pid)
     return rec
 
@@ -653,7 +659,8 @@ def memory_sampling(args, checkpoint: str, save) -> dict:
     from runtime.api import load
 
     m = load(checkpoint, "cpu" if args.device == "auto" else args.device)
-    res = {"checkpoint": checkpoint, "batch_size": args.batch_size or 32, "steps": args.sample_steps, "records": []}
+    res = {"checkpoint": checkpoint, "batch_size": args.batch_size or 32, "steps": args.sample_steps, "records": [],
+           "malloc_env": {k: v for k, v in os.environ.items() if k.startswith("MALLOC_")}}
     calls = [0]
     start = time.time()
     reset_peak_rss()
@@ -661,7 +668,8 @@ def memory_sampling(args, checkpoint: str, save) -> dict:
     def count(module, inputs, output):
         calls[0] += 1
         if calls[0] % args.memory_every == 0:
-            res["records"].append(rss_record(calls[0], "self", start))
+            import gc
+            res["records"].append({**rss_record(calls[0], "self", start), "python_objects": len(gc.get_objects())})
             save(res)
     m.run.denoiser.register_forward_hook(count)
     batches = 0
@@ -687,11 +695,11 @@ def bench_memory(args, device: torch.device, clock: Clock, amp) -> dict:
         checkpoint = args.checkpoint
         if args.memory in ("train", "both"):
             res["train"] = memory_training(args, tmp, lambda r: (res.update(train=r), save()))
-            res["train"]["growth"] = {k: growth(res["train"]["records"], args.memory_from, k) for k in ("rss_mb", "peak_mb")}
+            res["train"]["growth"] = {k: growth(res["train"]["records"], args.memory_from, k) for k in MEASURES}
             checkpoint = checkpoint or os.path.join(tmp, "run")
         if args.memory in ("sample", "both"):
             res["sample"] = memory_sampling(args, checkpoint, lambda r: (res.update(sample=r), save()))
-            res["sample"]["growth"] = {k: growth(res["sample"]["records"], args.memory_from, k) for k in ("rss_mb", "peak_mb")}
+            res["sample"]["growth"] = {k: growth(res["sample"]["records"], args.memory_from, k) for k in MEASURES}
     return res
 
 
@@ -701,12 +709,17 @@ def report_memory(r: dict, args) -> list[str]:
         if phase not in r:
             continue
         p = r[phase]
+        objects = any("python_objects" in x for x in p["records"])  # sampling runs in this process: gc counts
         lines += [f"## memory, {phase}: RSS every {args.memory_every} {unit}s", "",
-                  f"| {unit} | RSS MB | peak since the previous record, MB | seconds |", "|---|---|---|---|"]
-        lines += [f"| {x['step']} | {fmt(x['rss_mb'], 'MB')} | {fmt(x['peak_mb'], 'MB')} | {x['seconds']:.0f} |"
-                  for x in p["records"]]
+                  f"| {unit} | RSS MB | anonymous | file-backed | peak since the previous record | seconds |"
+                  + (" Python objects |" if objects else ""), "|---|---|---|---|---|---|" + ("---|" if objects else "")]
+        lines += [f"| {x['step']} | {fmt(x['rss_mb'], 'MB')} | {fmt(x.get('anon_mb'), 'MB')} | "
+                  f"{fmt(x.get('file_mb'), 'MB')} | {fmt(x['peak_mb'], 'MB')} | {x['seconds']:.0f} |"
+                  + (f" {x.get('python_objects')} |" if objects else "") for x in p["records"]]
         lines.append("")
-        for key, what in (("rss_mb", "RSS"), ("peak_mb", "peak per window")):
+        for key, what in MEASURES.items():
+            if key not in p["growth"]:
+                continue
             g = p["growth"][key]
             if g["growth"] is None:
                 lines.append(f"- {what}: no record at or after {unit} {args.memory_from}; growth not measured")
