@@ -7,7 +7,8 @@ tests/test_ddp_faults.py use them; a normal run sets none and nothing changes):
     DLM_FAULT_CRASH_IN_SAVE=1    die (exit status 99) half-way through writing a checkpoint
     DLM_FAULT_SIGNAL_AFTER_BATCHES=2   predict.py, compute_elbo.py and the decoder send themselves a signal
                                  once they have saved this many batches (tests/test_outputs.py)
-    DLM_FAULT_SIGNAL=TERM        which signal: INT (the default, as Ctrl-C) or TERM
+    DLM_FAULT_SIGNAL=TERM        which signal: INT (the default, as Ctrl-C), TERM, or STOP (the process
+                                 pauses, holding its lock, until a SIGCONT)
 """
 from __future__ import annotations
 

@@ -197,11 +197,11 @@ def open_output(finals: list[str], partial: str, settings: dict, *, resume: bool
         try:
             state = _start(finals, partial, json.loads(json.dumps(settings)), resume, overwrite, lock_dir, others,
                            what, info.log)
-        except BaseException:
-            if lock_dir == partial and not os.path.exists(os.path.join(partial, SETTINGS)):
-                _clear(partial, keep_lock=False)  # nothing of ours was there: leave no empty folder behind
-            lock.release(lock_dir)
-            raise
+        finally:
+            if state is None:  # refused, or finished already: give the lock back
+                if lock_dir == partial and not os.path.exists(os.path.join(partial, SETTINGS)):
+                    _clear(partial, keep_lock=False)  # nothing of ours was there: leave no empty folder behind
+                lock.release(lock_dir)
     state = dist.broadcast_from_main(state, info)
     if state is None:
         return None
