@@ -95,7 +95,7 @@ PREDICT = ("--num_samples", "6", "--steps", "4", "--batch_size", "2", "--seed", 
 
 
 @pytest.mark.slow
-def test_predict_stopped_by_sigint_then_sigterm_continues_to_the_uninterrupted_file(lm_run, tmp_path):
+def test_predict_stopped_by_sigint_continues_to_the_uninterrupted_file(lm_run, tmp_path):
     _, _, run, _ = lm_run
     gen = tmp_path / "gen"
     args = ("predict.py", "--checkpoint", str(run), *PREDICT, "--out_dir", str(gen))
