@@ -224,6 +224,8 @@ def test_decoder_stopped_between_seeds_continues_to_the_same_files_and_overwrite
                     cwd=str(tmp_path / "b")).returncode == 0
     assert sorted(os.listdir(cut)) == [".lock", "copy_source.jsonl", "decode.json", "seed5.jsonl"]
     assert json.loads((cut / "decode.json").read_text())["mbr_size"] == 1
+    one_error_line(run_here(*args, "--name", "never", "--resume", cwd=str(tmp_path / "b")), "no interrupted run")
+    assert sorted(os.listdir(tmp_path / "dec")) == ["cut", "full"]  # and no empty folder for it
 
 
 @pytest.mark.slow
