@@ -85,6 +85,9 @@ def parse_args(argv=None):
     m.add_argument("--memory_steps", type=int, default=2000, help="training steps (train.py --max_steps)")
     m.add_argument("--sample_calls", type=int, default=2000,
                    help="sampling: network calls in all (batches of --sample_steps iterations, repeated)")
+    m.add_argument("--sample_length", type=int, default=None,
+                   help="sampling: every sample this many wordpieces (default: drawn from the training lengths, as "
+                        "predict.py; a fixed length gives every batch the same shape)")
     m.add_argument("--memory_every", type=int, default=100, help="record the RSS every this many steps or calls")
     m.add_argument("--memory_from", type=int, default=200,
                    help="growth is measured from the record at this step (or call) to the last one")
@@ -111,7 +114,7 @@ def parse_args(argv=None):
     except ValueError:
         raise UserError("--lengths and --step_grid are comma-separated integers") from None
     for name in ("batch_size", "seq_len", "sample_steps", "repeats", "reference_iters", "memory_steps",
-                 "sample_calls", "memory_every", "memory_hidden", "memory_layers"):
+                 "sample_calls", "memory_every", "memory_hidden", "memory_layers", "sample_length"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             raise UserError(f"--{name} must be at least 1")
     if min(args.lengths + [args.seq_len]) < 4:
@@ -659,7 +662,8 @@ def memory_sampling(args, checkpoint: str, save) -> dict:
     from runtime.api import load
 
     m = load(checkpoint, "cpu" if args.device == "auto" else args.device)
-    res = {"checkpoint": checkpoint, "batch_size": args.batch_size or 32, "steps": args.sample_steps, "records": [],
+    res = {"checkpoint": checkpoint, "batch_size": args.batch_size or 32, "steps": args.sample_steps,
+           "length": args.sample_length or "drawn from the training lengths", "records": [],
            "malloc_env": {k: v for k, v in os.environ.items() if k.startswith("MALLOC_")}}
     calls = [0]
     start = time.time()
@@ -674,7 +678,8 @@ def memory_sampling(args, checkpoint: str, save) -> dict:
     m.run.denoiser.register_forward_hook(count)
     batches = 0
     while calls[0] < args.sample_calls:
-        m.sample(res["batch_size"], steps=args.sample_steps, seed=args.seed + batches, batch_size=res["batch_size"])
+        m.sample(res["batch_size"], steps=args.sample_steps, seed=args.seed + batches, batch_size=res["batch_size"],
+                 length=args.sample_length)
         batches += 1
     res.update(calls=calls[0], batches=batches, seconds=time.time() - start)
     return res
