@@ -123,7 +123,7 @@ def bench_rows(out: str, base: str, process: str, timeout: float) -> list[tuple[
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", required=True, help="logs, JSON and the tiny inputs go here")
-    p.add_argument("--budget", type=float, default=480.0, help="seconds for the whole check")
+    p.add_argument("--budget", type=float, default=480.0, help="seconds for the whole check (default: 480)")
     args = p.parse_args(argv)
     os.makedirs(args.out, exist_ok=True)
     deadline = time.time() + args.budget
