@@ -221,3 +221,19 @@ def test_released_canvas_trains_and_decodes_with_its_prompt(tmp_path, tiny_bert,
     m = load(str(run), device="cpu")
     assert m.source_ids(srcs) == want
     assert len(m.decode(srcs, steps=2)) == 2
+
+
+def test_bench_seq2seq_padding_quick(tmp_path, tiny_bert):
+    """bench.py --seq2seq_padding end to end at a tiny shape: the same batches on the --seq_len canvas and at
+    their longest row (QQP-like pairs of about 26 tokens), and the ratio of the two steps."""
+    out = tmp_path / "pad.json"
+    proc = run_here("bench.py", "--seq2seq_padding", "--quick", "--model", tiny_bert, "--batch_size", "4",
+                    "--seq_len", "96", "--pairs", "16", "--batches", "2", "--num_steps", "50", "--json", str(out),
+                    cwd=str(tmp_path))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    r = json.load(open(out))
+    assert r["before"]["mean_width"] == 96 and r["after"]["mean_width"] <= r["max_pair_tokens"] < 96
+    assert r["speedup"] == r["before"]["step_s"] / r["after"]["step_s"]
+    assert "step before / after" in proc.stdout
+    bad = run_here("bench.py", "--seq2seq_padding", "--process", "gaussian", cwd=str(tmp_path))
+    one_error_line(bad, "--seq2seq_padding")
