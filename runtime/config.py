@@ -214,13 +214,17 @@ class TrainConfig:
                 raise UserError(f"{', '.join('--' + f for f in given)}: seq2seq flags (the lm batches are laid out "
                                 "by the process)")
             return
-        if self.pad_to == "auto":
-            self.pad_to = "max_len" if gaussian else "longest"
-        if self.truncation == "auto":
-            self.truncation = "diffuseq" if gaussian else "ours"
+        self.pad_to, self.truncation = self.seq2seq_layout()
         if gaussian and (self.pad_to == "longest" or self.canvas == "released"):
             raise UserError("--pad_to longest and --canvas released are DiffusionBERT's (--process absorbing); "
                             "DiffuSeq's canvas is --max_len long, laid out [CLS] src [SEP] trg [SEP]")
+
+    def seq2seq_layout(self) -> tuple[str, str]:
+        """``(pad_to, truncation)`` with ``auto`` resolved by process: DiffuSeq's fixed canvas and cut for gaussian;
+        DiffusionBERT's ``pad_sequence`` and our cut for absorbing (its own, 128 a side, does not fit a canvas)."""
+        default = ("max_len", "diffuseq") if self.process == "gaussian" else ("longest", "ours")
+        return (default[0] if self.pad_to == "auto" else self.pad_to,
+                default[1] if self.truncation == "auto" else self.truncation)
 
     def check_resume(self, stored: dict, ckpt_dir: str) -> None:
         """Resuming ``ckpt_dir``, whose stored config is ``stored``, may change only ``RESUMABLE_CHANGES``."""
