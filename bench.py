@@ -720,8 +720,10 @@ def main(argv=None):
            "device_type": device.type, "torch": torch.__version__, "threads": torch.get_num_threads(),
            "cpu_count": os.cpu_count(), "bf16": use_bf16, "compile": args.compile}
     res = bench(args, device, clock, amp)
-    res["throughput"] = throughput(res, args, env)
-    lines = report(res, args) + report_throughput(res["throughput"])
+    lines = report(res, args)
+    if not args.seq2seq_padding:  # a ratio of two layouts, not a throughput table
+        res["throughput"] = throughput(res, args, env)
+        lines += report_throughput(res["throughput"])
     res.update(env=env, args={k: v for k, v in vars(args).items()}, wall_seconds=time.time() - start)
     print("\n".join(lines))
     print(f"\n{env['device_type']} ({env['device']}), torch {env['torch']}, {env['threads']} threads, "
