@@ -6,6 +6,7 @@ import argparse
 import dataclasses
 from dataclasses import dataclass, field
 
+from common.cli import make_parser, other_steps
 from common.errors import UserError, require_at_least_one
 from conditional_data.pairs import CANVASES, TRUNCATIONS
 from diffusion.absorbing import LOSS_WEIGHTINGS
@@ -68,7 +69,7 @@ class TrainConfig:
                                "the first: seq2seq lines that are not one JSON object with non-empty string "
                                "src/trg, and lines that are not UTF-8")
     # diffusion
-    num_steps: int = opt(2048, "T, the number of diffusion steps")
+    num_steps: int = opt(2048, f"T, the number of diffusion steps; {other_steps('num_steps')}")
     schedule: str = opt("auto", f"noise schedule; absorbing: {_or(SCHEDULES)}; gaussian: {_or(GAUSSIAN_SCHEDULES)}; "
                         "auto: spindle for lm, mutual for seq2seq, sqrt for gaussian (as the originals)",
                         choices=tuple(dict.fromkeys(("auto", *SCHEDULES, *GAUSSIAN_SCHEDULES))))
@@ -117,7 +118,7 @@ class TrainConfig:
                            "DiffusionBERT's DDP_main.py (n/W + 1e-3 below W = --warmup_steps, then sqrt(W/n)); "
                            "ddp_main_conditional: DDP_main_conditional.py's LinearLR (lr/3 rising to lr over W "
                            "steps, then constant)", choices=LR_SCHEDULES)
-    max_steps: int = opt(10000, "optimizer steps")
+    max_steps: int = opt(10000, f"optimizer steps to train for; {other_steps('max_steps')}")
     grad_clip: float = opt(1.0, "gradient-norm clipping (0: off)")
     grad_clip_value: float = opt(0.0, "clip every gradient element to [-c, c] after each micro-batch's backward, "
                                  "as DiffusionBERT's DDP_main*.py do with 5 (0: off; under DDP with accumulation "
@@ -129,7 +130,7 @@ class TrainConfig:
     # evaluation, checkpoints, logging
     eval_every: int = opt(1000, "dev-set ELBO every N optimizer steps (0: only at the end)")
     eval_examples: int = opt(512, "dev examples used for the ELBO (a fixed, seeded subset)")
-    eval_steps: int = opt(64, "K, the ELBO grid size for the dev estimate")
+    eval_steps: int = opt(64, f"K, the ELBO grid size for the dev estimate; {other_steps('eval_steps')}")
     save_every: int = opt(1000, "write the last checkpoint every N optimizer steps")
     keep_last: int = opt(0, "also keep the K most recent checkpoints as checkpoints/step-<N> (0: only last/best)")
     max_bad_steps: int = opt(10, "stop (saving the last good state) after this many non-finite losses in a row")
@@ -257,8 +258,9 @@ class TrainConfig:
 
 
 def build_parser(cls=TrainConfig, description: str | None = None) -> argparse.ArgumentParser:
-    """An argparse parser with one flag per dataclass field; booleans are real switches."""
-    p = argparse.ArgumentParser(description=description)
+    """An argparse parser with one flag per dataclass field; booleans are real switches. ``description``: the
+    script's docstring (its first paragraph is shown); every flag's help ends with its default."""
+    p = make_parser(description)
     for f in dataclasses.fields(cls):
         meta = dict(f.metadata)
         help_ = meta.pop("help", None)
@@ -269,7 +271,7 @@ def build_parser(cls=TrainConfig, description: str | None = None) -> argparse.Ar
             continue
         typ = {"int": int, "float": float, "str": str, "str | None": str, "float | None": float,
                "int | None": int}[f.type if isinstance(f.type, str) else f.type.__name__]
-        p.add_argument(f"--{f.name}", type=typ, default=f.default, help=f"{help_} (default: {f.default})", **meta)
+        p.add_argument(f"--{f.name}", type=typ, default=f.default, help=help_, **meta)
     return p
 
 

@@ -193,14 +193,15 @@ def open_output(finals: list[str], partial: str, settings: dict, *, resume: bool
     lock_dir = lock_dir or partial
     state = None
     if info.is_main:
+        existed = os.path.isdir(lock_dir)
         lock.acquire(lock_dir, what)
         try:
             state = _start(finals, partial, json.loads(json.dumps(settings)), resume, overwrite, lock_dir, others,
                            what, info.log)
         finally:
-            if state is None:  # refused, or finished already: give the lock back
-                if lock_dir == partial and not os.path.exists(os.path.join(partial, SETTINGS)):
-                    _clear(partial, keep_lock=False)  # nothing of ours was there: leave no empty folder behind
+            if state is None:  # refused, or finished already: give the lock back, and leave no empty folder
+                if not existed or (lock_dir == partial and not os.path.exists(os.path.join(partial, SETTINGS))):
+                    _clear(lock_dir, keep_lock=False)
                 lock.release(lock_dir)
     state = dist.broadcast_from_main(state, info)
     if state is None:
