@@ -41,6 +41,7 @@ these same ones, naming the scripts' flags instead (``load(..., flags=True)``).
 from __future__ import annotations
 
 import contextlib
+import sys
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
@@ -91,10 +92,7 @@ def load(path: str, device: str | torch.device = "auto", *, weights: str = "ema"
     if weights not in WEIGHTS:
         raise UserError(f"weights must be one of {', '.join(WEIGHTS)}, got {weights!r}")
     if info is None:
-        try:
-            info = dist.DistInfo(device=dist.pick_device(device))
-        except RuntimeError as e:
-            raise UserError(f"device {device!r}: {e}") from e
+        info = dist.DistInfo(device=dist.pick_device(device, flag="device"))
     run = load_for_inference(path, info.device, prefer, task=task, weights=weights)
     return Model(run, info, weights, flags)
 
@@ -399,6 +397,17 @@ class Model:
 
 
 # ---------------------------------------------------------------------------- per-process decoding
+def default_steps(m: Model) -> int:
+    """The task's default number of absorbing steps, or T where the checkpoint has fewer (one note saying so)."""
+    steps, T = DEFAULT_STEPS[m.task], m.run.cfg.num_steps
+    if steps > T:
+        if m.info.is_main:
+            print(f"note: {m._name('steps')} defaults to {steps}, more than the checkpoint's T={T} diffusion steps; "
+                  f"sampling with {T}", file=sys.stderr, flush=True)
+        steps = T
+    return steps
+
+
 def absorbing_decoding(m: Model, steps, respacing, sampler, topk, top_p, temperature, cache) -> Decoding:
     """DiffusionBERT: ``steps`` iterations (default 128 for lm, 200 for seq2seq) with ``sampler``, its filters
     and the cache. The released seq2seq sampler also redraws every target position at the last step."""
@@ -406,7 +415,7 @@ def absorbing_decoding(m: Model, steps, respacing, sampler, topk, top_p, tempera
     if respacing is not None or m.weights != "ema":
         raise UserError(f"{n('respacing')} and {n('weights')} are for gaussian (DiffuSeq) checkpoints; "
                         f"an absorbing checkpoint takes {n('steps')}")
-    steps = DEFAULT_STEPS[m.task] if steps is None else steps
+    steps = default_steps(m) if steps is None else steps
     m._at_least_one(steps=steps)
     run.check_steps(steps, n("steps"))
     use_cache = cache and run.denoiser.time_agnostic
