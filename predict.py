@@ -54,7 +54,7 @@ import torch
 from diffusion import SAMPLERS
 from runtime import api, dist
 from runtime.assemble import WEIGHTS
-from common.errors import UserError, cli_main, refuse_overwrite, require_at_least_one
+from common.errors import UserError, check_decoding_flags, cli_main, refuse_overwrite, require_at_least_one
 from common.io import write_json_atomic, write_text_atomic
 
 DEFAULT_NUM_SAMPLES = {"sample": 100, "template": 1}  # --num_samples: in all; per template
@@ -128,6 +128,9 @@ def read_templates(args) -> list[str] | None:
 @cli_main
 def main(argv=None):
     args = parse_args(argv)
+    check_decoding_flags(args)  # the flags alone, before the checkpoint is loaded
+    if args.num_samples is not None:
+        require_at_least_one(args, "num_samples")
     with dist.session(args.device) as info:
         sample_all(args, info)
 

@@ -35,7 +35,7 @@ import time
 from diffusion import SAMPLERS
 from runtime import api, dist
 from runtime.assemble import WEIGHTS, load_task_data
-from common.errors import UserError, check_sampling_flags, cli_main, require_at_least_one
+from common.errors import UserError, check_decoding_flags, cli_main, require_at_least_one
 from common.io import write_json_atomic, write_text_atomic
 
 
@@ -98,9 +98,9 @@ def run_mbr_only(args) -> None:
     from evaluation.seq2seq import read_outputs
     if len(args.mbr_only) < 2:
         raise UserError("--mbr_only needs at least 2 candidate files")
+    rows = [read_outputs(p) for p in args.mbr_only]  # before the output folder is made: they may be bad
     folder = os.path.join(args.out_dir, args.name or "mbr")
     prepare_out(folder, args.overwrite)
-    rows = [read_outputs(p) for p in args.mbr_only]
     out = os.path.join(folder, "mbr.jsonl")
     write_text_atomic(out, jsonl(mbr_rows(rows, args.mbr_only)))
     print(f"mbr: selected among {len(rows)} candidates for {len(rows[0])} sources; wrote {out}")
@@ -115,8 +115,8 @@ def main(argv=None):
         return run_mbr_only(args)
     if not args.checkpoint:
         raise UserError("give --checkpoint (or --mbr_only FILES)")
-    require_at_least_one(args, "batch_size", "mbr_size")
-    check_sampling_flags(args)
+    require_at_least_one(args, "mbr_size")
+    check_decoding_flags(args)
     if args.num_examples < 0:
         raise UserError(f"--num_examples must be 0 (all) or more, got {args.num_examples}")
     with dist.session(args.device) as info:
