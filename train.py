@@ -112,7 +112,9 @@ def run(cfg: TrainConfig, info: dist.DistInfo, log, resume_dir: str | None, post
         if lm.vocab_fingerprint(tokenizer) != checkpoint.read_run_config(post_dir)["derived"]["vocab_fingerprint"]:
             raise UserError(f"--post_train {post_dir} was trained with another tokenizer than {model_path}")
         weights.load_into(post_dir, denoiser, "ema")
-        log(f"post-training: starting from the EMA weights of {post_dir}")
+        log(f"post-training: starting from the EMA weights of {post_dir}; penalty {cfg.simi_penalty}"
+            + (f" (lambda {cfg.simi_lambda}, noise {cfg.simi_noise}, maps {cfg.simi_maps})" if cfg.simi_penalty != "none"
+               else " (--simi_penalty none: plain continued training)"))
     denoiser.to(device)
     counts, wf_identity = load_word_freq(cfg, tokenizer)
     diffusion = build_diffusion(cfg, tokenizer.mask_token_id, tokenizer.pad_token_id, counts)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
+import os
 from dataclasses import dataclass, field
 
 from common.errors import UserError, require_at_least_one
@@ -39,7 +41,9 @@ class TrainConfig:
     # model
     model_name_or_path: str = opt("minilm", "hub id, local directory, or 'minilm' (offline all-MiniLM-L6-v2); "
                                   "with --process gaussian only its tokenizer is used")
-    from_scratch: bool = opt(False, "same config, randomly initialised weights")
+    from_scratch: bool = opt(False, "randomly initialised weights: the config of --model_name_or_path, or the shape "
+                             "given by --hidden_size/--num_layers/--num_heads (e.g. a small absorbing model: "
+                             "--from_scratch --hidden_size 128 --num_layers 2 --num_heads 2)")
     time_conditioning: str = opt("none", "none (time-agnostic decoding), token, or layerwise",
                                  choices=TIME_CONDITIONING)
     # data
@@ -71,10 +75,12 @@ class TrainConfig:
                               choices=LOSS_WEIGHTINGS)
     low_discrepancy: bool = opt(False, "stratify t across the batch (MDLM's low-discrepancy sampler)")
     # gaussian (DiffuSeq, Diffusion-LM) model and training
-    emb_dim: int = opt(128, "gaussian: word-embedding (diffusion) dimension D")
-    hidden_size: int = opt(768, "gaussian: transformer hidden size")
-    num_layers: int = opt(12, "gaussian: transformer layers")
-    num_heads: int = opt(12, "gaussian: attention heads")
+    # (None: gaussian 128, 768, 12, 12; absorbing: the pretrained model's shape, which only --from_scratch changes)
+    emb_dim: int | None = opt(None, "gaussian: word-embedding (diffusion) dimension D (default 128)")
+    hidden_size: int | None = opt(None, "gaussian: transformer hidden size (default 768); absorbing: only with "
+                                  "--from_scratch (the feed-forward size is then 4x), else the pretrained model's")
+    num_layers: int | None = opt(None, "gaussian: transformer layers (default 12); absorbing: only with --from_scratch")
+    num_heads: int | None = opt(None, "gaussian: attention heads (default 12); absorbing: only with --from_scratch")
     timestep_sampler: str = opt("lossaware", "gaussian: how t is drawn in training", choices=tuple(TIMESTEP_SAMPLERS))
     ema_rate: float = opt(0.9999, "gaussian: EMA decay of the weights (decoding uses the EMA by default)")
     loss_average: str = opt("all", "gaussian: all: the MSE, L_T and rounding NLL are means over every position, "
@@ -84,8 +90,12 @@ class TrainConfig:
     # post-training (Tang et al. 2023)
     post_train: str | None = opt(None, "gaussian: continue from this checkpoint (its EMA weights) with a fresh "
                                  "optimizer into --out_dir; the model and data flags must match it")
-    simi_penalty: str = opt("none", "gaussian distance penalty: l2_noise_random (released), self_renoise "
-                            "(the paper's figure) or none", choices=("none", "l2_noise_random", "self_renoise"))
+    simi_penalty: str = opt("auto", "gaussian distance penalty: l2_noise_random (released), self_renoise "
+                            "(the paper's figure) or none; auto: l2_noise_random with --post_train (every "
+                            "post-training command of Tang et al.'s scripts/train.sh names a penalty, and their final "
+                            "runs use l2_noise_random), none without (plain DiffuSeq training); --post_train "
+                            "--simi_penalty none continues training without one",
+                            choices=("auto", "none", "l2_noise_random", "self_renoise"))
     simi_lambda: float = opt(-2.0, "penalty weight, released convention: the loss is (mse + mse' + 2 nll + 2 L_T "
                              "- simi_lambda * penalty) / 2, so -2 is a weight of 1; must be <= 0")
     simi_noise: float = opt(0.05, "neighbourhood of t: |sqrt(1-abar_t') - sqrt(1-abar_t)| <= simi_noise")
@@ -130,11 +140,27 @@ class TrainConfig:
     POST_TRAIN_SAME = ("process", "task", "model_name_or_path", "emb_dim", "hidden_size", "num_layers", "num_heads",
                        "max_len", "num_steps", "schedule", "dataset", "data_files")
 
+    def __post_init__(self) -> None:
+        if self.process == "gaussian":  # the gaussian transformer's shape defaults; absorbing keeps None
+            for k, v in GAUSSIAN_SHAPE.items():
+                if getattr(self, k) is None:
+                    setattr(self, k, v)
+
     def check(self) -> None:
-        """Reject impossible flag combinations before any work is done; resolve ``--schedule auto``."""
+        """Reject impossible flag combinations before any work is done; resolve ``--schedule auto`` and
+        ``--simi_penalty auto``."""
+        from runtime.dist import pick_device
         gaussian = self.process == "gaussian"
+        self.__post_init__()
         if self.schedule == "auto":
             self.schedule = "sqrt" if gaussian else "spindle" if self.task == "lm" else "mutual"
+        if self.simi_penalty == "auto":
+            self.simi_penalty = "l2_noise_random" if self.post_train else "none"
+        pick_device(self.device)
+        check_finite(self)
+        self.check_paths()
+        if not gaussian:
+            self.check_absorbing_shape()
         if self.schedule not in PROCESS_SCHEDULES[self.process]:
             raise UserError(f"--schedule {self.schedule} is not a {self.process} schedule; choose one of "
                             f"{', '.join(PROCESS_SCHEDULES[self.process])}")
@@ -176,6 +202,36 @@ class TrainConfig:
                             "train.jsonl, valid.jsonl and test.jsonl")
         if self.lr <= 0:
             raise UserError(f"--lr must be positive, got {self.lr}")
+        for name in ("warmup_steps", "weight_decay", "grad_clip", "hybrid_lambda"):
+            if getattr(self, name) < 0:
+                raise UserError(f"--{name} must be 0 or more, got {getattr(self, name)}")
+        if self.dropout is not None and not 0.0 <= self.dropout < 1.0:
+            raise UserError(f"--dropout must be in [0, 1), got {self.dropout}")
+
+    def check_paths(self) -> None:
+        """Paths that cannot work, found before anything is loaded."""
+        for flag in ("out_dir", "log_dir"):
+            path = getattr(self, flag)
+            if os.path.exists(path) and not os.path.isdir(path):
+                raise UserError(f"--{flag} {path} is a file, not a folder; give a folder (it is created if missing)")
+        for flag in ("data_files", "word_freq_file"):
+            path = getattr(self, flag)
+            if path and not os.path.exists(path):
+                raise UserError(f"--{flag} {path} does not exist")
+
+    def check_absorbing_shape(self) -> None:
+        """An absorbing run's network is a pretrained masked LM: its shape flags only apply --from_scratch."""
+        if self.emb_dim is not None:
+            raise UserError("--emb_dim is the gaussian word-embedding size; a BERT-family masked LM embeds words in "
+                            "its hidden size (with --from_scratch, set --hidden_size)")
+        given = [f"--{k} {getattr(self, k)}" for k in ABSORBING_SHAPE if getattr(self, k) is not None]
+        if given and not self.from_scratch:
+            raise UserError(f"{' '.join(given)}: the pretrained --model_name_or_path {self.model_name_or_path} has "
+                            "its own shape, which these cannot change; add --from_scratch to train a randomly "
+                            "initialised masked LM of this shape, or leave them out")
+        require_at_least_one(self, *(k for k in ABSORBING_SHAPE if getattr(self, k) is not None))
+        if self.hidden_size is not None and self.num_heads is not None and self.hidden_size % self.num_heads:
+            raise UserError(f"--hidden_size {self.hidden_size} is not a multiple of --num_heads {self.num_heads}")
 
     def check_resume(self, stored: dict, ckpt_dir: str) -> None:
         """Resuming ``ckpt_dir``, whose stored config is ``stored``, may change only ``RESUMABLE_CHANGES``."""
@@ -196,7 +252,7 @@ class TrainConfig:
         if stored.process != "gaussian":
             raise UserError(f"--post_train {ckpt_dir} is a {stored.process} checkpoint; post-training needs a "
                             "gaussian one")
-        defaults, diffs = TrainConfig(), []
+        defaults, diffs = TrainConfig(process=self.process), []
         for k in self.POST_TRAIN_SAME:
             mine, theirs = getattr(self, k), getattr(stored, k)
             if mine == getattr(defaults, k):
@@ -205,6 +261,18 @@ class TrainConfig:
                 diffs.append(f"--{k}: checkpoint {theirs!r} vs now {mine!r}")
         if diffs:
             raise UserError(f"--post_train {ckpt_dir} was trained with other settings ({'; '.join(diffs)})")
+
+
+GAUSSIAN_SHAPE = {"emb_dim": 128, "hidden_size": 768, "num_layers": 12, "num_heads": 12}  # DiffuSeq's base
+ABSORBING_SHAPE = ("hidden_size", "num_layers", "num_heads")  # what --from_scratch can change in a masked LM
+
+
+def check_finite(cfg) -> None:
+    """Every float flag is a number: nan and inf pass the range checks (nan <= 0 is False) and poison a run."""
+    for f in dataclasses.fields(cfg):
+        v = getattr(cfg, f.name)
+        if isinstance(v, float) and not math.isfinite(v):
+            raise UserError(f"--{f.name} must be a finite number, got {v}")
 
 
 def build_parser(cls=TrainConfig, description: str | None = None) -> argparse.ArgumentParser:
@@ -220,7 +288,8 @@ def build_parser(cls=TrainConfig, description: str | None = None) -> argparse.Ar
             continue
         typ = {"int": int, "float": float, "str": str, "str | None": str, "float | None": float,
                "int | None": int}[f.type if isinstance(f.type, str) else f.type.__name__]
-        p.add_argument(f"--{f.name}", type=typ, default=f.default, help=f"{help_} (default: {f.default})", **meta)
+        shown = "" if f.default is None and "default" in help_ else f" (default: {f.default})"
+        p.add_argument(f"--{f.name}", type=typ, default=f.default, help=f"{help_}{shown}", **meta)
     return p
 
 
@@ -238,4 +307,9 @@ def from_dict(d: dict, cls=TrainConfig):
     keys take their ``LEGACY_VALUES`` (else their defaults)."""
     names = {f.name for f in dataclasses.fields(cls)}
     legacy = {k: v for k, v in LEGACY_VALUES.items() if k in names and k not in d} if cls is TrainConfig else {}
-    return cls(**legacy, **{k: v for k, v in d.items() if k in names})
+    d = {k: v for k, v in d.items() if k in names}
+    if cls is TrainConfig and d.get("process", "absorbing") == "absorbing" and isinstance(d.get("emb_dim"), int):
+        # written when the gaussian shape defaults (128, 768, 12, 12) were stored for absorbing runs too, which
+        # never used them (their network was the pretrained model's shape, --from_scratch included)
+        d.update(dict.fromkeys(GAUSSIAN_SHAPE))
+    return cls(**legacy, **d)
