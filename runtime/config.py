@@ -214,7 +214,7 @@ class TrainConfig:
             path = getattr(self, flag)
             if os.path.exists(path) and not os.path.isdir(path):
                 raise UserError(f"--{flag} {path} is a file, not a folder; give a folder (it is created if missing)")
-        for flag in ("data_files", "word_freq_file"):
+        for flag in ("data_files",):  # (a missing --word_freq_file: its loader gives the command that makes it)
             path = getattr(self, flag)
             if path and not os.path.exists(path):
                 raise UserError(f"--{flag} {path} does not exist")

@@ -20,7 +20,8 @@ def save_checkpoint(ckpt_dir: str, tiny_bert: str, **cfg_kw) -> str:
     from runtime.assemble import initial_network
     from runtime.config import TrainConfig
     from textdata import lm
-    cfg = TrainConfig(model_name_or_path=tiny_bert, dataset="bible", schedule="mutual", max_len=32, **cfg_kw)
+    cfg = TrainConfig(**{"model_name_or_path": tiny_bert, "dataset": "bible", "schedule": "mutual", "max_len": 32,
+                         **cfg_kw})
     cfg.check()
     denoiser, tok, path, hf_config = initial_network(cfg, log=lambda *a, **k: None)
     derived = {"vocab_size": hf_config.vocab_size, "mask_id": tok.mask_token_id, "pad_id": tok.pad_token_id,

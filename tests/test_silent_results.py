@@ -19,9 +19,11 @@ pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 @pytest.fixture(scope="module")
-def small_T(tmp_path_factory, tiny_bert) -> str:
-    """An untrained absorbing lm checkpoint with T = 16 (fewer than predict.py's default 128 steps)."""
-    return save_checkpoint(str(tmp_path_factory.mktemp("small_T") / "ckpt"), tiny_bert, num_steps=16, eval_steps=4)
+def small_T(tmp_path_factory, tiny_bert, tiny_corpus) -> str:
+    """An untrained absorbing lm checkpoint of the tiny corpus with T = 16 (fewer than predict.py's default 128
+    steps and compute_elbo.py's default 128 grid steps)."""
+    return save_checkpoint(str(tmp_path_factory.mktemp("small_T") / "ckpt"), tiny_bert, num_steps=16, eval_steps=4,
+                           dataset="text", data_files=tiny_corpus)
 
 
 # ---- non-finite weights
@@ -197,3 +199,12 @@ def test_a_small_absorbing_model_from_scratch_in_one_command(tmp_path, tiny_corp
                     cwd=str(tmp_path))
     assert proc.returncode == 0 and "T=32" in proc.stderr, proc.stderr
 
+
+
+def test_compute_elbo_with_no_eval_steps_on_a_small_T_checkpoint(tmp_path, small_T):
+    out = tmp_path / "elbo.json"
+    proc = run_here("compute_elbo.py", "--checkpoint", small_T, "--num_examples", "4", "--out", str(out),
+                    cwd=str(tmp_path))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "note: --eval_steps defaults to 128, more than the checkpoint's T=16" in proc.stdout
+    assert json.loads(out.read_text())["eval_steps"] == 16
