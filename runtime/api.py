@@ -41,6 +41,7 @@ these same ones, naming the scripts' flags instead (``load(..., flags=True)``).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import sys
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
@@ -188,9 +189,23 @@ class Model:
 
     # ------------------------------------------------------------------------ how: one function per process
     def decoding(self, steps: int | None = None, respacing=None, sampler: str = "ours", topk: int = 0,
-                 top_p: float = 1.0, temperature: float = 1.0, cache: bool = True) -> Decoding:
-        """Check generation settings against this checkpoint (see :meth:`sample` and :meth:`decode`)."""
+                 top_p: float = 1.0, temperature: float = 1.0, cache: bool = True,
+                 start_id: int | None = None) -> Decoding:
+        """Check generation settings against this checkpoint (see :meth:`sample` and :meth:`decode`).
+        ``start_id``: absorbing with the released sampler only, the token the chain starts from instead of
+        [MASK] (103 is the released seq2seq decoder's, whatever the tokenizer)."""
         self._check_filters(sampler, topk, top_p, temperature)
+        if start_id is not None:
+            n = self._name
+            if self.process != "absorbing" or sampler != "released":
+                raise UserError(f"{n('start_id')} is for absorbing checkpoints with {n('sampler')} released (the "
+                                "released decoder's start token)")
+            if not 0 <= start_id < len(self.tokenizer):
+                raise UserError(f"{n('start_id')} must be a token id of the checkpoint's tokenizer (0 to "
+                                f"{len(self.tokenizer) - 1}), got {start_id}")
+            d = DECODINGS[self.process](self, steps, respacing, sampler, topk, top_p, temperature, cache)
+            return dataclasses.replace(d, setting=f"{d.setting}_start{start_id}", report={**d.report, "start_id": start_id},
+                                       sample=lambda ids, att, noise, gen: d.sample(ids, att, noise, gen, start_id=start_id))
         return DECODINGS[self.process](self, steps, respacing, sampler, topk, top_p, temperature, cache)
 
     # ------------------------------------------------------------------------ what: canvas rows
@@ -294,10 +309,11 @@ class Model:
         return " ".join(tok.decode(x0[1:end], skip_special_tokens=True).split())
 
     def generate(self, rows: Sequence[Row], decoding: Decoding, seed: int = 42, batch_size: int = 32,
-                 on_batch: Callable[[int], None] | None = None) -> Generated | None:
+                 on_batch: Callable[[int], None] | None = None, store=None) -> Generated | None:
         """Generate the canvas ``rows`` with ``decoding``, in batches of ``batch_size`` shared out among the
         ranks: on rank 0 a :class:`Generated` in row order, None on the others. ``on_batch(n)``: called after
-        each of this rank's batches.
+        each of this rank's batches. ``store`` (``runtime.outputs.BatchStore``): keeps each finished batch on
+        disk and gives back those an interrupted run kept (``dist.map_batches``).
 
         On the absorbing lm's canvas (no fixed width) rows of similar lengths share a batch (little padding);
         other canvases keep the rows' order. A row with nothing to generate (a template without [MASK]) is its
@@ -311,19 +327,20 @@ class Model:
         fill = tok.mask_token_id if tok.mask_token_id is not None else tok.pad_token_id
 
         def generate_batch(b: int, gen: torch.Generator):
-            """Batch b: ({row index: (text, canvas)}, network calls, sequence evaluations)."""
+            """Batch b: ([[row index, text, canvas], ...], network calls, sequence evaluations): JSON as it is."""
             idx = work[b * batch_size:(b + 1) * batch_size]
             ids, att, noise = (x.to(device) for x in lay_out([rows[i] for i in idx], tok.pad_token_id, fill, width))
             out = decoding.sample(ids, att, noise, gen)
-            done = {i: (self._read(rows[i], x0), x0) for i, x0 in zip(idx, out.x0.cpu().tolist())}
+            done = [[i, self._read(rows[i], x0), x0] for i, x0 in zip(idx, out.x0.cpu().tolist())]
             return done, out.network_calls, out.row_evaluations
 
         # the fixed canvases run as the decoder always has (flush_denormal); the absorbing lm as predict.py has
         with flush_denormal(device) if width is not None else contextlib.nullcontext():
-            results = dist.map_batches(-(-len(work) // batch_size), generate_batch, self.info, seed, on_batch=on_batch)
+            results = dist.map_batches(-(-len(work) // batch_size), generate_batch, self.info, seed, on_batch=on_batch,
+                                       store=store)
         if results is None:  # not rank 0
             return None
-        done = {i: out for batch, _, _ in results for i, out in batch.items()}
+        done = {i: (text, x0) for batch, _, _ in results for i, text, x0 in batch}
         for i, r in enumerate(rows):
             if not r.generates:
                 done[i] = (self._read(r, list(r.cells)), list(r.cells))
@@ -370,11 +387,12 @@ class Model:
         return None if out is None else out.texts
 
     def decode_batches(self, src_ids: Sequence[Sequence[int]], decoding: Decoding, seed: int = 42,
-                       batch_size: int = 32, on_batch: Callable[[int], None] | None = None) -> Generated | None:
+                       batch_size: int = 32, on_batch: Callable[[int], None] | None = None,
+                       store=None) -> Generated | None:
         """One ``recover`` string for every source (``[CLS] src [SEP]`` token ids): :meth:`generate` of
         :meth:`source_rows` on the checkpoint's canvas; the generated padding decides the output's length
         (DiffuSeq style)."""
-        return self.generate(self.source_rows(src_ids), decoding, seed, batch_size, on_batch)
+        return self.generate(self.source_rows(src_ids), decoding, seed, batch_size, on_batch, store)
 
     def decode(self, sources: Sequence[str], *, steps: int | None = None, respacing=None, seed: int = 42,
                batch_size: int = 32, sampler: str = "ours", topk: int = 0, top_p: float = 1.0,
@@ -421,9 +439,9 @@ def absorbing_decoding(m: Model, steps, respacing, sampler, topk, top_p, tempera
     use_cache = cache and run.denoiser.time_agnostic
     final_x0 = sampler == "released" and m.task == "seq2seq"
 
-    def sample(ids, att, noise, gen):
+    def sample(ids, att, noise, gen, start_id=None):
         return run.diffusion.sample(run.denoiser, ids, noise, att, steps, topk, top_p, temperature, cache=use_cache,
-                                    generator=gen, sampler=sampler, final_x0=final_x0)
+                                    generator=gen, sampler=sampler, final_x0=final_x0, start_id=start_id)
     return Decoding(f"steps{steps}", steps, use_cache, sample)
 
 
