@@ -154,16 +154,20 @@ class TrainConfig:
                 if getattr(self, k) is None:
                     setattr(self, k, v)
 
-    def check(self) -> None:
-        """Reject impossible flag combinations before any work is done; resolve ``--schedule auto`` and
-        ``--simi_penalty auto``."""
-        from runtime.dist import pick_device
-        gaussian = self.process == "gaussian"
+    def resolve_defaults(self) -> None:
+        """The defaults that depend on other flags: the gaussian shape, and ``--simi_penalty auto``."""
         self.__post_init__()
-        if self.schedule == "auto":
-            self.schedule = "sqrt" if gaussian else "spindle" if self.task == "lm" else "mutual"
         if self.simi_penalty == "auto":
             self.simi_penalty = "l2_noise_random" if self.post_train else "none"
+
+    def check(self) -> None:
+        """Reject impossible flag combinations before any work is done; resolve ``--schedule auto`` and
+        :meth:`resolve_defaults`."""
+        from runtime.dist import pick_device
+        gaussian = self.process == "gaussian"
+        self.resolve_defaults()
+        if self.schedule == "auto":
+            self.schedule = "sqrt" if gaussian else "spindle" if self.task == "lm" else "mutual"
         pick_device(self.device)
         check_finite(self)
         self.check_paths()

@@ -52,9 +52,14 @@ def dry_run(script: str, *args: str, cwd: str, ngpu: int = 1) -> dict[str, list[
 
 
 def train_flags(argv: list[str], ngpu: int) -> dict:
-    """train.py's flags after every default (its own parser), plus examples_per_step over ``ngpu`` processes."""
-    from runtime.config import TrainConfig, build_parser
-    ns = vars(build_parser(TrainConfig).parse_args(argv))
+    """train.py's flags after every default (its own parser; the defaults that depend on other flags resolved as
+    train.py does: the gaussian shape, --simi_penalty auto), plus examples_per_step over ``ngpu`` processes."""
+    import dataclasses
+
+    from runtime.config import TrainConfig, build_parser, from_args
+    cfg = from_args(build_parser(TrainConfig).parse_args(argv))
+    cfg.resolve_defaults()
+    ns = dataclasses.asdict(cfg)
     ns["examples_per_step"] = ns["batch_size"] * ns["accumulation_steps"] * ngpu
     return ns
 
@@ -190,7 +195,7 @@ def ddp_main_as_ours(a: Reads, nproc: int, train_rows: int) -> dict:
 
 
 # flags of ours with no released counterpart, pinned (absorbing lm presets)
-GAUSSIAN_DEFAULTS = {"emb_dim": 128, "hidden_size": 768, "num_layers": 12, "num_heads": 12,
+GAUSSIAN_DEFAULTS = {"emb_dim": None, "hidden_size": None, "num_layers": None, "num_heads": None,  # the model's own
                      "timestep_sampler": "lossaware", "ema_rate": 0.9999, "loss_average": "all", "post_train": None,
                      "simi_penalty": "none", "simi_lambda": -2.0, "simi_noise": 0.05, "simi_maps": "released"}
 PLUMBING = {"data_files": None, "data_dir": "data", "skip_bad_lines": False, "word_freq_file": None, "compile": False,
