@@ -1,6 +1,7 @@
 """predict.py, compute_elbo.py and the decoder keep what they computed (runtime.outputs): real processes stopped by
 a real SIGINT/SIGTERM at a chosen batch (runtime.faults) exit 130/143 with one line, keep their finished batches,
-and the rerun writes what an uninterrupted run writes (the oracle: that run, side by side); a second writer is
+and the rerun (for predict.py, under torchrun on 2 ranks) writes what an uninterrupted run writes (the oracle: that
+run, side by side); a second writer is
 refused naming the first one's pid; an unwritable output stops before any work; --overwrite starts clean."""
 import errno
 import json
@@ -107,14 +108,16 @@ def test_predict_stopped_by_sigint_continues_to_the_uninterrupted_file(lm_run, t
     assert sorted(os.listdir(partial)) == [".lock", "batch-000000.json", "settings.json"]
     assert not (gen / "cut.txt").exists() and not (gen / "cut.json").exists()
 
-    again = run_cli(*args, "--name", "cut", "--resume", cwd=str(tmp_path))
-    assert "resuming: 1 finished batch(es)" in again.stdout
+    # continued under torchrun on 2 gloo ranks: the kept batch is batch 0 whichever rank would have computed it
+    torchrun = ("-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", os.path.join(ROOT, args[0]))
+    again = run_cli(*torchrun, *args[1:], "--name", "cut", "--resume", cwd=str(tmp_path))
+    assert again.stdout.count("resuming: 1 finished batch(es)") == 1
     assert (gen / "cut.txt").read_text() == (gen / "full.txt").read_text()
     assert len((gen / "cut.txt").read_text().splitlines()) == 6
     assert not partial.exists()  # the result is written: the kept batches and the lock go
     full, cut = (json.loads((gen / f"{n}.json").read_text()) for n in ("full", "cut"))
-    assert cut["resumed_batches"] == 1 and full["resumed_batches"] == 0
-    same_but_timing(full, cut, ("name", "samples"))  # the network calls too: summed over the kept batches
+    assert cut["resumed_batches"] == 1 and full["resumed_batches"] == 0 and cut["ranks"] == 2
+    same_but_timing(full, cut, ("name", "samples", "ranks"))  # the network calls too: summed over the kept batches
 
 
 def _state(pid: int) -> str:
@@ -221,6 +224,8 @@ def test_decoder_stopped_between_seeds_continues_to_the_same_files_and_overwrite
                     cwd=str(tmp_path / "b")).returncode == 0
     assert sorted(os.listdir(cut)) == [".lock", "copy_source.jsonl", "decode.json", "seed5.jsonl"]
     assert json.loads((cut / "decode.json").read_text())["mbr_size"] == 1
+    one_error_line(run_here(*args, "--name", "never", "--resume", cwd=str(tmp_path / "b")), "no interrupted run")
+    assert sorted(os.listdir(tmp_path / "dec")) == ["cut", "full"]  # and no empty folder for it
 
 
 @pytest.mark.slow
