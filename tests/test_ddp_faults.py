@@ -59,10 +59,15 @@ def test_sampler_gives_disjoint_shards_reshuffled_per_epoch():
     assert not set(a1) & set(b1) and sorted(a1 + b1) == list(range(n))
     assert a1 != a and set(a1) != set(a)  # set_epoch reshuffles, across ranks too
     assert shards(n, epoch=1) == [a1, b1]  # and is the same on every call (exact resume)
-    # a resumed run starts both ranks at the same local position: the rest of the epoch stays disjoint
-    a5, b5 = shards(n, epoch=1, start=5)
+    # a resumed run starts after the examples all ranks consumed (5 each): the rest of the epoch stays disjoint
+    a5, b5 = shards(n, epoch=1, start=10)
     assert a5 == a1[5:] and b5 == b1[5:] and not set(a5) & set(b5)
     assert sorted(a1[:5] + b1[:5] + a5 + b5) == list(range(n))
+    # on one process the rest of the epoch is the same examples, in the permutation's order
+    single = ResumableSampler(range(n), num_replicas=1, rank=0, seed=0)
+    single.set_position(1, 10)
+    one = list(single)
+    assert sorted(one) == sorted(a5 + b5) and one[0::2] == a5 and one[1::2] == b5
     # an odd size: DistributedSampler pads with the first shuffled indices, so one example is seen twice
     a, b = shards(7)
     assert len(a) == len(b) == 4 and len(set(a) & set(b)) == 1 and set(a + b) == set(range(7))
@@ -136,7 +141,7 @@ def test_nan_on_one_rank_skips_on_every_rank_and_only_rank0_writes(tmp_path, tin
     w0, w1 = r0["weights"], r1["weights"]
     assert w0.keys() == s6.keys() and all(torch.equal(w0[k], s6[k]) and torch.equal(w1[k], s6[k]) for k in s6)
     # exactly one set of files, all where they belong
-    assert sorted(os.listdir(run)) == ["checkpoints", "metrics.jsonl", "plots"]
+    assert sorted(os.listdir(run)) == [".lock", "checkpoints", "metrics.jsonl", "plots"]  # rank 0's lock
     assert sorted(os.listdir(run / "checkpoints")) == ["best", "last", "step-000000002", "step-000000004",
                                                        "step-000000006"]
     assert sorted(os.listdir(cwd)) == [".hf_cache", "run", "run_logs"]

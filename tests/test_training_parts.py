@@ -166,7 +166,7 @@ def test_training_state_round_trip_continues_exactly(tmp_path):
                                         "run_config.json", "training_state.pt"]
     ts = checkpoint.load_training_state(ckpt)  # weights_only=True
     assert list(ts) == ["optimizer", "scheduler", "step", "epoch", "position", "best", "rng", "ema_updates",
-                        "timestep_sampler"]
+                        "world_size", "timestep_sampler"]
     assert len(ts["rng"]) == 1 and set(ts["rng"][0]) >= {"torch", "python", "numpy"}
     rc = json.load(open(os.path.join(ckpt, "run_config.json")))
     assert rc == {"config": {"seed": 0}, "dev": {"loss": 0.5}, "step": 3, "best_dev_loss": 0.5}
