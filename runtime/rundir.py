@@ -165,7 +165,7 @@ def merged_config(args: TrainConfig, given: set[str], stored: dict, ckpt_dir: st
     cfg.accumulation_steps = total // world
     cfg.check_resume({**stored, "accumulation_steps": cfg.accumulation_steps}, ckpt_dir)
     if world != stored_world:
-        changes.append(f"{world} processes (was {stored_world}): --accumulation_steps {cfg.accumulation_steps} "
+        changes.append(f"{world} process{'es' * (world != 1)} (was {stored_world}): --accumulation_steps {cfg.accumulation_steps} "
                        f"(was {stored_acc}), the same effective batch of {cfg.batch_size * total}")
     if changes:
         log(f"resume: {'; '.join(changes)}")
