@@ -118,6 +118,8 @@ def pick(path: str, warn) -> tuple[str, dict, dict]:
     """(checkpoint directory, run config, training state) of the newest checkpoint of ``path`` that loads.
     Each damaged one it passes over is one ``warn`` line naming its bad file; a checkpoint directory given
     alone is used or refused, with no fallback."""
+    if not os.path.exists(path):
+        raise UserError(f"--resume {path} does not exist")
     found = candidates(path)
     if not found:
         raise UserError(f"{path} holds no checkpoint to resume from")
