@@ -55,6 +55,10 @@ def parse_args(argv=None):
                         "predict_downstream_condition.py: filter the posterior logits, [MASK] a candidate, and "
                         "redraw every target position from p_hat at the last step; its settings: --topk 15 "
                         "--temperature 1 --steps 200)")
+    p.add_argument("--start_id", type=int, default=None,
+                   help="absorbing, --sampler released: the token the target starts from instead of [MASK]; 103 is "
+                        "the released decoder's (mask_token_id=103, BERT's [MASK], even with roberta-base, where the "
+                        "chain then stays put until the last step's redraw)")
     p.add_argument("--topk", type=int, default=0)
     p.add_argument("--top_p", type=float, default=1.0)
     p.add_argument("--temperature", type=float, default=1.0)
@@ -131,7 +135,7 @@ def decode_all(args, info: dist.DistInfo) -> None:
     model = api.load(args.checkpoint, info=info, task="seq2seq", weights=args.weights, flags=True)
     run = model.run
     decoding = model.decoding(args.steps, args.decode_respacing, args.sampler, args.topk, args.top_p,
-                              args.temperature, not args.no_cache)
+                              args.temperature, not args.no_cache, start_id=args.start_id)
     args.steps = decoding.steps  # absorbing: the default 200, recorded in decode.json
     folder = os.path.join(args.out_dir, args.name or f"{run.run_name}_{args.split}_{decoding.setting}"
                                                      f"_mbr{args.mbr_size}_seed{args.seed}")

@@ -165,7 +165,8 @@ def run(cfg: TrainConfig, info: dist.DistInfo, log, resumed: rundir.Resumed | No
     optim = torch.optim.AdamW([{"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
                                {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}],
                               lr=cfg.lr, fused=device.type == "cuda")
-    sched = torch.optim.lr_scheduler.LambdaLR(optim, lr_lambda(cfg.warmup_steps, cfg.max_steps, cfg.decay))
+    sched = torch.optim.lr_scheduler.LambdaLR(optim, lr_lambda(cfg.warmup_steps, cfg.max_steps, cfg.decay,
+                                                                    cfg.lr_schedule))
     model = objective  # one forward per micro-step, even when the loss calls the network twice
     if info.enabled:
         model = torch.nn.parallel.DistributedDataParallel(
@@ -221,6 +222,8 @@ def run(cfg: TrainConfig, info: dist.DistInfo, log, resumed: rundir.Resumed | No
                 out = model(batch)
                 faults.poison_loss(out, step)
                 (out.loss / cfg.accumulation_steps).backward()  # mean, not sum, over micro-batches
+            if cfg.grad_clip_value > 0:  # DiffusionBERT clips by value after every micro-batch
+                torch.nn.utils.clip_grad_value_(denoiser.parameters(), cfg.grad_clip_value)
             objective.after_backward(out, info)
             stats += objective.stats(out)
             tok_since += int(batch["attention_mask"].sum())

@@ -41,7 +41,7 @@ from .schedules import Schedule
 # Token-independent schedules never reach it (w >= 1/T there).
 REVERSE_W_MIN = 1e-6
 
-LOSS_WEIGHTINGS = ("elbo", "released")
+LOSS_WEIGHTINGS = ("elbo", "released", "released_conditional")
 SAMPLERS = ("ours", "released")
 
 # DiffusionBERT's sampler (diffusion_word_freq.py): the epsilon inside every log, and the clip of the
@@ -190,6 +190,8 @@ class AbsorbingDiffusion:
           tokens, masked or not, everything divided by the batch size. Relative to the KL term the
           hybrid term weighs about ``t`` times more than under ``elbo``; the projection runs at every
           noised position.
+        * ``released_conditional`` (``diffusion_condition.py`` with ``DDP_main_conditional.py``): the same
+          sums, not divided by the batch size (a gradient B times larger, which matters under value clipping).
 
         ``nelbo`` and ``ce`` are reported the same way under both (T * KL per example; mean CE over
         masked positions), so logs stay comparable.
@@ -200,7 +202,7 @@ class AbsorbingDiffusion:
         t = self.sample_t(B, x0.device, low_discrepancy, generator)
         x_t = self.q_sample(x0, t, noise_mask, generator)
         masked = (x_t == self.mask_id) & noise_mask
-        released = weighting == "released"
+        released = weighting != "elbo"
         logp_all = self.log_p_hat(denoise(x_t, t, attention_mask, noise_mask if released else masked))
         logp = logp_all[masked[noise_mask]] if released else logp_all  # the masked rows, row-major
         kl_pos = self.kl(logp, x0, x_t, t, t - 1, noise_mask)
@@ -211,7 +213,7 @@ class AbsorbingDiffusion:
         nelbo = self.T * kl_b
         if released:
             ce_all = -logp_all.gather(-1, x0[noise_mask][:, None]).squeeze(-1)
-            loss = (kl_b.sum() + self.hybrid_lambda * ce_all.sum()) / B
+            loss = (kl_b.sum() + self.hybrid_lambda * ce_all.sum()) / (B if weighting == "released" else 1)
         else:
             loss = nelbo.sum() / num_tokens.clamp_min(1) + self.hybrid_lambda * ce
         return LossOutput(loss, nelbo.detach(), ce.detach(), num_tokens, num_masked)
@@ -385,7 +387,7 @@ class AbsorbingDiffusion:
                attention_mask: torch.Tensor, steps: int, topk: int = 0, top_p: float = 1.0,
                temperature: float = 1.0, cache: bool = True,
                generator: torch.Generator | None = None, sampler: str = "ours",
-               final_x0: bool = False) -> SampleOutput:
+               final_x0: bool = False, start_id: int | None = None) -> SampleOutput:
         """Ancestral sampling from ``x`` (noised positions set to [MASK]) over a grid of ``steps``.
 
         ``sampler``:
@@ -400,6 +402,11 @@ class AbsorbingDiffusion:
         ``cache`` (MDLM): with a time-agnostic denoiser the output depends on ``x_t`` only, so a row
         whose tokens did not change since its last evaluation reuses its ``p_hat``; the network is
         called only on rows that changed. Only valid when the denoiser ignores t.
+
+        ``start_id``: the token the noised positions start from (default [MASK]). The released
+        ``discrete_diffusion_predict_fn`` starts from its default ``mask_token_id=103``, BERT's [MASK], with any
+        tokenizer; with RoBERTa that is an ordinary token, which the released step never changes, so only the
+        ``final_x0`` redraw moves it.
         """
         if sampler not in SAMPLERS:
             raise ValueError(f"unknown sampler {sampler!r}; choose one of {SAMPLERS}")
@@ -408,7 +415,7 @@ class AbsorbingDiffusion:
             raise ValueError("final_x0 belongs to the released sampler")
         # the released spindle posterior scores the argmax of p_hat at every noised position
         need_guess = released and self.schedule.token_dependent
-        x = x.masked_fill(noise_mask, self.mask_id)
+        x = x.masked_fill(noise_mask, self.mask_id if start_id is None else start_id)
         x0_guess = x.clone() if need_guess else None
         grid = self.timesteps(steps).to(x.device)
         K = grid.numel() - 1

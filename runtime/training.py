@@ -14,6 +14,8 @@ from torch.utils.data import DataLoader, DistributedSampler
 from runtime import dist
 
 LR_DECAYS = ("linear", "cosine", "constant")
+# warmup: ours (--warmup_steps, then --decay); the other two are DiffusionBERT's, with --warmup_steps as their 10000
+LR_SCHEDULES = ("warmup", "ddp_main", "ddp_main_conditional")
 
 
 class ResumableSampler(DistributedSampler):
@@ -48,8 +50,19 @@ class ResumableSampler(DistributedSampler):
         return math.ceil(max(len(self.dataset) - self.start, 0) / self.num_replicas)
 
 
-def lr_lambda(warmup: int, total: int, decay: str):
-    """Linear warm-up over ``warmup`` steps, then linear/cosine decay to 0 at ``total`` (or constant)."""
+def lr_lambda(warmup: int, total: int, decay: str, schedule: str = "warmup"):
+    """The learning-rate factor of optimizer step n (counted from 0), one of ``LR_SCHEDULES``:
+
+    * ``warmup``: linear warm-up over ``warmup`` steps, then linear/cosine decay to 0 at ``total`` (or constant);
+    * ``ddp_main``: DiffusionBERT's ``DDP_main.py`` LambdaLR, ``n / W + 1e-3`` below W, then ``sqrt(W / n)``
+      (its ``100 / sqrt(n)`` at W = 10000);
+    * ``ddp_main_conditional``: ``DDP_main_conditional.py``'s ``LinearLR(total_iters=W)`` with torch's default
+      start factor 1/3: ``1/3 + 2/3 * min(n, W) / W``, constant after W."""
+    if schedule == "ddp_main":
+        return lambda n: n / warmup + 1e-3 if n < warmup else math.sqrt(warmup / n)
+    if schedule == "ddp_main_conditional":
+        return lambda n: 1.0 / 3.0 + (2.0 / 3.0) * min(n, warmup) / warmup
+
     def f(step: int) -> float:
         if warmup > 0 and step < warmup:
             return (step + 1) / warmup

@@ -937,6 +937,9 @@ def test_released_loss_weighting_equals_the_transcribed_released_objective():
         x_hi = torch.where(tmask.bool(), x_t[b, 1:L - 1], torch.full((L - 2,), MASK))
         total += rel.loss_terms(x0_r, tmask.double(), logits[b, 1:L - 1], x_hi, int(t[b]) - 1, hybrid)
     torch.testing.assert_close(out.loss.detach().double(), total / B, rtol=1e-5, atol=1e-6)
+    # DDP_main_conditional.py uses the same sums without the division by the batch size
+    cond = diff.loss(model, x0, nm, am, generator=torch.Generator().manual_seed(8), weighting="released_conditional")
+    torch.testing.assert_close(cond.loss.detach().double(), total, rtol=1e-5, atol=1e-5)
     # the hybrid term is the larger part here, and it covers unmasked tokens too
     masked = (x_t == MASK) & nm
     assert int((nm & ~masked).sum()) > 0
