@@ -94,7 +94,7 @@ def prepare_resume(cfg: TrainConfig, given: set[str], main_rank: bool, log) -> r
 
 @cli_main
 def main(argv=None):
-    parser = build_parser(TrainConfig, __doc__.splitlines()[0])
+    parser = build_parser(TrainConfig, __doc__)
     cfg = from_args(parser.parse_args(argv))
     main_rank = dist.env_rank() == 0  # under torchrun rank 0 alone takes the lock and speaks
     log = print if main_rank else (lambda *a, **k: None)
