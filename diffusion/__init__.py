@@ -10,7 +10,7 @@ The lists of names that the command lines offer live here once (``choices=`` rea
 ``POST_TRAIN_PENALTIES`` and ``TIMESTEP_SAMPLERS`` (time conditionings: ``models.TIME_CONDITIONING``).
 """
 from .absorbing import LOSS_WEIGHTINGS, AbsorbingDiffusion, LossOutput, categorical_float64, filter_logits
-from .gaussian import (GAUSSIAN_SCHEDULES, LOSS_AVERAGES, NEIGHBOUR_MAPS, POST_TRAIN_PENALTIES, GaussianDiffusion,
+from .gaussian import (GAUSSIAN_SCHEDULES, GAUSSIAN_SOLVERS, LOSS_AVERAGES, NEIGHBOUR_MAPS, POST_TRAIN_PENALTIES, GaussianDiffusion,
                        GaussianLossOutput, gaussian_betas)
 from .noise import BatchNoise, SampleNoise, as_noise
 from .outputs import SampleOutput, StepOutput
@@ -25,7 +25,7 @@ PROCESSES = tuple(PROCESS_SCHEDULES)
 ALL_SCHEDULES = tuple(dict.fromkeys(name for names in PROCESS_SCHEDULES.values() for name in names))  # in order, once
 
 __all__ = ["AbsorbingDiffusion", "LossOutput", "categorical_float64", "filter_logits", "LOSS_WEIGHTINGS", "SAMPLERS",
-           "GAUSSIAN_SCHEDULES", "LOSS_AVERAGES", "NEIGHBOUR_MAPS", "POST_TRAIN_PENALTIES", "GaussianDiffusion",
+           "GAUSSIAN_SCHEDULES", "GAUSSIAN_SOLVERS", "LOSS_AVERAGES", "NEIGHBOUR_MAPS", "POST_TRAIN_PENALTIES", "GaussianDiffusion",
            "GaussianLossOutput", "gaussian_betas", "SampleOutput", "StepOutput", "BatchNoise", "SampleNoise", "as_noise",
            "ORDERS", "REMASK_SCHEDULES", "Sampler", "make_sampler",
            "ADAPTIVE_DECAY_PROPORTIONS", "adaptive_decay_timesteps", "parse_respacing", "uniform_timesteps",
