@@ -290,19 +290,31 @@ SAMPLERS = tuple(SAMPLER_CLASSES)
 
 
 def make_sampler(name: str, order: str | None = None, threshold: float | None = None, remask: str | None = None,
-                 eta: float | None = None, final_x0: bool = False) -> Sampler:
+                 eta: float | None = None, final_x0: bool = False, names: dict | None = None) -> Sampler:
     """The sampler ``name`` with its options; ValueError (one line) for an unknown name, an option it does not
-    take, or a value out of range."""
+    take, or a value out of range. ``names``: how the messages name the options (e.g. the scripts' flags)."""
+    say = {k: k for k in ("sampler", "order", "threshold", "remask", "eta")} | (names or {})
     if name not in SAMPLER_CLASSES:
-        raise ValueError(f"unknown sampler {name!r}; choose one of {', '.join(SAMPLERS)}")
+        raise ValueError(f"unknown {say['sampler']} {name!r}; choose one of {', '.join(SAMPLERS)}")
     given = {"order": order, "threshold": threshold, "remask": remask, "eta": eta}
     takes = {"confidence": ("order",), "parallel": ("threshold",), "remask": ("remask", "eta")}.get(name, ())
-    extra = [k for k, v in given.items() if v is not None and k not in takes]
+    extra = [say[k] for k, v in given.items() if v is not None and k not in takes]
     if extra:
-        raise ValueError(f"the {name} sampler does not take {', '.join(extra)}"
-                         f"{' (it takes ' + ', '.join(takes) + ')' if takes else ''}")
+        also = f" (it takes {', '.join(say[k] for k in takes)})" if takes else ""
+        raise ValueError(f"the {name} sampler does not take {', '.join(extra)}{also}")
     if final_x0 and name != "released":
         raise ValueError("final_x0 belongs to the released sampler")
+    if order is not None and order not in ORDERS:
+        raise ValueError(f"{say['order']} must be one of {', '.join(ORDERS)}, got {order!r}")
+    if threshold is not None and not 0.0 < threshold <= 1.0:
+        raise ValueError(f"{say['threshold']} must be in (0, 1], got {threshold}")
+    if remask is not None and remask not in REMASK_SCHEDULES:
+        raise ValueError(f"{say['remask']} must be one of {', '.join(REMASK_SCHEDULES)}, got {remask!r}")
+    if eta is not None and (remask == "conf" or not 0.0 <= eta <= 1.0):
+        raise ValueError(f"{say['remask']} conf takes no {say['eta']} (its eta is a softmax of the confidences)"
+                         if remask == "conf" else
+                         f"{say['eta']} must be in [0, 1] (sigma_t = min(eta, sigma_max) or eta sigma_max is a "
+                         f"probability), got {eta}")
     if name == "confidence":
         return Confidence(order or "confidence")
     if name == "parallel":
