@@ -113,11 +113,10 @@ class BatchNoise:
 
 
 def as_noise(generator, batch_size: int, device=None):
-    """The noise source of a ``sample`` call: a :class:`SampleNoise` as given (its rows must be the batch's), or a
-    :class:`BatchNoise` of a ``torch.Generator`` / None."""
-    if isinstance(generator, (SampleNoise, BatchNoise)):
+    """The noise source of a ``sample`` call: a noise source as given (:class:`SampleNoise`, or anything with its
+    ``uniform``/``normal``; its rows must be the batch's), or a :class:`BatchNoise` of a ``torch.Generator`` / None."""
+    if hasattr(generator, "uniform"):
         if len(generator) != batch_size:
             raise ValueError(f"the noise source has {len(generator)} rows for a batch of {batch_size}")
         return generator
     return BatchNoise(generator, batch_size, device)
-
