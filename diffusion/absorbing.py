@@ -268,6 +268,12 @@ class AbsorbingDiffusion:
         """``alpha_t`` of the schedule's token-independent part, [B] float64 (the whole alpha for mutual, cosine)."""
         return self.schedule.base_alpha(t.double() / self.T).reshape(-1)
 
+    def reverse_alpha(self, t: torch.Tensor) -> torch.Tensor:
+        """The reverse model's ``alpha_t``: [B, 1] (token-independent) or [B, V] (spindle: every candidate token)."""
+        if t.numel() > 1 and bool((t == t[0]).all()):
+            return self.reverse_alpha(t[:1]).expand(t.shape[0], -1)
+        return self.schedule.alpha_vocab(t.double() / self.T)
+
     def base_unmask_weight(self, t: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
         """``w = (alpha_s - alpha_t) / (1 - alpha_t)`` of the token-independent part, [B] float64."""
         return _safe_w(self.base_alpha(s), self.base_alpha(t))

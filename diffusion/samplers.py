@@ -69,13 +69,10 @@ class Sampler:
     """A decoding rule. Subclasses set ``name`` and implement :meth:`step`."""
 
     name = ""
-    token_independent_only = False  # needs a schedule whose alpha is one number per row
     final_x0 = False                # redraw every noised position from p_hat at the last step (released seq2seq)
 
     def check(self, diffusion) -> None:
-        if self.token_independent_only and diffusion.schedule.token_dependent:
-            raise ValueError(f"the {self.name} sampler needs a token-independent schedule (mutual or cosine), "
-                             f"not {diffusion.schedule.name}")
+        """ValueError if the sampler cannot run on this process (none today: every rule takes every schedule)."""
 
     def start(self, diffusion, x: torch.Tensor, noise_mask: torch.Tensor) -> dict:
         """The sampler's state for one ``sample`` call."""
@@ -177,10 +174,11 @@ class Remask(Sampler):
     ``sigma_max = min(1, (1 - alpha_s) / alpha_t)`` (1 where alpha_t = 0) keeps both probabilities valid;
     ``cap``: ``sigma = min(eta, sigma_max)``; ``rescale``: ``sigma = eta sigma_max``; ``conf``: ``sigma = eta_i
     sigma_max`` with ``eta_i`` the softmax over the row's decoded positions of ``-p_hat(x_i)`` when x_i was
-    decoded (less confident tokens are remasked more), 0 at masked and fixed positions.
+    decoded (less confident tokens are remasked more), 0 at masked and fixed positions. With a token-dependent
+    schedule (spindle) alpha is the reverse model's ``alpha(v)`` of the token in question (of the decoded token
+    for the remasking, of each candidate v for the unmasking): the same formulas token by token.
     """
     name = "remask"
-    token_independent_only = True
 
     def __init__(self, schedule: str = "cap", eta: float | None = None):
         if schedule not in REMASK_SCHEDULES:
@@ -200,36 +198,50 @@ class Remask(Sampler):
     def active(self, masked, noise_mask, s):
         return masked.any(-1) | (noise_mask.any(-1) & (s > 0))
 
-    def sigma(self, a_t: torch.Tensor, a_s: torch.Tensor, decoded: torch.Tensor, conf: torch.Tensor) -> torch.Tensor:
-        """[B, L] remasking probability at the decoded positions (0 elsewhere); ``a_t``, ``a_s`` [B]."""
-        sigma_max = torch.where(a_t > 0, ((1 - a_s) / a_t.clamp_min(1e-300)).clamp(max=1.0), torch.ones_like(a_t))
+    @staticmethod
+    def sigma_max(a_t: torch.Tensor, a_s: torch.Tensor) -> torch.Tensor:
+        """``min(1, (1 - alpha_s) / alpha_t)``, 1 where alpha_t = 0 (any shape)."""
+        return torch.where(a_t > 0, ((1 - a_s) / a_t.clamp_min(1e-300)).clamp(0.0, 1.0), torch.ones_like(a_t))
+
+    def sigma(self, a_t: torch.Tensor, a_s: torch.Tensor, eta_conf: torch.Tensor | None = None) -> torch.Tensor:
+        """``sigma_t`` for ``alpha_t``, ``alpha_s`` (any shape); ``eta_conf``: conf's per-position eta."""
+        top = self.sigma_max(a_t, a_s)
         if self.schedule == "cap":
-            sig = torch.minimum(torch.full_like(sigma_max, self.eta), sigma_max)[:, None].expand(decoded.shape)
-        elif self.schedule == "rescale":
-            sig = (self.eta * sigma_max)[:, None].expand(decoded.shape)
-        else:
-            score = conf.masked_fill(~decoded, -math.inf)
-            eta = torch.where(decoded, score.softmax(-1).nan_to_num(0.0), torch.zeros_like(score))
-            sig = eta * sigma_max[:, None]
-        return torch.where(decoded, sig, torch.zeros_like(sig))
+            return top.clamp(max=self.eta)
+        return top * (self.eta if self.schedule == "rescale" else eta_conf)
 
     def step(self, diffusion, p_hat, t, s, x, noise_mask, k, noise, state):
         masked = (x == diffusion.mask_id) & noise_mask
         decoded = noise_mask & ~masked
-        a_t, a_s = diffusion.base_alpha(t), diffusion.base_alpha(s)
-        sigma = self.sigma(a_t, a_s, decoded, state["conf"])
+        A_t, A_s = diffusion.reverse_alpha(t), diffusion.reverse_alpha(s)       # [B, 1] or [B, V]
         L = x.shape[1]
+        # remasking: alpha of each decoded token
+        col = x.clamp(max=A_t.shape[-1] - 1) if A_t.shape[-1] > 1 else torch.zeros_like(x)
+        a_t, a_s = A_t.gather(1, col), A_s.gather(1, col)                       # [B, L]
+        eta_conf = None
+        if self.schedule == "conf":
+            score = state["conf"].masked_fill(~decoded, -math.inf)
+            eta_conf = score.softmax(-1).nan_to_num(0.0)
+        sigma = torch.where(decoded, self.sigma(a_t, a_s, eta_conf), torch.zeros_like(a_t))
         remask = decoded & (noise.uniform(k, STREAM_REMASK, L) < sigma)
-        # at a masked position sigma is 0 for conf, the row's sigma for cap and rescale
-        sig_m = self.sigma(a_t, a_s, noise_mask, state["conf"]) if self.schedule != "conf" else torch.zeros_like(sigma)
-        q = ((a_s[:, None] - (1 - sig_m) * a_t[:, None]) / (1 - a_t[:, None])).clamp(0.0, 1.0)
-        unmask = masked & (noise.uniform(k, STREAM_UNMASK, L) < q)
-        x0 = categorical_from_uniform(p_hat, noise.uniform(k, STREAM_TOKEN, L)[masked])
+        # unmasking: p_hat(v) (w(v) + sigma(v) alpha_t(v) / (1 - alpha_t(v))), sigma = 0 at a masked position for conf
+        b_idx = masked.nonzero()[:, 0]
+        w = diffusion.unmask_weights(t, s)[b_idx].double()                      # [N, 1] or [N, V]
+        if self.schedule != "conf":
+            at, as_ = A_t[b_idx], A_s[b_idx]
+            w = w + self.sigma(at, as_) * at / (1 - at).clamp_min(1e-300)
+        q = p_hat.double() * w                                                  # [N, V]
+        u = q.sum(-1)
+        unmask = noise.uniform(k, STREAM_UNMASK, L)[masked] < u
+        if bool((s == 0).all()):
+            unmask = torch.ones_like(unmask)  # alpha_0 = 1: every remaining [MASK] is revealed
+        x0 = categorical_from_uniform(q, noise.uniform(k, STREAM_TOKEN, L)[masked])
+        unmask_bl = scatter_rows(unmask, masked, False)
         x_s = x.clone()
-        x_s[unmask] = scatter_rows(x0, masked, 0)[unmask]
+        x_s[unmask_bl] = scatter_rows(x0, masked, 0)[unmask_bl]
         x_s[remask] = diffusion.mask_id
         conf = state["conf"]
-        conf[unmask] = -scatter_rows(p_hat.double().gather(-1, x0[:, None]).squeeze(-1), masked, 0.0)[unmask]
+        conf[unmask_bl] = -scatter_rows(p_hat.double().gather(-1, x0[:, None]).squeeze(-1), masked, 0.0)[unmask_bl]
         conf[remask] = -math.inf
         return StepOutput(x_s)
 
@@ -246,41 +258,45 @@ def conditional_binomial(n: torch.Tensor, w: torch.Tensor, u: torch.Tensor) -> t
 
 
 class FirstHitting(Sampler):
-    """The exact reverse chain on the grid, deciding before the network call which rows change.
+    """The exact reverse chain on the grid, deciding before the network call which rows may change.
 
-    With a token-independent schedule whether a masked position unmasks at t -> s does not depend on p_hat
-    (probability ``w``), so a row with n masked positions changes with probability ``1 - ((1 - alpha_s) /
-    (1 - alpha_t))^n``; only such rows are evaluated. A changing row unmasks ``m ~ Binomial(n, w) | m >= 1``
-    positions, chosen uniformly, each drawn from p_hat. The joint law of the chain is the ancestral one, with any
-    denoiser (time-conditioned too), and a row costs at most one evaluation per token.
+    A masked position unmasks at t -> s with probability ``u = sum_v p_hat(v) w(v) <= w_max = max_v w(v)``, which
+    does not need p_hat (``u = w`` for a token-independent schedule). So draw first, from ``w_max`` alone, the
+    candidates: a row with n masked positions has one with probability ``1 - (1 - w_max)^n``, and only such rows
+    are evaluated; it then has ``m ~ Binomial(n, w_max) | m >= 1`` candidates, chosen uniformly, each of which
+    unmasks with probability ``u / w_max`` (1 when token-independent; thinning) to v drawn from ``p_hat(v) w(v)``.
+    The law of the chain is the ancestral one, with any denoiser (time-conditioned too), and a row costs at most
+    one evaluation per step at which it may change (at most one per token with a token-independent schedule).
     """
     name = "first_hitting"
-    token_independent_only = True
 
     def rows(self, diffusion, masked, t, s, k, noise, state):
         n = masked.sum(-1)
-        a_t, a_s = diffusion.base_alpha(t), diffusion.base_alpha(s)
-        stay = ((1 - a_s) / (1 - a_t)).clamp(0.0, 1.0) ** n.double()     # no position unmasks
+        w_max = diffusion.unmask_weights(t, s).amax(-1).double()
+        stay = (1 - w_max).clamp(0.0, 1.0) ** n.double()      # no candidate in the row
         changes = (n > 0) & (noise.uniform(k, STREAM_EVENT, 1)[:, 0] >= stay)
-        state["changes"] = changes
+        state["changes"], state["w_max"] = changes, w_max
         return changes
 
     def step(self, diffusion, p_hat, t, s, x, noise_mask, k, noise, state):
-        changes = state["changes"]
+        changes, w_max = state["changes"], state["w_max"]
         masked = (x == diffusion.mask_id) & noise_mask
         x_s = x.clone()
         if not changes.any():
             return StepOutput(x_s)
         L = x.shape[1]
         n = masked.sum(-1)
-        w = diffusion.base_unmask_weight(t, s)
         m = torch.zeros_like(n)
         u = noise.uniform(k, STREAM_COUNT, 1)[:, 0]
-        m[changes] = conditional_binomial(n[changes], w[changes], u[changes])
+        m[changes] = conditional_binomial(n[changes], w_max[changes], u[changes])
         keys = noise.uniform(k, STREAM_ORDER, L).masked_fill(~masked, math.inf)
-        chosen = top_by_row(-keys, m) & changes[:, None]      # m positions uniformly at random
+        candidate = top_by_row(-keys, m) & changes[:, None]   # m positions uniformly at random
         here = masked & changes[:, None]                      # where p_hat was given
-        x0 = categorical_from_uniform(p_hat, noise.uniform(k, STREAM_TOKEN, L)[here])
+        b_idx = here.nonzero()[:, 0]
+        q = p_hat.double() * diffusion.unmask_weights(t, s)[b_idx].double()   # [N, V]: p_hat(v) w(v)
+        accept = noise.uniform(k, STREAM_UNMASK, L)[here] * w_max[b_idx] < q.sum(-1)
+        x0 = categorical_from_uniform(q, noise.uniform(k, STREAM_TOKEN, L)[here])
+        chosen = candidate & scatter_rows(accept, here, False)
         x_s[chosen] = scatter_rows(x0, here, 0)[chosen]
         return StepOutput(x_s)
 
