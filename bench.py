@@ -561,6 +561,46 @@ def report_gaussian(r: dict, args) -> list[str]:
             + ", ".join(f"{k} {fmt(v, 'MB')}" for k, v in r["memory_mb"].items())]
 
 
+# Dense (no sparsity) bf16 tensor-core peaks in TFLOP/s, from the vendors' datasheets; the first name that the
+# device's name contains wins (so "H100 PCIe" before "H100", "A100" before "A10", "L40S" before "L4")
+PEAK_BF16_TFLOPS = (("H200", 989.0), ("H100 PCIe", 756.0), ("H100 NVL", 835.0), ("H100", 989.0), ("GH200", 989.0),
+                    ("A100", 312.0), ("L40S", 362.0), ("L40", 181.0), ("L4", 121.0), ("A10G", 70.0), ("A10", 125.0),
+                    ("RTX 4090", 165.0), ("RTX 3090", 71.0), ("V100", 125.0), ("T4", 65.0))
+
+
+def peak_tflops(device_name: str) -> float | None:
+    """The card's bf16 peak from :data:`PEAK_BF16_TFLOPS` (fp16 for V100/T4, which have no bf16), or None."""
+    return next((v for k, v in PEAK_BF16_TFLOPS if k in device_name), None)
+
+
+def throughput(r: dict, args, env: dict) -> dict:
+    """Training steps/s and tokens/s of ``ours``, its model FLOPs utilisation, and sampled sequences/s.
+
+    Model FLOPs per trained token: ``6 N + 12 layers * hidden * seq_len`` (N parameters; the second term is
+    attention's score and value products; PaLM, appendix B), the count of a dense masked-LM step. Our absorbing
+    step projects onto the vocabulary at the masked positions only, so it does less work than it is credited
+    with here: its MFU is the utilisation of an equivalent dense step."""
+    step = r["train"]["ours"]
+    tokens = args.batch_size * args.seq_len
+    flops = (6 * r["parameters"] + 12 * r["layers"] * r["hidden"] * args.seq_len) * tokens / step
+    peak = peak_tflops(env["device"]) if env["device_type"] == "cuda" else None
+    if args.process == "absorbing":
+        seconds, what = r["sample"]["cache_on"]["seconds"], f"{r['sample']['steps']} steps"
+    else:
+        seconds, what = r["decode_adp_20"]["seconds"], "adp_20"
+    return {"train_steps_per_s": 1.0 / step, "train_tokens_per_s": tokens / step, "model_tflops": flops / 1e12,
+            "peak_tflops": peak, "mfu": flops / 1e12 / peak if peak else None,
+            "sample_sequences_per_s": args.batch_size / seconds, "sample_setting": what,
+            "peak_memory_mb": max((v for v in r["memory_mb"].values() if v is not None), default=None)}
+
+
+def report_throughput(t: dict) -> list[str]:
+    mfu = f"{100 * t['mfu']:.1f}% of {t['peak_tflops']:.0f}" if t["mfu"] is not None else "n/a (no peak for this device)"
+    return ["", f"throughput: training {t['train_steps_per_s']:.2f} steps/s, {t['train_tokens_per_s']:.0f} tokens/s, "
+                f"{t['model_tflops']:.1f} model TFLOP/s (MFU {mfu}); sampling ({t['sample_setting']}) "
+                f"{t['sample_sequences_per_s']:.2f} sequences/s; peak memory {fmt(t['peak_memory_mb'], 'MB')}"]
+
+
 # per process: the paper's T, the measurements, the report
 BENCHES = {"absorbing": (2048, bench_absorbing, report_absorbing), "gaussian": (2000, bench_gaussian, report_gaussian)}
 
@@ -571,6 +611,9 @@ def main(argv=None):
     from runtime.dist import pick_device
 
     device = pick_device(args.device)
+    from runtime.training import compile_problem
+    if args.compile and (problem := compile_problem(device)):
+        raise UserError(f"--compile: {problem}")
     if args.threads:
         torch.set_num_threads(args.threads)
     if device.type == "cuda":
@@ -593,7 +636,8 @@ def main(argv=None):
            "device_type": device.type, "torch": torch.__version__, "threads": torch.get_num_threads(),
            "cpu_count": os.cpu_count(), "bf16": use_bf16, "compile": args.compile}
     res = bench(args, device, clock, amp)
-    lines = report(res, args)
+    res["throughput"] = throughput(res, args, env)
+    lines = report(res, args) + report_throughput(res["throughput"])
     res.update(env=env, args={k: v for k, v in vars(args).items()}, wall_seconds=time.time() - start)
     print("\n".join(lines))
     print(f"\n{env['device_type']} ({env['device']}), torch {env['torch']}, {env['threads']} threads, "

@@ -67,6 +67,10 @@ def parse_args(argv=None):
     p.add_argument("--solver", default=None, metavar="NAME",
                    help="gaussian: ddpm (default), ddim or dpm_solver++ (DPM-Solver++(2M)), over the steps of "
                         "--decode_respacing")
+    p.add_argument("--start_id", type=int, default=None,
+                   help="absorbing, --sampler released: the token the target starts from instead of [MASK]; 103 is "
+                        "the released decoder's (mask_token_id=103, BERT's [MASK], even with roberta-base, where the "
+                        "chain then stays put until the last step's redraw)")
     p.add_argument("--topk", type=int, default=0)
     p.add_argument("--top_p", type=float, default=1.0)
     p.add_argument("--temperature", type=float, default=1.0)
@@ -143,7 +147,7 @@ def decode_all(args, info: dist.DistInfo) -> None:
     model = api.load(args.checkpoint, info=info, task="seq2seq", weights=args.weights, flags=True)
     run = model.run
     decoding = model.decoding(args.steps, args.decode_respacing, args.sampler, args.topk, args.top_p,
-                              args.temperature, not args.no_cache,
+                              args.temperature, not args.no_cache, start_id=args.start_id,
                               **{k: getattr(args, k) for k in ("order", "threshold", "remask", "eta", "solver")})
     args.steps = decoding.steps  # absorbing: the default 200, recorded in decode.json
     folder = os.path.join(args.out_dir, args.name or f"{run.run_name}_{args.split}_{decoding.setting}"

@@ -2,8 +2,11 @@
 # DiffusionBERT: train, sample, evaluate.
 #
 #   bash run.sh              offline CPU demo: MiniLM on the KJV/WEB Bible corpus (about 15 min on 2 cores)
-#   bash run.sh lm1b         the paper setup: bert-base-uncased on LM1B (GPU and internet)
-#   NGPU=4 bash run.sh lm1b  the same under torchrun --nproc_per_node 4 (DDP)
+#   bash run.sh lm1b         the paper's setup (Table 2): TAD on a pretrained bert-base-uncased, LM1B (GPU, internet)
+#   bash run.sh lm1b-released  the released run.sh instead: layer-wise time embedding, trained from scratch
+#                            (its `--from_scratch false` is True under type=bool), 512 a step for 3 epochs
+#   NGPU=4 bash run.sh lm1b  the same under torchrun --nproc_per_node 4 (DDP); the batch is kept at any NGPU
+#   DRY_RUN=1 bash run.sh lm1b   print the commands a preset runs, run nothing
 #   bash run.sh reproduce [quick]   does it learn? known-answer tasks and the papers' ablations
 #                            (offline CPU; about 70 min on 2 cores, quick: 7 min); reproduce.py --help
 #   bash run.sh reproduce --parts glm --out DIR   part 4: the Gaussian LM, infilling and length control
@@ -67,54 +70,82 @@ case "$PRESET" in
     REFS=data/bible/test.txt
     ;;
   lm1b)
-    # The paper's LM1B setup (Table 2): T=2048, spindle lambda 0.3, TAD, max length 64, and the released
-    # objective (DDP_main.py: summed KL without T + 0.01 x CE over all tokens, / batch size).
-    # Effective batch >= 64: 32 per GPU, accumulated to 64 on fewer than 2 GPUs.
+    # The paper's LM1B setup (Table 2; docs/differences.md, "presets"): bert-base-uncased, TAD, T = 2048, spindle
+    # lambda 0.3, 64 wordpieces; lr 3e-6, 10k warm-up steps, batch 32 per GPU on 4 GPUs, about 1.9M steps. The rest
+    # is the released DDP_main.py: its objective (summed KL without T + 0.01 x CE over all tokens, / batch size), its
+    # learning-rate schedule, value clipping at 5, AdamW's default weight decay 0.01.
     # Sampling as the released predict.py: its sampler (temperature 0.1 and top-k 30 on the posterior
-    # logits, [MASK] a candidate), T=512 walked in steps of 2 = 256 steps on the same t/T grid, 32 wordpieces.
+    # logits, [MASK] a candidate), T=512 walked in steps of 2 = 256 steps on the same t/T grid, 32 wordpieces;
+    # 1,000 samples as Table 2.
     MODEL=bert-base-uncased; DATASET=lm1b
     RUN=outputs/lm1b-$STAMP
-    ACC=$(( (64 + 32 * NGPU - 1) / (32 * NGPU) ))
+    ACC=$(( (4 + NGPU - 1) / NGPU ))  # 4 GPUs x 32: 128 a step at any NGPU
     TRAIN_ARGS=(--model_name_or_path $MODEL --dataset $DATASET --max_len 64
                 --num_steps 2048 --schedule spindle --word_freq_lambda 0.3 --time_conditioning none
-                --loss_weighting released
-                --batch_size 32 --accumulation_steps $ACC --lr 5e-5 --warmup_steps 10000 --max_steps 1000000
-                --eval_every 5000 --eval_examples 2000 --eval_steps 128 --save_every 5000 --log_every 50
-                --num_workers 4)
+                --loss_weighting released --hybrid_lambda 0.01
+                --batch_size 32 --accumulation_steps $ACC --lr 3e-6 --lr_schedule ddp_main --warmup_steps 10000
+                --grad_clip 0 --grad_clip_value 5 --weight_decay 0.01 --max_steps 1900000
+                --eval_every 15000 --eval_examples 2000 --eval_steps 128 --save_every 5000 --log_every 1000
+                --num_workers 4 --seed 42)
     SAMPLE_ARGS=(--num_samples 1000 --sampler released --steps 256 --topk 30 --temperature 0.1 --length 32
                  --batch_size 250 --seed 42)
     ELBO_ARGS=(--num_examples 2000 --eval_steps 128 --batch_size 128 --seed 42 --baselines)
     REFS=data/lm1b-test.txt
     ;;
+  lm1b-released)
+    # The released run.sh (4 GPUs): DDP_main.py --lr 5e-5 --batch_size 128 --timestep layerwise --from_scratch false,
+    # with DDP_main.py's defaults for the rest. Its `--from_scratch false` is bool('false') = True: from scratch.
+    # --schedule mutual plus --word_freq_lambda 0.3 is the spindle; no [CLS]/[SEP] in the 128 truncated
+    # wordpieces, added by denoise_fn: --max_len 130 here. 3 epochs of 512 a step over LM1B's train split less
+    # the 5e-4 dev part (30,285,877 rows, 7,571,470 per rank) = 3 x 59,153 = 177,459 steps.
+    MODEL=bert-base-uncased; DATASET=lm1b
+    RUN=outputs/lm1b-released-$STAMP
+    ACC=$(( (4 + NGPU - 1) / NGPU ))  # 4 GPUs x 128: 512 a step at any NGPU
+    TRAIN_ARGS=(--model_name_or_path $MODEL --dataset $DATASET --max_len 130 --from_scratch
+                --num_steps 2048 --schedule spindle --word_freq_lambda 0.3 --time_conditioning layerwise
+                --loss_weighting released --hybrid_lambda 0.01
+                --batch_size 128 --accumulation_steps $ACC --lr 5e-5 --lr_schedule ddp_main --warmup_steps 10000
+                --grad_clip 0 --grad_clip_value 5 --weight_decay 0.01 --max_steps 177459
+                --eval_every 15000 --eval_examples 2000 --eval_steps 512 --save_every 15000 --log_every 1000
+                --num_workers 4 --seed 42)
+    # the released predict.py: T = 512 in steps of 2, top-k 30, temperature 0.1, 2 iterations of 32 x 32
+    SAMPLE_ARGS=(--num_samples 64 --sampler released --steps 256 --topk 30 --temperature 0.1 --length 32
+                 --batch_size 32 --seed 42)
+    ELBO_ARGS=(--num_examples 2000 --eval_steps 512 --batch_size 128 --seed 42 --baselines)
+    REFS=data/lm1b-test.txt
+    ;;
   *)
-    echo "error: unknown preset '$PRESET' (use: demo, lm1b, reproduce, diffusion-lm)" >&2
+    echo "error: unknown preset '$PRESET' (use: demo, lm1b, lm1b-released, reproduce, diffusion-lm)" >&2
     exit 2
     ;;
 esac
 
 START=$(date +%s)
+NAME=$(basename "$RUN")
 echo "== 1/5 word frequencies for the spindle schedule"
-WF=$("$PY" -c "from textdata.word_freq import default_path; print(default_path('$MODEL', '$DATASET'))")
-# a cached file is reused only if it counts what the schedule noises (v1 files also counted [CLS]/[SEP])
-if "$PY" -c "import sys; from textdata.word_freq import is_current; sys.exit(0 if is_current('$WF') else 1)"; then
-  echo "using $WF"
-else
-  "$PY" word_freq.py --model_name_or_path $MODEL --dataset $DATASET --overwrite
+if [ -z "${DRY_RUN:-}" ]; then  # not a preset setting: a dry run skips it
+  WF=$("$PY" -c "from textdata.word_freq import default_path; print(default_path('$MODEL', '$DATASET'))")
+  # a cached file is reused only if it counts what the schedule noises (v1 files also counted [CLS]/[SEP])
+  if "$PY" -c "import sys; from textdata.word_freq import is_current; sys.exit(0 if is_current('$WF') else 1)"; then
+    echo "using $WF"
+  else
+    "$PY" word_freq.py --model_name_or_path $MODEL --dataset $DATASET --overwrite
+  fi
 fi
 
 echo "== 2/5 training -> $RUN"
-"${TRAIN[@]}" "${TRAIN_ARGS[@]}" --out_dir "$RUN" "$@"
+run "${TRAIN[@]}" "${TRAIN_ARGS[@]}" --out_dir "$RUN" "$@"
 
-NAME=$(basename "$RUN")
 echo "== 3/5 sampling (cached, then uncached for the speed comparison)"
-"$PY" predict.py --checkpoint "$RUN" "${SAMPLE_ARGS[@]}" --name "$NAME"
-"$PY" predict.py --checkpoint "$RUN" "${SAMPLE_ARGS[@]}" --name "$NAME-nocache" --no_cache
+run "$PY" predict.py --checkpoint "$RUN" "${SAMPLE_ARGS[@]}" --name "$NAME"
+run "$PY" predict.py --checkpoint "$RUN" "${SAMPLE_ARGS[@]}" --name "$NAME-nocache" --no_cache
 
 echo "== 4/5 perplexity bound (ELBO), and the same for the untrained network and a unigram model"
-"$PY" compute_elbo.py --checkpoint "$RUN" "${ELBO_ARGS[@]}" --out "generation_results/$NAME.elbo.json"
+run "$PY" compute_elbo.py --checkpoint "$RUN" "${ELBO_ARGS[@]}" --out "generation_results/$NAME.elbo.json"
+[ -n "${DRY_RUN:-}" ] && exit 0
 
 echo "== 5/5 BLEU / self-BLEU"
-if [ "$PRESET" = lm1b ] && [ ! -f "$REFS" ]; then
+if [ "$REFS" = data/lm1b-test.txt ] && [ ! -f "$REFS" ]; then
   "$PY" -c "from textdata.lm import load_text_splits; from common.io import write_text_atomic; \
     write_text_atomic('$REFS', ''.join(t.strip() + '\n' for t in load_text_splits('lm1b')['test']['text']))"
 fi

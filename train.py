@@ -34,7 +34,8 @@ from runtime.config import TrainConfig, build_parser, from_args
 from runtime.faults import Faults
 from runtime.objective import make_objective
 from runtime.runlog import RunLogger
-from runtime.training import EMA, ResumableSampler, StopSignals, lr_lambda, micro_batches, seed_everything
+from runtime.training import (EMA, ResumableSampler, StopSignals, adamw, compile_problem, lr_lambda, micro_batches,
+                              seed_everything)
 from textdata import lm, word_freq
 
 
@@ -95,6 +96,8 @@ def main(argv=None):
 
 def run(cfg: TrainConfig, info: dist.DistInfo, log, resume_dir: str | None, post_dir: str | None = None) -> None:
     device = info.device
+    if cfg.compile and (problem := compile_problem(device)):
+        raise UserError(f"--compile: {problem}")
     ckpt_root = os.path.join(cfg.out_dir, "checkpoints")
     use_bf16 = cfg.bf16 and device.type == "cuda" and torch.cuda.is_bf16_supported()
     if device.type == "cuda":
@@ -138,11 +141,9 @@ def run(cfg: TrainConfig, info: dist.DistInfo, log, resume_dir: str | None, post
                "schedule": diffusion.describe()}
 
     # ---- optimisation, and where the run starts
-    params = [p for p in denoiser.parameters() if p.requires_grad]
-    optim = torch.optim.AdamW([{"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
-                               {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}],
-                              lr=cfg.lr, fused=device.type == "cuda")
-    sched = torch.optim.lr_scheduler.LambdaLR(optim, lr_lambda(cfg.warmup_steps, cfg.max_steps, cfg.decay))
+    optim = adamw(denoiser.parameters(), cfg.lr, cfg.weight_decay, device)
+    sched = torch.optim.lr_scheduler.LambdaLR(optim, lr_lambda(cfg.warmup_steps, cfg.max_steps, cfg.decay,
+                                                                    cfg.lr_schedule))
     model = objective  # one forward per micro-step, even when the loss calls the network twice
     if info.enabled:
         model = torch.nn.parallel.DistributedDataParallel(
@@ -193,6 +194,8 @@ def run(cfg: TrainConfig, info: dist.DistInfo, log, resume_dir: str | None, post
                 out = model(batch)
                 faults.poison_loss(out, step)
                 (out.loss / cfg.accumulation_steps).backward()  # mean, not sum, over micro-batches
+            if cfg.grad_clip_value > 0:  # DiffusionBERT clips by value after every micro-batch
+                torch.nn.utils.clip_grad_value_(denoiser.parameters(), cfg.grad_clip_value)
             objective.after_backward(out, info)
             stats += objective.stats(out)
             tok_since += int(batch["attention_mask"].sum())

@@ -43,7 +43,7 @@ from .schedules import Schedule
 # Token-independent schedules never reach it (w >= 1/T there).
 REVERSE_W_MIN = 1e-6
 
-LOSS_WEIGHTINGS = ("elbo", "released")
+LOSS_WEIGHTINGS = ("elbo", "released", "released_conditional")
 
 # DiffusionBERT's sampler (diffusion_word_freq.py): the epsilon inside every log, and the clip of the
 # keep probability in noise_fn (alpha <= 0.999 at every t > 0)
@@ -191,6 +191,8 @@ class AbsorbingDiffusion:
           tokens, masked or not, everything divided by the batch size. Relative to the KL term the
           hybrid term weighs about ``t`` times more than under ``elbo``; the projection runs at every
           noised position.
+        * ``released_conditional`` (``diffusion_condition.py`` with ``DDP_main_conditional.py``): the same
+          sums, not divided by the batch size (a gradient B times larger, which matters under value clipping).
 
         ``nelbo`` and ``ce`` are reported the same way under both (T * KL per example; mean CE over
         masked positions), so logs stay comparable.
@@ -201,7 +203,7 @@ class AbsorbingDiffusion:
         t = self.sample_t(B, x0.device, low_discrepancy, generator)
         x_t = self.q_sample(x0, t, noise_mask, generator)
         masked = (x_t == self.mask_id) & noise_mask
-        released = weighting == "released"
+        released = weighting != "elbo"
         logp_all = self.log_p_hat(denoise(x_t, t, attention_mask, noise_mask if released else masked))
         logp = logp_all[masked[noise_mask]] if released else logp_all  # the masked rows, row-major
         kl_pos = self.kl(logp, x0, x_t, t, t - 1, noise_mask)
@@ -212,7 +214,7 @@ class AbsorbingDiffusion:
         nelbo = self.T * kl_b
         if released:
             ce_all = -logp_all.gather(-1, x0[noise_mask][:, None]).squeeze(-1)
-            loss = (kl_b.sum() + self.hybrid_lambda * ce_all.sum()) / B
+            loss = (kl_b.sum() + self.hybrid_lambda * ce_all.sum()) / (B if weighting == "released" else 1)
         else:
             loss = nelbo.sum() / num_tokens.clamp_min(1) + self.hybrid_lambda * ce
         return LossOutput(loss, nelbo.detach(), ce.detach(), num_tokens, num_masked)
@@ -440,7 +442,8 @@ class AbsorbingDiffusion:
     def sample(self, denoise: Denoiser, x: torch.Tensor, noise_mask: torch.Tensor,
                attention_mask: torch.Tensor, steps: int, topk: int = 0, top_p: float = 1.0,
                temperature: float = 1.0, cache: bool = True, generator=None, sampler: str | Sampler = "ours",
-               final_x0: bool = False, restrict: tuple[torch.Tensor, torch.Tensor] | None = None) -> SampleOutput:
+               final_x0: bool = False, start_id: int | None = None,
+               restrict: tuple[torch.Tensor, torch.Tensor] | None = None) -> SampleOutput:
         """Sampling from ``x`` [B, L] (noised positions set to [MASK]) over a grid of ``steps``.
 
         ``sampler``: a name of ``diffusion.samplers`` (its default options) or a :class:`Sampler`:
@@ -459,18 +462,24 @@ class AbsorbingDiffusion:
         ``generator``: a ``torch.Generator`` (draws for the batch) or a ``diffusion.noise.SampleNoise`` (draws
         per sample: the result does not depend on the batch). ``restrict``: ``(where [B, L] bool, tokens [V]
         bool)``, tokens that the positions ``where`` never take.
+
+        ``start_id``: the token the noised positions start from (default [MASK]). The released
+        ``discrete_diffusion_predict_fn`` starts from its default ``mask_token_id=103``, BERT's [MASK], with any
+        tokenizer; with RoBERTa that is an ordinary token, which the released step never changes, so only the
+        ``final_x0`` redraw moves it.
         """
         if isinstance(sampler, str):
             sampler = make_sampler(sampler, final_x0=final_x0)
         elif final_x0 and not sampler.final_x0:
             raise ValueError("final_x0 belongs to the released sampler")
         sampler.check(self)
-        x = x.masked_fill(noise_mask, self.mask_id)
+        x = x.masked_fill(noise_mask, self.mask_id if start_id is None else start_id)
         B = x.shape[0]
         noise = as_noise(generator, B, x.device)
         state = sampler.start(self, x, noise_mask)
         state.update(filters=(topk, top_p, temperature), noise_mask=noise_mask)
         if sampler.name == "released" and self.schedule.token_dependent:
+            # the released spindle posterior scores the argmax of p_hat at every noised position
             state["x0_guess"] = x.clone()
         grid = self.timesteps(steps).to(x.device)
         K = grid.numel() - 1

@@ -41,6 +41,7 @@ these same ones, naming the scripts' flags instead (``load(..., flags=True)``).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
@@ -192,12 +193,28 @@ class Model:
 
     # ------------------------------------------------------------------------ how: one function per process
     def decoding(self, steps: int | None = None, respacing=None, sampler: str = "ours", topk: int = 0,
-                 top_p: float = 1.0, temperature: float = 1.0, cache: bool = True, *, order: str | None = None,
-                 threshold: float | None = None, remask: str | None = None, eta: float | None = None,
-                 solver: str | None = None) -> Decoding:
-        """Check generation settings against this checkpoint (see :meth:`sample` and :meth:`decode`)."""
+                 top_p: float = 1.0, temperature: float = 1.0, cache: bool = True, start_id: int | None = None, *,
+                 order: str | None = None, threshold: float | None = None, remask: str | None = None,
+                 eta: float | None = None, solver: str | None = None) -> Decoding:
+        """Check generation settings against this checkpoint (see :meth:`sample` and :meth:`decode`).
+        ``start_id``: absorbing with the released sampler only, the token the chain starts from instead of
+        [MASK] (103 is the released seq2seq decoder's, whatever the tokenizer). ``order``, ``threshold``,
+        ``remask``, ``eta``: the sampler's options (:func:`diffusion.make_sampler`); ``solver``: gaussian."""
         self._check_filters(sampler, topk, top_p, temperature)
         options = {"order": order, "threshold": threshold, "remask": remask, "eta": eta}
+        if start_id is not None:
+            n = self._name
+            if self.process != "absorbing" or sampler != "released":
+                raise UserError(f"{n('start_id')} is for absorbing checkpoints with {n('sampler')} released (the "
+                                "released decoder's start token)")
+            if not 0 <= start_id < len(self.tokenizer):
+                raise UserError(f"{n('start_id')} must be a token id of the checkpoint's tokenizer (0 to "
+                                f"{len(self.tokenizer) - 1}), got {start_id}")
+            d = DECODINGS[self.process](self, steps, respacing, sampler, topk, top_p, temperature, cache, options,
+                                        solver)
+            return dataclasses.replace(d, setting=f"{d.setting}_start{start_id}", report={**d.report, "start_id": start_id},
+                                       sample=lambda ids, att, noise, gen, restrict=None: d.sample(
+                                           ids, att, noise, gen, restrict, start_id=start_id))
         return DECODINGS[self.process](self, steps, respacing, sampler, topk, top_p, temperature, cache, options,
                                        solver)
 
@@ -451,9 +468,9 @@ def absorbing_decoding(m: Model, steps, respacing, sampler, topk, top_p, tempera
         raise UserError(f"{n('sampler')} {sampler}: {e}") from e
     use_cache = cache and run.denoiser.time_agnostic
 
-    def sample(ids, att, noise, gen, restrict=None):
+    def sample(ids, att, noise, gen, restrict=None, start_id=None):
         return run.diffusion.sample(run.denoiser, ids, noise, att, steps, topk, top_p, temperature, cache=use_cache,
-                                    generator=gen, sampler=rule, restrict=restrict)
+                                    generator=gen, sampler=rule, start_id=start_id, restrict=restrict)
     report = {k: getattr(rule, k) for k in ("order", "threshold", "schedule", "eta") if hasattr(rule, k)}
     report = {("remask" if k == "schedule" else k): v for k, v in report.items()}
     return Decoding(f"steps{steps}{_setting_suffix(sampler, report)}", steps, use_cache, sample, report)

@@ -12,7 +12,7 @@ from diffusion.gaussian import GAUSSIAN_SCHEDULES, LOSS_AVERAGES, NEIGHBOUR_MAPS
 from diffusion.schedules import SCHEDULES, SPINDLE_FORMS
 from diffusion.timestep_samplers import TIMESTEP_SAMPLERS
 from models import TIME_CONDITIONING
-from runtime.training import LR_DECAYS
+from runtime.training import LR_DECAYS, LR_SCHEDULES
 from textdata import lm
 
 # The noise schedules of each process; its keys are the --process choices.
@@ -67,7 +67,8 @@ class TrainConfig:
     loss_weighting: str = opt("elbo", "absorbing: elbo (T * KL per noised token + hybrid_lambda * mean CE over "
                               "masked tokens) or released (DiffusionBERT's DDP_main.py: KL summed over the noised "
                               "tokens with no factor T + hybrid_lambda * CE summed over all noised tokens, masked "
-                              "or not, divided by the batch size); configs stored without it are elbo",
+                              "or not, divided by the batch size), or released_conditional (DDP_main_conditional.py: "
+                              "the same sums, not divided by the batch size); configs stored without it are elbo",
                               choices=LOSS_WEIGHTINGS)
     low_discrepancy: bool = opt(False, "stratify t across the batch (MDLM's low-discrepancy sampler)")
     # gaussian (DiffuSeq, Diffusion-LM) model and training
@@ -98,9 +99,16 @@ class TrainConfig:
     lr: float = opt(5e-5, "peak learning rate (AdamW)")
     weight_decay: float = opt(0.0, "AdamW weight decay")
     warmup_steps: int = opt(1000, "linear warm-up steps")
-    decay: str = opt("linear", "learning-rate decay after warm-up", choices=LR_DECAYS)
+    decay: str = opt("linear", "learning-rate decay after warm-up (--lr_schedule warmup)", choices=LR_DECAYS)
+    lr_schedule: str = opt("warmup", "warmup: linear warm-up over --warmup_steps, then --decay; ddp_main: "
+                           "DiffusionBERT's DDP_main.py (n/W + 1e-3 below W = --warmup_steps, then sqrt(W/n)); "
+                           "ddp_main_conditional: DDP_main_conditional.py's LinearLR (lr/3 rising to lr over W "
+                           "steps, then constant)", choices=LR_SCHEDULES)
     max_steps: int = opt(10000, "optimizer steps")
     grad_clip: float = opt(1.0, "gradient-norm clipping (0: off)")
+    grad_clip_value: float = opt(0.0, "clip every gradient element to [-c, c] after each micro-batch's backward, "
+                                 "as DiffusionBERT's DDP_main*.py do with 5 (0: off; under DDP with accumulation "
+                                 "the micro-batches before the last clip this rank's gradient)")
     dropout: float | None = opt(None, "override the model's dropout probabilities (gaussian default 0.1)")
     bf16: bool = opt(True, "bf16 autocast on CUDA (ignored on CPU)", bool_optional=True)
     compile: bool = opt(False, "torch.compile the network's encoder (worth it for long GPU runs; "
@@ -149,7 +157,7 @@ class TrainConfig:
                 raise UserError("--time_conditioning and --from_scratch are --process absorbing flags (the gaussian "
                                 "transformer is always trained from scratch and always conditioned on t)")
             if self.loss_weighting != "elbo":
-                raise UserError("--loss_weighting released is DiffusionBERT's (--process absorbing) objective")
+                raise UserError(f"--loss_weighting {self.loss_weighting} is DiffusionBERT's (--process absorbing) objective")
             require_at_least_one(self, "emb_dim", "hidden_size", "num_layers", "num_heads")
             if not 0.0 <= self.ema_rate < 1.0:
                 raise UserError(f"--ema_rate must be in [0, 1), got {self.ema_rate}")
@@ -176,6 +184,11 @@ class TrainConfig:
                             "train.jsonl, valid.jsonl and test.jsonl")
         if self.lr <= 0:
             raise UserError(f"--lr must be positive, got {self.lr}")
+        if self.lr_schedule != "warmup" and self.warmup_steps < 1:
+            raise UserError(f"--lr_schedule {self.lr_schedule} needs --warmup_steps 1 or more (its W; the released 10000)")
+        if self.grad_clip_value < 0 or self.grad_clip < 0:
+            raise UserError(f"--grad_clip and --grad_clip_value must be 0 (off) or positive, got "
+                            f"{self.grad_clip} and {self.grad_clip_value}")
 
     def check_resume(self, stored: dict, ckpt_dir: str) -> None:
         """Resuming ``ckpt_dir``, whose stored config is ``stored``, may change only ``RESUMABLE_CHANGES``."""

@@ -1,5 +1,6 @@
-"""Training plumbing: a resumable sharded sampler, the learning-rate schedule, RNG state capture, the
-EMA of the weights, and the signal handler that lets a run stop cleanly."""
+"""Training plumbing: a resumable sharded sampler, the learning-rate schedule, the optimiser, what
+``--compile`` needs, RNG state capture, the EMA of the weights, and the signal handler that lets a run
+stop cleanly."""
 from __future__ import annotations
 
 import contextlib
@@ -14,6 +15,8 @@ from torch.utils.data import DataLoader, DistributedSampler
 from runtime import dist
 
 LR_DECAYS = ("linear", "cosine", "constant")
+# warmup: ours (--warmup_steps, then --decay); the other two are DiffusionBERT's, with --warmup_steps as their 10000
+LR_SCHEDULES = ("warmup", "ddp_main", "ddp_main_conditional")
 
 
 class ResumableSampler(DistributedSampler):
@@ -40,8 +43,19 @@ class ResumableSampler(DistributedSampler):
         return self.num_samples - self.start
 
 
-def lr_lambda(warmup: int, total: int, decay: str):
-    """Linear warm-up over ``warmup`` steps, then linear/cosine decay to 0 at ``total`` (or constant)."""
+def lr_lambda(warmup: int, total: int, decay: str, schedule: str = "warmup"):
+    """The learning-rate factor of optimizer step n (counted from 0), one of ``LR_SCHEDULES``:
+
+    * ``warmup``: linear warm-up over ``warmup`` steps, then linear/cosine decay to 0 at ``total`` (or constant);
+    * ``ddp_main``: DiffusionBERT's ``DDP_main.py`` LambdaLR, ``n / W + 1e-3`` below W, then ``sqrt(W / n)``
+      (its ``100 / sqrt(n)`` at W = 10000);
+    * ``ddp_main_conditional``: ``DDP_main_conditional.py``'s ``LinearLR(total_iters=W)`` with torch's default
+      start factor 1/3: ``1/3 + 2/3 * min(n, W) / W``, constant after W."""
+    if schedule == "ddp_main":
+        return lambda n: n / warmup + 1e-3 if n < warmup else math.sqrt(warmup / n)
+    if schedule == "ddp_main_conditional":
+        return lambda n: 1.0 / 3.0 + (2.0 / 3.0) * min(n, warmup) / warmup
+
     def f(step: int) -> float:
         if warmup > 0 and step < warmup:
             return (step + 1) / warmup
@@ -147,6 +161,37 @@ def set_rng_state(state: dict) -> None:
     np.random.set_state(state["numpy"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def adamw(params, lr: float, weight_decay: float, device: torch.device) -> torch.optim.AdamW:
+    """AdamW with weight decay on the matrices only (biases and norms at 0); fused (one kernel per step) on
+    CUDA, the default loop elsewhere."""
+    params = [p for p in params if p.requires_grad]
+    return torch.optim.AdamW([{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
+                              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}],
+                             lr=lr, fused=device.type == "cuda")
+
+
+def compile_problem(device: torch.device) -> str | None:
+    """Why ``torch.compile`` (inductor) cannot run on ``device`` here, or None. On the CPU it compiles C++
+    with the compiler of ``$CXX`` (default g++); on CUDA it needs triton. Checked before training starts:
+    otherwise the first forward fails deep inside torch."""
+    if device.type == "cuda":
+        from torch.utils._triton import has_triton
+        return None if has_triton() else "torch.compile on CUDA needs triton (pip install triton), which is missing"
+    import shutil
+    try:
+        from torch._inductor import cpp_builder
+        cpp_builder.get_cpp_compiler()
+        return None
+    except ImportError:  # another torch layout: look for the compiler ourselves
+        import os
+        if shutil.which(os.environ.get("CXX", "g++")):
+            return None
+    except Exception:  # inductor's InvalidCxxCompiler and the like
+        pass
+    return ("torch.compile on the CPU needs a C++ compiler (g++, or the one named by $CXX) and none was found; "
+            "install one or drop --compile")
 
 
 def seed_everything(seed: int) -> None:

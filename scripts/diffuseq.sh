@@ -20,7 +20,7 @@ decode() {  # run name respacing
     echo "-- $2: reusing $out"
   else
     echo "-- $2: decoding with --decode_respacing $3"
-    "$PY" predict_downstream_condition.py --checkpoint "$1" --decode_respacing "$3" "${DECODE_ARGS[@]}" --name "$2"
+    run "$PY" predict_downstream_condition.py --checkpoint "$1" --decode_respacing "$3" "${DECODE_ARGS[@]}" --name "$2"
   fi
 }
 
@@ -40,14 +40,24 @@ demo_or_folder() {  # sets DATA_ARGS, MODEL_ARGS, TRAIN_ARGS, DECODE_ARGS, TAG f
     FOLDER=${2:?"usage: bash run_condition.sh diffuseq TASK path/to/folder (train.jsonl valid.jsonl test.jsonl)"}
     TAG=$1
     DATA_ARGS=(--dataset "$1" --data_files "$FOLDER")
-    # DiffuSeq's released setup: bert-base-uncased vocabulary, emb 128, bert-base encoder, T=2000, sqrt,
-    # lossaware, lr 1e-4, batch 2048 (here 64 per process with accumulation), 50k steps, EMA 0.9999
+    # DiffuSeq's released setup (scripts/train.sh, the README's line for each task, config.json): bert-base-uncased
+    # vocabulary, emb 128, bert-base encoder, T = 2000, sqrt, lossaware, lr 1e-4 annealed linearly to 0, no
+    # gradient clipping, EMA 0.9999, seed 102; --bsz 2048 with micro-batches of 64, which before DiffuSeq's
+    # 82a2c40 (the paper's code) is 2048 distinct examples a step on any number of GPUs (every rank drew the same
+    # batch): here 2048 a step at any NGPU. Steps per task as the README: qqp 50k, quasar_t (qg) 40k,
+    # commonsense_conversation (dialogue) 140k, wiki_auto (ts) 80k; a folder: train.sh's 50k.
     ACC=$(( (2048 + 64 * NGPU - 1) / (64 * NGPU) ))
+    case "$1" in quasar_t) STEPS=40000 ;; commonsense_conversation) STEPS=140000 ;; wiki_auto) STEPS=80000 ;; *) STEPS=50000 ;; esac
     MODEL_ARGS=(--model_name_or_path bert-base-uncased --max_len 128 --emb_dim 128 --hidden_size 768 --num_layers 12 --num_heads 12)
-    TRAIN_ARGS=(--batch_size 64 --accumulation_steps $ACC --lr 1e-4 --warmup_steps 0 --max_steps 50000
-                --eval_every 2000 --eval_examples 1000 --save_every 2000 --log_every 50 --num_workers 4)
-    POST_ARGS=(--batch_size 64 --accumulation_steps $ACC --max_steps 10000 --eval_every 1000 --eval_examples 1000
-               --save_every 1000 --log_every 50 --num_workers 4)
+    TRAIN_ARGS=(--batch_size 64 --accumulation_steps $ACC --lr 1e-4 --warmup_steps 0 --decay linear --grad_clip 0
+                --max_steps $STEPS --eval_every 2000 --eval_examples 1000 --save_every 2000 --log_every 50 --num_workers 4
+                --seed 102)
+    # Tang et al.'s post-training (their README): --bsz 100 --microbatch 100 on 4 GPUs, every rank drawing the same
+    # batch (no DistributedSampler in their fork): 100 distinct examples a step; --learning_steps 320000 counted
+    # from the checkpoint's step (run_loop: step + resume_step < learning_steps), so 320000 - BASE_STEP steps
+    # (set in diffuseq_post); no gradient clipping, seed 109
+    POST_ARGS=(--batch_size $(( (100 + NGPU - 1) / NGPU )) --accumulation_steps 1 --grad_clip 0 --eval_every 2500
+               --eval_examples 1000 --save_every 2500 --log_every 50 --num_workers 4 --seed 109)
     DECODE_ARGS=(--split test --mbr_size 10 --batch_size 256 --seed 42)
   fi
 }
@@ -64,13 +74,14 @@ case "$PRESET" in
     RUN=outputs/diffuseq-$TAG-$STAMP
     echo "== 1/3 training DiffuSeq -> $RUN"
     # DiffuSeq's loss as released: MSE, L_T and rounding NLL averaged over every position (mean_flat)
-    "${TRAIN[@]}" --task seq2seq --process gaussian --schedule sqrt --timestep_sampler lossaware --num_steps 2000 \
+    run "${TRAIN[@]}" --task seq2seq --process gaussian --schedule sqrt --timestep_sampler lossaware --num_steps 2000 \
       --loss_average all "${MODEL_ARGS[@]}" "${TRAIN_ARGS[@]}" "${DATA_ARGS[@]}" --out_dir "$RUN" "$@"
     NAME=$(basename "$RUN")
     SETS=(${DECODE_SETS:-full})
     echo "== 2/3 decoding with MBR: ${SETS[*]}"
     DIRS=()
     for SET in "${SETS[@]}"; do decode "$RUN" "$NAME-$SET" "$SET"; DIRS+=("generation_results/$NAME-$SET"); done
+    [ -n "${DRY_RUN:-}" ] && exit 0
     echo "== 3/3 metrics"
     "$PY" compute_metric.py --mode compare --samples "${DIRS[@]}" --out "${DIRS[0]}/compare_metrics.json" \
       --plot "${DIRS[0]}/compare.png"
@@ -95,12 +106,19 @@ EOF
     [ $# -ge 1 ] && shift
     BASE_NAME=$(basename "$BASE")
     case "$BASE_NAME" in diffuseq-demo-*) demo_or_folder bible ;; *) demo_or_folder "${BASE_NAME#diffuseq-}" _ ;; esac
+    if [ "$TAG" != demo ]; then  # Tang's --learning_steps 320000 includes the steps of the checkpoint it starts from
+      CONFIG=$BASE/checkpoints/best/run_config.json; [ -f "$BASE/run_config.json" ] && CONFIG=$BASE/run_config.json
+      BASE_STEP=$("$PY" -c "import json, sys; print(json.load(open(sys.argv[1]))['step'])" "$CONFIG" 2>/dev/null) \
+        || { echo "error: cannot read the step of $BASE from $CONFIG" >&2; exit 2; }
+      [ "$BASE_STEP" -lt 320000 ] || { echo "error: $BASE is at step $BASE_STEP, past Tang et al.'s 320000" >&2; exit 2; }
+      POST_ARGS+=(--max_steps $(( 320000 - BASE_STEP )))
+    fi
     RUN=outputs/$BASE_NAME-post-$STAMP
     echo "== 1/3 post-training $BASE with the distance penalty (l2_noise_random, simi_lambda -2, simi_noise 0.05) -> $RUN"
     # Tang et al.'s release: loss (mse + mse' + 2 nll + 2 L_T + 2 * penalty) / 2 averaged over every position,
     # their fill_noise_map neighbourhoods, lr 1e-4 held constant (their train_util.py calls _anneal_lr only on
     # the fp16 path, which the release never takes)
-    "${TRAIN[@]}" --post_train "$BASE" --simi_penalty l2_noise_random --simi_lambda -2 --simi_noise 0.05 \
+    run "${TRAIN[@]}" --post_train "$BASE" --simi_penalty l2_noise_random --simi_lambda -2 --simi_noise 0.05 \
       --simi_maps released --loss_average all --lr 1e-4 --decay constant --warmup_steps 0 "${POST_ARGS[@]}" \
       --out_dir "$RUN" "$@"
     NAME=$(basename "$RUN")
@@ -110,6 +128,7 @@ EOF
       decode "$BASE" "$BASE_NAME-$SET" "$SET"
       decode "$RUN" "$NAME-$SET" "$SET"
     done
+    [ -n "${DRY_RUN:-}" ] && exit 0
     echo "== 3/3 comparison (MBR metrics; self-BLEU across the seeds; wall time summed over the seeds)"
     DIRS=()
     for W in "$BASE_NAME" "$NAME"; do for SET in "${SETS[@]}"; do DIRS+=("generation_results/$W-$SET"); done; done

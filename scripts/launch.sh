@@ -8,3 +8,8 @@ if [ "$NGPU" -gt 1 ]; then
 else
   TRAIN=("$PY" train.py)
 fi
+# DRY_RUN=1: `run` prints each command (shell-quoted, one a line) instead of running it, and a preset stops
+# before the steps that read outputs; tests/test_presets.py parses the lines against the released runs.
+run() {
+  if [ -n "${DRY_RUN:-}" ]; then printf '%q ' "$@"; echo; else "$@"; fi
+}

@@ -150,3 +150,84 @@ def tang_losses(model, get_logits, alphabar, input_ids, input_mask, t, t_similar
     terms["loss"] = terms["loss"] + terms["l2"] * tt_mask
     terms["loss"] = terms["loss"] / 2
     return terms
+
+
+def sqrt_betas(T: int) -> torch.Tensor:
+    """``get_named_beta_schedule('sqrt', T)``: ``betas_for_alpha_bar`` of ``1 - sqrt(t + 1e-4)``,
+    ``beta_i = min(1 - abar((i + 1) / T) / abar(i / T), 0.999)``; float64."""
+    def alpha_bar(t):
+        return 1 - (t + 0.0001) ** 0.5
+    return torch.tensor([min(1 - alpha_bar((i + 1) / T) / alpha_bar(i / T), 0.999) for i in range(T)],
+                        dtype=torch.float64)
+
+
+class SpacedDiffusion:
+    """``respace.SpacedDiffusion`` (in ``gaussian_diffusion.py`` of both repositories) over
+    ``GaussianDiffusion.__init__``'s tables: the kept steps get ``beta' = 1 - abar_i / abar_last_kept``,
+    and every posterior table is rebuilt from those betas (float64, as released)."""
+
+    def __init__(self, use_timesteps, betas: torch.Tensor):
+        use_timesteps = set(use_timesteps)
+        self.timestep_map, new_betas, last = [], [], 1.0
+        for i, ab in enumerate(torch.cumprod(1 - betas.double(), 0).tolist()):
+            if i in use_timesteps:
+                new_betas.append(1 - ab / last)
+                last = ab
+                self.timestep_map.append(i)
+        b = torch.tensor(new_betas, dtype=torch.float64)
+        self.num_timesteps = len(b)
+        ac = torch.cumprod(1 - b, 0)
+        acp = torch.cat([torch.ones(1, dtype=torch.float64), ac[:-1]])
+        self.posterior_variance = b * (1 - acp) / (1 - ac)
+        self.posterior_mean_coef1 = b * acp.sqrt() / (1 - ac)
+        self.posterior_mean_coef2 = (1 - acp) * (1 - b).sqrt() / (1 - ac)
+        # p_mean_variance, fixed-large: log(append(posterior_variance[1], betas[1:]))
+        self.model_log_variance = torch.log(torch.cat([self.posterior_variance[1:2], b[1:]]))
+
+    @staticmethod
+    def _extract(arr: torch.Tensor, t: torch.Tensor, shape) -> torch.Tensor:
+        """``_extract_into_tensor``: index, then ``.float()``, broadcast to ``shape``."""
+        res = arr[t].float()
+        while res.dim() < len(shape):
+            res = res[..., None]
+        return res.expand(shape)
+
+    def p_sample(self, model, x, t, denoised_fn, mask, x_start, noise):
+        """``p_sample`` with ``p_mean_variance`` through ``_WrappedModel`` (the model sees the original step
+        ``timestep_map[t]``), ``clip_denoised=False``; ``mask == 0`` positions reset to ``x_start``."""
+        model_output = model(x, torch.tensor(self.timestep_map, dtype=t.dtype)[t])
+        pred_xstart = denoised_fn(model_output, t) if denoised_fn is not None else model_output
+        mean = (self._extract(self.posterior_mean_coef1, t, x.shape) * pred_xstart
+                + self._extract(self.posterior_mean_coef2, t, x.shape) * x)
+        log_var = self._extract(self.model_log_variance, t, x.shape)
+        nonzero_mask = (t != 0).float().view(-1, *([1] * (x.dim() - 1)))
+        sample = mean + nonzero_mask * torch.exp(0.5 * log_var) * noise
+        return {"sample": torch.where(mask == 0, x_start, sample), "pred_xstart": pred_xstart}
+
+    def p_sample_loop(self, model, noise, denoised_fn, mask, x_start, randn):
+        """``p_sample_loop_progressive`` with gap 1 and ``clamp_first=True, clamp_step=0`` (sample_seq2seq.py:
+        ``denoised_fn`` at every step): from ``noise`` down the kept steps; ``randn(shape)`` gives each step's
+        noise. Returns the list of per-step outputs."""
+        x, outs = noise, []
+        for i in range(self.num_timesteps)[::-1]:
+            t = torch.tensor([i] * x.shape[0])
+            out = self.p_sample(model, x, t, denoised_fn, mask, x_start, randn(x.shape))
+            outs.append(out)
+            x = out["sample"]
+        return outs
+
+
+def get_efficient_knn(model_emb: torch.Tensor, text_emb: torch.Tensor) -> torch.Tensor:
+    """``rounding.get_efficient_knn``: ``|e|^2 + |x|^2 - 2 e.x`` clamped at 0, ``topk(-dist, 1)`` over the
+    vocabulary; returns the indices [N]."""
+    emb_norm = (model_emb ** 2).sum(-1).view(-1, 1)
+    text = text_emb.view(-1, text_emb.size(-1))
+    arr_norm = (text ** 2).sum(-1).view(-1, 1)
+    dist = torch.clamp(emb_norm + arr_norm.t() - 2.0 * model_emb @ text.t(), 0.0, float("inf"))
+    return torch.topk(-dist, k=1, dim=0).indices[0]
+
+
+def denoised_fn_round(model_emb: torch.Tensor, text_emb: torch.Tensor, t) -> torch.Tensor:
+    """``rounding.denoised_fn_round`` with ``clamp_skip = -1``, ``top_k = top_p = 0``: every vector (source
+    too) replaced by its L2-nearest embedding row."""
+    return model_emb[get_efficient_knn(model_emb, text_emb)].view(text_emb.shape)

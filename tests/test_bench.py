@@ -72,3 +72,23 @@ def test_bench_times_training_in_train_mode_and_sampling_in_eval_mode(tiny_bert)
     seen.clear()
     bench.absorbing_scaling(ab)
     assert {(True, True), (False, False)} == set(seen)  # train steps in train mode, no-grad calls in eval mode
+
+
+def test_throughput_and_mfu_by_hand():
+    """6 N + 12 layers * hidden * seq_len FLOPs per trained token, against the card's peak by name."""
+    from types import SimpleNamespace
+
+    from bench import peak_tflops, throughput
+    names = {"NVIDIA H100 80GB HBM3": 989.0, "NVIDIA H100 PCIe": 756.0, "NVIDIA H100 NVL": 835.0, "NVIDIA H200": 989.0,
+             "NVIDIA A100-SXM4-80GB": 312.0, "NVIDIA A10G": 70.0, "NVIDIA A10": 125.0, "NVIDIA L4": 121.0,
+             "NVIDIA L40S": 362.0, "Tesla T4": 65.0, "Some Future GPU": None}
+    assert {n: peak_tflops(n) for n in names} == names
+    r = {"train": {"ours": 0.5}, "parameters": 1000, "layers": 2, "hidden": 8,
+         "sample": {"cache_on": {"seconds": 2.0}, "steps": 16}, "memory_mb": {"train": 10.0, "sample": None}}
+    args = SimpleNamespace(batch_size=4, seq_len=16, process="absorbing")
+    t = throughput(r, args, {"device": "NVIDIA H100 80GB HBM3", "device_type": "cuda"})
+    flops = (6 * 1000 + 12 * 2 * 8 * 16) * 64 / 0.5  # 9072 per token, 64 tokens a step, 2 steps/s
+    assert t["train_steps_per_s"] == 2.0 and t["train_tokens_per_s"] == 128.0
+    assert math.isclose(t["model_tflops"], flops / 1e12) and math.isclose(t["mfu"], flops / 1e12 / 989.0)
+    assert t["sample_sequences_per_s"] == 2.0 and t["peak_memory_mb"] == 10.0
+    assert throughput(r, args, {"device": "x86_64", "device_type": "cpu"})["mfu"] is None

@@ -180,6 +180,22 @@ def test_spindle_masks_rare_tokens_first(name):
     assert float(mutual) == 0.5
 
 
+def written_spindle_score(c: list, form: str) -> tuple[list, float]:
+    """docs/algorithms.md §1.2 per token in plain Python, from the counts ``c`` (c[PAD] = 0): the score
+    (released: f(v) = log(1 + c_v) / max_u log(1 + c_u); paper: H(v) = -log((c_v + 1/2) / (N + V/2)),
+    add-half smoothed) and its corpus (token-weighted) mean."""
+    if form == "released":
+        score = [math.log1p(cv) / max(math.log1p(u) for u in c) for cv in c]
+    else:
+        score = [-math.log((cv + 0.5) / (sum(c) + 0.5 * len(c))) for cv in c]
+    return score, sum(cv / sum(c) * sv for cv, sv in zip(c, score))
+
+
+def written_spindle_alpha(s: float, lam: float, d: float) -> float:
+    """``clip(1 - s + lam sin(pi s) d, 0, 1)``, with alpha = 0 at s = 1 (docs/algorithms.md §1.2)."""
+    return 0.0 if s >= 1 else min(1.0, max(0.0, 1.0 - s + lam * math.sin(math.pi * s) * d))
+
+
 @pytest.mark.parametrize("lam", [0.3, 0.8])
 @pytest.mark.parametrize("form", ["released", "paper"])
 def test_spindle_follows_the_written_formula(form, lam):
@@ -187,14 +203,11 @@ def test_spindle_follows_the_written_formula(form, lam):
     sched = Spindle(COUNTS, lam=lam, form=form, pad_id=PAD)
     x0 = torch.tensor([[CLS, 4, 9, 6, 11, SEP, PAD], [CLS, 8, 9, SEP, 5, 7, SEP]])
     nm = torch.tensor([[0, 1, 1, 1, 1, 0, 0], [0, 0, 0, 0, 1, 1, 0]], dtype=torch.bool)  # row 1: seq2seq
-    c = COUNTS.tolist()
-    if form == "released":
-        score = [math.log1p(cv) / max(math.log1p(u) for u in c) for cv in c]  # f(v)
-    else:
-        score = sched.score.tolist()  # H(v), the information content (add-half smoothed)
-        total = sum(c)
+    score, corpus_mean = written_spindle_score(COUNTS.tolist(), form)
+    if form == "paper":
+        c = COUNTS.tolist()
         for v in WORDS[:4]:  # frequent words: smoothing is negligible
-            assert abs(score[v] + math.log(c[v] / total)) < 0.01
+            assert abs(score[v] + math.log(c[v] / sum(c))) < 0.01
     for s_val in (0.1, 0.37, 0.5, 0.81, 0.95):
         a = sched.alpha(torch.tensor([s_val, s_val], dtype=torch.float64), x0, nm)
         for b in range(2):
@@ -205,11 +218,10 @@ def test_spindle_follows_the_written_formula(form, lam):
                     continue
                 v = int(x0[b, i])
                 d = score[v] - mean if form == "released" else -(1.0 - mean / score[v])  # -Htilde
-                want = min(1.0, max(0.0, 1.0 - s_val + lam * math.sin(math.pi * s_val) * d))
+                want = written_spindle_alpha(s_val, lam, d)
                 assert abs(float(a[b, i]) - want) < 1e-12, (form, lam, s_val, b, i)
     # the reverse model's constant is the corpus (token-weighted) mean of the same score
-    p = [cv / sum(c) for cv in c]
-    assert abs(sched.corpus_mean - sum(pv * sv for pv, sv in zip(p, sched.score.tolist()))) < 1e-12
+    assert abs(sched.corpus_mean - corpus_mean) < 1e-12
     # non-noised positions (specials, padding, a source) do not move a noised token's alpha
     x0b = x0.clone()
     x0b[1, 1:3] = torch.tensor([11, 10])
@@ -905,10 +917,11 @@ class Released:
 
 
 class RecordingDenoiser(ToyDenoiser):
-    """ToyDenoiser with [MASK] at -inf (so released softmax and our zero masking agree) that keeps its inputs."""
+    """ToyDenoiser that keeps its inputs; by default [MASK] at -inf (so released softmax and our zero masking
+    agree). A finite ``mask_bias`` gives p_hat([MASK]) > 0 in the released code."""
 
-    def __init__(self, L, seed):
-        super().__init__(L, seed, mask_bias=float("-inf"))
+    def __init__(self, L, seed, mask_bias=float("-inf")):
+        super().__init__(L, seed, mask_bias=mask_bias)
         self.calls = []
 
     def forward(self, x_t, t, attention_mask, positions):
@@ -916,27 +929,47 @@ class RecordingDenoiser(ToyDenoiser):
         return super().forward(x_t, t, attention_mask, positions)
 
 
-def test_released_loss_weighting_equals_the_transcribed_released_objective():
+def zero_masked(logits: torch.Tensor) -> torch.Tensor:
+    """The released transcription's input under our documented zero masking (docs/differences.md, "model
+    output"): the [MASK] logit at -inf, nothing else changed."""
+    return logits.double().index_fill(-1, torch.tensor([MASK]), float("-inf"))
+
+
+@pytest.mark.parametrize("mask_bias", [float("-inf"), 3.0])
+def test_released_loss_weighting_equals_the_transcribed_released_objective(mask_bias):
+    """A finite [MASK] logit: the released objective gives [MASK] mass in p_hat (its CE and KL change); ours
+    is the transcription fed the zero-masked logits."""
     T, hybrid, B, L = 8, 0.3, 48, 9
     diff = AbsorbingDiffusion(Mutual(), T, MASK, hybrid_lambda=hybrid)
     x0, nm, am = make_batch(B, L, torch.Generator().manual_seed(60), seq2seq_rows=0)
-    model = RecordingDenoiser(L, seed=3)
+    model = RecordingDenoiser(L, seed=3, mask_bias=mask_bias)
     out = diff.loss(model, x0, nm, am, generator=torch.Generator().manual_seed(8), weighting="released")
     (x_t, t), = model.calls
     assert {1, T} <= set(t.tolist())  # the cross-entropy end (t = 1) and the all-masked end are both here
     rel = Released(T)
     with torch.no_grad():
         logits = model.full_logits(x_t)
-    total = torch.zeros((), dtype=torch.float64)
-    for b in range(B):
-        # released row: the n words, padded with [PAD] to L - 2; a padded position's x_{t+1} is [MASK]
-        # (reachable from [PAD] at every t, so the masked-out terms stay finite, as in the released run)
-        n = int(nm[b].sum())
-        tmask = (torch.arange(L - 2) < n).float()
-        x0_r = torch.where(tmask.bool(), x0[b, 1:L - 1], torch.full((L - 2,), PAD))
-        x_hi = torch.where(tmask.bool(), x_t[b, 1:L - 1], torch.full((L - 2,), MASK))
-        total += rel.loss_terms(x0_r, tmask.double(), logits[b, 1:L - 1], x_hi, int(t[b]) - 1, hybrid)
+
+    def released_loss(logits):
+        total = torch.zeros((), dtype=torch.float64)
+        for b in range(B):
+            # released row: the n words, padded with [PAD] to L - 2; a padded position's x_{t+1} is [MASK]
+            # (reachable from [PAD] at every t, so the masked-out terms stay finite, as in the released run)
+            n = int(nm[b].sum())
+            tmask = (torch.arange(L - 2) < n).float()
+            x0_r = torch.where(tmask.bool(), x0[b, 1:L - 1], torch.full((L - 2,), PAD))
+            x_hi = torch.where(tmask.bool(), x_t[b, 1:L - 1], torch.full((L - 2,), MASK))
+            total += rel.loss_terms(x0_r, tmask.double(), logits[b, 1:L - 1], x_hi, int(t[b]) - 1, hybrid)
+        return total
+
+    total = released_loss(zero_masked(logits))
     torch.testing.assert_close(out.loss.detach().double(), total / B, rtol=1e-5, atol=1e-6)
+    if mask_bias > float("-inf"):  # p_hat([MASK]) > 0 really changes the released number
+        assert float(logits.softmax(-1)[..., MASK].mean()) > 0.05
+        assert abs(float(released_loss(logits)) / B - float(out.loss.detach())) > 0.05 * float(out.loss.detach())
+    # DDP_main_conditional.py uses the same sums without the division by the batch size
+    cond = diff.loss(model, x0, nm, am, generator=torch.Generator().manual_seed(8), weighting="released_conditional")
+    torch.testing.assert_close(cond.loss.detach().double(), total, rtol=1e-5, atol=1e-5)
     # the hybrid term is the larger part here, and it covers unmasked tokens too
     masked = (x_t == MASK) & nm
     assert int((nm & ~masked).sum()) > 0
@@ -945,13 +978,68 @@ def test_released_loss_weighting_equals_the_transcribed_released_objective():
     assert abs(float(elbo.loss.detach()) - float(out.loss.detach())) > 0.1 * float(out.loss.detach())
 
 
+def written_d(score_v: float, mean: float, form: str) -> float:
+    """The token score d of docs/algorithms.md §1.2: f(v) - mean (released) or mean / H(v) - 1 (paper)."""
+    return score_v - mean if form == "released" else mean / score_v - 1.0
+
+
+def written_posterior(a_s: list, a_t: list, x0: int) -> list:
+    """``q(x_s | x_t = [MASK], x0)`` over V, built from the matrix entries: ``Qbar_s[x0, x_s] Q_{s->t}[x_s, MASK]``
+    normalised; token v stays v from s to t with probability ``a_t(v) / a_s(v)``. ``a_s``, ``a_t``: alphas per
+    from-token. Where [MASK] cannot be reached from x0 (``a_t(x0) = 1``), x_s = x0."""
+    joint = [0.0] * V
+    joint[x0] = a_s[x0] * (1.0 - a_t[x0] / a_s[x0])
+    joint[MASK] = 1.0 - a_s[x0]
+    z = sum(joint)
+    return [j / z for j in joint] if z > 0 else [float(v == x0) for v in range(V)]
+
+
+def written_spindle_kl(logits: torch.Tensor, x0: int, sentence_mean: float, t: int, T: int, lam: float,
+                       form: str, score: list, corpus_mean: float, w_min: float = 1e-6) -> float:
+    """``KL(q(x_s | x_t, x0) || p(x_s | x_t))`` at one masked position, s = t - 1, by enumeration over V
+    (docs/algorithms.md §1.5): q from x0's alpha with the sentence's mean score; p = sum_{x0'} p_hat(x0')
+    q(x_s | x_t, x0') with every candidate's alpha from the corpus mean (no x0), its unmask probability
+    floored at ``w_min``; p_hat is the softmax with the [MASK] logit at -inf (zero masking)."""
+    def alphas(step, mean):
+        return [written_spindle_alpha(step / T, lam, written_d(score[v], mean, form)) for v in range(V)]
+    d_x0 = written_d(score[x0], sentence_mean, form)
+    q = written_posterior([written_spindle_alpha((t - 1) / T, lam, d_x0)] * V,
+                          [written_spindle_alpha(t / T, lam, d_x0)] * V, x0)
+    ra_s, ra_t = alphas(t - 1, corpus_mean), alphas(t, corpus_mean)
+    ra_s = [max(a_s, a_t + w_min * (1.0 - a_t)) if a_t < 1 else a_s for a_s, a_t in zip(ra_s, ra_t)]
+    z = [math.exp(float(l)) if v != MASK else 0.0 for v, l in enumerate(logits.double())]
+    p_hat = [zi / sum(z) for zi in z]
+    p = [0.0] * V
+    for cand in range(V):
+        if p_hat[cand] > 0:
+            for v, qv in enumerate(written_posterior(ra_s, ra_t, cand)):
+                p[v] += p_hat[cand] * qv
+    return sum(qv * math.log(qv / p[v]) for v, qv in enumerate(q) if qv > 0)
+
+
+def released_spindle_keep(x0_row: torch.Tensor, t: int, T: int, lam: float) -> torch.Tensor:
+    """DiffusionBERT's forward keep probability under spindle, transcribed: ``DDP_main.py`` collates
+    ``word_freq_logits = f(x0) - mean over the row`` (f = ``log(c + 1) / max``, f(PAD) = 0), and
+    ``noise_fn`` gives ``clip(state[t] + word_freq_logits * lam sin(pi t / T), 0, 0.999)``, where
+    ``state`` is the cumulative product of the mutual schedule's ``1 - 1 / (T - i)``. [n]."""
+    wf = torch.log(COUNTS + 1)
+    wf = wf / wf.max()
+    wfl = wf[x0_row] - wf[x0_row].mean()
+    betas = torch.cat([torch.zeros(1), 1.0 / (T - torch.arange(T, dtype=torch.float64))]).double()
+    state = torch.cumprod(1 - betas, 0)
+    state[-1] = 0.0
+    return torch.clip(state[t] + wfl * lam * math.sin(t / T * math.pi), 0.0, 0.999)
+
+
 @pytest.mark.parametrize("name", ["released-0.3", "paper-0.8"])
 def test_released_loss_weighting_with_spindle_sums_our_exact_kl(name):
-    """With spindle the weighting is the released one while the KL is ours (exact posterior, no x0 leak)."""
-    sched = SCHEDULES[name]()
+    """With spindle the weighting is the released one (DDP_main.py: loss / batch size; the hybrid CE of
+    losses.cross_entropy_with_probs over every non-pad token) while the KL is ours (docs/differences.md: the
+    exact posterior, no x0 leak), each written out in this test without the schedule or reference code."""
+    form, lam = name.split("-")[0], float(name.split("-")[1])
     T, hybrid, B, L = 32, 0.05, 10, 9
-    diff = AbsorbingDiffusion(sched, T, MASK, hybrid_lambda=hybrid)
-    x0, nm, am = make_batch(B, L, torch.Generator().manual_seed(61))
+    diff = AbsorbingDiffusion(SCHEDULES[name](), T, MASK, hybrid_lambda=hybrid)
+    x0, nm, am = make_batch(B, L, torch.Generator().manual_seed(61), seq2seq_rows=0)
     model = RecordingDenoiser(L, seed=4)
     out = diff.loss(model, x0, nm, am, generator=torch.Generator().manual_seed(9), weighting="released")
     out.loss.backward()
@@ -959,9 +1047,24 @@ def test_released_loss_weighting_with_spindle_sums_our_exact_kl(name):
     (x_t, t), = model.calls
     with torch.no_grad():
         logits = model.full_logits(x_t).double()
-    kl = reference_kl(logits, x0, x_t, t, t - 1, nm, sched, T, MASK)
-    ce_all = -torch.log(reference_p_hat(logits, MASK).gather(-1, x0.unsqueeze(-1)).squeeze(-1))[nm]
-    torch.testing.assert_close(out.loss.detach().double(), (kl.sum() + hybrid * ce_all.sum()) / B, rtol=1e-5, atol=1e-6)
+    score, corpus_mean = written_spindle_score(COUNTS.tolist(), form)
+    kl = torch.zeros(B, dtype=torch.float64)
+    ce_sum = 0.0
+    for b in range(B):
+        words = [int(v) for v in x0[b][nm[b]]]
+        mean = sum(score[v] for v in words) / len(words)
+        if form == "released":  # the written alpha of x0 is the released forward keep probability (below its cap)
+            keep = released_spindle_keep(x0[b][nm[b]], int(t[b]), T, lam)
+            ours = torch.tensor([written_spindle_alpha(int(t[b]) / T, lam, written_d(score[v], mean, form))
+                                 for v in words], dtype=torch.float64)
+            assert torch.allclose(keep[keep < 0.999], ours[keep < 0.999], rtol=0, atol=1e-12)
+        for i in nm[b].nonzero().squeeze(-1).tolist():
+            v = int(x0[b, i])
+            if int(x_t[b, i]) == MASK:
+                kl[b] += written_spindle_kl(logits[b, i], v, mean, int(t[b]), T, lam, form, score, corpus_mean)
+            probs = torch.relu(logits[b, i].softmax(-1))  # losses.cross_entropy_with_probs on p_0
+            ce_sum += -float(torch.log(probs[v] + 1e-20))
+    torch.testing.assert_close(out.loss.detach().double(), (kl.sum() + hybrid * ce_sum) / B, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(out.nelbo.double(), T * kl, rtol=1e-5, atol=1e-6)
     with pytest.raises(ValueError, match="unknown loss weighting"):
         diff.loss(model, x0, nm, am, weighting="paper")
@@ -1022,19 +1125,93 @@ def test_released_sampling_step_draws_follow_the_released_distribution():
     assert bool((out[:, 1] == 4).all()) and bool((out[:, 3] == 7).all())
 
 
+def released_last_step_probs(logits: torch.Tensor, topk: int, temperature: float) -> torch.Tensor:
+    """The released seq2seq sampler's last step, transcribed: ``diffusion_condition.p_forward`` at
+    ``t == step_size`` returns the raw logits (``retval_x0``, [MASK] included); ``discrete_diffusion_predict_fn``
+    divides them by the temperature, applies transformers 4.21's ``top_k_top_p_filtering(top_k, top_p=-1)``
+    (``top_k = min(max(top_k, 1), V)``; every logit below the k-th largest becomes -inf) and draws from
+    ``Categorical(logits=...)`` at every position. Returns those probabilities, [..., V] float64."""
+    logits = logits.double() / temperature
+    k = min(max(topk, 1), logits.shape[-1])
+    logits = logits.masked_fill(logits < torch.topk(logits, k)[0][..., -1, None], float("-inf"))
+    return logits.softmax(-1)
+
+
+def test_released_final_step_is_p_forward_at_topk_15_and_temperature_1():
+    """The released seq2seq preset's last step (top-k 15, temperature 1) against p_forward transcribed, on a
+    vocabulary larger than 15 and a [MASK] logit inside the top 15: every target position, masked or not, is
+    redrawn; ours draws from the transcription fed the zero-masked logits (so the 16th word takes [MASK]'s
+    place), the released one would emit [MASK]."""
+    V2, L, copies = 40, 6, 6000
+    table = 1.5 * torch.randn(L, V2, generator=torch.Generator().manual_seed(6))
+    table[1, MASK] = table[1].max() + 1.0   # [MASK] the raw argmax
+    table[3, MASK] = table[3].sort(descending=True).values[5]  # [MASK] sixth
+    x = torch.tensor([[CLS, 0, 0, 0, 0, SEP]]).repeat(copies, 1)
+    nm = torch.zeros_like(x, dtype=torch.bool)
+    nm[:, 1:5] = True
+    diff = AbsorbingDiffusion(Mutual(), 64, MASK)
+    out = diff.sample(fixed_logits_denoiser(table), x, nm, x != PAD, 4, topk=15, temperature=1.0, sampler="released",
+                      final_x0=True, generator=torch.Generator().manual_seed(4))
+    assert torch.equal(out.x0[~nm], x[~nm]) and not bool((out.x0 == MASK).any())
+    ours = released_last_step_probs(zero_masked(table), 15, 1.0)
+    released = released_last_step_probs(table, 15, 1.0)
+    assert float(released[1, MASK]) > 0.2 and float(released[3, MASK]) > 0.02
+    for pos in range(1, 5):
+        assert int((ours[pos] > 0).sum()) == 15
+        assert_chi_square(torch.bincount(out.x0[:, pos], minlength=V2), ours[pos], f"pos={pos}")
+    # the word ranked 16th before zero masking is drawn where [MASK] left the top 15
+    sixteenth = int(table[1].sort(descending=True).indices[15])
+    assert float(ours[1, sixteenth]) > 0 and float(released[1, sixteenth]) == 0
+    assert int((out.x0[:, 1] == sixteenth).sum()) > 0
+
+
 @pytest.mark.parametrize("name", ["mutual", "released-0.3"])
+def test_released_posterior_logits_with_a_finite_mask_probability(name):
+    """released_logits given p_hat([MASK]) > 0 (the released p_hat, no zero masking) against the transcribed
+    p_forward: [MASK]'s own mass joins the "stay masked" outcome."""
+    T, t, step, B, L = 64, 40, 8, 4, 6
+    diff = AbsorbingDiffusion(SCHEDULES[name](), T, MASK)
+    rel = Released(T, lam=getattr(diff.schedule, "lam", 0.0))
+    g = torch.Generator().manual_seed(90)
+    x_t = torch.tensor(WORDS)[torch.randint(0, len(WORDS), (B, L), generator=g)]
+    x_t[torch.rand(B, L, generator=g) < 0.6] = MASK
+    nm = torch.ones(B, L, dtype=torch.bool)
+    logits = torch.randn(B, L, V, generator=g)
+    logits[..., MASK] += 1.0
+    masked = x_t == MASK
+    p_hat = logits[masked].softmax(-1)
+    assert float(p_hat[:, MASK].min()) > 0.02
+    tt, ss = torch.full((B,), t), torch.full((B,), t - step)
+    ours = diff.released_logits(p_hat, x_t, tt, ss, nm, logits.argmax(-1)).softmax(-1).double()
+    expected = rel.sampling_logits(logits, x_t, t, step, 1.0, 0).softmax(-1)[masked]
+    torch.testing.assert_close(ours, expected, rtol=1e-4, atol=1e-6)
+    zero = rel.sampling_logits(zero_masked(logits), x_t, t, step, 1.0, 0).softmax(-1)[masked]
+    assert float((expected - zero).abs().max()) > 1e-2  # the [MASK] mass really changes the step
+
+
+@pytest.mark.parametrize("name,mask_bias", [("mutual", float("-inf")), ("released-0.3", float("-inf")),
+                                            ("mutual", 30.0), ("released-0.3", 30.0)])
 @pytest.mark.parametrize("cache", [False, True])
-def test_released_sampler_chain_equals_the_transcribed_predict_fn(name, cache):
+def test_released_sampler_chain_equals_the_transcribed_predict_fn(name, mask_bias, cache):
     """The whole released loop (all [MASK], T / step_size iterations, top-k 1 so every draw is the
-    argmax) against discrete_diffusion_predict_fn transcribed; the denoiser depends on x_t."""
+    argmax) against discrete_diffusion_predict_fn transcribed; the denoiser depends on x_t. With a finite
+    [MASK] logit the released loop can keep or emit [MASK]; ours is the transcription on zero-masked logits."""
     T, step, B, L = 64, 4, 5, 8
     diff = AbsorbingDiffusion(SCHEDULES[name](), T, MASK)
     rel = Released(T, lam=0.3 if name != "mutual" else 0.0)
-    model = RecordingDenoiser(L, seed=11)
-    x = torch.full((B, L), MASK)
-    with torch.no_grad():
-        for t in range(T, 0, -step):
-            x = rel.sampling_logits(model.full_logits(x), x, t, step, 0.1, 1).argmax(-1)
+    model = RecordingDenoiser(L, seed=11, mask_bias=mask_bias)
+
+    def released_chain(zero_mask):
+        x = torch.full((B, L), MASK)
+        with torch.no_grad():
+            for t in range(T, 0, -step):
+                logits = model.full_logits(x)
+                x = rel.sampling_logits(zero_masked(logits) if zero_mask else logits, x, t, step, 0.1, 1).argmax(-1)
+        return x
+
+    x = released_chain(zero_mask=True)
+    if mask_bias > float("-inf"):
+        assert bool((released_chain(zero_mask=False) == MASK).any())  # the released output keeps [MASK]s
     nm, am = torch.ones(B, L, dtype=torch.bool), torch.ones(B, L, dtype=torch.long)
     out = diff.sample(model, torch.zeros(B, L, dtype=torch.long), nm, am, T // step, topk=1, temperature=0.1,
                       cache=cache, generator=torch.Generator().manual_seed(0), sampler="released")
@@ -1044,7 +1221,7 @@ def test_released_sampler_chain_equals_the_transcribed_predict_fn(name, cache):
     assert out.network_calls < T // step or not cache
 
 
-def test_released_sampler_cache_is_exact_and_final_x0_redraws_every_position():
+def test_released_sampler_cache_is_exact():
     T, L = 128, 10
     diff = AbsorbingDiffusion(SCHEDULES["released-0.3"](), T, MASK)
     model = ToyDenoiser(L=L, seed=5, mask_bias=8.0)  # raw argmax [MASK]: zero masking must hide it
@@ -1054,12 +1231,6 @@ def test_released_sampler_cache_is_exact_and_final_x0_redraws_every_position():
                         generator=torch.Generator().manual_seed(3)) for c in (False, True)]
     assert torch.equal(runs[0].x0, runs[1].x0) and runs[1].row_evaluations < runs[0].row_evaluations
     assert not bool((runs[0].x0 == MASK).any()) and torch.equal(runs[0].x0[~nm], x[~nm])
-    # final_x0 (the released seq2seq sampler): the last step is a top-1 draw from p_hat everywhere
-    table = torch.randn(L, V, generator=torch.Generator().manual_seed(6))
-    out = diff.sample(fixed_logits_denoiser(table), x, nm, am, 8, topk=1, sampler="released", final_x0=True,
-                      generator=torch.Generator().manual_seed(4))
-    table[:, MASK] = float("-inf")
-    assert torch.equal(out.x0[nm], table.argmax(-1).expand_as(x)[nm]) and torch.equal(out.x0[~nm], x[~nm])
     with pytest.raises(ValueError, match="final_x0"):
         diff.sample(model, x, nm, am, 8, final_x0=True)
     with pytest.raises(ValueError, match="unknown sampler"):

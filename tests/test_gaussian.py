@@ -11,7 +11,8 @@ from diffusion import (GaussianDiffusion, LossAwareSampler, adaptive_decay_times
                        parse_respacing, uniform_timesteps)
 from diffusion.gaussian import EmbeddingIndex, _first_argmin
 from models import DiffuSeqTransformer
-from released_diffuseq import diffuseq_losses, fill_noise_map, space_timesteps_adp, t_similar_by_noise, tang_losses
+from released_diffuseq import (SpacedDiffusion, denoised_fn_round, diffuseq_losses, fill_noise_map, get_efficient_knn,
+                               space_timesteps_adp, sqrt_betas, t_similar_by_noise, tang_losses)
 
 ADP_REFERENCE = {  # docs/algorithms.md §3.3, T = 2000
     4: [0, 667, 1334, 1999],
@@ -306,15 +307,38 @@ def test_post_train_loss_is_tangs_released_loss(lam, ts):
         assert tt_mask.any() and (out.penalty[tt_mask] > 0).all()
 
 
+# Tang et al.'s README, the post-training command: --simi_penalty l2_noise_random --simi_lambda -2 --simi_noise 0.05
+RELEASED_SIMI = {"simi_penalty": "l2_noise_random", "simi_lambda": -2.0, "simi_noise": 0.05}
+
+
 def test_post_train_penalty_weight_is_one_at_the_released_lambda():
-    """Hand-derived: the loss grows by exactly penalty / 2 per unit of -simi_lambda, so -2 is a weight of 1."""
+    """At the README's lambda the transcribed released loss adds mean_flat((f(z_t') - f(z_t))^2) with weight 1
+    (its l2 term / 2); ours adds the same amount to the loss at lambda 0, from the same draws. The config's
+    defaults are the README's values."""
+    from runtime.config import TrainConfig
     m, g = tiny_model(1), GaussianDiffusion(gaussian_betas("sqrt", 100))
     ids, noise_mask = tiny_batch()
-    t = torch.tensor([30, 50, 70])
-    outs = {lam: g.post_train_loss(m, ids, noise_mask, t, simi_lambda=lam, simi_noise=0.1,
-                                   generator=torch.Generator().manual_seed(5)) for lam in (0.0, -2.0)}
-    assert (outs[-2.0].penalty > 0).any()
-    assert torch.allclose(outs[-2.0].per_example - outs[0.0].per_example, outs[-2.0].penalty, rtol=1e-5, atol=1e-7)
+    t, lam, noise = torch.tensor([30, 50, 70]), RELEASED_SIMI["simi_lambda"], 0.1
+    outs = {la: g.post_train_loss(m, ids, noise_mask, t, simi_lambda=la, simi_noise=noise,
+                                  generator=torch.Generator().manual_seed(5)) for la in (0.0, lam)}
+    gen = torch.Generator().manual_seed(5)  # our draw order, as in test_post_train_loss_is_tangs_released_loss
+    emb = m.embed(ids)
+    x_start = emb + math.sqrt(1 - float(g.alphabar[0])) * torch.randn(emb.shape, generator=gen)
+    t2, tt_mask = released_draw(g, t, noise, torch.rand((2, 3), generator=gen, dtype=torch.float64))
+    eps, eps2 = torch.randn(emb.shape, generator=gen), torch.randn(emb.shape, generator=gen)
+    with torch.no_grad():
+        terms = tang_losses(m, m.logits, g.alphabar, ids, noise_mask.long(), t, t2, tt_mask, emb, x_start, eps, eps2, lam)
+        x_t = torch.where(noise_mask[..., None], g.sqrt_ab[t].float()[:, None, None] * x_start
+                          + g.sqrt_1m_ab[t].float()[:, None, None] * eps, x_start)
+        x_t2 = torch.where(noise_mask[..., None], g.sqrt_ab[t2].float()[:, None, None] * x_start
+                           + g.sqrt_1m_ab[t2].float()[:, None, None] * eps2, x_start)
+        squared = ((m(x_t2, t2) - m(x_t, t)) ** 2).mean(dim=(1, 2))  # mean_flat, by hand
+    assert tt_mask.any()
+    torch.testing.assert_close(terms["l2"] / 2, squared, rtol=1e-5, atol=1e-8)  # the released weight is 1
+    torch.testing.assert_close(outs[lam].per_example.detach() - outs[0.0].per_example.detach(), squared * tt_mask,
+                               rtol=1e-4, atol=1e-7)
+    cfg = TrainConfig()
+    assert (cfg.simi_lambda, cfg.simi_noise) == (RELEASED_SIMI["simi_lambda"], RELEASED_SIMI["simi_noise"])
     with pytest.raises(ValueError, match="simi_lambda must be <= 0"):
         g.post_train_loss(m, ids, noise_mask, t, simi_lambda=0.5)
 
@@ -422,24 +446,47 @@ def test_sampling_keeps_the_source_and_clamps_the_target():
     assert torch.equal(again.x0, out.x0)
 
 
-def test_step_with_clamping_moves_toward_the_clamped_prediction():
-    m, g = tiny_model(3), GaussianDiffusion(gaussian_betas("sqrt", 100))
+@pytest.mark.parametrize("n", [4, 10])
+def test_respaced_sampling_is_diffuseqs_spaced_p_sample_loop(n):
+    """Our adp_N chain against a transcription of SpacedDiffusion + p_sample_loop (Tang et al.'s
+    sample_seq2seq.py settings: clamping to the L2-nearest row at every step, clip_denoised False, fixed-large
+    variance, the source reset to Emb(w)), from the same noise. The schedule and the kept steps come from the
+    transcription too (sqrt betas, space_timesteps' adp)."""
+    T = 100
+    m, g = tiny_model(3), GaussianDiffusion(gaussian_betas("sqrt", T))
+    torch.testing.assert_close(g.betas, sqrt_betas(T), rtol=1e-12, atol=0)
     ids, noise_mask = tiny_batch()
-    z_src = m.embed(ids)
-    z = torch.where(noise_mask[..., None], torch.randn(z_src.shape, generator=torch.Generator().manual_seed(0)), z_src)
+    kept = sorted(space_timesteps_adp(T, n))
+    out = g.sample(m, ids, noise_mask, kept, generator=torch.Generator().manual_seed(0))
+
+    gen = torch.Generator().manual_seed(0)
+    seen = []
+
+    def model(x, ts):  # _WrappedModel hands over timestep_map[t]; our network rescales it by 1000 / T itself
+        seen.append(int(ts[0]))
+        return m(x, ts)
+
+    emb = m.embedding_weight.detach()
+    sd = SpacedDiffusion(kept, sqrt_betas(T))
     with torch.no_grad():
-        x0_hat = m(z, torch.full((3,), 40))
-        out = g.step(x0_hat, 40, 39, z, noise_mask, z_src, m.embedding_weight.detach(),
-                     generator=torch.Generator().manual_seed(1))
-    z_prev, tokens = out.prev_sample, out.x0_tokens
-    assert torch.equal(tokens, torch.cdist(x0_hat[noise_mask], m.embedding_weight).argmin(-1))
-    eps = torch.randn(z.shape, generator=torch.Generator().manual_seed(1))
-    clamped = x0_hat.clone()
-    clamped[noise_mask] = m.embedding_weight[tokens]
-    # Ho et al. (2020), Eq. 7, by hand on the one-step chain from t = 40 to s = 39
-    ab_t, ab_s = float(g.alphabar[40]), float(g.alphabar[39])
-    beta = 1 - ab_t / ab_s
-    expected = (beta * math.sqrt(ab_s) / (1 - ab_t) * clamped + (1 - ab_s) * math.sqrt(1 - beta) / (1 - ab_t) * z
-                + math.sqrt(beta) * eps)
-    assert torch.allclose(z_prev[noise_mask], expected[noise_mask], atol=1e-6)
-    assert torch.equal(z_prev[~noise_mask], z_src[~noise_mask])
+        x_start = m.embed(ids)
+        mask = noise_mask[..., None].expand_as(x_start).long()
+        x_noised = torch.where(mask == 0, x_start, torch.randn(x_start.shape, generator=gen))
+        outs = sd.p_sample_loop(model, x_noised, lambda x, t: denoised_fn_round(emb, x, t), mask, x_start,
+                                lambda shape: torch.randn(shape, generator=gen))
+    assert seen == kept[::-1] and len(outs) == n == out.network_calls
+    final = outs[-1]["sample"]
+    torch.testing.assert_close(out.z0, final, rtol=0, atol=2e-5)
+    # the last step returns the clamped prediction: its rows are the tokens (ours: x0)
+    assert torch.equal(out.x0[noise_mask], get_efficient_knn(emb, final[noise_mask]))
+    assert torch.equal(out.x0[~noise_mask], ids[~noise_mask])
+    # one step in the middle, from the transcription's own input: our step equals its p_sample
+    k = n // 2
+    t, s = kept[::-1][k], kept[::-1][k + 1]
+    z = outs[k - 1]["sample"]
+    with torch.no_grad():
+        ours = g.step(m(z, torch.full((3,), t)), t, s, z, noise_mask, x_start, emb,
+                      generator=torch.Generator().manual_seed(1)).prev_sample
+        theirs = sd.p_sample(m, z, torch.full((3,), n - 1 - k), lambda x, tt: denoised_fn_round(emb, x, tt), mask,
+                             x_start, torch.randn(z.shape, generator=torch.Generator().manual_seed(1)))["sample"]
+    torch.testing.assert_close(ours, theirs, rtol=0, atol=2e-5)
