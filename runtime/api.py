@@ -32,8 +32,9 @@ left uncut: ``decode`` never cuts one, and refuses one longer than max_len - 2):
 target region with its [SEP] kept and its trailing [PAD]s dropped (``evaluation.seq2seq.strip_special``
 removes the special tokens as the metrics do). An lm text is the wordpieces between [CLS] and its [SEP]
 (gaussian, open-ended: the first generated [SEP] or [PAD]) decoded without special tokens, single-spaced.
-Batch b draws from a generator of its own, seeded with (seed, b) (``dist.map_batches``): the same call gives
-the same strings again, on any number of ranks.
+Row i draws its random numbers from (seed, i) (``diffusion.noise.SampleNoise``): the same call gives the same
+strings again, on any number of ranks and with any ``batch_size`` (up to floating-point ties of the network's
+output across batch shapes; docs/running.md, "Batch-size invariance").
 
 A bad request is a ``UserError`` of one line that names the keyword argument. The scripts' checks are
 these same ones, naming the scripts' flags instead (``load(..., flags=True)``).
