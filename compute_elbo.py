@@ -20,6 +20,10 @@ grid, same seed: only the weights differ) of the untrained network, the run's st
 its config and seed (``runtime.assemble.initial_network``), and the perplexity of an add-one unigram model
 of the training split with the same length term (``evaluation.baselines``); it prints which of them the
 trained model beats.
+
+Each finished batch is kept in ``<out>.partial/`` while it runs: after Ctrl-C (exit 130), SIGTERM (143) or a
+crash, the same command (or ``--resume``) continues and writes the same numbers as an uninterrupted run;
+``--overwrite`` starts again (``runtime.outputs``).
 """
 from __future__ import annotations
 
@@ -31,12 +35,14 @@ import time
 import torch
 
 from runtime.assemble import load_for_inference, load_initial, load_task_data
-from runtime import dist
-from common.errors import UserError, cli_main, refuse_overwrite
-from common.io import write_json_atomic
+from runtime import dist, outputs
+from common.errors import UserError, cli_main
 from common.stats import ratio_standard_error
 from evaluation.baselines import UNIGRAM_CONVENTION, Unigram, lm_lines
 from textdata import lm, word_freq
+
+
+DEFAULT_DIR = "generation_results"
 
 
 def parse_args(argv=None):
@@ -55,7 +61,11 @@ def parse_args(argv=None):
                         "config and seed: needs its --model_name_or_path) and an add-one unigram model of the "
                         "training split with the same length term, on the same examples; prints which it beats")
     p.add_argument("--out", default=None, help="JSON output (default: generation_results/elbo_<run>_<checkpoint>_<split>_K<k>_n<n>_seed<s>.json)")
-    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--overwrite", action="store_true",
+                   help="start again: remove an existing result and any batches an interrupted run kept")
+    p.add_argument("--resume", action="store_true",
+                   help="continue an interrupted run of the same flags (the same command does it too; --resume "
+                        "also refuses when there is nothing to continue)")
     p.add_argument("--device", default="auto")
     return p.parse_args(argv)
 
@@ -65,8 +75,12 @@ def main(argv=None):
     args = parse_args(argv)
     if args.num_examples < 0 or args.batch_size < 1 or args.eval_steps < 1:
         raise UserError("need --num_examples >= 0, --batch_size >= 1 and --eval_steps >= 1")
-    with dist.session(args.device) as info:
-        evaluate(args, info)
+    with outputs.stop_on_signals("elbo"):
+        if args.out and os.path.isdir(args.out):
+            raise UserError(f"--out {args.out} is a folder; give the JSON file to write")
+        outputs.check_writable((os.path.dirname(args.out) or ".") if args.out else DEFAULT_DIR, "--out folder")
+        with dist.session(args.device) as info:
+            evaluate(args, info)
 
 
 def evaluate(args, info: dist.DistInfo) -> None:
@@ -79,10 +93,15 @@ def evaluate(args, info: dist.DistInfo) -> None:
         raise UserError("--monte_carlo is for absorbing checkpoints: the gaussian bound already draws its "
                         "--eval_steps steps of t at random (stratified)")
     run.check_steps(args.eval_steps, "--eval_steps")
-    out = args.out or os.path.join("generation_results", f"elbo_{run.run_name}_{os.path.basename(run.ckpt_dir)}_{args.split}"
+    out = args.out or os.path.join(DEFAULT_DIR, f"elbo_{run.run_name}_{os.path.basename(run.ckpt_dir)}_{args.split}"
                                    f"_K{args.eval_steps}_n{args.num_examples}_seed{args.seed}"
                                    f"{'_mc' if args.monte_carlo else ''}{'_baselines' if args.baselines else ''}.json")
-    refuse_overwrite(out, args.overwrite, "ELBO result")
+    flags = {k: v for k, v in vars(args).items() if k not in ("checkpoint", "out", "overwrite", "resume", "device")}
+    output = outputs.open_output([out], out + ".partial", {**flags, "checkpoint": run.ckpt_dir, "device": device.type,
+                                                           "checkpoint_files": outputs.checkpoint_files(run.ckpt_dir)},
+                                 resume=args.resume, overwrite=args.overwrite, info=info, what="ELBO result")
+    if output is None:  # --resume found it finished
+        return
     untrained = None
     if args.baselines:  # before the work: it may not load
         log(f"baselines: rebuilding the untrained network from {cfg.model_name_or_path} with seed {cfg.seed}")
@@ -111,11 +130,12 @@ def evaluate(args, info: dist.DistInfo) -> None:
         return batch["noise_mask"] & ~torch.isin(batch["input_ids"], not_a_token)
 
     def total(nll_of, what: str, model_key: str = "diffusion_nll", nll_key: str = "nll_bound",
-              length_term: bool = True) -> dict | None:
+              length_term: bool = True, key: str = "elbo") -> dict | None:
         """Sums over the examples of the model's NLL (``nll_of(batch, gen)``, [B]) and the length NLL (0 without
         ``length_term``), the tokens and words, the perplexities of their total, and ``nll_per_token_se``, the
         standard error of the total per token over examples (delta method: the Monte Carlo error of the x_t
-        draws and the sampling error of the examples together); None on ranks other than 0. Every call walks the
+        draws and the sampling error of the examples together); None on ranks other than 0. Each batch's
+        sums are kept in ``<out>.partial/<key>/`` as it finishes. Every call walks the
         same batches with the same per-batch seeds, so two models see the same examples, grid steps and noise;
         rank 0 adds the batch sums in batch order (the same float for any number of ranks)."""
         def batch_sums(b: int, gen: torch.Generator):
@@ -130,7 +150,7 @@ def evaluate(args, info: dist.DistInfo) -> None:
             log(f"{what}: batch {min(done * info.world_size, num_batches)}/{num_batches}, {time.time() - start:.0f}s",
                 flush=True)
 
-        sums = dist.map_batches(num_batches, batch_sums, info, args.seed, on_batch=progress)
+        sums = dist.map_batches(num_batches, batch_sums, info, args.seed, on_batch=progress, store=output.store(key))
         if sums is None:
             return None
         tot = {model_key: 0.0, "length_nll": 0.0, "tokens": 0, "words": 0}
@@ -156,32 +176,34 @@ def evaluate(args, info: dist.DistInfo) -> None:
     tot = total(bound_of(run.denoiser), "elbo", length_term=not gaussian)
     baselines = {}
     if args.baselines:
-        baselines["untrained"] = total(bound_of(untrained), "elbo of the untrained network", length_term=not gaussian)
+        baselines["untrained"] = total(bound_of(untrained), "elbo of the untrained network", length_term=not gaussian,
+                                       key="untrained")
         V = run.run_info["derived"]["vocab_size"]  # the network's output size
         counts = word_freq.count_tokens(train_rows(tokenised["train"]), V, special_ids)
         unigram = Unigram(counts)
         baselines["unigram"] = total(lambda batch, gen: unigram.nll(batch["input_ids"], wordpieces(batch)),
-                                     "unigram", model_key="unigram_nll", nll_key="nll")
+                                     "unigram", model_key="unigram_nll", nll_key="nll", key="unigram")
         if tot is not None:
             baselines["untrained"]["what"] = ("the same bound of the run's network at step 0 (its config and seed), "
                                               "same examples, grid and seed")
             baselines["unigram"].update(train_tokens=int(counts.sum()), vocab_size=V,
                                         convention=UNIGRAM_CONVENTION)
     if tot is None:  # not rank 0
-        return
+        return output.finish(info)
     nll = tot["nll_bound"]
     res = {"checkpoint": run.ckpt_dir, "split": args.split, "num_examples": len(data), "eval_steps": args.eval_steps,
            "monte_carlo": args.monte_carlo, "seed": args.seed, **tot,
            "nelbo_per_token": nll / tot["tokens"], "nelbo_per_token_se": tot["nll_per_token_se"],
            "ppl_token_diffusion_only": math.exp(tot["diffusion_nll"] / tot["tokens"]),
-           "seconds": time.time() - start, "ranks": info.world_size,
+           "seconds": time.time() - start, "ranks": info.world_size, "resumed_batches": output.resumed,
            "convention": (("NLL bound = NELBO of the canvas after [CLS] ([SEP] and padding generated, no length term), "
                            "sum over t from K stratified draws" if gaussian else
                            "NLL bound = -log p(n) + K-step diffusion NELBO") +
                           "; per token excludes [CLS]/[SEP]/[PAD]; per word divides by whitespace words of the text")}
     if baselines:
         res["baselines"] = baselines
-    write_json_atomic(out, res)
+    output.write_json(out, res)
+    output.finish(info)
     print(f"elbo: {len(data)} {args.split} examples, K={args.eval_steps}: NELBO {nll / tot['tokens']:.4f} "
           f"(+- {tot['nll_per_token_se']:.4f}) nats/token; "
           f"PPL <= {_ppl(res['ppl_token'])} per wordpiece, <= {_ppl(res['ppl_word'])} per word "

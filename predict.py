@@ -32,7 +32,10 @@ Conditioning, either process (the given wordpieces stay fixed at every step, as 
   than the prompt, and a gaussian model places [SEP] itself.
 
 Writes one sample per line to ``generation_results/<name>.txt`` (and the settings and timings to
-``<name>.json``).
+``<name>.json``). While it runs, each finished batch is kept in ``<name>.partial/``: after Ctrl-C (exit 130),
+SIGTERM (143) or a crash, the same command (or ``--resume``) continues and writes the same file as an
+uninterrupted run; ``--overwrite`` starts again. A second run with the same name is refused while one runs
+(``runtime.outputs``).
 
     torchrun --nproc_per_node 4 predict.py --checkpoint outputs/demo --num_samples 1000
 
@@ -53,8 +56,8 @@ import torch
 
 from runtime import api, dist
 from runtime.assemble import WEIGHTS
-from common.errors import UserError, cli_main, refuse_overwrite, require_at_least_one
-from common.io import write_json_atomic, write_text_atomic
+from runtime import outputs
+from common.errors import UserError, cli_main, require_at_least_one
 
 DEFAULT_NUM_SAMPLES = {"sample": 100, "template": 1}  # --num_samples: in all; per template
 
@@ -106,7 +109,11 @@ def parse_args(argv=None):
     p.add_argument("--no_cache", action="store_true", help="call the network at every step (no MDLM cache)")
     p.add_argument("--name", default=None, help="output name (default: derived from the checkpoint and flags)")
     p.add_argument("--out_dir", default="generation_results")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing output file")
+    p.add_argument("--overwrite", action="store_true",
+                   help="start again: remove an existing result of this name and any batches an interrupted run kept")
+    p.add_argument("--resume", action="store_true",
+                   help="continue an interrupted run of the same flags (the same command does it too; --resume "
+                        "also refuses when there is nothing to continue)")
     p.add_argument("--device", default="auto")
     return p.parse_args(argv)
 
@@ -141,8 +148,10 @@ def read_templates(args) -> list[str] | None:
 @cli_main
 def main(argv=None):
     args = parse_args(argv)
-    with dist.session(args.device) as info:
-        sample_all(args, info)
+    with outputs.stop_on_signals("predict"):
+        outputs.check_writable(args.out_dir, "--out_dir")  # before any work
+        with dist.session(args.device) as info:
+            sample_all(args, info)
 
 
 def sampler_options(args) -> dict:
@@ -167,6 +176,14 @@ def default_name(args, run, templates) -> str:
              f"_templates{short_hash(templates)}" if templates is not None else "")
     return (f"{run.run_name}_{os.path.basename(run.ckpt_dir)}{how}{f'_len{length}' if args.length else ''}{given}"
             f"_n{args.num_samples}_seed{args.seed}")
+
+
+def settings(args, run, info: dist.DistInfo, templates) -> dict:
+    """What decides the samples (``runtime.outputs``: an interrupted run continues only with the same)."""
+    flags = {k: v for k, v in vars(args).items() if k not in ("checkpoint", "name", "out_dir", "overwrite", "resume",
+                                                               "device")}
+    return {**flags, "templates": templates, "checkpoint": run.ckpt_dir,
+            "checkpoint_files": outputs.checkpoint_files(run.ckpt_dir), "device": info.device.type}
 
 
 def sample_all(args, info: dist.DistInfo) -> None:
@@ -196,32 +213,36 @@ def sample_all(args, info: dist.DistInfo) -> None:
     name = args.name or default_name(args, run, templates)
     out_txt = os.path.join(args.out_dir, f"{name}.txt")
     out_json = os.path.join(args.out_dir, f"{name}.json")
-    refuse_overwrite(out_txt, args.overwrite, "generation file")  # every rank checks before any work
+    output = outputs.open_output([out_txt, out_json], os.path.join(args.out_dir, f"{name}.partial"),
+                                 settings(args, run, info, templates), resume=args.resume, overwrite=args.overwrite,
+                                 info=info, what="generation file")
+    if output is None:  # --resume found it finished
+        return
 
     def progress(done: int) -> None:
         log(f"predict: {min(done * args.batch_size * info.world_size, len(rows))}/{len(rows)} "
             f"samples, {time.time() - start:.1f}s", flush=True)
 
     start = time.time()
-    out = model.generate(rows, decoding, args.seed, args.batch_size, on_batch=progress)
+    out = model.generate(rows, decoding, args.seed, args.batch_size, on_batch=progress, store=output.store())
     if out is None:  # not rank 0
-        return
+        return output.finish(info)
     wall = time.time() - start
     calls, evaluations = out.network_calls, out.row_evaluations
-    os.makedirs(args.out_dir, exist_ok=True)
-    write_text_atomic(out_txt, "".join(text + "\n" for text in out.texts))
+    output.write_text(out_txt, "".join(text + "\n" for text in out.texts))
     meta = {"checkpoint": run.ckpt_dir, "samples": out_txt, **{k: v for k, v in vars(args).items() if k != "checkpoint"},
             "cache": decoding.use_cache, "wall_seconds": wall, "network_calls": calls,
             "row_evaluations": evaluations, "sequences_per_second": len(rows) / wall, "device": str(info.device),
             "ranks": info.world_size, "threads": torch.get_num_threads(), "process": run.cfg.process,
-            "templates": templates, **decoding.report}
-    write_json_atomic(out_json, meta)
+            "templates": templates, "resumed_batches": output.resumed, **decoding.report}
+    output.write_json(out_json, meta)
+    output.finish(info)
     ranks = f", {info.world_size} ranks" if info.enabled else ""
     cache = (f"cache {'on' if decoding.use_cache else 'off'}" if run.cfg.process == "absorbing" else
              f"{len(decoding.report['timesteps'])} steps")
     print(f"predict: wrote {len(rows)} samples to {out_txt} in {wall:.1f}s "
           f"({len(rows) / wall:.2f} sequences/s); {calls} network calls, {evaluations} sequence evaluations "
-          f"({cache}{ranks})")
+          f"({cache}{ranks}{f'; {output.resumed} batches kept from the interrupted run' if output.resumed else ''})")
 
 
 if __name__ == "__main__":

@@ -22,6 +22,12 @@ Under ``torchrun --nproc_per_node N`` the batches are shared out among the ranks
 own seed (from the candidate's seed and the batch index) and rank 0 writes the files in input order,
 so they are the same for any number of ranks.
 
+While it runs, each finished batch is kept in ``<name>/partial/seed<k>/`` and each finished candidate is
+written as it completes: after Ctrl-C (exit 130), SIGTERM (143) or a crash, the same command (or
+``--resume``) continues and writes the same files as an uninterrupted run; ``--overwrite`` removes the
+folder's earlier results and starts again. A second decoder on the same folder is refused while one runs
+(``runtime.outputs``).
+
 The decoding is ``runtime.api``'s: in Python, ``load(checkpoint).decode(sources, ..., seed=k)`` returns the
 ``recover`` strings of ``seed<k>.jsonl`` for those sources (where the pair data did not cut them).
 """
@@ -32,10 +38,10 @@ import json
 import os
 import time
 
-from runtime import api, dist
+from runtime import api, dist, outputs
 from runtime.assemble import WEIGHTS, load_task_data
 from common.errors import UserError, check_sampling_flags, cli_main, require_at_least_one
-from common.io import write_json_atomic, write_text_atomic
+from common.io import write_text_atomic
 
 
 def parse_args(argv=None):
@@ -82,7 +88,11 @@ def parse_args(argv=None):
                    help="skip sampling: run MBR over existing candidate files (ours or DiffuSeq's)")
     p.add_argument("--name", default=None, help="output folder name under --out_dir")
     p.add_argument("--out_dir", default="generation_results")
-    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--overwrite", action="store_true",
+                   help="start again: remove the folder's earlier results and any batches an interrupted run kept")
+    p.add_argument("--resume", action="store_true",
+                   help="continue an interrupted decode of the same flags (the same command does it too; --resume "
+                        "also refuses when there is nothing to continue)")
     p.add_argument("--device", default="auto")
     p.add_argument("--skip_bad_lines", action="store_true",
                    help="skip bad lines of the split's file (counted and logged); on if the checkpoint was trained so")
@@ -128,15 +138,19 @@ def main(argv=None):
     if args.mbr_only:
         if args.checkpoint:
             raise UserError("--mbr_only works on existing files; do not also give --checkpoint")
-        return run_mbr_only(args)
-    if not args.checkpoint:
+    elif not args.checkpoint:
         raise UserError("give --checkpoint (or --mbr_only FILES)")
-    require_at_least_one(args, "batch_size", "mbr_size")
-    check_sampling_flags(args)
-    if args.num_examples < 0:
-        raise UserError(f"--num_examples must be 0 (all) or more, got {args.num_examples}")
-    with dist.session(args.device) as info:
-        decode_all(args, info)
+    else:
+        require_at_least_one(args, "batch_size", "mbr_size")
+        check_sampling_flags(args)
+        if args.num_examples < 0:
+            raise UserError(f"--num_examples must be 0 (all) or more, got {args.num_examples}")
+    with outputs.stop_on_signals("decode"):
+        outputs.check_writable(args.out_dir, "--out_dir")  # before any work
+        if args.mbr_only:
+            return run_mbr_only(args)
+        with dist.session(args.device) as info:
+            decode_all(args, info)
 
 
 # ---------------------------------------------------------------------------- decoding
@@ -152,30 +166,40 @@ def decode_all(args, info: dist.DistInfo) -> None:
     args.steps = decoding.steps  # absorbing: the default 200, recorded in decode.json
     folder = os.path.join(args.out_dir, args.name or f"{run.run_name}_{args.split}_{decoding.setting}"
                                                      f"_mbr{args.mbr_size}_seed{args.seed}")
-    if info.is_main:
-        prepare_out(folder, args.overwrite)
-    dist.barrier(info)  # nothing runs on the other ranks if rank 0 refused the folder (it exits)
+    flags = {k: v for k, v in vars(args).items()
+             if k not in ("checkpoint", "name", "out_dir", "overwrite", "resume", "device", "mbr_only")}
+    output = outputs.open_output(
+        [os.path.join(folder, "decode.json")], os.path.join(folder, "partial"),
+        {**flags, "checkpoint": run.ckpt_dir, "checkpoint_files": outputs.checkpoint_files(run.ckpt_dir),
+         "device": info.device.type}, resume=args.resume, overwrite=args.overwrite, info=info, what="output folder",
+        lock_dir=folder, others=("seed*.jsonl", "mbr.jsonl", "copy_source.jsonl"))
+    if output is None:  # --resume found it finished
+        return
 
     data, sources, references = load_split(args, run, info)
     if info.is_main:
-        write_text_atomic(os.path.join(folder, "copy_source.jsonl"),
+        output.write_text(os.path.join(folder, "copy_source.jsonl"),
                           jsonl([{"recover": s, "reference": r, "source": s} for s, r in zip(sources, references)]))
     timings, candidates = [], []
     for seed in range(args.seed, args.seed + args.mbr_size):
         start = time.time()
-        out = model.decode_batches(data["src_ids"], decoding, seed, args.batch_size)
+        store = output.store(f"seed{seed}")
+        kept = len(store.load())
+        out = model.decode_batches(data["src_ids"], decoding, seed, args.batch_size, store=store)
         if out is None:  # not rank 0
             continue
         wall = time.time() - start
         calls, rows_eval = out.network_calls, out.row_evaluations
         rows = [{"recover": h, "reference": r, "source": s} for h, r, s in zip(out.texts, references, sources)]
-        write_text_atomic(os.path.join(folder, f"seed{seed}.jsonl"), jsonl(rows))
+        output.write_text(os.path.join(folder, f"seed{seed}.jsonl"), jsonl(rows))
         candidates.append(rows)
-        timings.append({"seed": seed, "wall_seconds": wall, "network_calls": calls, "row_evaluations": rows_eval})
-        print(f"decode: seed {seed}: {len(rows)} sources in {wall:.1f}s ({len(rows) / wall:.2f} sequences/s), "
-              f"{calls} network calls", flush=True)
+        timings.append({"seed": seed, "wall_seconds": wall, "network_calls": calls, "row_evaluations": rows_eval,
+                        "resumed_batches": kept})
+        how = f"{kept} batches kept from the interrupted run" if kept else f"{len(rows) / wall:.2f} sequences/s"
+        print(f"decode: seed {seed}: {len(rows)} sources in {wall:.1f}s ({how}), {calls} network calls", flush=True)
     if info.is_main:
-        write_summary(folder, args, run, decoding, candidates, timings, len(data), info)
+        write_summary(output, folder, args, run, decoding, candidates, timings, len(data), info)
+    output.finish(info)
 
 
 def load_split(args, run, info: dist.DistInfo):
@@ -194,12 +218,13 @@ def load_split(args, run, info: dist.DistInfo):
     return data, sources, references
 
 
-def write_summary(folder: str, args, run, decoding: api.Decoding, candidates, timings, num_sources: int,
-                  info: dist.DistInfo) -> None:
-    """mbr.jsonl (with two or more candidates) and decode.json: the flags, the process and the timings."""
+def write_summary(output: outputs.Output, folder: str, args, run, decoding: api.Decoding, candidates, timings,
+                  num_sources: int, info: dist.DistInfo) -> None:
+    """mbr.jsonl (with two or more candidates) and decode.json, written last: the flags, the process and the
+    timings."""
     if args.mbr_size > 1:
-        write_text_atomic(os.path.join(folder, "mbr.jsonl"), jsonl(mbr_rows(candidates)))
-    write_json_atomic(os.path.join(folder, "decode.json"),
+        output.write_text(os.path.join(folder, "mbr.jsonl"), jsonl(mbr_rows(candidates)))
+    output.write_json(os.path.join(folder, "decode.json"),
                       {"checkpoint": run.ckpt_dir, **{k: v for k, v in vars(args).items() if k != "checkpoint"},
                        "process": run.cfg.process, "cache": decoding.use_cache, "num_sources": num_sources,
                        "timings": timings, "device": str(info.device), "ranks": info.world_size, **decoding.report})

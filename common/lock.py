@@ -28,6 +28,16 @@ def _describe(fd: int) -> str:
     return text.splitlines()[0] if text else "another process"
 
 
+def _still_linked(fd: int, folder: str) -> bool:
+    """Whether the locked file is still the folder's lock file (a holder may delete the folder when done)."""
+    try:
+        st = os.stat(os.path.join(folder, LOCK_NAME))
+    except OSError:
+        return False
+    mine = os.fstat(fd)
+    return (st.st_dev, st.st_ino) == (mine.st_dev, mine.st_ino)
+
+
 def acquire(folder, what: str = "run directory") -> str:
     """Take the exclusive lock on ``folder`` (created if missing) and keep it until exit or ``release``.
 
@@ -39,18 +49,22 @@ def acquire(folder, what: str = "run directory") -> str:
         return folder
     if os.path.exists(folder) and not os.path.isdir(folder):
         raise UserError(f"{what} {folder} is a file, not a folder")
-    try:
-        os.makedirs(folder, exist_ok=True)
-        fd = os.open(os.path.join(folder, LOCK_NAME), os.O_RDWR | os.O_CREAT, 0o644)
-    except OSError as e:
-        raise UserError(f"cannot write to {what} {folder}: {e.strerror or e}") from None
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        holder = _describe(fd)
-        os.close(fd)
-        raise UserError(f"{what} {folder} is in use by {holder}; wait for it to finish or choose another "
-                        f"folder") from None
+    while True:
+        try:
+            os.makedirs(folder, exist_ok=True)
+            fd = os.open(os.path.join(folder, LOCK_NAME), os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as e:
+            raise UserError(f"cannot write to {what} {folder}: {e.strerror or e}") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = _describe(fd)
+            os.close(fd)
+            raise UserError(f"{what} {folder} is in use by {holder}; wait for it to finish or choose another "
+                            f"folder") from None
+        if _still_linked(fd, folder):
+            break
+        os.close(fd)  # the holder removed the folder (a finished partial result) before we locked: try afresh
     os.ftruncate(fd, 0)
     os.lseek(fd, 0, os.SEEK_SET)
     os.write(fd, f"pid {os.getpid()} ({' '.join(sys.argv)[:200]})\n".encode("utf-8", "replace"))

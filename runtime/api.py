@@ -330,10 +330,11 @@ class Model:
         return " ".join(tok.decode(x0[1:end], skip_special_tokens=True).split())
 
     def generate(self, rows: Sequence[Row], decoding: Decoding, seed: int = 42, batch_size: int = 32,
-                 on_batch: Callable[[int], None] | None = None) -> Generated | None:
+                 on_batch: Callable[[int], None] | None = None, store=None) -> Generated | None:
         """Generate the canvas ``rows`` with ``decoding``, in batches of ``batch_size`` shared out among the
         ranks: on rank 0 a :class:`Generated` in row order, None on the others. ``on_batch(n)``: called after
-        each of this rank's batches.
+        each of this rank's batches. ``store`` (``runtime.outputs.BatchStore``): keeps each finished batch on
+        disk and gives back those an interrupted run kept (``dist.map_batches``).
 
         On the absorbing lm's canvas (no fixed width) rows of similar lengths share a batch (little padding);
         other canvases keep the rows' order. A row with nothing to generate (a template without [MASK]) is its
@@ -349,8 +350,8 @@ class Model:
         continuation = None
 
         def generate_batch(b: int, gen: torch.Generator):
-            """Batch b: ({row index: (text, canvas)}, network calls, sequence evaluations). The draws of row i are
-            those of (seed, i) (``diffusion.noise.SampleNoise``), whatever batch it is in."""
+            """Batch b: ([[row index, text, canvas], ...], network calls, sequence evaluations): JSON as it is. The
+            draws of row i are those of (seed, i) (``diffusion.noise.SampleNoise``), whatever batch it is in."""
             nonlocal continuation
             idx = work[b * batch_size:(b + 1) * batch_size]
             batch = [rows[i] for i in idx]
@@ -360,15 +361,16 @@ class Model:
                 continuation = self.continuation_tokens if continuation is None else continuation
                 restrict = (where.to(device), continuation.to(device))
             out = decoding.sample(ids, att, noise, SampleNoise(seed, idx, device), restrict)
-            done = {i: (self._read(rows[i], x0), x0) for i, x0 in zip(idx, out.x0.cpu().tolist())}
+            done = [[i, self._read(rows[i], x0), x0] for i, x0 in zip(idx, out.x0.cpu().tolist())]
             return done, out.network_calls, out.row_evaluations
 
         # the fixed canvases run as the decoder always has (flush_denormal); the absorbing lm as predict.py has
         with flush_denormal(device) if width is not None else contextlib.nullcontext():
-            results = dist.map_batches(-(-len(work) // batch_size), generate_batch, self.info, seed, on_batch=on_batch)
+            results = dist.map_batches(-(-len(work) // batch_size), generate_batch, self.info, seed, on_batch=on_batch,
+                                       store=store)
         if results is None:  # not rank 0
             return None
-        done = {i: out for batch, _, _ in results for i, out in batch.items()}
+        done = {i: (text, x0) for batch, _, _ in results for i, text, x0 in batch}
         for i, r in enumerate(rows):
             if not r.generates:
                 done[i] = (self._read(r, list(r.cells)), list(r.cells))
@@ -420,11 +422,12 @@ class Model:
         return None if out is None else out.texts
 
     def decode_batches(self, src_ids: Sequence[Sequence[int]], decoding: Decoding, seed: int = 42,
-                       batch_size: int = 32, on_batch: Callable[[int], None] | None = None) -> Generated | None:
+                       batch_size: int = 32, on_batch: Callable[[int], None] | None = None,
+                       store=None) -> Generated | None:
         """One ``recover`` string for every source (``[CLS] src [SEP]`` token ids): :meth:`generate` of
         :meth:`source_rows` on the checkpoint's canvas; the generated padding decides the output's length
         (DiffuSeq style)."""
-        return self.generate(self.source_rows(src_ids), decoding, seed, batch_size, on_batch)
+        return self.generate(self.source_rows(src_ids), decoding, seed, batch_size, on_batch, store)
 
     def decode(self, sources: Sequence[str], *, steps: int | None = None, respacing=None, seed: int = 42,
                batch_size: int = 32, sampler: str = "ours", topk: int = 0, top_p: float = 1.0,

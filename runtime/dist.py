@@ -146,18 +146,35 @@ def main_first(info: DistInfo):
         barrier(info)
 
 
-def map_batches(num_batches: int, fn, info: DistInfo, seed: int, on_batch=None) -> list | None:
+def broadcast_from_main(obj, info: DistInfo):
+    """Rank 0's ``obj`` on every rank (a picklable object)."""
+    if not info.enabled:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def map_batches(num_batches: int, fn, info: DistInfo, seed: int, on_batch=None, store=None) -> list | None:
     """``[fn(0, g_0), fn(1, g_1), ...]`` over all ``num_batches`` batches, on rank 0; ``None`` on the others.
 
     Each rank computes its own batches (:func:`my_batches`); batch ``b`` gets a fresh generator on
-    ``info.device`` seeded with ``batch_seed(seed, b)``, so its draws do not depend on the number of
-    ranks. The results (picklable) are gathered to rank 0 and put in batch order. ``on_batch(n)``, if
-    given, is called after each batch with the number of batches this rank has done (progress logs).
+    ``info.device`` seeded with ``batch_seed(seed, b)``, so its draws depend neither on the number of
+    ranks nor on the batches before it. The results (picklable) are gathered to rank 0 and put in batch
+    order. ``on_batch(n)``, if given, is called after each computed batch with the number of batches this
+    rank has (progress logs). ``store`` (``runtime.outputs.BatchStore``): batches it kept from an earlier,
+    interrupted run are taken as they are, and each computed one is saved to it at once.
     """
+    kept = store.load() if store is not None else {}
     mine = {}
     for b in my_batches(num_batches, info):
+        if b in kept:
+            mine[b] = kept[b]
+            continue
         gen = torch.Generator(device=info.device).manual_seed(batch_seed(seed, b))
         mine[b] = fn(b, gen)
+        if store is not None:
+            store.save(b, mine[b])
         if on_batch is not None:
             on_batch(len(mine))
     parts = gather_to_main(mine, info)

@@ -5,6 +5,10 @@ tests/test_ddp_faults.py use them; a normal run sets none and nothing changes):
     DLM_FAULT_RAISE_STEP=3       raise a RuntimeError at the start of this step
     DLM_FAULT_RANK=1             restrict the two above to this rank (default: every rank)
     DLM_FAULT_CRASH_IN_SAVE=1    die (exit status 99) half-way through writing a checkpoint
+    DLM_FAULT_SIGNAL_AFTER_BATCHES=2   predict.py, compute_elbo.py and the decoder send themselves a signal
+                                 once they have saved this many batches (tests/test_outputs.py)
+    DLM_FAULT_SIGNAL=TERM        which signal: INT (the default, as Ctrl-C), TERM, or STOP (the process
+                                 pauses, holding its lock, until a SIGCONT)
 """
 from __future__ import annotations
 
@@ -41,3 +45,11 @@ def crash_in_save() -> None:
     """Checked on every save, after the weights are written: leave a half-written checkpoint behind."""
     if os.environ.get("DLM_FAULT_CRASH_IN_SAVE"):
         os._exit(99)
+
+
+def signal_after_batches(saved: int) -> None:
+    """Called after each batch an inference script saves (``saved`` so far in this process): a real signal,
+    delivered by the kernel at a known point, as Ctrl-C or ``kill`` would deliver it at a random one."""
+    if str(saved) == os.environ.get("DLM_FAULT_SIGNAL_AFTER_BATCHES", "").strip():
+        import signal
+        os.kill(os.getpid(), getattr(signal, "SIG" + os.environ.get("DLM_FAULT_SIGNAL", "INT").upper()))

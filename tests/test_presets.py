@@ -253,7 +253,7 @@ def check_predict(cmds, num_samples: int, batch_size: int, diffs: dict):
                 "top_p": 1.0, "num_samples": 2 * 32, "decode_respacing": None, "weights": "ema",
                 "max_len": None, "prompt": None, "template": None, "template_file": None}
     ours_only = {"batch_size": batch_size, "seed": 42, "out_dir": "generation_results", "overwrite": False,
-                 "device": "auto", **NO_SAMPLER_OPTIONS}
+                 "resume": False, "device": "auto", **NO_SAMPLER_OPTIONS}
     cached, uncached = cmds["predict.py"]
     assert account(decoder_flags("predict.py", cached), released, diffs, {**ours_only, "no_cache": False}) == []
     assert account(decoder_flags("predict.py", uncached), released, diffs, {**ours_only, "no_cache": True}) == []
@@ -359,8 +359,8 @@ def test_conditional_presets_are_the_released_run_condition_sh(preset, tmp_path)
                        # 103 is bert-base-uncased's [MASK]: our default start (see the RoBERTa row)
                        "start_id": None}
     ours_decode = {"batch_size": 128, "seed": 42, "decode_respacing": None, "weights": "ema", "no_cache": False,
-                   "mbr_only": None, "out_dir": "generation_results", "overwrite": False, "device": "auto",
-                   "skip_bad_lines": False, **NO_SAMPLER_OPTIONS}
+                   "mbr_only": None, "out_dir": "generation_results", "overwrite": False, "resume": False,
+                   "device": "auto", "skip_bad_lines": False, **NO_SAMPLER_OPTIONS}
     assert account(decode, released_decode, {}, ours_decode) == []
 
 
@@ -504,7 +504,7 @@ def test_diffuseq_presets_are_the_released_train_sh(task, tmp_path):
                             "num_examples": 0, "top_p": 1.0},
                    {}, {"batch_size": 256, "seed": 42, "sampler": "ours", "steps": None, "topk": 0,
                         "temperature": 1.0, "start_id": None, "no_cache": False, "mbr_only": None,
-                        "out_dir": "generation_results", "overwrite": False, "device": "auto",
+                        "out_dir": "generation_results", "overwrite": False, "resume": False, "device": "auto",
                         "skip_bad_lines": False, **NO_SAMPLER_OPTIONS}) == []
 
 
