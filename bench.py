@@ -4,6 +4,7 @@
     python bench.py --process gaussian              # DiffuSeq transformer: train step, reverse step vs forward
     python bench.py --model bert-base-uncased --batch_size 64 --seq_len 128 --device cuda   # bf16 on CUDA
     python bench.py --quick --model PATH            # a smoke run in seconds (what the tests do)
+    python bench.py --seq2seq_padding --batch_size 32 --seq_len 128   # the qqp preset's step: padding to max_len vs longest
 
 Absorbing process (DiffusionBERT), in three measurements: training (``absorbing_training``),
 sampling (``absorbing_sampling``) and scaling with length and steps (``absorbing_scaling``). Every
@@ -30,6 +31,13 @@ Then how time grows with the length and with the number of sampling steps. Peak 
 process's peak resident set on the CPU (Linux ``VmHWM``, reset before each phase) and the peak of
 ``torch.cuda.max_memory_allocated`` on CUDA. ``--json`` writes every number.
 
+Seq2seq padding (``--seq2seq_padding``): the training step of the qqp preset's shape (``--seq_len`` is its
+``--max_len``, mutual schedule, T 2000, DiffusionBERT's loss weighting with hybrid lambda 3e-4, AdamW) on
+QQP-like pairs that the bench writes as a DiffuSeq jsonl folder (KJV -> WEB verse pairs cut to question-like
+word counts: about 10 words a side) and reads through the real data path (``load_pair_splits``,
+``tokenize_pairs``, ``PairCollator``). The same batches are laid out on the ``--seq_len`` canvas
+(``--pad_to max_len``, before) and to their longest row (``--pad_to longest``, after), interleaved.
+
 Gaussian process (DiffuSeq, ``--process gaussian``): training (``gaussian_training``, train mode),
 the step against the network-only step (forward + MSE + backward + AdamW); sampling
 (``gaussian_sampling``, eval mode), one reverse step (network + clamping against the V-entry
@@ -46,16 +54,18 @@ import time
 
 import torch
 
+from common.cli import make_parser
 from common.errors import UserError, cli_main
 from diffusion import PROCESSES
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = make_parser(__doc__)
     p.add_argument("--process", default="absorbing", choices=PROCESSES)
     p.add_argument("--model", default="minilm",
                    help="absorbing: a masked LM (hub id, local dir, or minilm); gaussian: the tokenizer's source")
-    p.add_argument("--batch_size", type=int, default=8)
+    p.add_argument("--batch_size", type=int, default=None,
+                   help="rows per batch (default: 8; with --memory, the demo's 16 for training and 32 for sampling)")
     p.add_argument("--seq_len", type=int, default=64, help="tokens per row, [CLS] and [SEP] included")
     p.add_argument("--num_steps", type=int, default=None, help="T (default: 2048 absorbing, 2000 gaussian)")
     p.add_argument("--schedule", default=None, help="absorbing: spindle (default), mutual, cosine; gaussian: sqrt")
@@ -76,7 +86,32 @@ def parse_args(argv=None):
     p.add_argument("--quick", action="store_true", help="1 repeat, short grids: a smoke run, not a measurement")
     p.add_argument("--json", default=None, help="write every measurement here")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seq2seq_padding", action="store_true",
+                   help="only the seq2seq training step padded to --seq_len against padded to the batch's longest row")
+    p.add_argument("--pairs", type=int, default=512, help="--seq2seq_padding: QQP-like pairs written and read")
+    p.add_argument("--batches", type=int, default=4, help="--seq2seq_padding: batches timed per repeat")
+    m = p.add_argument_group("memory (--memory): does the resident set stay flat over a long run?")
+    m.add_argument("--memory", choices=("train", "sample", "both"), default=None,
+                   help="instead of the timings: train.py in a child process at the demo's shape (run.sh's flags) "
+                        "and/or a long sampling run through runtime.api, recording the RSS every --memory_every steps")
+    m.add_argument("--memory_steps", type=int, default=2000, help="training steps (train.py --max_steps)")
+    m.add_argument("--sample_calls", type=int, default=2000,
+                   help="sampling: network calls in all (batches of --sample_steps iterations, repeated)")
+    m.add_argument("--memory_every", type=int, default=100, help="record the RSS every this many steps or calls")
+    m.add_argument("--memory_from", type=int, default=200,
+                   help="growth is measured from the record at this step (or call) to the last one")
+    m.add_argument("--checkpoint", default=None,
+                   help="--memory sample: sample from this checkpoint (default: the one the training phase wrote)")
+    m.add_argument("--memory_hidden", type=int, default=None,
+                   help="train a from-scratch BERT of this width (with --memory_layers) and --model's tokenizer "
+                        "instead of --model itself: a smaller network than the demo's MiniLM (384 x 6), for a "
+                        "machine too busy for it")
+    m.add_argument("--memory_layers", type=int, default=2, help="layers of the --memory_hidden network")
+    m.add_argument("--train_args", default="",
+                   help="extra train.py flags, appended after the demo's (they win), e.g. '--eval_every 500'")
     args = p.parse_args(argv)
+    if args.batch_size is None and not args.memory:
+        args.batch_size = 8
     if args.quick:
         args.repeats, args.reference_iters = 1, 2
         args.sample_steps = min(args.sample_steps, 8)
@@ -87,11 +122,16 @@ def parse_args(argv=None):
         args.step_grid = [int(x) for x in args.step_grid.split(",")]
     except ValueError:
         raise UserError("--lengths and --step_grid are comma-separated integers") from None
-    for name in ("batch_size", "seq_len", "sample_steps", "repeats", "reference_iters"):
-        if getattr(args, name) < 1:
+    for name in ("batch_size", "seq_len", "sample_steps", "repeats", "reference_iters", "memory_steps",
+                 "sample_calls", "memory_every", "memory_hidden", "memory_layers"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
             raise UserError(f"--{name} must be at least 1")
     if min(args.lengths + [args.seq_len]) < 4:
         raise UserError("lengths must be at least 4 ([CLS] two tokens [SEP])")
+    if args.memory == "sample" and not args.checkpoint:
+        raise UserError("--memory sample needs --checkpoint (or use --memory both, which samples from what it trained)")
+    if args.checkpoint and not os.path.isdir(args.checkpoint):
+        raise UserError(f"--checkpoint {args.checkpoint}: no such directory")
     return args
 
 
@@ -396,6 +436,74 @@ def bench_absorbing(args, device: torch.device, clock: Clock, amp) -> dict:
     return res
 
 
+# ----------------------------------------------------------------------------------- seq2seq padding
+def qqp_like_folder(folder: str, n: int, seed: int) -> None:
+    """A DiffuSeq folder (train.jsonl) of ``n`` QQP-like pairs: KJV -> WEB verse pairs, each side cut to a word
+    count drawn like a question's (normal, mean 10, sd 4, clipped to 3..30: an assumption, not QQP's own
+    statistics), the target to its own draw."""
+    import json
+    import random
+
+    from textdata.bible import load_verse_pairs
+    rng = random.Random(seed)
+    pairs, _ = load_verse_pairs()
+    rows = []
+    for p in rng.sample(pairs, n):
+        cut = [min(30, max(3, round(rng.gauss(10, 4)))) for _ in range(2)]
+        rows.append({"src": " ".join(p.kjv.split()[:cut[0]]), "trg": " ".join(p.web.split()[:cut[1]])})
+    with open(os.path.join(folder, "train.jsonl"), "w", encoding="utf-8") as f:
+        f.write("".join(json.dumps(r) + "\n" for r in rows))
+
+
+def bench_seq2seq_padding(args, device: torch.device, clock: Clock, amp) -> dict:
+    """The qqp-shape training step on the same batches laid out to --seq_len (before) and to the longest row."""
+    import tempfile
+
+    from common.loading import load_tokenizer
+    from conditional_data import PairCollator, load_pair_splits, tokenize_pairs
+    args.schedule = args.schedule or "mutual"
+    ab = Absorbing(args, device, clock, amp)
+    ab.diffusion.hybrid_lambda = 3e-4  # DDP_main_conditional.py's, the qqp preset's
+    tok, _ = load_tokenizer(args.model)
+    quiet = lambda *a, **k: None  # noqa: E731
+    with tempfile.TemporaryDirectory() as folder:
+        qqp_like_folder(folder, args.pairs, args.seed)
+        data = tokenize_pairs(load_pair_splits("qqp", folder, splits=("train",), log=quiet), tok, args.seq_len,
+                              log=quiet)["train"]
+    lens = [len(a) + len(b) for a, b in zip(data["src_ids"], data["trg_ids"])]
+    order = torch.randperm(len(data), generator=torch.Generator().manual_seed(args.seed)).tolist()
+    rows = [[data[i] for i in order[k * args.batch_size:(k + 1) * args.batch_size]] for k in range(args.batches)]
+    layouts = {"before": PairCollator(tok.pad_token_id, canvas_len=args.seq_len), "after": PairCollator(tok.pad_token_id)}
+    batches = {k: [{n: v.to(device) for n, v in c(r).items()} for r in rows] for k, c in layouts.items()}
+
+    def steps(name):
+        fns = [ab.train_step(lambda b=b: ab.diffusion.loss(ab.denoiser, b["input_ids"], b["noise_mask"],
+                                                           b["attention_mask"], weighting="released").loss)
+               for b in batches[name]]
+        return lambda: [f() for f in fns]
+
+    ab.denoiser.train()
+    t = interleaved(clock, {k: steps(k) for k in batches}, args.repeats)
+    res = dict(ab.header, pairs=len(lens), mean_pair_tokens=sum(lens) / len(lens), max_pair_tokens=max(lens),
+               batch_size=args.batch_size, canvas=args.seq_len, batches=args.batches)
+    for k, b in batches.items():
+        res[k] = {"step_s": t[k] / args.batches, "mean_width": sum(x["input_ids"].shape[1] for x in b) / len(b)}
+    res["speedup"] = res["before"]["step_s"] / res["after"]["step_s"]
+    return res
+
+
+def report_seq2seq_padding(r: dict, args) -> list[str]:
+    b, a = r["before"], r["after"]
+    return [f"## seq2seq padding: {r['model']} ({r['layers']} layers, hidden {r['hidden']}), batch {r['batch_size']}, "
+            f"--max_len {r['canvas']}, T {r['T']}, schedule {r['schedule']}, loss weighting released", "",
+            f"{r['pairs']} QQP-like pairs: {r['mean_pair_tokens']:.1f} tokens on average with the special tokens, "
+            f"at most {r['max_pair_tokens']}; {r['batches']} batches, the median of {args.repeats} repeats", "",
+            "| layout | canvas width (mean) | training step s |", "|---|---|---|",
+            f"| before: every row --max_len (--pad_to max_len) | {b['mean_width']:.1f} | {b['step_s']:.3f} |",
+            f"| after: the batch's longest row (--pad_to longest) | {a['mean_width']:.1f} | {a['step_s']:.3f} |", "",
+            f"- step before / after = **{r['speedup']:.2f}x**"]
+
+
 # ----------------------------------------------------------------------------------- gaussian
 class Gaussian:
     """What the Gaussian measurements share: a DiffuSeq transformer (dropout 0.1, train.py's default),
@@ -491,6 +599,216 @@ def bench_gaussian(args, device: torch.device, clock: Clock, amp) -> dict:
     res["reverse"], res["decode_adp_20"], sample_memory = gaussian_sampling(g)
     res["memory_mb"] = {**train_memory, **sample_memory}
     return res
+
+
+# ----------------------------------------------------------------------------------- memory
+# run.sh's demo training flags (TRAIN_ARGS), less the model, length and step count that bench.py sets
+DEMO_TRAIN_ARGS = ["--dataset", "bible", "--num_steps", "2048", "--schedule", "spindle", "--word_freq_lambda", "0.3",
+                   "--time_conditioning", "none", "--loss_weighting", "released", "--batch_size", "16",
+                   "--accumulation_steps", "1", "--lr", "1.5e-4", "--warmup_steps", "30", "--eval_every", "100",
+                   "--eval_examples", "128", "--eval_steps", "16", "--save_every", "100", "--log_every", "10"]
+
+
+def rss_mb(pid: int | str = "self", field: str = "VmRSS") -> float | None:
+    """A process's resident set in MB from /proc (Linux): ``VmRSS`` now, or ``VmHWM``, its peak since the last
+    :func:`reset_peak_rss`, or one part of it: ``RssAnon`` (the heap and other private memory, where a leak
+    grows) or ``RssFile`` (pages of mapped files, such as a memory-mapped dataset: they grow as more of the file
+    is read, and the kernel can drop them); None where /proc cannot tell."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return None
+
+
+def reset_peak_rss(pid: int | str = "self") -> None:
+    """Start a new peak window: Linux sets VmHWM back to the current RSS when "5" is written to clear_refs."""
+    try:
+        with open(f"/proc/{pid}/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass
+
+
+MEASURES = {"rss_mb": "RSS", "anon_mb": "anonymous (heap)", "file_mb": "file-backed", "peak_mb": "peak per window"}
+
+
+def rss_record(step: int, pid: int | str, start: float) -> dict:
+    """The RSS now and the peak since the previous record (whose window this record closes), then a new window."""
+    rec = {"step": step, "rss_mb": rss_mb(pid), "peak_mb": rss_mb(pid, "VmHWM"), "anon_mb": rss_mb(pid, "RssAnon"),
+           "file_mb": rss_mb(pid, "RssFile"), "seconds": round(time.time() - start, 1)}
+    reset_peak_rss(pid)
+    return rec
+
+
+def growth(records: list[dict], start: int, key: str = "rss_mb") -> dict:
+    """How ``key`` (``rss_mb`` or ``peak_mb``) moved after the warm-up: ``records`` are ``{"step", key}`` in step
+    order; the base is the first record at or after ``start``. Returns the base, the last and the highest later
+    value, and the growth to the last and to the highest as fractions of the base (None without a record at or
+    after ``start``)."""
+    later = [r for r in records if r["step"] >= start and r.get(key) is not None]
+    if not later:
+        return {"from_step": start, "base_mb": None, "end_mb": None, "max_mb": None, "growth": None, "max_growth": None}
+    base, end, top = later[0][key], later[-1][key], max(r[key] for r in later)
+    return {"from_step": later[0]["step"], "to_step": later[-1]["step"], "base_mb": base, "end_mb": end,
+            "max_mb": top, "growth": (end - base) / base, "max_growth": (top - base) / base}
+
+
+def new_records(path: str, offset: int) -> tuple[list[dict], int]:
+    """The complete lines of a growing ``metrics.jsonl`` after byte ``offset``, and the offset after them."""
+    import json
+    try:
+        with open(path, "rb") as f:
+            f.seek(offset)
+            chunk = f.read()
+    except FileNotFoundError:
+        return [], offset
+    done = chunk[:chunk.rfind(b"\n") + 1]  # a line still being written waits for the next poll
+    return [json.loads(line) for line in done.splitlines() if line.strip()], offset + len(done)
+
+
+def small_network(model: str, hidden: int, layers: int, out_dir: str) -> str:
+    """A from-scratch BertForMaskedLM (``hidden`` wide, ``layers`` deep, heads of 64) with ``model``'s tokenizer,
+    saved in ``out_dir``; returns ``out_dir``."""
+    from transformers import AutoTokenizer, BertConfig, BertForMaskedLM
+
+    from common.loading import resolve_model_path
+
+    tok = AutoTokenizer.from_pretrained(resolve_model_path(model))
+    cfg = BertConfig(vocab_size=len(tok), hidden_size=hidden, num_hidden_layers=layers,
+                     num_attention_heads=max(1, hidden // 64), intermediate_size=4 * hidden)
+    torch.manual_seed(0)
+    BertForMaskedLM(cfg).save_pretrained(out_dir)
+    tok.save_pretrained(out_dir)
+    return out_dir
+
+
+def memory_training(args, work: str, save) -> dict:
+    """train.py in a child process at the demo's shape for ``--memory_steps`` steps; its RSS is read from /proc
+    whenever metrics.jsonl gains the train record of a step that is a multiple of ``--memory_every`` (the
+    child is then between that step and the next). ``save(result)`` is called after every record."""
+    import shlex
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.abspath(__file__))
+    out_dir, model, extra = os.path.join(work, "run"), args.model, []
+    if args.memory_hidden:
+        from textdata.word_freq import default_path
+        model = small_network(args.model, args.memory_hidden, args.memory_layers, os.path.join(work, "network"))
+        extra = ["--word_freq_file", os.path.join(root, default_path(args.model, "bible"))]  # the same tokenizer
+    cmd = [sys.executable, os.path.join(root, "train.py"), "--model_name_or_path", model,
+           "--max_len", str(args.seq_len), *DEMO_TRAIN_ARGS, "--max_steps", str(args.memory_steps),
+           *(["--batch_size", str(args.batch_size)] if args.batch_size else []), "--seed", str(args.seed),
+           "--device", "cpu" if args.device == "auto" else args.device, *extra, *shlex.split(args.train_args),
+           "--out_dir", out_dir, "--log_dir", os.path.join(out_dir, "logs")]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
+           **({"OMP_NUM_THREADS": str(args.threads)} if args.threads else {})}
+    res = {"command": " ".join(shlex.quote(c) for c in cmd[1:]), "network": {"model": args.model, "hidden":
+           args.memory_hidden, "layers": args.memory_layers} if args.memory_hidden else {"model": args.model},
+           "records": []}
+    log_path = os.path.join(work, "train.log")
+    start, offset = time.time(), 0
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(cmd, cwd=root, env=env, stdout=log, stderr=subprocess.STDOUT)
+        while True:
+            finished = proc.poll() is not None
+            recs, offset = new_records(os.path.join(out_dir, "metrics.jsonl"), offset)
+            for r in recs:
+                if r.get("split") == "train" and r["step"] % args.memory_every == 0 and not finished:
+                    res["records"].append(rss_record(r["step"], proc.pid, start))
+                    save(res)
+            if finished:
+                break
+            time.sleep(0.25)
+    if proc.returncode != 0:
+        with open(log_path, errors="replace") as f:
+            last = [line.strip() for line in f.read().splitlines() if line.strip()][-1:] or ["(no output)"]
+        raise UserError(f"the training run failed (exit {proc.returncode}): {last[0]} (log: {log_path})")
+    res["seconds"] = time.time() - start
+    return res
+
+
+def memory_sampling(args, checkpoint: str, save) -> dict:
+    """A long sampling run through ``runtime.api`` (predict.py's path): batches of ``--batch_size`` samples with
+    ``--sample_steps`` iterations and the cache, with a new seed per batch, until ``--sample_calls`` network
+    calls; the RSS of this process is read at every ``--memory_every``-th call."""
+    from runtime.api import load
+
+    m = load(checkpoint, "cpu" if args.device == "auto" else args.device)
+    res = {"checkpoint": checkpoint, "batch_size": args.batch_size or 32, "steps": args.sample_steps, "records": [],
+           "malloc_env": {k: v for k, v in os.environ.items() if k.startswith("MALLOC_")}}
+    calls = [0]
+    start = time.time()
+    reset_peak_rss()
+
+    def count(module, inputs, output):
+        calls[0] += 1
+        if calls[0] % args.memory_every == 0:
+            import gc
+            res["records"].append({**rss_record(calls[0], "self", start), "python_objects": len(gc.get_objects())})
+            save(res)
+    m.run.denoiser.register_forward_hook(count)
+    batches = 0
+    while calls[0] < args.sample_calls:
+        m.sample(res["batch_size"], steps=args.sample_steps, seed=args.seed + batches, batch_size=res["batch_size"])
+        batches += 1
+    res.update(calls=calls[0], batches=batches, seconds=time.time() - start)
+    return res
+
+
+def bench_memory(args, device: torch.device, clock: Clock, amp) -> dict:
+    """``--memory``: training and/or sampling, each with its RSS records and their growth after the warm-up."""
+    import tempfile
+
+    res = {"memory_every": args.memory_every}
+
+    def save(_=None):
+        if args.json:
+            from common.io import write_json_atomic
+            write_json_atomic(args.json, {**res, "args": vars(args)})
+
+    with tempfile.TemporaryDirectory(prefix="bench-memory-") as tmp:
+        checkpoint = args.checkpoint
+        if args.memory in ("train", "both"):
+            res["train"] = memory_training(args, tmp, lambda r: (res.update(train=r), save()))
+            res["train"]["growth"] = {k: growth(res["train"]["records"], args.memory_from, k) for k in MEASURES}
+            checkpoint = checkpoint or os.path.join(tmp, "run")
+        if args.memory in ("sample", "both"):
+            res["sample"] = memory_sampling(args, checkpoint, lambda r: (res.update(sample=r), save()))
+            res["sample"]["growth"] = {k: growth(res["sample"]["records"], args.memory_from, k) for k in MEASURES}
+    return res
+
+
+def report_memory(r: dict, args) -> list[str]:
+    lines = []
+    for phase, unit in (("train", "step"), ("sample", "network call")):
+        if phase not in r:
+            continue
+        p = r[phase]
+        objects = any("python_objects" in x for x in p["records"])  # sampling runs in this process: gc counts
+        lines += [f"## memory, {phase}: RSS every {args.memory_every} {unit}s", "",
+                  f"| {unit} | RSS MB | anonymous | file-backed | peak since the previous record | seconds |"
+                  + (" Python objects |" if objects else ""), "|---|---|---|---|---|---|" + ("---|" if objects else "")]
+        lines += [f"| {x['step']} | {fmt(x['rss_mb'], 'MB')} | {fmt(x.get('anon_mb'), 'MB')} | "
+                  f"{fmt(x.get('file_mb'), 'MB')} | {fmt(x['peak_mb'], 'MB')} | {x['seconds']:.0f} |"
+                  + (f" {x.get('python_objects')} |" if objects else "") for x in p["records"]]
+        lines.append("")
+        for key, what in MEASURES.items():
+            if key not in p["growth"]:
+                continue
+            g = p["growth"][key]
+            if g["growth"] is None:
+                lines.append(f"- {what}: no record at or after {unit} {args.memory_from}; growth not measured")
+                continue
+            lines.append(f"- {what}, {unit} {g['from_step']} to {g['to_step']}: **{100 * g['growth']:+.1f}%** "
+                         f"({g['base_mb']:.0f} -> {g['end_mb']:.0f} MB; highest {g['max_mb']:.0f} MB, "
+                         f"{100 * g['max_growth']:+.1f}%); under 5%: {'yes' if g['growth'] < 0.05 else 'NO'}")
+        lines.append("")
+    return lines
 
 
 # ----------------------------------------------------------------------------------- report
@@ -602,7 +920,8 @@ def report_throughput(t: dict) -> list[str]:
 
 
 # per process: the paper's T, the measurements, the report
-BENCHES = {"absorbing": (2048, bench_absorbing, report_absorbing), "gaussian": (2000, bench_gaussian, report_gaussian)}
+BENCHES = {"absorbing": (2048, bench_absorbing, report_absorbing), "gaussian": (2000, bench_gaussian, report_gaussian),
+           "memory": (2048, bench_memory, report_memory)}
 
 
 @cli_main
@@ -626,7 +945,12 @@ def main(argv=None):
     def amp():
         return torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16)
 
-    default_T, bench, report = BENCHES[args.process]
+    default_T, bench, report = BENCHES["memory" if args.memory else args.process]
+    if args.seq2seq_padding:
+        if args.process != "absorbing" or args.memory:
+            raise UserError("--seq2seq_padding measures the absorbing process (DiffuSeq keeps its fixed canvas), "
+                            "without --memory")
+        default_T, bench, report = 2000, bench_seq2seq_padding, report_seq2seq_padding
     if args.num_steps is None:
         args.num_steps = default_T
     torch.manual_seed(args.seed)
@@ -636,8 +960,10 @@ def main(argv=None):
            "device_type": device.type, "torch": torch.__version__, "threads": torch.get_num_threads(),
            "cpu_count": os.cpu_count(), "bf16": use_bf16, "compile": args.compile}
     res = bench(args, device, clock, amp)
-    res["throughput"] = throughput(res, args, env)
-    lines = report(res, args) + report_throughput(res["throughput"])
+    lines = report(res, args)
+    if not args.memory and not args.seq2seq_padding:  # the timing tables only
+        res["throughput"] = throughput(res, args, env)
+        lines += report_throughput(res["throughput"])
     res.update(env=env, args={k: v for k, v in vars(args).items()}, wall_seconds=time.time() - start)
     print("\n".join(lines))
     print(f"\n{env['device_type']} ({env['device']}), torch {env['torch']}, {env['threads']} threads, "

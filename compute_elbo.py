@@ -27,7 +27,6 @@ crash, the same command (or ``--resume``) continues and writes the same numbers 
 """
 from __future__ import annotations
 
-import argparse
 import math
 import os
 import time
@@ -36,6 +35,7 @@ import torch
 
 from runtime.assemble import load_for_inference, load_initial, load_task_data
 from runtime import dist, outputs
+from common.cli import make_parser, other_steps
 from common.errors import UserError, cli_main
 from common.stats import ratio_standard_error
 from evaluation.baselines import UNIGRAM_CONVENTION, Unigram, lm_lines
@@ -46,11 +46,11 @@ DEFAULT_DIR = "generation_results"
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = make_parser(__doc__)
     p.add_argument("--checkpoint", required=True, help="checkpoint directory, or a run directory (uses its best)")
     p.add_argument("--split", default="test", choices=lm.SPLITS)
     p.add_argument("--num_examples", type=int, default=1000, help="size of the seeded subset (0: the whole split)")
-    p.add_argument("--eval_steps", type=int, default=128, help="K, the grid size of the bound")
+    p.add_argument("--eval_steps", type=int, default=128, help=f"K, the grid size of the bound; {other_steps('eval_steps')}")
     p.add_argument("--monte_carlo", action="store_true",
                    help="absorbing: one random grid step per example (K times cheaper, noisier); the gaussian "
                         "bound always draws its K steps")

@@ -54,6 +54,7 @@ from typing import Callable
 
 from evaluation import plots, seq2seq
 from evaluation.text_metrics import CONVENTIONS, summarise_unconditional
+from common.cli import make_parser
 from common.errors import UserError as InputError, cli_main, refuse_overwrite
 from common.io import write_json_atomic
 
@@ -401,7 +402,7 @@ def positive_int(text: str) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description="Compute text-generation metrics for a samples file.")
+    parser = make_parser(__doc__)
     parser.add_argument("--mode", choices=sorted(MODES), default="unconditional",
                         help="which metric set to compute (default: unconditional)")
     parser.add_argument("--samples", required=True, nargs="+",

@@ -47,7 +47,6 @@ The sampling is ``runtime.api``'s: in Python, ``load(checkpoint).sample(n, steps
 """
 from __future__ import annotations
 
-import argparse
 import hashlib
 import os
 import time
@@ -57,20 +56,23 @@ import torch
 from runtime import api, dist
 from runtime.assemble import WEIGHTS
 from runtime import outputs
+from common.cli import make_parser, other_steps
 from common.errors import UserError, cli_main, require_at_least_one
 
 DEFAULT_NUM_SAMPLES = {"sample": 100, "template": 1}  # --num_samples: in all; per template
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = make_parser(__doc__)
     p.add_argument("--checkpoint", required=True, help="checkpoint directory, or a run directory (uses its best)")
     p.add_argument("--num_samples", type=int, default=None,
                    help="samples to draw (default 100); with templates, per template (default 1)")
-    p.add_argument("--steps", type=int, default=None, help="absorbing: sampling iterations (grid over 0..T; default 128)")
+    p.add_argument("--steps", type=int, default=None, help="absorbing: sampling iterations (grid over 0..T; default 128); "
+                        f"{other_steps('steps')}")
     p.add_argument("--decode_respacing", default=None,
-                   help="gaussian: full (all T steps, the default), uniform_N, adp_N (Tang et al.'s adaptive decay) "
-                        "or a comma-separated list of steps")
+                   help="gaussian: the sampling steps, a subset of 1..T (train.py's --num_steps): full (all T, the "
+                        "default), uniform_N, adp_N (Tang et al.'s adaptive decay) or a comma-separated list; the "
+                        "gaussian counterpart of --steps")
     p.add_argument("--weights", default="ema", choices=WEIGHTS,
                    help="gaussian: sample with the EMA of the weights (default, as DiffuSeq) or the raw weights")
     p.add_argument("--sampler", default="ours", metavar="NAME",

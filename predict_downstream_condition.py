@@ -33,26 +33,28 @@ The decoding is ``runtime.api``'s: in Python, ``load(checkpoint).decode(sources,
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import time
 
 from runtime import api, dist, outputs
 from runtime.assemble import WEIGHTS, load_task_data
+from common.cli import make_parser, other_steps
 from common.errors import UserError, check_sampling_flags, cli_main, require_at_least_one
 from common.io import write_text_atomic
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = make_parser(__doc__)
     p.add_argument("--checkpoint", help="checkpoint directory, or a run directory (uses its best)")
     p.add_argument("--split", default="test", choices=("train", "valid", "test"))
     p.add_argument("--num_examples", type=int, default=0, help="decode the first N examples of the split (0: all)")
-    p.add_argument("--steps", type=int, default=None, help="absorbing: sampling iterations (grid over 0..T; default 200)")
+    p.add_argument("--steps", type=int, default=None, help="absorbing: sampling iterations (grid over 0..T; default 200); "
+                        f"{other_steps('steps')}")
     p.add_argument("--decode_respacing", default=None,
-                   help="gaussian: full (all T steps, the default), uniform_N, adp_N (Tang et al.'s adaptive decay) "
-                        "or a comma-separated list of steps")
+                   help="gaussian: the sampling steps, a subset of 1..T (train.py's --num_steps): full (all T, the "
+                        "default), uniform_N, adp_N (Tang et al.'s adaptive decay) or a comma-separated list; the "
+                        "gaussian counterpart of --steps")
     p.add_argument("--weights", default="ema", choices=WEIGHTS,
                    help="gaussian: decode with the EMA of the weights (default, as DiffuSeq) or the raw weights")
     p.add_argument("--sampler", default="ours", metavar="NAME",
@@ -86,7 +88,8 @@ def parse_args(argv=None):
     p.add_argument("--no_cache", action="store_true", help="call the network at every step")
     p.add_argument("--mbr_only", nargs="+", default=None, metavar="FILE",
                    help="skip sampling: run MBR over existing candidate files (ours or DiffuSeq's)")
-    p.add_argument("--name", default=None, help="output folder name under --out_dir")
+    p.add_argument("--name", default=None, help="output folder name under --out_dir (default: <run>_<split>_<setting>, "
+                   "e.g. <run>_test_steps200 or <run>_test_respacingadp_20; with --mbr_only: mbr)")
     p.add_argument("--out_dir", default="generation_results")
     p.add_argument("--overwrite", action="store_true",
                    help="start again: remove the folder's earlier results and any batches an interrupted run kept")

@@ -32,7 +32,6 @@ checkpoint, so the same command continues an interrupted reproduction.
 """
 from __future__ import annotations
 
-import argparse
 import heapq
 import itertools
 import json
@@ -45,6 +44,7 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
+from common.cli import make_parser
 from common.errors import UserError, cli_main
 from common.io import write_json_atomic, write_text_atomic
 
@@ -924,7 +924,7 @@ def glm_report(g: dict, sc: dict, summary: dict) -> list[str]:
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = make_parser(__doc__)
     p.add_argument("--scale", choices=sorted(SCALES), default="full")
     p.add_argument("--out", default=None, help="results folder (default: results/reproduce-<time>); an existing "
                                                "one continues where it stopped")

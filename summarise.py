@@ -11,16 +11,16 @@ nothing. ``run.sh``, ``run_condition.sh`` and ``scripts/diffuseq.sh`` end with i
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 
+from common.cli import make_parser
 from common.errors import UserError, cli_main
 from evaluation.baselines import lm_lines, seq2seq_lines
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = make_parser(__doc__)
     p.add_argument("--elbo", help="a compute_elbo.py --baselines result")
     p.add_argument("--bleu", help="compute_metric.py's JSON for the model's output: --mode seq2seq (one output) or "
                                   "--mode compare (one per setting)")

@@ -81,7 +81,7 @@ def draw_plots(out_dir: str, warn) -> None:
 
 @cli_main
 def main(argv=None):
-    cfg = from_args(build_parser(TrainConfig, __doc__.splitlines()[0]).parse_args(argv))
+    cfg = from_args(build_parser(TrainConfig, __doc__).parse_args(argv))
     post_dir = post_train_source(cfg) if cfg.post_train else None  # before the checks: it fills in flags
     cfg.check()
     resume_dir = resume_source(cfg) if cfg.resume else None

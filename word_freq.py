@@ -8,14 +8,14 @@ counts the ids that the spindle schedule noises (LM: not [CLS]/[SEP]; seq2seq: t
 """
 from __future__ import annotations
 
-import argparse
 import time
 
+from common.cli import make_parser
 from common.errors import UserError, cli_main
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = make_parser(__doc__, whole_doc=True)
     p.add_argument("--task", default="lm", choices=("lm", "seq2seq"), help="seq2seq counts the target side")
     p.add_argument("--model_name_or_path", default="minilm", help="tokenizer: hub id, local directory, or 'minilm'")
     p.add_argument("--dataset", default="bible", help="as for train.py")

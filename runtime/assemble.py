@@ -65,7 +65,9 @@ def _bert_from_config(cfg: TrainConfig, hf_config, tokenizer) -> BertDenoiser:
 
 
 def _diffuseq_from_config(cfg: TrainConfig, hf_config, tokenizer) -> DiffuSeqTransformer:
-    return build_gaussian_denoiser(cfg, hf_config.vocab_size)
+    """The DiffuSeq transformer of ``cfg`` over the tokenizer's vocabulary (``hf_config`` is not needed: a gaussian
+    checkpoint has none, and the tokenizer was checked against the stored vocabulary size)."""
+    return build_gaussian_denoiser(cfg, len(tokenizer))
 
 
 def _bert_initial(cfg: TrainConfig, log):
@@ -172,9 +174,11 @@ def load_task_data(cfg: TrainConfig, tokenizer, splits=("train", "valid"), log=p
     from conditional_data import PairCollator, load_pair_splits, tokenize_pairs
     raw = load_pair_splits(cfg.dataset, cfg.data_files, cfg.data_dir, splits=tuple(splits), log=log,
                            skip_bad_lines=cfg.skip_bad_lines)
-    data = tokenize_pairs(raw, tokenizer, cfg.max_len, log=log)
-    # DiffuSeq style: every row is a max_len canvas and the model generates the target's padding
-    return data, PairCollator(tokenizer.pad_token_id, canvas_len=cfg.max_len)
+    pad_to, truncation = cfg.seq2seq_layout()
+    data = tokenize_pairs(raw, tokenizer, cfg.max_len, log=log, canvas=cfg.canvas, truncation=truncation,
+                          dataset=cfg.dataset)
+    # the model generates the target's padding: to the batch's longest row (DiffusionBERT) or max_len (DiffuSeq)
+    return data, PairCollator(tokenizer.pad_token_id, canvas_len=None if pad_to == "longest" else cfg.max_len)
 
 
 def load_for_inference(path: str, device: torch.device, prefer: str = "best", task: str = "lm",
@@ -192,8 +196,14 @@ def load_for_inference(path: str, device: torch.device, prefer: str = "best", ta
         raise UserError(f"{ckpt_dir} is a {cfg.task} checkpoint but this script needs a {task} one; "
                         f"use {SCRIPT_FOR_TASK.get(cfg.task, 'the script for that task')}")
     parts = PROCESS_PARTS[cfg.process]
-    tokenizer, hf_config = load_tokenizer_and_config(ckpt_dir)
-    check_tokenizer(tokenizer, hf_config.vocab_size, ckpt_dir, need_mask=parts.needs_mask)
+    if cfg.process == "gaussian" and not os.path.isfile(os.path.join(ckpt_dir, "config.json")):
+        # a gaussian checkpoint has no transformers config (older ones have one): its vocabulary size is in run_config
+        tokenizer, _ = load_tokenizer(ckpt_dir)
+        hf_config, vocab_size = None, run_info.get("derived", {}).get("vocab_size", len(tokenizer))
+    else:
+        tokenizer, hf_config = load_tokenizer_and_config(ckpt_dir)
+        vocab_size = hf_config.vocab_size
+    check_tokenizer(tokenizer, vocab_size, ckpt_dir, need_mask=parts.needs_mask)
     denoiser = parts.build_network(cfg, hf_config, tokenizer)
     load_weights(ckpt_dir, denoiser, parts.weight_sets[weights])
     denoiser.to(device).eval()
@@ -201,6 +211,6 @@ def load_for_inference(path: str, device: torch.device, prefer: str = "best", ta
     if cfg.schedule == "spindle":
         wf = os.path.join(ckpt_dir, "word_freq.json")
         from textdata import word_freq
-        counts = torch.tensor(word_freq.load(wf, vocab_size=hf_config.vocab_size)["counts"])
+        counts = torch.tensor(word_freq.load(wf, vocab_size=vocab_size)["counts"])
     diffusion = build_diffusion(cfg, tokenizer.mask_token_id, tokenizer.pad_token_id, counts)
     return Loaded(ckpt_dir, cfg, run_info, tokenizer, denoiser, diffusion)

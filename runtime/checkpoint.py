@@ -1,4 +1,5 @@
-"""Checkpoints: one directory each, written atomically, laid out as a Hugging Face model directory.
+"""Checkpoints: one directory each, written atomically; an absorbing one is laid out as a Hugging Face model
+directory, a gaussian one holds this repository's own weight files and claims nothing of transformers.
 
 Layout of ``<out_dir>/checkpoints/{last,best,step-<N>}/``::
 
@@ -6,7 +7,10 @@ Layout of ``<out_dir>/checkpoints/{last,best,step-<N>}/``::
     run_config.json            the TrainConfig plus derived facts (vocab size, mask id, length prior, ...) and, at
                                the top level, step, best_dev_<key>, dev (best: the metrics it was chosen on) and
                                latest_dev (the latest evaluation, with its step)
-    config.json                the transformers model config (the network is rebuilt from it, offline)
+    config.json                absorbing only: the transformers model config (the network is rebuilt from it,
+                               offline). A gaussian checkpoint has none (``AutoModel`` could not load it): its
+                               network is rebuilt from run_config.json; older gaussian checkpoints that have one
+                               still load
     tokenizer files            tokenizer.save_pretrained
     model.safetensors          absorbing: the masked LM, transformers' names (``from_pretrained`` loads it)
     denoiser.safetensors       absorbing with token/layerwise time conditioning: those weights; gaussian: all weights
@@ -50,8 +54,8 @@ def save(ckpt_dir: str, *, run_config: dict, model: torch.nn.Module, ema_state: 
     os.makedirs(tmp)
     with open(os.path.join(tmp, RUN_CONFIG), "w", encoding="utf-8") as f:
         json.dump(run_config, f, indent=2, sort_keys=True)
-    if hf_config is not None:
-        hf_config.save_pretrained(tmp)
+    if hf_config is not None and weights.holds_transformers_model(model):
+        hf_config.save_pretrained(tmp)  # only beside a masked LM that transformers loads (gaussian: none)
     if tokenizer is not None:
         tokenizer.save_pretrained(tmp)
     weights.write(tmp, model, ema_state)  # after the config: save_pretrained adds the architectures to it

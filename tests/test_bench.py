@@ -5,9 +5,12 @@ from __future__ import annotations
 
 import json
 import math
+import os
 
+import pytest
 import torch
 
+from common.errors import UserError
 from conftest import run_cli
 
 
@@ -40,6 +43,9 @@ def test_bench_gaussian_quick(tmp_path, tiny_bert):
     assert r["decode_adp_20"]["calls"] == 20
     assert math.isfinite(r["reverse"]["ratio"]) and r["reverse"]["ratio"] > 0
     assert r["train"]["ours"] > 0 and r["train"]["floor"] > 0
+    t = r["throughput"]  # on the CPU: no peak, so no MFU
+    assert math.isclose(t["train_steps_per_s"], 1 / r["train"]["ours"]) and t["mfu"] is None
+    assert math.isclose(t["train_tokens_per_s"], 2 * 12 / r["train"]["ours"])
 
 
 def test_bench_rejects_bad_flags(tmp_path):
@@ -92,3 +98,59 @@ def test_throughput_and_mfu_by_hand():
     assert math.isclose(t["model_tflops"], flops / 1e12) and math.isclose(t["mfu"], flops / 1e12 / 989.0)
     assert t["sample_sequences_per_s"] == 2.0 and t["peak_memory_mb"] == 10.0
     assert throughput(r, args, {"device": "x86_64", "device_type": "cpu"})["mfu"] is None
+
+
+# ---- the memory benchmark (--memory): its bookkeeping, checked on hand-made records and a known allocation
+def test_growth_is_measured_from_the_first_record_after_the_warm_up():
+    import bench
+
+    recs = [{"step": 100, "rss_mb": 500.0}, {"step": 200, "rss_mb": 800.0}, {"step": 300, "rss_mb": 840.0},
+            {"step": 400, "rss_mb": 820.0}]
+    g = bench.growth(recs, 200)
+    # by hand: base 800 (step 200), end 820 -> +2.5%; highest 840 -> +5%
+    assert (g["from_step"], g["to_step"], g["base_mb"], g["end_mb"], g["max_mb"]) == (200, 400, 800.0, 820.0, 840.0)
+    assert g["growth"] == pytest.approx(0.025) and g["max_growth"] == pytest.approx(0.05)
+    assert bench.growth(recs, 150)["from_step"] == 200  # no record at 150: the next one is the base
+    assert bench.growth(recs, 500)["growth"] is None
+    assert bench.growth([{"step": 200, "rss_mb": None}, *recs[2:]], 200)["base_mb"] == 840.0  # unreadable skipped
+
+
+def test_new_records_leaves_a_line_being_written_for_the_next_poll(tmp_path):
+    import bench
+
+    path = tmp_path / "metrics.jsonl"
+    assert bench.new_records(str(path), 0) == ([], 0)  # not written yet
+    path.write_text('{"step": 10, "split": "train"}\n{"step": 20, "sp')
+    recs, offset = bench.new_records(str(path), 0)
+    assert recs == [{"step": 10, "split": "train"}] and offset == len('{"step": 10, "split": "train"}\n')
+    with open(path, "a") as f:
+        f.write('lit": "dev"}\n')
+    assert bench.new_records(str(path), offset)[0] == [{"step": 20, "split": "dev"}]
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="reads Linux /proc")
+def test_rss_mb_sees_a_known_allocation_and_the_peak_window_resets():
+    import bench
+
+    before = bench.rss_mb()
+    bench.reset_peak_rss()
+    block = torch.ones(64 * 2**20 // 4)  # 64 MB, every page written
+    during = bench.rss_mb()
+    assert during - before > 48  # resident: at least most of the 64 MB (other allocations may come and go)
+    del block
+    # the peak of the window holds the block (the kernel syncs its counters lazily: a few pages may lag)
+    assert bench.rss_mb("self", "VmHWM") > during - 4
+    bench.reset_peak_rss()
+    assert bench.rss_mb("self", "VmHWM") < during - 32  # a new window starts at the current RSS, the block freed
+
+
+def test_memory_flags_are_checked(tmp_path):
+    import bench
+
+    with pytest.raises(UserError, match="--memory sample needs --checkpoint"):
+        bench.parse_args(["--memory", "sample"])
+    with pytest.raises(UserError, match="no such directory"):
+        bench.parse_args(["--memory", "both", "--checkpoint", str(tmp_path / "nope")])
+    with pytest.raises(UserError, match="--memory_every must be at least 1"):
+        bench.parse_args(["--memory", "train", "--memory_every", "0"])
+    assert bench.parse_args([]).batch_size == 8 and bench.parse_args(["--memory", "train"]).batch_size is None

@@ -123,6 +123,8 @@ def test_checkpoints_round_trip_exactly_through_our_loader(tmp_path, tiny_bert, 
     files = set(os.listdir(ckpt))
     assert weights.DENOISER in files and (weights.DENOISER_EMA in files) == (kind == "gaussian")
     assert (weights.MODEL in files) == (kind != "gaussian") and not files & {"model.pt", "ema.pt"}
+    # a gaussian checkpoint claims nothing of transformers: no config.json that AutoModel would try
+    assert ("config.json" in files) == (kind != "gaussian")
     task = "seq2seq" if kind == "gaussian" else "lm"
     raw = load_for_inference(ckpt, torch.device("cpu"), task=task, weights="raw").denoiser.state_dict()
     assert same_state(raw, state.model.state_dict())
@@ -186,6 +188,23 @@ def test_old_absorbing_checkpoint_loads_with_one_line(tmp_path, tiny_bert, tok, 
     assert len(err) == 1 and "old-format checkpoint" in err[0] and ckpt in err[0]
 
 
+def test_gaussian_checkpoint_is_no_transformers_model_and_old_ones_with_a_config_still_load(tmp_path, tiny_bert,
+                                                                                            tok, capsys):
+    from transformers import AutoConfig, AutoModel
+    cfg = gaussian_config(tiny_bert)
+    ckpt, state = train_and_save(tmp_path, cfg, tok)
+    for load in (AutoConfig.from_pretrained, AutoModel.from_pretrained):
+        with pytest.raises((OSError, ValueError)):
+            load(ckpt)
+    card = open(os.path.join(ckpt, "README.md"), encoding="utf-8").read()
+    assert "library_name: pytorch" in card and "transformers" not in card.split("---")[1]
+    # the checkpoints written before had the encoder's BertConfig as config.json: they load as before, silently
+    state.model.config.save_pretrained(ckpt)
+    capsys.readouterr()
+    ema = load_for_inference(ckpt, torch.device("cpu"), task="seq2seq").denoiser.state_dict()
+    assert same_state(ema, state.ema.state_dict()) and not capsys.readouterr().err
+
+
 def test_old_gaussian_checkpoint_resumes_with_one_line(tmp_path, tiny_bert, tok, capsys):
     ckpt, state = train_and_save(tmp_path, gaussian_config(tiny_bert), tok)
     make_old(ckpt, state)
@@ -240,9 +259,11 @@ def test_model_card_names_the_step_the_latest_dev_metrics_and_the_commands(tmp_p
     assert "# DiffusionBERT checkpoint `run/best`, step 2\n" in card  # TrainingState's step
     assert "## Dev metrics (the latest evaluation, at step 2)" in card and "| nelbo_per_token | 3.5 |" in card
     assert "time-agnostic" in card and "| schedule | mutual |" in card and "pipeline_tag: fill-mask" in card
-    assert f"python predict.py --checkpoint {ckpt}\n" in card
-    assert f"python compute_elbo.py --checkpoint {ckpt}\n" in card
-    assert f"AutoModelForMaskedLM.from_pretrained({ckpt!r})" in card
+    rel = os.path.relpath(ckpt)  # the commands run where train.py ran; the card prints no absolute path
+    assert f"python predict.py --checkpoint {rel}\n" in card
+    assert f"python compute_elbo.py --checkpoint {rel}\n" in card
+    assert f"AutoModelForMaskedLM.from_pretrained({rel!r})" in card
+    assert not absolute_path_in(card, str(tmp_path)) and not absolute_path_in(card, tiny_bert)
 
     # a last checkpoint saved after the latest evaluation, on a seq2seq folder (what train.py writes)
     cfg = dataclasses.asdict(TrainConfig(task="seq2seq", process="gaussian", dataset="folder", data_files="pairs/",
@@ -277,3 +298,42 @@ def test_the_trained_runs_cards_match_metrics_jsonl_and_the_scripts_flags(lm_run
         if line.startswith("python "):
             script, *args = line.split()[1:]
             assert all(a in helps[script] for a in args if a.startswith("--")), line
+
+
+def absolute_path_in(text: str, path: str) -> bool:
+    """Whether ``path`` (absolute) appears in ``text`` as itself, not as the tail of a relative ``../..`` path."""
+    import re
+    return re.search(r"(?<![\w.])" + re.escape(path), text) is not None
+
+
+def card_metadata(**config) -> dict:
+    import yaml
+    card = model_card.render({"config": dataclasses.asdict(TrainConfig(**config)), "step": 1}, "out/run/checkpoints/best")
+    assert card.startswith("---\n")
+    return yaml.safe_load(card.split("---\n")[1])
+
+
+def test_model_card_metadata_names_the_hub_model_its_licence_and_the_data(tmp_path):
+    """The Hub's metadata, read back with a YAML parser. The ids and licences are the models' own cards': the
+    offline 'minilm' is sentence-transformers/all-MiniLM-L6-v2 (apache-2.0), bert-base-uncased is
+    google-bert/bert-base-uncased (apache-2.0); the Bible texts (KJV, WEB) are public domain."""
+    demo = card_metadata(model_name_or_path="minilm", dataset="bible")
+    assert demo == {"base_model": "sentence-transformers/all-MiniLM-L6-v2", "library_name": "transformers",
+                    "pipeline_tag": "fill-mask", "license": "apache-2.0", "datasets": ["bible-kjv-web"],
+                    "tags": ["diffusion-language-model", "diffusionbert"]}
+    bert = card_metadata(model_name_or_path="bert-base-uncased", dataset="lm1b", time_conditioning="layerwise")
+    assert bert["base_model"] == "google-bert/bert-base-uncased" and "pipeline_tag" not in bert
+    assert bert["license"] == "unknown" and bert["datasets"] == ["lm1b"]  # LM1B's terms are not known here
+    # trained from scratch: no base model, though the vocabulary (and so its licence) is MiniLM's
+    for scratch in (card_metadata(from_scratch=True), card_metadata(process="gaussian", task="lm")):
+        assert "base_model" not in scratch and scratch["license"] == "apache-2.0"
+    assert card_metadata(process="gaussian", task="lm")["library_name"] == "pytorch"
+    # a local network and the user's own files: unknown licence, and no absolute path anywhere in the card
+    local, data = str(tmp_path / "my-bert"), str(tmp_path / "corpus")
+    own = card_metadata(model_name_or_path=local, dataset="text", data_files=data)
+    assert "base_model" not in own and own["license"] == "unknown" and own["datasets"] == ["text:corpus"]
+    card = model_card.render({"config": dataclasses.asdict(TrainConfig(model_name_or_path=local, dataset="text",
+                                                                       data_files=data))},
+                             str(tmp_path / "run" / "checkpoints" / "best"))
+    assert not absolute_path_in(card, str(tmp_path)) and "check the licence of the network" in card
+    assert os.path.relpath(local) in card

@@ -148,7 +148,7 @@ def test_a_checkpoint_saved_on_one_device_resumes_on_the_other(tmp_path, tiny_be
     from safetensors.torch import load_file
     out = tmp_path / "run"
     run_cli(*gauss_args(tiny_bert, tiny_pairs, out, max_steps=2, extra=("--device", first)), cwd=str(tmp_path))
-    saved = load_file(out / "checkpoints" / "last" / "model.safetensors")
+    saved = load_file(out / "checkpoints" / "last" / "denoiser.safetensors")
     run_cli(*gauss_args(tiny_bert, tiny_pairs, out, max_steps=4, extra=("--resume", str(out), "--device", then)),
             cwd=str(tmp_path))
     with open(out / "metrics.jsonl", encoding="utf-8") as f:
@@ -156,7 +156,7 @@ def test_a_checkpoint_saved_on_one_device_resumes_on_the_other(tmp_path, tiny_be
         f.seek(0)
         losses = [r["loss"] for r in map(json.loads, f) if r.get("split") == "train"]
     assert steps == [1, 2, 3, 4] and all(map(torch.isfinite, torch.tensor(losses)))
-    resumed = load_file(out / "checkpoints" / "last" / "model.safetensors")
+    resumed = load_file(out / "checkpoints" / "last" / "denoiser.safetensors")
     assert saved.keys() == resumed.keys() and any(not torch.equal(saved[k], resumed[k]) for k in saved)
 
 

@@ -1031,16 +1031,18 @@ def released_spindle_keep(x0_row: torch.Tensor, t: int, T: int, lam: float) -> t
     return torch.clip(state[t] + wfl * lam * math.sin(t / T * math.pi), 0.0, 0.999)
 
 
-@pytest.mark.parametrize("name", ["released-0.3", "paper-0.8"])
-def test_released_loss_weighting_with_spindle_sums_our_exact_kl(name):
+@pytest.mark.parametrize("name,mask_bias", [("released-0.3", float("-inf")), ("paper-0.8", float("-inf")),
+                                            ("released-0.3", 3.0)])
+def test_released_loss_weighting_with_spindle_sums_our_exact_kl(name, mask_bias):
     """With spindle the weighting is the released one (DDP_main.py: loss / batch size; the hybrid CE of
     losses.cross_entropy_with_probs over every non-pad token) while the KL is ours (docs/differences.md: the
-    exact posterior, no x0 leak), each written out in this test without the schedule or reference code."""
+    exact posterior, no x0 leak), each written out in this test without the schedule or reference code. A
+    finite [MASK] logit enters both through our zero masking (the released p_hat would keep its mass)."""
     form, lam = name.split("-")[0], float(name.split("-")[1])
     T, hybrid, B, L = 32, 0.05, 10, 9
     diff = AbsorbingDiffusion(SCHEDULES[name](), T, MASK, hybrid_lambda=hybrid)
     x0, nm, am = make_batch(B, L, torch.Generator().manual_seed(61), seq2seq_rows=0)
-    model = RecordingDenoiser(L, seed=4)
+    model = RecordingDenoiser(L, seed=4, mask_bias=mask_bias)
     out = diff.loss(model, x0, nm, am, generator=torch.Generator().manual_seed(9), weighting="released")
     out.loss.backward()
     assert all(p.grad is not None and bool(torch.isfinite(p.grad).all()) for p in model.parameters())
@@ -1062,7 +1064,7 @@ def test_released_loss_weighting_with_spindle_sums_our_exact_kl(name):
             v = int(x0[b, i])
             if int(x_t[b, i]) == MASK:
                 kl[b] += written_spindle_kl(logits[b, i], v, mean, int(t[b]), T, lam, form, score, corpus_mean)
-            probs = torch.relu(logits[b, i].softmax(-1))  # losses.cross_entropy_with_probs on p_0
+            probs = torch.relu(zero_masked(logits[b, i]).softmax(-1))  # losses.cross_entropy_with_probs on p_0
             ce_sum += -float(torch.log(probs[v] + 1e-20))
     torch.testing.assert_close(out.loss.detach().double(), (kl.sum() + hybrid * ce_sum) / B, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(out.nelbo.double(), T * kl, rtol=1e-5, atol=1e-6)

@@ -3,6 +3,7 @@ exact resume, post-training, and the flags that must give one error line. Tiny t
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 import torch
@@ -53,7 +54,7 @@ def lm_args(tiny_bert, tiny_corpus, out, max_steps=4, extra=(), T=100):
 
 @pytest.mark.slow
 def test_a_gaussian_lm_trains_through_the_cli(gauss_lm_run, tiny_corpus):
-    _, run = gauss_lm_run
+    cwd, run = gauss_lm_run
     last = run / "checkpoints" / "last"
     info = json.load(open(last / "run_config.json"))
     c = info["config"]
@@ -68,8 +69,10 @@ def test_a_gaussian_lm_trains_through_the_cli(gauss_lm_run, tiny_corpus):
     assert [r["step"] for r in dev] == [2, 4] and all(r["loss"] > 0 for r in dev)
     card = (last / "README.md").read_text(encoding="utf-8")
     assert "(Diffusion-LM), T = 100" in card and "# Diffusion-LM checkpoint" in card
-    assert f"python predict.py --checkpoint {last} --decode_respacing uniform_100\n" in card
-    assert f"python compute_elbo.py --checkpoint {last}\n" in card
+    rel = os.path.relpath(last, cwd)  # the card's paths are relative to where train.py ran
+    assert f"python predict.py --checkpoint {rel} --decode_respacing uniform_100\n" in card
+    assert f"python compute_elbo.py --checkpoint {rel}\n" in card
+    assert "library_name: pytorch" in card and not (last / "config.json").exists()  # not a transformers model
 
 
 @pytest.mark.slow

@@ -1,7 +1,9 @@
 """predict.py, compute_elbo.py and the decoder keep what they computed (runtime.outputs): real processes stopped by
 a real SIGINT/SIGTERM at a chosen batch (runtime.faults) exit 130/143 with one line, keep their finished batches,
-and the rerun writes what an uninterrupted run writes (the oracle: that run, side by side); a second writer is
+and the rerun (for predict.py, under torchrun on 2 ranks) writes what an uninterrupted run writes (the oracle: that
+run, side by side); a second writer is
 refused naming the first one's pid; an unwritable output stops before any work; --overwrite starts clean."""
+import errno
 import json
 import os
 import shutil
@@ -11,10 +13,61 @@ import sys
 import time
 
 import pytest
+import torch
 
+from common import lock
+from common.errors import UserError
 from conftest import ROOT, cli_env, one_error_line, run_cli, run_here, run_together
+from runtime import dist, outputs
 
-pytestmark = pytest.mark.slow  # the tiny checkpoints are trained once per session
+
+
+# ---------------------------------------------------------------- the plumbing, in this process
+def test_map_batches_takes_kept_batches_as_they_are_and_saves_each_new_one_at_once(tmp_path, monkeypatch):
+    """Oracle: a plain run of the same batches; the kept batch is a marker that no computation gives."""
+    def draws(b, gen):
+        return [b, torch.rand(3, generator=gen).tolist()]
+
+    plain = dist.map_batches(4, draws, dist.DistInfo(), seed=5)
+    out = outputs.Output(str(tmp_path / "p"), str(tmp_path / "p"))
+    store = out.store("s")
+    store.save(2, ["kept"])
+    saved, save = [], store.save
+    store.save = lambda b, r: (saved.append((b, out.kept())), save(b, r))
+    assert dist.map_batches(4, draws, dist.DistInfo(), seed=5, store=store) == [plain[0], plain[1], ["kept"], plain[3]]
+    assert saved == [(0, 1), (1, 2), (3, 3)]  # each saved before the next one starts; the kept one not again
+    assert store.load() == {0: plain[0], 1: plain[1], 2: ["kept"], 3: plain[3]}
+
+    (tmp_path / "p" / "s" / "batch-000001.json").write_text("{not json")
+    with pytest.raises(UserError, match="batch-000001.json .*delete it"):
+        store.load()
+
+    def full_disk(path, text):
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(outputs, "write_text_atomic", full_disk)
+    with pytest.raises(UserError, match=r"cannot save batch 7 .*No space left on device; the batches finished "
+                                        r"before it are kept in .*p: rerun the same command"):
+        save(7, [])
+
+
+def test_a_lock_whose_file_was_removed_is_not_taken(tmp_path):
+    """A finished result removes its partial folder, lock file included: a process that opened that file just
+    before must not count it as the lock (common.lock retries on the folder's new lock file)."""
+    folder = tmp_path / "x.partial"
+    lock.acquire(folder)
+    try:
+        fd = os.open(folder / lock.LOCK_NAME, os.O_RDWR)
+        assert lock._still_linked(fd, str(folder))
+        shutil.rmtree(folder)
+        assert not lock._still_linked(fd, str(folder))
+        folder.mkdir()
+        (folder / lock.LOCK_NAME).write_text("")
+        assert not lock._still_linked(fd, str(folder))  # another file of the same name
+        os.close(fd)
+    finally:
+        lock.release(folder)
+    with lock.held(folder):  # and the next writer gets the lock
+        assert str(folder) in lock._held
 
 
 def signal_after(batches: int, sig: str) -> dict:
@@ -42,7 +95,8 @@ def same_but_timing(a: dict, b: dict, names=()) -> None:
 PREDICT = ("--num_samples", "6", "--steps", "4", "--batch_size", "2", "--seed", "7")  # 3 batches
 
 
-def test_predict_stopped_by_sigint_then_sigterm_continues_to_the_uninterrupted_file(lm_run, tmp_path):
+@pytest.mark.slow
+def test_predict_stopped_by_sigint_continues_to_the_uninterrupted_file(lm_run, tmp_path):
     _, _, run, _ = lm_run
     gen = tmp_path / "gen"
     args = ("predict.py", "--checkpoint", str(run), *PREDICT, "--out_dir", str(gen))
@@ -54,14 +108,16 @@ def test_predict_stopped_by_sigint_then_sigterm_continues_to_the_uninterrupted_f
     assert sorted(os.listdir(partial)) == [".lock", "batch-000000.json", "settings.json"]
     assert not (gen / "cut.txt").exists() and not (gen / "cut.json").exists()
 
-    again = run_cli(*args, "--name", "cut", "--resume", cwd=str(tmp_path))
-    assert "resuming: 1 finished batch(es)" in again.stdout
+    # continued under torchrun on 2 gloo ranks: the kept batch is batch 0 whichever rank would have computed it
+    torchrun = ("-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", os.path.join(ROOT, args[0]))
+    again = run_cli(*torchrun, *args[1:], "--name", "cut", "--resume", cwd=str(tmp_path))
+    assert again.stdout.count("resuming: 1 finished batch(es)") == 1
     assert (gen / "cut.txt").read_text() == (gen / "full.txt").read_text()
     assert len((gen / "cut.txt").read_text().splitlines()) == 6
     assert not partial.exists()  # the result is written: the kept batches and the lock go
     full, cut = (json.loads((gen / f"{n}.json").read_text()) for n in ("full", "cut"))
-    assert cut["resumed_batches"] == 1 and full["resumed_batches"] == 0
-    same_but_timing(full, cut, ("name", "samples"))  # the network calls too: summed over the kept batches
+    assert cut["resumed_batches"] == 1 and full["resumed_batches"] == 0 and cut["ranks"] == 2
+    same_but_timing(full, cut, ("name", "samples", "ranks"))  # the network calls too: summed over the kept batches
 
 
 def _state(pid: int) -> str:
@@ -69,6 +125,7 @@ def _state(pid: int) -> str:
         return f.read().rsplit(")", 1)[1].split()[0]
 
 
+@pytest.mark.slow
 def test_a_second_predict_with_the_same_name_is_refused_naming_the_first(lm_run, tmp_path):
     _, _, run, _ = lm_run
     gen = tmp_path / "gen"
@@ -92,6 +149,7 @@ def test_a_second_predict_with_the_same_name_is_refused_naming_the_first(lm_run,
     assert len((gen / "x.txt").read_text().splitlines()) == 6 and not (gen / "x.partial").exists()
 
 
+@pytest.mark.slow
 def test_predict_with_other_settings_is_refused_and_overwrite_starts_clean(lm_run, tmp_path, monkeypatch):
     """In this process (a real SIGINT to itself): cheap, and the clean start is compared with a run here too."""
     _, _, run, _ = lm_run
@@ -115,26 +173,28 @@ def test_predict_with_other_settings_is_refused_and_overwrite_starts_clean(lm_ru
     one_error_line(run_here(*args, *seed8, cwd=str(tmp_path)), "already exists", "--overwrite")
 
 
+@pytest.mark.slow
 def test_compute_elbo_stopped_in_its_baselines_continues_to_the_same_numbers(lm_run, tmp_path):
     _, _, run, _ = lm_run
-    args = ("compute_elbo.py", "--checkpoint", str(run), "--num_examples", "8", "--eval_steps", "2", "--batch_size", "2",
-            "--seed", "3", "--baselines")  # 4 batches of the trained bound, 4 of the untrained, 4 of the unigram
+    args = ("compute_elbo.py", "--checkpoint", str(run), "--num_examples", "6", "--eval_steps", "2", "--batch_size", "2",
+            "--seed", "3", "--baselines")  # 3 batches of the trained bound, 3 of the untrained, 3 of the unigram
     for d in ("a", "b"):  # each its own datasets cache: they run side by side
         (tmp_path / d).mkdir()
     full, cut = tmp_path / "full.json", tmp_path / "cut.json"
     _, proc = run_together(
         lambda: run_cli(*args, "--out", str(full), cwd=str(tmp_path / "a")),
         lambda: run_cli(*args, "--out", str(cut), cwd=str(tmp_path / "b"), check=False,
-                        env_extra=signal_after(6, "TERM")))
+                        env_extra=signal_after(4, "TERM")))
     partial = tmp_path / "cut.json.partial"
-    stopped(proc, "TERM", 6, partial)
-    assert len(os.listdir(partial / "elbo")) == 4 and len(os.listdir(partial / "untrained")) == 2
+    stopped(proc, "TERM", 4, partial)
+    assert len(os.listdir(partial / "elbo")) == 3 and len(os.listdir(partial / "untrained")) == 1
     run_cli(*args, "--out", str(cut), cwd=str(tmp_path / "b"))
     a, b = json.loads(full.read_text()), json.loads(cut.read_text())
-    assert b["resumed_batches"] == 6 and not partial.exists()
+    assert b["resumed_batches"] == 4 and not partial.exists()
     same_but_timing(a, b)  # the bound, its standard error and both baselines, to the last bit
 
 
+@pytest.mark.slow
 def test_decoder_stopped_between_seeds_continues_to_the_same_files_and_overwrite_clears_them(seq2seq_run, tmp_path):
     cwd, run = seq2seq_run
     args = ("predict_downstream_condition.py", "--checkpoint", str(run), "--num_examples", "4", "--steps", "2",
@@ -164,8 +224,11 @@ def test_decoder_stopped_between_seeds_continues_to_the_same_files_and_overwrite
                     cwd=str(tmp_path / "b")).returncode == 0
     assert sorted(os.listdir(cut)) == [".lock", "copy_source.jsonl", "decode.json", "seed5.jsonl"]
     assert json.loads((cut / "decode.json").read_text())["mbr_size"] == 1
+    one_error_line(run_here(*args, "--name", "never", "--resume", cwd=str(tmp_path / "b")), "no interrupted run")
+    assert sorted(os.listdir(tmp_path / "dec")) == ["cut", "full"]  # and no empty folder for it
 
 
+@pytest.mark.slow
 def test_an_unwritable_output_is_one_line_before_any_work(lm_run, seq2seq_run, tmp_path):
     _, _, run, _ = lm_run
     blocker = tmp_path / "a_file"
@@ -194,6 +257,7 @@ def _read_only(folder, args, cwd):
     return None if proc.returncode == 77 else proc
 
 
+@pytest.mark.slow
 def test_a_read_only_output_folder_is_one_line_before_any_work(lm_run, tmp_path):
     _, _, run, _ = lm_run
     ro = tmp_path / "ro"
