@@ -21,7 +21,8 @@ one resets them to their embeddings after every step. :meth:`Model.generate` run
   model places [SEP] and the padding; with a ``length`` the [SEP] and [PAD]s are fixed, and then a generated
   position never becomes a special token (clamping skips them), so the text has exactly that many
   wordpieces. Steps: ``respacing``.
-* seq2seq: ``[CLS] src [SEP]`` fixed and the rest of the canvas generated (:meth:`Model.decode`).
+* seq2seq: ``[CLS] src [SEP]`` (the run's ``--canvas released``: ``[CLS] prompt(src)``) fixed and the rest of
+  the canvas, the checkpoint's max_len, generated (:meth:`Model.decode`).
 * a template: ``[CLS] template [SEP]``, fixed except its [MASK]s; one with no [MASK] is its own output
   (its tokenisation decoded), without a network call.
 
@@ -273,8 +274,9 @@ class Model:
         return rows
 
     def source_ids(self, sources: Sequence[str]) -> list[list[int]]:
-        """``[CLS] src [SEP]`` token ids of each source string, tokenised as the pair data is
-        (``conditional_data.tokenize_pairs``) and never cut: a source must leave room on the canvas for a
+        """The source cells of each string on the checkpoint's canvas (``[CLS] src [SEP]``, or with
+        ``--canvas released`` DiffusionBERT's ``[CLS] prompt(src)``), tokenised as the pair data is
+        (``conditional_data.source_ids``) and never cut: a source must leave room on the canvas for a
         target token and its [SEP], as every training source did."""
         if isinstance(sources, str) or not isinstance(sources, Sequence):
             raise UserError(f"sources must be a list of strings, got {type(sources).__name__}")
@@ -284,20 +286,23 @@ class Model:
             if not isinstance(s, str) or not s.strip():
                 raise UserError(f"source {i} is {'empty' if isinstance(s, str) else type(s).__name__}, "
                                 "not a non-empty string")
-        tok, max_len = self.tokenizer, self.run.cfg.max_len
-        words = tok(list(sources), add_special_tokens=False, truncation=False, verbose=False)["input_ids"]
-        ids = [[tok.cls_token_id, *w, tok.sep_token_id] for w in words]
+        from conditional_data import source_ids
+        cfg = self.run.cfg
+        max_len = cfg.max_len
+        ids = source_ids(self.tokenizer, list(sources), cfg.canvas, cfg.dataset)
         for i, x in enumerate(ids):
             if len(x) > max_len - 2:
-                raise UserError(f"source {i} is {len(x)} tokens with [CLS] and [SEP]; the checkpoint's canvas holds "
+                with_ = "with [CLS] and [SEP]" if cfg.canvas == "ours" else "with [CLS] and the prompt"
+                raise UserError(f"source {i} is {len(x)} tokens {with_}; the checkpoint's canvas holds "
                                 f"max_len={max_len}, and a source may take at most {max_len - 2} to leave room for "
                                 "the target")
         return ids
 
     @staticmethod
     def source_rows(src_ids: Sequence[Sequence[int]]) -> list[Row]:
-        """``[CLS] src [SEP]`` fixed, the rest of the canvas generated (``conditional_data.PairCollator`` with an
-        empty target: what the target region held never matters, it is noised whole)."""
+        """The source cells (``[CLS] src [SEP]``, or ``[CLS] prompt(src)``) fixed, the rest of the canvas generated
+        (``conditional_data.PairCollator`` with an empty target: what the target region held never matters, it is
+        noised whole)."""
         return [Row(tuple(x), open=True) for x in src_ids]
 
     # ------------------------------------------------------------------------ the one loop

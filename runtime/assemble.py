@@ -174,9 +174,11 @@ def load_task_data(cfg: TrainConfig, tokenizer, splits=("train", "valid"), log=p
     from conditional_data import PairCollator, load_pair_splits, tokenize_pairs
     raw = load_pair_splits(cfg.dataset, cfg.data_files, cfg.data_dir, splits=tuple(splits), log=log,
                            skip_bad_lines=cfg.skip_bad_lines)
-    data = tokenize_pairs(raw, tokenizer, cfg.max_len, log=log)
-    # DiffuSeq style: every row is a max_len canvas and the model generates the target's padding
-    return data, PairCollator(tokenizer.pad_token_id, canvas_len=cfg.max_len)
+    pad_to, truncation = cfg.seq2seq_layout()
+    data = tokenize_pairs(raw, tokenizer, cfg.max_len, log=log, canvas=cfg.canvas, truncation=truncation,
+                          dataset=cfg.dataset)
+    # the model generates the target's padding: to the batch's longest row (DiffusionBERT) or max_len (DiffuSeq)
+    return data, PairCollator(tokenizer.pad_token_id, canvas_len=None if pad_to == "longest" else cfg.max_len)
 
 
 def load_for_inference(path: str, device: torch.device, prefer: str = "best", task: str = "lm",

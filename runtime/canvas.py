@@ -12,6 +12,7 @@ such a row:
     gaussian lm, no length           [CLS]                             open
     gaussian lm, prompt p            [CLS] p                           open
     seq2seq source                   [CLS] src [SEP]                   open
+    seq2seq source, released canvas  [CLS] prompt(src)                 open    (DiffusionBERT's layout)
 
 :func:`lay_out` turns rows into the tensors that a process's ``sample`` takes. A fixed width (the
 checkpoint's max_len: every seq2seq checkpoint and a gaussian lm, as ``PairCollator`` and the gaussian lm

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 
 from common.cli import make_parser, other_steps
 from common.errors import UserError, require_at_least_one
+from conditional_data.pairs import CANVASES, TRUNCATIONS
 from diffusion.absorbing import LOSS_WEIGHTINGS
 from diffusion.gaussian import GAUSSIAN_SCHEDULES, LOSS_AVERAGES, NEIGHBOUR_MAPS
 from diffusion.schedules import SCHEDULES, SPINDLE_FORMS
@@ -52,6 +53,18 @@ class TrainConfig:
     data_dir: str = opt("data", "where the offline corpus is written")
     max_len: int = opt(64, "maximum wordpieces per example, [CLS] and [SEP] included (gaussian and seq2seq: "
                        "every row is a canvas of this length)")
+    canvas: str = opt("ours", "seq2seq layout: ours ([CLS] src [SEP] trg [SEP]) or released (DiffusionBERT's "
+                      "dataloader.py: [CLS] src trg [SEP], no separator, the source in the task's prompt text: qqp "
+                      "'\"src\" is equal to \"', quasar_t ' Answer: src Question: ', wiki_auto, "
+                      "commonsense_conversation; absorbing only)", choices=CANVASES)
+    pad_to: str = opt("auto", "seq2seq batch width: longest (the batch's longest pair, DiffusionBERT's pad_sequence) "
+                      "or max_len (every row a --max_len canvas, DiffuSeq's); the target region runs to the end of "
+                      "the row either way, so the model generates the padding; auto: longest for absorbing, "
+                      "max_len for gaussian", choices=("auto", "longest", "max_len"))
+    truncation: str = opt("auto", "how a seq2seq pair longer than --max_len is cut: ours (the source first, never "
+                          "below max_len // 2 tokens) or diffuseq (DiffuSeq's text_datasets.py: the longer side "
+                          "loses its last word until the words fit max_len - 5); auto: diffuseq for gaussian, "
+                          "ours for absorbing", choices=("auto", *TRUNCATIONS))
     skip_bad_lines: bool = opt(False, "skip bad data lines (counted and logged per file) instead of stopping at "
                                "the first: seq2seq lines that are not one JSON object with non-empty string "
                                "src/trg, and lines that are not UTF-8")
@@ -137,7 +150,7 @@ class TrainConfig:
                                    "out_dir"})  # a run directory may be moved or copied and resumed there
     # What a --post_train run must share with the checkpoint it starts from (the network and its inputs).
     POST_TRAIN_SAME = ("process", "task", "model_name_or_path", "emb_dim", "hidden_size", "num_layers", "num_heads",
-                       "max_len", "num_steps", "schedule", "dataset", "data_files")
+                       "max_len", "num_steps", "schedule", "dataset", "data_files", "truncation")
 
     def check(self) -> None:
         """Reject impossible flag combinations before any work is done; resolve ``--schedule auto``."""
@@ -190,6 +203,29 @@ class TrainConfig:
         if self.grad_clip_value < 0 or self.grad_clip < 0:
             raise UserError(f"--grad_clip and --grad_clip_value must be 0 (off) or positive, got "
                             f"{self.grad_clip} and {self.grad_clip_value}")
+        self._check_canvas()
+
+    def _check_canvas(self) -> None:
+        """The seq2seq canvas flags: refused for lm, ``auto`` resolved by process for seq2seq."""
+        gaussian = self.process == "gaussian"
+        if self.task == "lm":
+            given = [f for f, v in (("canvas", "ours"), ("pad_to", "auto"), ("truncation", "auto"))
+                     if getattr(self, f) != v]
+            if given:
+                raise UserError(f"{', '.join('--' + f for f in given)}: seq2seq flags (the lm batches are laid out "
+                                "by the process)")
+            return
+        self.pad_to, self.truncation = self.seq2seq_layout()
+        if gaussian and (self.pad_to == "longest" or self.canvas == "released"):
+            raise UserError("--pad_to longest and --canvas released are DiffusionBERT's (--process absorbing); "
+                            "DiffuSeq's canvas is --max_len long, laid out [CLS] src [SEP] trg [SEP]")
+
+    def seq2seq_layout(self) -> tuple[str, str]:
+        """``(pad_to, truncation)`` with ``auto`` resolved by process: DiffuSeq's fixed canvas and cut for gaussian;
+        DiffusionBERT's ``pad_sequence`` and our cut for absorbing (its own, 128 a side, does not fit a canvas)."""
+        default = ("max_len", "diffuseq") if self.process == "gaussian" else ("longest", "ours")
+        return (default[0] if self.pad_to == "auto" else self.pad_to,
+                default[1] if self.truncation == "auto" else self.truncation)
 
     def check_resume(self, stored: dict, ckpt_dir: str) -> None:
         """Resuming ``ckpt_dir``, whose stored config is ``stored``, may change only ``RESUMABLE_CHANGES``."""
@@ -246,11 +282,14 @@ def from_args(ns: argparse.Namespace, cls=TrainConfig):
 # What a stored config written before a field existed did, where that differs from the field's default:
 # such runs were trained that way, and a resumed or inspected run must say so.
 LEGACY_VALUES = {"loss_average": "target", "simi_maps": "complete"}
+# the same for the seq2seq canvas flags, whose lm value is their default
+SEQ2SEQ_LEGACY_VALUES = {"pad_to": "max_len", "truncation": "ours"}
 
 
 def from_dict(d: dict, cls=TrainConfig):
     """Rebuild a config from stored JSON; unknown keys (from newer versions) are ignored, and missing
     keys take their ``LEGACY_VALUES`` (else their defaults)."""
     names = {f.name for f in dataclasses.fields(cls)}
-    legacy = {k: v for k, v in LEGACY_VALUES.items() if k in names and k not in d} if cls is TrainConfig else {}
+    old = {**LEGACY_VALUES, **(SEQ2SEQ_LEGACY_VALUES if d.get("task") == "seq2seq" else {})}
+    legacy = {k: v for k, v in old.items() if k in names and k not in d} if cls is TrainConfig else {}
     return cls(**legacy, **{k: v for k, v in d.items() if k in names})

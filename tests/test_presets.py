@@ -197,6 +197,9 @@ PLUMBING = {"data_files": None, "data_dir": "data", "skip_bad_lines": False, "wo
             "keep_last": 0, "max_bad_steps": 10, "log_dir": "logs", "resume": None, "device": "auto",
             "overwrite": False, "decay": "linear"}  # --decay is read only by --lr_schedule warmup
 
+# the seq2seq canvas flags, unused by the lm presets (their defaults)
+LM_SEQ2SEQ_FLAGS = {"canvas": "ours", "pad_to": "auto", "truncation": "auto"}
+
 COMMON_DIFFS = {
     "low_discrepancy": (False, "`DDP_main.py` `sample_t`"),
     "bf16": (True, "bf16 autocast"),
@@ -224,7 +227,8 @@ def test_lm1b_released_is_the_released_run_sh(tmp_path):
     released = ddp_main_as_ours(reads, RUN_SH_NPROC, LM1B_TRAIN_ROWS)
     assert released["max_steps"] == 177_459 and released["examples_per_step"] == 512
     diffs = {**COMMON_DIFFS, "eval_examples": (2000, "dev ELBO: 2,000 lines of the carved-off valid split")}
-    ours_only = {**GAUSSIAN_DEFAULTS, **PLUMBING, "batch_size": 128, "accumulation_steps": 4, "save_every": 15000}
+    ours_only = {**GAUSSIAN_DEFAULTS, **PLUMBING, **LM_SEQ2SEQ_FLAGS, "batch_size": 128, "accumulation_steps": 4,
+                 "save_every": 15000}
     cmds = check_lm("lm1b-released", tmp_path, released, reads, diffs, ours_only)
     check_predict(cmds, num_samples=2 * 32, batch_size=32, diffs={})
 
@@ -239,7 +243,8 @@ def test_lm1b_is_the_paper_with_the_released_code_elsewhere(tmp_path):
     diffs = {**COMMON_DIFFS, "eval_examples": (2000, "dev ELBO: 2,000 lines of the carved-off valid split"),
              "eval_steps": (128, "dev ELBO: 2,000 lines of the carved-off valid split"),
              **{k: (v, "`lm1b`: the paper's setup") for k, v in paper.items()}}
-    ours_only = {**GAUSSIAN_DEFAULTS, **PLUMBING, "batch_size": 32, "accumulation_steps": 4, "save_every": 5000}
+    ours_only = {**GAUSSIAN_DEFAULTS, **PLUMBING, **LM_SEQ2SEQ_FLAGS, "batch_size": 32, "accumulation_steps": 4,
+                 "save_every": 5000}
     cmds = check_lm("lm1b", tmp_path, released, reads, diffs, ours_only)
     check_predict(cmds, num_samples=1000, batch_size=250, diffs={"num_samples": (1000, "`lm1b`: the paper's setup")})
 
@@ -320,6 +325,8 @@ def conditional_as_ours(a: Reads, nproc: int, train_rows: int) -> dict:
         "log_every": a.logging_steps // a.accumulation_steps,
         "seed": a.seed, "num_workers": 4, "dropout": None,
         "max_len": 128,  # convert_to_features: max_length=128 (each side; see the canvas rows)
+        "canvas": "released",  # collate_fn: [CLS] source target [SEP], the source through add_prompt
+        "pad_to": "longest",   # collate_fn: pad_sequence
     }
 
 
@@ -328,6 +335,7 @@ CONDITIONAL_DIFFS = {
     "model_name_or_path": ("bert-base-uncased", "`run_condition.sh` (conditional)"),
     "eval_every": (1000, "dev ELBO every 50 micro-batches"),
     "eval_examples": (1000, "dev ELBO every 50 micro-batches"),
+    "truncation": ("ours", "`dataloader.py` `convert_to_features`"),
 }
 
 
@@ -463,6 +471,8 @@ def diffuseq_as_ours(t: Reads) -> dict:
         "batch_size": t.microbatch, "examples_per_step": t.batch_size,
         "loss_average": "all",  # mean_flat over the canvas
         "bf16": t.use_fp16,     # fp32 (documented below)
+        "pad_to": "max_len",    # pad_function: every row seq_len long
+        "truncation": "diffuseq",  # merge_and_mask: the longer side loses its last word
     }
 
 
@@ -478,7 +488,8 @@ DIFFUSEQ_OURS = {**PLUMBING, "from_scratch": False, "time_conditioning": "none",
                  "post_train": None, "simi_penalty": "none", "simi_lambda": -2.0, "simi_noise": 0.05,
                  "simi_maps": "released", "dropout": None, "grad_clip_value": 0.0, "eval_every": 2000,
                  "eval_examples": 1000, "eval_steps": 64, "save_every": 2000, "log_every": 50, "num_workers": 4}
-GAUSSIAN_DIFFS = {"bf16": (True, "bf16 autocast")}
+GAUSSIAN_DIFFS = {"bf16": (True, "bf16 autocast"),
+                  "canvas": ("ours", "DiffuSeq canvas `[CLS] x [SEP] [SEP] [CLS] y [SEP] [PAD]...`")}
 
 
 @pytest.mark.parametrize("task", sorted(DIFFUSEQ_TASK_STEPS))
@@ -540,7 +551,7 @@ def test_diffuseq_post_is_tang_et_al_released_post_training(tmp_path):
     inherited = {k: getattr(TrainConfig(), k) for k in TrainConfig.POST_TRAIN_SAME}
     pinned = {**{k: v for k, v in DIFFUSEQ_OURS.items() if k not in released and k not in inherited},
               **inherited, "eval_every": 2500, "save_every": 2500,
-              "accumulation_steps": 1}
+              "accumulation_steps": 1, "pad_to": "auto"}  # auto: max_len for gaussian
     for ngpu in (1, 4):
         cmds = dry_run("run_condition.sh", "diffuseq_post", str(base), cwd=str(tmp_path), ngpu=ngpu)
         ours = train_flags(cmds["train.py"][0], ngpu)
