@@ -37,7 +37,6 @@ import json
 import os
 import time
 
-from diffusion import SAMPLERS
 from runtime import api, dist, outputs
 from runtime.assemble import WEIGHTS, load_task_data
 from common.cli import make_parser, other_steps
@@ -58,11 +57,24 @@ def parse_args(argv=None):
                         "gaussian counterpart of --steps")
     p.add_argument("--weights", default="ema", choices=WEIGHTS,
                    help="gaussian: decode with the EMA of the weights (default, as DiffuSeq) or the raw weights")
-    p.add_argument("--sampler", default="ours", choices=SAMPLERS,
-                   help="absorbing: ours (filter p_hat, exact reverse step) or released (DiffusionBERT's "
-                        "predict_downstream_condition.py: filter the posterior logits, [MASK] a candidate, and "
-                        "redraw every target position from p_hat at the last step; its settings: --topk 15 "
-                        "--temperature 1 --steps 200)")
+    p.add_argument("--sampler", default="ours", metavar="NAME",
+                   help="absorbing: ours (default: top-k/top-p/temperature filter p_hat, then the exact reverse step); "
+                        "released (DiffusionBERT's sampler: they filter the posterior logits with [MASK] a candidate, and redraw every target position from p_hat at the last step; its settings: --topk 15 --temperature 1 --steps 200); "
+                        "confidence (unmask the most confident positions, --order); parallel (Fast-dLLM: every "
+                        "position above --threshold); remask (ReMDM, --remask, --eta); first_hitting (exact, the "
+                        "network only for rows that change). docs/algorithms.md section 4")
+    p.add_argument("--order", default=None, metavar="ORDER",
+                   help="--sampler confidence: confidence (p_hat of the drawn token; MaskGIT, LLaDA; the default), "
+                        "margin (top-1 minus top-2) or entropy (Dream)")
+    p.add_argument("--threshold", type=float, default=None,
+                   help="--sampler parallel: unmask every position whose p_hat reaches this, in (0, 1] (default 0.9)")
+    p.add_argument("--remask", default=None, metavar="SCHEDULE",
+                   help="--sampler remask: ReMDM's sigma_t schedule, cap (default), rescale or conf")
+    p.add_argument("--eta", type=float, default=None,
+                   help="--sampler remask cap/rescale: eta in [0, 1] (default 0.008 for cap, 0.015 for rescale)")
+    p.add_argument("--solver", default=None, metavar="NAME",
+                   help="gaussian: ddpm (default), ddim or dpm_solver++ (DPM-Solver++(2M)), over the steps of "
+                        "--decode_respacing")
     p.add_argument("--start_id", type=int, default=None,
                    help="absorbing, --sampler released: the token the target starts from instead of [MASK]; 103 is "
                         "the released decoder's (mask_token_id=103, BERT's [MASK], even with roberta-base, where the "
@@ -152,7 +164,8 @@ def decode_all(args, info: dist.DistInfo) -> None:
     model = api.load(args.checkpoint, info=info, task="seq2seq", weights=args.weights, flags=True)
     run = model.run
     decoding = model.decoding(args.steps, args.decode_respacing, args.sampler, args.topk, args.top_p,
-                              args.temperature, not args.no_cache, start_id=args.start_id)
+                              args.temperature, not args.no_cache, start_id=args.start_id,
+                              **{k: getattr(args, k) for k in ("order", "threshold", "remask", "eta", "solver")})
     args.steps = decoding.steps  # absorbing: the default 200, recorded in decode.json
     folder = os.path.join(args.out_dir, args.name or f"{run.run_name}_{args.split}_{decoding.setting}"
                                                      f"_mbr{args.mbr_size}_seed{args.seed}")

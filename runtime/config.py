@@ -143,20 +143,29 @@ class TrainConfig:
     eval_steps: int = opt(64, f"K, the ELBO grid size for the dev estimate; {other_steps('eval_steps')}")
     save_every: int = opt(1000, "write the last checkpoint every N optimizer steps")
     keep_last: int = opt(0, "also keep the K most recent checkpoints as checkpoints/step-<N> (0: only last/best)")
+    save_training_state: str = opt("last", "which checkpoints hold training_state.pt (optimizer, scheduler, data "
+                                   "position, RNG: what --resume needs, twice the weights' size): last: "
+                                   "checkpoints/last only (best/ and step-<N>/ hold weights, configs, tokenizer "
+                                   "and model card); all: every checkpoint, so --resume can fall back to step-<N>/ "
+                                   "or best/ when last/ is damaged", choices=("last", "all"))
     max_bad_steps: int = opt(10, "stop (saving the last good state) after this many non-finite losses in a row")
     log_every: int = opt(10, "log training metrics every N optimizer steps")
     out_dir: str = opt("outputs/run", "run directory: checkpoints/best, checkpoints/last, metrics.jsonl")
     log_dir: str = opt("logs", "fitlog directory")
-    resume: str | None = opt(None, "resume from a run directory or a checkpoint directory")
+    resume: str | None = opt(None, "continue the run in this run directory (or from this checkpoint directory) "
+                             "with the flags of its run_config.json; --max_steps, --eval_every, --save_every, "
+                             "--log_every, --num_workers, --keep_last, --eval_examples, --max_bad_steps, "
+                             "--save_training_state, --device, --compile and --log_dir may be given to change them")
     seed: int = opt(42, "random seed")
     device: str = opt("auto", "auto, cpu, cuda, cuda:1, ...")
     num_workers: int = opt(-1, "DataLoader workers (-1: 4 per process on CUDA, 0 on the CPU)")
-    overwrite: bool = opt(False, "allow --out_dir to hold an earlier run (its checkpoints are replaced)")
+    overwrite: bool = opt(False, "start over in an --out_dir that holds an earlier run: its checkpoints/, "
+                          "metrics.jsonl and plots/ are deleted first (other files are left alone)")
 
     # Settings that may change between a run and its resumption; anything else must match.
     RESUMABLE_CHANGES = frozenset({"resume", "max_steps", "eval_every", "save_every", "log_every", "device",
                                    "num_workers", "overwrite", "log_dir", "eval_examples", "keep_last",
-                                   "max_bad_steps", "compile",
+                                   "max_bad_steps", "compile", "save_training_state",
                                    "out_dir"})  # a run directory may be moved or copied and resumed there
     # What a --post_train run must share with the checkpoint it starts from (the network and its inputs).
     POST_TRAIN_SAME = ("process", "task", "model_name_or_path", "emb_dim", "hidden_size", "num_layers", "num_heads",
@@ -345,6 +354,14 @@ def build_parser(cls=TrainConfig, description: str | None = None) -> argparse.Ar
                "int | None": int}[f.type if isinstance(f.type, str) else f.type.__name__]
         p.add_argument(f"--{f.name}", type=typ, default=f.default, help=help_, **meta)
     return p
+
+
+def given_flags(parser: argparse.ArgumentParser, argv=None) -> set[str]:
+    """The names of the flags given on the command line ``argv`` (None: ``sys.argv``), whatever their values:
+    argparse leaves a namespace attribute alone when it is already set, so only given flags replace a marker."""
+    unset = object()
+    ns = argparse.Namespace(**{a.dest: unset for a in parser._actions if a.dest != "help"})
+    return {k for k, v in vars(parser.parse_args(argv, namespace=ns)).items() if v is not unset}
 
 
 def from_args(ns: argparse.Namespace, cls=TrainConfig):

@@ -32,6 +32,15 @@ class DistInfo:
             print(*args, **kwargs)
 
 
+def env_rank() -> int:
+    """This process's rank as torchrun set it (0 when not under torchrun), before any process group exists."""
+    return int(os.environ.get("RANK", 0))
+
+
+def env_world_size() -> int:
+    return int(os.environ.get("WORLD_SIZE", 1)) if "RANK" in os.environ else 1
+
+
 def pick_device(requested: str | None, flag: str = "--device") -> torch.device:
     """``auto`` (or None): cuda if there is one, else cpu; otherwise the named device, which must exist here
     (one clear error line, not torch's assertion at the first tensor moved to it)."""
