@@ -25,6 +25,7 @@ import torch
 from common.errors import UserError
 from textdata.lines import SKIP_HINT, decode, read_lines, without_bad_lines
 from textdata.lm import vocab_fingerprint
+from textdata.unknown import report_unknown
 
 SPLITS = ("train", "valid", "test")
 TOKENIZE_VERSION = "pairs-v2"  # bump when the tokenisation below changes, to invalidate the cache
@@ -275,6 +276,7 @@ def tokenize_pairs(ds, tokenizer, max_len: int, log=print, canvas: str = "ours",
         n_src, n_trg = sum(d["src_cut"]), sum(d["trg_cut"])
         log(f"data: {split}: {len(d)} pairs; source cut in {n_src} ({how}), target cut "
             f"in {n_trg} (max_len {max_len})")
+        report_unknown(d, {"src_ids": "src", "trg_ids": "trg"}, tokenizer, split, log)
         result[split] = d
     if canvas == "released":
         log("data: DiffusionBERT's canvas [CLS] src trg [SEP], prompt " +
