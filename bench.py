@@ -4,6 +4,7 @@
     python bench.py --process gaussian              # DiffuSeq transformer: train step, reverse step vs forward
     python bench.py --model bert-base-uncased --batch_size 64 --seq_len 128 --device cuda   # bf16 on CUDA
     python bench.py --quick --model PATH            # a smoke run in seconds (what the tests do)
+    python bench.py --seq2seq_padding --batch_size 32 --seq_len 128   # the qqp preset's step: padding to max_len vs longest
 
 Absorbing process (DiffusionBERT), in three measurements: training (``absorbing_training``),
 sampling (``absorbing_sampling``) and scaling with length and steps (``absorbing_scaling``). Every
@@ -29,6 +30,13 @@ reverse step (Gumbel-max over [B, L, V] at every position, no cache) is timed pe
 Then how time grows with the length and with the number of sampling steps. Peak memory is the
 process's peak resident set on the CPU (Linux ``VmHWM``, reset before each phase) and the peak of
 ``torch.cuda.max_memory_allocated`` on CUDA. ``--json`` writes every number.
+
+Seq2seq padding (``--seq2seq_padding``): the training step of the qqp preset's shape (``--seq_len`` is its
+``--max_len``, mutual schedule, T 2000, DiffusionBERT's loss weighting with hybrid lambda 3e-4, AdamW) on
+QQP-like pairs that the bench writes as a DiffuSeq jsonl folder (KJV -> WEB verse pairs cut to question-like
+word counts: about 10 words a side) and reads through the real data path (``load_pair_splits``,
+``tokenize_pairs``, ``PairCollator``). The same batches are laid out on the ``--seq_len`` canvas
+(``--pad_to max_len``, before) and to their longest row (``--pad_to longest``, after), interleaved.
 
 Gaussian process (DiffuSeq, ``--process gaussian``): training (``gaussian_training``, train mode),
 the step against the network-only step (forward + MSE + backward + AdamW); sampling
@@ -78,6 +86,10 @@ def parse_args(argv=None):
     p.add_argument("--quick", action="store_true", help="1 repeat, short grids: a smoke run, not a measurement")
     p.add_argument("--json", default=None, help="write every measurement here")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seq2seq_padding", action="store_true",
+                   help="only the seq2seq training step padded to --seq_len against padded to the batch's longest row")
+    p.add_argument("--pairs", type=int, default=512, help="--seq2seq_padding: QQP-like pairs written and read")
+    p.add_argument("--batches", type=int, default=4, help="--seq2seq_padding: batches timed per repeat")
     m = p.add_argument_group("memory (--memory): does the resident set stay flat over a long run?")
     m.add_argument("--memory", choices=("train", "sample", "both"), default=None,
                    help="instead of the timings: train.py in a child process at the demo's shape (run.sh's flags) "
@@ -425,6 +437,74 @@ def bench_absorbing(args, device: torch.device, clock: Clock, amp) -> dict:
     res["by_length"], res["by_steps"] = absorbing_scaling(ab)
     res["memory_mb"] = {**train_memory, **sample_memory}
     return res
+
+
+# ----------------------------------------------------------------------------------- seq2seq padding
+def qqp_like_folder(folder: str, n: int, seed: int) -> None:
+    """A DiffuSeq folder (train.jsonl) of ``n`` QQP-like pairs: KJV -> WEB verse pairs, each side cut to a word
+    count drawn like a question's (normal, mean 10, sd 4, clipped to 3..30: an assumption, not QQP's own
+    statistics), the target to its own draw."""
+    import json
+    import random
+
+    from textdata.bible import load_verse_pairs
+    rng = random.Random(seed)
+    pairs, _ = load_verse_pairs()
+    rows = []
+    for p in rng.sample(pairs, n):
+        cut = [min(30, max(3, round(rng.gauss(10, 4)))) for _ in range(2)]
+        rows.append({"src": " ".join(p.kjv.split()[:cut[0]]), "trg": " ".join(p.web.split()[:cut[1]])})
+    with open(os.path.join(folder, "train.jsonl"), "w", encoding="utf-8") as f:
+        f.write("".join(json.dumps(r) + "\n" for r in rows))
+
+
+def bench_seq2seq_padding(args, device: torch.device, clock: Clock, amp) -> dict:
+    """The qqp-shape training step on the same batches laid out to --seq_len (before) and to the longest row."""
+    import tempfile
+
+    from common.loading import load_tokenizer
+    from conditional_data import PairCollator, load_pair_splits, tokenize_pairs
+    args.schedule = args.schedule or "mutual"
+    ab = Absorbing(args, device, clock, amp)
+    ab.diffusion.hybrid_lambda = 3e-4  # DDP_main_conditional.py's, the qqp preset's
+    tok, _ = load_tokenizer(args.model)
+    quiet = lambda *a, **k: None  # noqa: E731
+    with tempfile.TemporaryDirectory() as folder:
+        qqp_like_folder(folder, args.pairs, args.seed)
+        data = tokenize_pairs(load_pair_splits("qqp", folder, splits=("train",), log=quiet), tok, args.seq_len,
+                              log=quiet)["train"]
+    lens = [len(a) + len(b) for a, b in zip(data["src_ids"], data["trg_ids"])]
+    order = torch.randperm(len(data), generator=torch.Generator().manual_seed(args.seed)).tolist()
+    rows = [[data[i] for i in order[k * args.batch_size:(k + 1) * args.batch_size]] for k in range(args.batches)]
+    layouts = {"before": PairCollator(tok.pad_token_id, canvas_len=args.seq_len), "after": PairCollator(tok.pad_token_id)}
+    batches = {k: [{n: v.to(device) for n, v in c(r).items()} for r in rows] for k, c in layouts.items()}
+
+    def steps(name):
+        fns = [ab.train_step(lambda b=b: ab.diffusion.loss(ab.denoiser, b["input_ids"], b["noise_mask"],
+                                                           b["attention_mask"], weighting="released").loss)
+               for b in batches[name]]
+        return lambda: [f() for f in fns]
+
+    ab.denoiser.train()
+    t = interleaved(clock, {k: steps(k) for k in batches}, args.repeats)
+    res = dict(ab.header, pairs=len(lens), mean_pair_tokens=sum(lens) / len(lens), max_pair_tokens=max(lens),
+               batch_size=args.batch_size, canvas=args.seq_len, batches=args.batches)
+    for k, b in batches.items():
+        res[k] = {"step_s": t[k] / args.batches, "mean_width": sum(x["input_ids"].shape[1] for x in b) / len(b)}
+    res["speedup"] = res["before"]["step_s"] / res["after"]["step_s"]
+    return res
+
+
+def report_seq2seq_padding(r: dict, args) -> list[str]:
+    b, a = r["before"], r["after"]
+    return [f"## seq2seq padding: {r['model']} ({r['layers']} layers, hidden {r['hidden']}), batch {r['batch_size']}, "
+            f"--max_len {r['canvas']}, T {r['T']}, schedule {r['schedule']}, loss weighting released", "",
+            f"{r['pairs']} QQP-like pairs: {r['mean_pair_tokens']:.1f} tokens on average with the special tokens, "
+            f"at most {r['max_pair_tokens']}; {r['batches']} batches, the median of {args.repeats} repeats", "",
+            "| layout | canvas width (mean) | training step s |", "|---|---|---|",
+            f"| before: every row --max_len (--pad_to max_len) | {b['mean_width']:.1f} | {b['step_s']:.3f} |",
+            f"| after: the batch's longest row (--pad_to longest) | {a['mean_width']:.1f} | {a['step_s']:.3f} |", "",
+            f"- step before / after = **{r['speedup']:.2f}x**"]
 
 
 # ----------------------------------------------------------------------------------- gaussian
@@ -871,6 +951,11 @@ def main(argv=None):
         return torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16)
 
     default_T, bench, report = BENCHES["memory" if args.memory else args.process]
+    if args.seq2seq_padding:
+        if args.process != "absorbing" or args.memory:
+            raise UserError("--seq2seq_padding measures the absorbing process (DiffuSeq keeps its fixed canvas), "
+                            "without --memory")
+        default_T, bench, report = 2000, bench_seq2seq_padding, report_seq2seq_padding
     if args.num_steps is None:
         args.num_steps = default_T
     torch.manual_seed(args.seed)
@@ -881,7 +966,7 @@ def main(argv=None):
            "cpu_count": os.cpu_count(), "bf16": use_bf16, "compile": args.compile}
     res = bench(args, device, clock, amp)
     lines = report(res, args)
-    if not args.memory:
+    if not args.memory and not args.seq2seq_padding:  # the timing tables only
         res["throughput"] = throughput(res, args, env)
         lines += report_throughput(res["throughput"])
     res.update(env=env, args={k: v for k, v in vars(args).items()}, wall_seconds=time.time() - start)

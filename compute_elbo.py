@@ -42,6 +42,7 @@ from evaluation.baselines import UNIGRAM_CONVENTION, Unigram, lm_lines
 from textdata import lm, word_freq
 
 
+DEFAULT_EVAL_STEPS = 128
 DEFAULT_DIR = "generation_results"
 
 
@@ -50,7 +51,9 @@ def parse_args(argv=None):
     p.add_argument("--checkpoint", required=True, help="checkpoint directory, or a run directory (uses its best)")
     p.add_argument("--split", default="test", choices=lm.SPLITS)
     p.add_argument("--num_examples", type=int, default=1000, help="size of the seeded subset (0: the whole split)")
-    p.add_argument("--eval_steps", type=int, default=128, help=f"K, the grid size of the bound; {other_steps('eval_steps')}")
+    p.add_argument("--eval_steps", type=int, default=None,
+                   help="K, the grid size of the bound (default 128, or T where the checkpoint has fewer steps); "
+                        f"{other_steps('eval_steps')}")
     p.add_argument("--monte_carlo", action="store_true",
                    help="absorbing: one random grid step per example (K times cheaper, noisier); the gaussian "
                         "bound always draws its K steps")
@@ -73,7 +76,7 @@ def parse_args(argv=None):
 @cli_main
 def main(argv=None):
     args = parse_args(argv)
-    if args.num_examples < 0 or args.batch_size < 1 or args.eval_steps < 1:
+    if args.num_examples < 0 or args.batch_size < 1 or (args.eval_steps is not None and args.eval_steps < 1):
         raise UserError("need --num_examples >= 0, --batch_size >= 1 and --eval_steps >= 1")
     with outputs.stop_on_signals("elbo"):
         if args.out and os.path.isdir(args.out):
@@ -92,6 +95,11 @@ def evaluate(args, info: dist.DistInfo) -> None:
     if gaussian and args.monte_carlo:
         raise UserError("--monte_carlo is for absorbing checkpoints: the gaussian bound already draws its "
                         "--eval_steps steps of t at random (stratified)")
+    if args.eval_steps is None:  # a default the checkpoint cannot honour adapts to it
+        args.eval_steps = min(DEFAULT_EVAL_STEPS, cfg.num_steps)
+        if args.eval_steps < DEFAULT_EVAL_STEPS:
+            log(f"note: --eval_steps defaults to {DEFAULT_EVAL_STEPS}, more than the checkpoint's T={cfg.num_steps} "
+                f"diffusion steps; the bound uses K={cfg.num_steps}")
     run.check_steps(args.eval_steps, "--eval_steps")
     out = args.out or os.path.join(DEFAULT_DIR, f"elbo_{run.run_name}_{os.path.basename(run.ckpt_dir)}_{args.split}"
                                    f"_K{args.eval_steps}_n{args.num_examples}_seed{args.seed}"

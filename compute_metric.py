@@ -62,6 +62,9 @@ def normalise_like_samples(lines: list[str], tokenizer_path: str) -> list[str]:
     """Round-trip references through the tokenizer that produced the samples (lower case,
     wordpiece spacing of punctuation), so that BLEU compares like with like."""
     from common.loading import load_tokenizer
+    if os.path.isdir(os.path.join(tokenizer_path, "checkpoints")):  # a run directory, as the other scripts take
+        from runtime.checkpoint import resolve
+        tokenizer_path = resolve(tokenizer_path)
     tok, _ = load_tokenizer(tokenizer_path)
     ids = tok(lines, add_special_tokens=False)["input_ids"]
     return [" ".join(tok.decode(x, skip_special_tokens=True).split()) for x in ids]
@@ -414,8 +417,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--max_references", type=positive_int, default=None,
                         help="use a seeded random subset of this many references (default: all)")
     parser.add_argument("--tokenizer", default=None,
-                        help="round-trip the references through this tokenizer (a checkpoint directory, "
-                             "a model directory or 'minilm') so they are formatted like decoded samples")
+                        help="round-trip the references through this tokenizer (a run directory: its best "
+                             "checkpoint's; a checkpoint directory, a model directory or 'minilm') so they are "
+                             "formatted like decoded samples")
     parser.add_argument("--seed", type=int, default=0, help="seed for the subsets (default: 0)")
     parser.add_argument("--language", default=None,
                         help="synthetic mode: the language.json written with the synthetic data")
@@ -460,6 +464,15 @@ def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     if args.plot and args.mode != "compare":
         raise InputError("--plot is for --mode compare")
+    if args.mode == "compare":  # before the default output path, which lies inside the first folder
+        for p in args.samples:
+            if not os.path.isdir(p):
+                raise InputError(f"--mode compare takes generation folders (seed*.jsonl + decode.json, written by "
+                                 f"predict_downstream_condition.py); {p} is "
+                                 f"{'a file, not a folder' if os.path.exists(p) else 'not a folder: it does not exist'}")
+    if args.device is not None:
+        from runtime.dist import pick_device
+        pick_device(args.device)
     out_path = args.out = args.out or default_out_path(args)
     start = time.perf_counter()
     refuse_overwrite(out_path, args.overwrite)  # early, so that a long computation is not thrown away

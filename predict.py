@@ -53,12 +53,11 @@ import time
 
 import torch
 
-from diffusion import SAMPLERS
 from runtime import api, dist
 from runtime.assemble import WEIGHTS
 from runtime import outputs
 from common.cli import make_parser, other_steps
-from common.errors import UserError, cli_main, require_at_least_one
+from common.errors import UserError, check_decoding_flags, cli_main, require_at_least_one
 
 DEFAULT_NUM_SAMPLES = {"sample": 100, "template": 1}  # --num_samples: in all; per template
 
@@ -76,10 +75,24 @@ def parse_args(argv=None):
                         "gaussian counterpart of --steps")
     p.add_argument("--weights", default="ema", choices=WEIGHTS,
                    help="gaussian: sample with the EMA of the weights (default, as DiffuSeq) or the raw weights")
-    p.add_argument("--sampler", default="ours", choices=SAMPLERS,
-                   help="absorbing: ours: top-k/top-p/temperature filter p_hat, then the exact reverse step; released: "
-                        "DiffusionBERT's sampler, they filter the posterior logits with [MASK] a candidate "
-                        "(its predict.py: --topk 30 --temperature 0.1, 256 steps)")
+    p.add_argument("--sampler", default="ours", metavar="NAME",
+                   help="absorbing: ours (default: top-k/top-p/temperature filter p_hat, then the exact reverse step); "
+                        "released (DiffusionBERT's sampler: they filter the posterior logits with [MASK] a candidate (its predict.py: --topk 30 --temperature 0.1, 256 steps)); "
+                        "confidence (unmask the most confident positions, --order); parallel (Fast-dLLM: every "
+                        "position above --threshold); remask (ReMDM, --remask, --eta); first_hitting (exact, the "
+                        "network only for rows that change). docs/algorithms.md section 4")
+    p.add_argument("--order", default=None, metavar="ORDER",
+                   help="--sampler confidence: confidence (p_hat of the drawn token; MaskGIT, LLaDA; the default), "
+                        "margin (top-1 minus top-2) or entropy (Dream)")
+    p.add_argument("--threshold", type=float, default=None,
+                   help="--sampler parallel: unmask every position whose p_hat reaches this, in (0, 1] (default 0.9)")
+    p.add_argument("--remask", default=None, metavar="SCHEDULE",
+                   help="--sampler remask: ReMDM's sigma_t schedule, cap (default), rescale or conf")
+    p.add_argument("--eta", type=float, default=None,
+                   help="--sampler remask cap/rescale: eta in [0, 1] (default 0.008 for cap, 0.015 for rescale)")
+    p.add_argument("--solver", default=None, metavar="NAME",
+                   help="gaussian: ddpm (default), ddim or dpm_solver++ (DPM-Solver++(2M)), over the steps of "
+                        "--decode_respacing")
     p.add_argument("--topk", type=int, default=0, help="keep the k most likely tokens (0: all)")
     p.add_argument("--top_p", type=float, default=1.0, help="nucleus sampling mass (1: off)")
     p.add_argument("--temperature", type=float, default=1.0)
@@ -137,10 +150,18 @@ def read_templates(args) -> list[str] | None:
 @cli_main
 def main(argv=None):
     args = parse_args(argv)
+    check_decoding_flags(args)  # the flags alone, before the checkpoint is loaded
+    if args.num_samples is not None:
+        require_at_least_one(args, "num_samples")
     with outputs.stop_on_signals("predict"):
         outputs.check_writable(args.out_dir, "--out_dir")  # before any work
         with dist.session(args.device) as info:
             sample_all(args, info)
+
+
+def sampler_options(args) -> dict:
+    """The sampler's options and the gaussian solver, as ``api.Model.decoding`` takes them."""
+    return {k: getattr(args, k) for k in ("order", "threshold", "remask", "eta", "solver")}
 
 
 def short_hash(texts) -> str:
@@ -149,10 +170,12 @@ def short_hash(texts) -> str:
 
 def default_name(args, run, templates) -> str:
     if run.cfg.process == "gaussian":
-        how = f"_respacing{args.decode_respacing or 'full'}{'_raw' if args.weights == 'raw' else ''}"
+        how = (f"_respacing{args.decode_respacing or 'full'}{'_raw' if args.weights == 'raw' else ''}"
+               f"{'_' + args.solver if args.solver not in (None, 'ddpm') else ''}")
     else:
-        how = (f"{'_released' if args.sampler == 'released' else ''}_steps{args.steps}_topk{args.topk}_p{args.top_p}"
-               f"_temp{args.temperature}")
+        options = "".join(f"-{v}" for k, v in sampler_options(args).items() if v is not None)
+        how = (f"{'' if args.sampler == 'ours' else '_' + args.sampler + options}_steps{args.steps}_topk{args.topk}"
+               f"_p{args.top_p}_temp{args.temperature}")
     length = args.length if not isinstance(args.length, list) else "-".join(map(str, args.length))
     given = (f"_prompt{short_hash([args.prompt])}" if args.prompt is not None else
              f"_templates{short_hash(templates)}" if templates is not None else "")
@@ -187,7 +210,7 @@ def sample_all(args, info: dist.DistInfo) -> None:
             raise UserError("--max_len is for sampling without templates: a template fixes its own length")
         rows = model.template_rows(templates, args.num_samples, args.length)
     decoding = model.decoding(args.steps, args.decode_respacing, args.sampler, args.topk, args.top_p,
-                              args.temperature, not args.no_cache)
+                              args.temperature, not args.no_cache, **sampler_options(args))
     args.steps = decoding.steps  # absorbing: the default 128, recorded in the json
     if not args.no_cache and run.cfg.process == "absorbing" and not decoding.use_cache:
         log(f"predict: the denoiser is conditioned on t ({run.cfg.time_conditioning}); caching is off")

@@ -4,7 +4,8 @@
     python predict_downstream_condition.py --checkpoint outputs/diffuseq --decode_respacing adp_20 --mbr_size 10
     python predict_downstream_condition.py --mbr_only generation_results/x/seed*.jsonl --out_dir generation_results/x-mbr
 
-The process comes from the checkpoint. The source ``[CLS] src [SEP]`` is never noised and stays fixed;
+The process and the canvas come from the checkpoint. The source ``[CLS] src [SEP]`` (a run trained with
+``--canvas released``: DiffusionBERT's ``[CLS] prompt(src)``) is never noised and stays fixed;
 the target region is denoised (absorbing: from all-[MASK] over ``--steps`` iterations; gaussian: from
 N(0, I) over the steps chosen by ``--decode_respacing``, with clamping) and its length is decided by
 the generated padding (DiffuSeq style). Each of the S candidates uses seed ``--seed + k``. Writes
@@ -37,11 +38,10 @@ import json
 import os
 import time
 
-from diffusion import SAMPLERS
 from runtime import api, dist, outputs
 from runtime.assemble import WEIGHTS, load_task_data
 from common.cli import make_parser, other_steps
-from common.errors import UserError, check_sampling_flags, cli_main, require_at_least_one
+from common.errors import UserError, check_decoding_flags, cli_main, require_at_least_one
 from common.io import write_text_atomic
 
 
@@ -58,11 +58,24 @@ def parse_args(argv=None):
                         "gaussian counterpart of --steps")
     p.add_argument("--weights", default="ema", choices=WEIGHTS,
                    help="gaussian: decode with the EMA of the weights (default, as DiffuSeq) or the raw weights")
-    p.add_argument("--sampler", default="ours", choices=SAMPLERS,
-                   help="absorbing: ours (filter p_hat, exact reverse step) or released (DiffusionBERT's "
-                        "predict_downstream_condition.py: filter the posterior logits, [MASK] a candidate, and "
-                        "redraw every target position from p_hat at the last step; its settings: --topk 15 "
-                        "--temperature 1 --steps 200)")
+    p.add_argument("--sampler", default="ours", metavar="NAME",
+                   help="absorbing: ours (default: top-k/top-p/temperature filter p_hat, then the exact reverse step); "
+                        "released (DiffusionBERT's sampler: they filter the posterior logits with [MASK] a candidate, and redraw every target position from p_hat at the last step; its settings: --topk 15 --temperature 1 --steps 200); "
+                        "confidence (unmask the most confident positions, --order); parallel (Fast-dLLM: every "
+                        "position above --threshold); remask (ReMDM, --remask, --eta); first_hitting (exact, the "
+                        "network only for rows that change). docs/algorithms.md section 4")
+    p.add_argument("--order", default=None, metavar="ORDER",
+                   help="--sampler confidence: confidence (p_hat of the drawn token; MaskGIT, LLaDA; the default), "
+                        "margin (top-1 minus top-2) or entropy (Dream)")
+    p.add_argument("--threshold", type=float, default=None,
+                   help="--sampler parallel: unmask every position whose p_hat reaches this, in (0, 1] (default 0.9)")
+    p.add_argument("--remask", default=None, metavar="SCHEDULE",
+                   help="--sampler remask: ReMDM's sigma_t schedule, cap (default), rescale or conf")
+    p.add_argument("--eta", type=float, default=None,
+                   help="--sampler remask cap/rescale: eta in [0, 1] (default 0.008 for cap, 0.015 for rescale)")
+    p.add_argument("--solver", default=None, metavar="NAME",
+                   help="gaussian: ddpm (default), ddim or dpm_solver++ (DPM-Solver++(2M)), over the steps of "
+                        "--decode_respacing")
     p.add_argument("--start_id", type=int, default=None,
                    help="absorbing, --sampler released: the token the target starts from instead of [MASK]; 103 is "
                         "the released decoder's (mask_token_id=103, BERT's [MASK], even with roberta-base, where the "
@@ -115,9 +128,9 @@ def run_mbr_only(args) -> None:
     from evaluation.seq2seq import read_outputs
     if len(args.mbr_only) < 2:
         raise UserError("--mbr_only needs at least 2 candidate files")
+    rows = [read_outputs(p) for p in args.mbr_only]  # before the output folder is made: they may be bad
     folder = os.path.join(args.out_dir, args.name or "mbr")
     prepare_out(folder, args.overwrite)
-    rows = [read_outputs(p) for p in args.mbr_only]
     out = os.path.join(folder, "mbr.jsonl")
     write_text_atomic(out, jsonl(mbr_rows(rows, args.mbr_only)))
     print(f"mbr: selected among {len(rows)} candidates for {len(rows[0])} sources; wrote {out}")
@@ -132,8 +145,8 @@ def main(argv=None):
     elif not args.checkpoint:
         raise UserError("give --checkpoint (or --mbr_only FILES)")
     else:
-        require_at_least_one(args, "batch_size", "mbr_size")
-        check_sampling_flags(args)
+        require_at_least_one(args, "mbr_size")
+        check_decoding_flags(args)
         if args.num_examples < 0:
             raise UserError(f"--num_examples must be 0 (all) or more, got {args.num_examples}")
     with outputs.stop_on_signals("decode"):
@@ -152,7 +165,8 @@ def decode_all(args, info: dist.DistInfo) -> None:
     model = api.load(args.checkpoint, info=info, task="seq2seq", weights=args.weights, flags=True)
     run = model.run
     decoding = model.decoding(args.steps, args.decode_respacing, args.sampler, args.topk, args.top_p,
-                              args.temperature, not args.no_cache, start_id=args.start_id)
+                              args.temperature, not args.no_cache, start_id=args.start_id,
+                              **{k: getattr(args, k) for k in ("order", "threshold", "remask", "eta", "solver")})
     args.steps = decoding.steps  # absorbing: the default 200, recorded in decode.json
     folder = os.path.join(args.out_dir, args.name or f"{run.run_name}_{args.split}_{decoding.setting}"
                                                      f"_mbr{args.mbr_size}_seed{args.seed}")

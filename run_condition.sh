@@ -50,7 +50,8 @@ case "$PRESET" in
     # steps, then constant; value clipping at 5 after every micro-batch; AdamW's default weight decay 0.01;
     # 200 epochs (counted from the lines of train.jsonl as DistributedSampler and the accumulation count them).
     # Its decoding (predict_downstream_condition.py): top-k 15, temperature 1, T = 2000 in steps of 10 = 200
-    # steps, the last step redrawn from p_hat, MBR 3. Where we differ (backbone, canvas, ...): docs/differences.md.
+    # steps, the last step redrawn from p_hat, MBR 3. Its canvas (dataloader.py): [CLS] src trg [SEP] with the
+    # task's prompt text, each batch padded to its longest row. Where we differ (backbone, ...): docs/differences.md.
     ACC=$(( (16 + NGPU - 1) / NGPU ))
     [ -f "$FOLDER/train.jsonl" ] || { echo "error: no $FOLDER/train.jsonl (a DiffuSeq folder has train.jsonl valid.jsonl test.jsonl)" >&2; exit 2; }
     ROWS=$(grep -c . "$FOLDER/train.jsonl" || true)
@@ -58,6 +59,7 @@ case "$PRESET" in
     MAX_STEPS=$(( 200 * MICRO / 4 ))
     TRAIN_ARGS=(--model_name_or_path bert-base-uncased --task seq2seq --max_len 128 --num_steps 2000 --schedule mutual
                 --loss_weighting released_conditional --hybrid_lambda 3e-4
+                --canvas released --pad_to longest --truncation ours
                 --batch_size 64 --accumulation_steps $ACC --lr 5e-5 --lr_schedule ddp_main_conditional
                 --warmup_steps 10000 --grad_clip 0 --grad_clip_value 5 --weight_decay 0.01 --max_steps $MAX_STEPS
                 --eval_every 1000 --eval_examples 1000 --eval_steps 25 --save_every 1000 --log_every 50

@@ -10,7 +10,8 @@ optionally post-trained (Tang et al.).
 
 Writes ``<out_dir>/checkpoints/{last,best}`` (see runtime/checkpoint.py), ``<out_dir>/metrics.jsonl``,
 ``<out_dir>/plots/{train_loss,dev}.png`` (redrawn from the whole log at every evaluation, the last step's
-included) and fitlog logs under ``--log_dir``. ``--resume <out_dir>`` continues a run exactly.
+included) and fitlog logs under ``--log_dir``. ``--resume <out_dir>`` continues a run exactly, with the flags
+it was started with (runtime/rundir.py). One process at a time writes a run directory (common/lock.py).
 """
 from __future__ import annotations
 
@@ -25,27 +26,19 @@ import time
 import torch
 from torch.utils.data import DataLoader
 
+from common import lock
 from common.errors import UserError, cli_main
 from evaluation import plots
-from runtime import checkpoint, dist, weights
+from runtime import checkpoint, dist, rundir, weights
 from runtime.assemble import build_diffusion, initial_network, load_task_data
 from runtime.checkpoint import TrainingState
-from runtime.config import TrainConfig, build_parser, from_args
+from runtime.config import TrainConfig, build_parser, from_args, given_flags
 from runtime.faults import Faults
 from runtime.objective import make_objective
 from runtime.runlog import RunLogger
 from runtime.training import (EMA, ResumableSampler, StopSignals, adamw, compile_problem, lr_lambda, micro_batches,
                               seed_everything)
 from textdata import lm, word_freq
-
-
-def resume_source(cfg: TrainConfig) -> str:
-    """The checkpoint to resume from, after checking that its config matches this one."""
-    ckpt_dir = checkpoint.resolve(cfg.resume, prefer="last")
-    cfg.check_resume(checkpoint.read_run_config(ckpt_dir)["config"], ckpt_dir)
-    if not os.path.isfile(os.path.join(ckpt_dir, "training_state.pt")):
-        raise UserError(f"{ckpt_dir} has no training_state.pt to resume from")
-    return ckpt_dir
 
 
 def post_train_source(cfg: TrainConfig) -> str:
@@ -79,22 +72,52 @@ def draw_plots(out_dir: str, warn) -> None:
         warn(f"warning: could not draw {os.path.join(out_dir, plots.PLOTS_DIR)} ({why}); training goes on")
 
 
+def prepare_resume(cfg: TrainConfig, given: set[str], main_rank: bool, log) -> rundir.Resumed | None:
+    """What ``--resume`` continues, checked (runtime/rundir.py); None when the run is already at --max_steps."""
+    out_dir = cfg.out_dir if "out_dir" in given else rundir.run_dir_of(cfg.resume)
+    if main_rank and out_dir:  # before reading a run that another process may be writing
+        lock.refuse_if_held(out_dir)
+    resumed = rundir.plan(cfg, given, dist.env_world_size(), log, lambda msg: log(msg, file=sys.stderr, flush=True))
+    cfg = resumed.cfg
+    in_place = rundir.same_dir(cfg.out_dir, rundir.run_dir_of(resumed.ckpt_dir) or resumed.ckpt_dir)
+    if cfg.overwrite and in_place:
+        raise UserError(f"--overwrite would delete the run that --resume {cfg.resume} continues; drop one of them")
+    if not in_place:  # continued into another folder: that one must be free
+        rundir.check_fresh(cfg.out_dir, cfg.overwrite)
+    step = resumed.training_state["step"]
+    if step >= cfg.max_steps:
+        log(f"resume: {resumed.ckpt_dir} is at step {step}, --max_steps {cfg.max_steps}: nothing to do "
+            "(raise --max_steps to train on); nothing was written")
+        return None
+    return resumed
+
+
 @cli_main
 def main(argv=None):
-    cfg = from_args(build_parser(TrainConfig, __doc__).parse_args(argv))
-    post_dir = post_train_source(cfg) if cfg.post_train else None  # before the checks: it fills in flags
-    cfg.check()
-    resume_dir = resume_source(cfg) if cfg.resume else None
-    ckpt_root = os.path.join(cfg.out_dir, "checkpoints")
-    if not resume_dir and os.path.isdir(ckpt_root) and os.listdir(ckpt_root) and not cfg.overwrite:
-        raise UserError(f"{cfg.out_dir} already holds checkpoints; use --resume {cfg.out_dir} to continue, "
-                        "--overwrite to start over, or another --out_dir")
+    parser = build_parser(TrainConfig, __doc__)
+    cfg = from_args(parser.parse_args(argv))
+    main_rank = dist.env_rank() == 0  # under torchrun rank 0 alone takes the lock and speaks
+    log = print if main_rank else (lambda *a, **k: None)
+    resumed = None
+    if cfg.resume:
+        resumed = prepare_resume(cfg, given_flags(parser, argv), main_rank, log)
+        if resumed is None:
+            return
+        cfg, post_dir = resumed.cfg, resumed.run_config["derived"].get("post_trained_from")
+    else:
+        post_dir = post_train_source(cfg) if cfg.post_train else None  # before the checks: it fills in flags
+        cfg.check()
+        if main_rank:
+            lock.refuse_if_held(cfg.out_dir)
+        rundir.check_fresh(cfg.out_dir, cfg.overwrite)
+    # the kernel drops the lock when the process ends, however it ends: a killed run leaves none behind
+    with lock.held(cfg.out_dir, "run directory") if main_rank else contextlib.nullcontext():
+        with dist.session(cfg.device) as info:
+            run(cfg, info, info.log, resumed, post_dir)
 
-    with dist.session(cfg.device) as info:
-        run(cfg, info, info.log, resume_dir, post_dir)
 
-
-def run(cfg: TrainConfig, info: dist.DistInfo, log, resume_dir: str | None, post_dir: str | None = None) -> None:
+def run(cfg: TrainConfig, info: dist.DistInfo, log, resumed: rundir.Resumed | None,
+        post_dir: str | None = None) -> None:
     device = info.device
     if cfg.compile and (problem := compile_problem(device)):
         raise UserError(f"--compile: {problem}")
@@ -111,11 +134,13 @@ def run(cfg: TrainConfig, info: dist.DistInfo, log, resume_dir: str | None, post
     # ---- model, process and objective
     # seeded with cfg.seed, so every rank (and compute_elbo.py --baselines) builds the same network
     denoiser, tokenizer, model_path, hf_config = initial_network(cfg, log)
-    if post_dir and not resume_dir:
+    if post_dir and not resumed:
         if lm.vocab_fingerprint(tokenizer) != checkpoint.read_run_config(post_dir)["derived"]["vocab_fingerprint"]:
             raise UserError(f"--post_train {post_dir} was trained with another tokenizer than {model_path}")
         weights.load_into(post_dir, denoiser, "ema")
-        log(f"post-training: starting from the EMA weights of {post_dir}")
+        log(f"post-training: starting from the EMA weights of {post_dir}; penalty {cfg.simi_penalty}"
+            + (f" (lambda {cfg.simi_lambda}, noise {cfg.simi_noise}, maps {cfg.simi_maps})" if cfg.simi_penalty != "none"
+               else " (--simi_penalty none: plain continued training)"))
     denoiser.to(device)
     counts, wf_identity = load_word_freq(cfg, tokenizer)
     diffusion = build_diffusion(cfg, tokenizer.mask_token_id, tokenizer.pad_token_id, counts)
@@ -149,25 +174,30 @@ def run(cfg: TrainConfig, info: dist.DistInfo, log, resume_dir: str | None, post
         model = torch.nn.parallel.DistributedDataParallel(
             objective, device_ids=[device.index] if device.type == "cuda" else None)
     state = TrainingState(denoiser, optim, sched, objective, ema)
-    if resume_dir:
-        state.restore(resume_dir, info.rank)
-        log(f"resume: {resume_dir} at step {state.step} (epoch {state.epoch}, example "
-            f"{state.position * info.world_size})")
+    if resumed:
+        state.restore(resumed.ckpt_dir, info.rank, resumed.training_state, cfg.seed)
+        log(f"resume: {resumed.ckpt_dir} at step {state.step} (epoch {state.epoch}, example {state.position}); "
+            f"continuing in {cfg.out_dir}")
     else:
         seed_everything(cfg.seed + info.rank)  # different noise on every rank
 
     run_info = {"config": dataclasses.asdict(cfg), "derived": derived}
-    if resume_dir:  # the model card of a save before the next evaluation names the latest one
-        run_info["latest_dev"] = checkpoint.read_run_config(resume_dir).get("latest_dev")
+    if resumed:  # the model card of a save before the next evaluation names the latest one
+        run_info["latest_dev"] = resumed.run_config.get("latest_dev")
     files = {"hf_config": hf_config, "tokenizer": tokenizer,
              "extra_files": {"word_freq.json": wf_identity["path"]} if wf_identity else None}
 
     def save(name: str, **extra) -> None:  # every rank calls it (it gathers the RNG states); rank 0 writes
-        state.save(os.path.join(ckpt_root, name), info, {**run_info, **extra}, **files)
+        state.save(os.path.join(ckpt_root, name), info, {**run_info, **extra},
+                   with_training_state=name == "last" or cfg.save_training_state == "all", **files)
 
     # ---- the loop
     from tqdm import tqdm
 
+    if cfg.overwrite and not resumed and info.is_main:  # only now, when the new run is about to write
+        gone = rundir.clear(cfg.out_dir)
+        if gone:
+            log(f"--overwrite: deleted the earlier run's {', '.join(gone)} in {cfg.out_dir}")
     logger = RunLogger(cfg.out_dir, cfg.log_dir, dataclasses.asdict(cfg), enabled=info.is_main)
     pbar = tqdm(total=cfg.max_steps, initial=state.step, disable=not info.is_main, dynamic_ncols=True,
                 desc="train", file=sys.stdout, mininterval=1.0)
@@ -246,7 +276,7 @@ def run(cfg: TrainConfig, info: dist.DistInfo, log, resume_dir: str | None, post
         if step % cfg.save_every == 0 or step == cfg.max_steps:
             save("last")
             if cfg.keep_last and info.is_main:
-                checkpoint.snapshot(ckpt_root, "last", step, cfg.keep_last)
+                checkpoint.snapshot(ckpt_root, "last", step, cfg.keep_last, cfg.save_training_state == "all")
         signum = stop.received(info)  # a signal seen by one rank stops every rank
         if signum and step < cfg.max_steps:
             save("last")
@@ -258,8 +288,9 @@ def run(cfg: TrainConfig, info: dist.DistInfo, log, resume_dir: str | None, post
     stop.restore()
     pbar.close()
     logger.close()
+    written = [n for n in ("best", "last") if os.path.isdir(os.path.join(ckpt_root, n))]
     log(f"done: {state.step} steps in {time.time() - run_start:.0f}s; best dev {objective.dev_key} {state.best:.4f}; "
-        f"checkpoints in {ckpt_root}/{{best,last}}, plots in {os.path.join(cfg.out_dir, plots.PLOTS_DIR)}")
+        f"checkpoints in {ckpt_root}/{{{','.join(written)}}}, plots in {os.path.join(cfg.out_dir, plots.PLOTS_DIR)}")
 
 
 if __name__ == "__main__":

@@ -55,10 +55,12 @@ def check_tokenizer(tokenizer, vocab_size: int, where: str, need_mask: bool = Tr
         raise UserError(f"tokenizer in {where} has no [MASK] token; absorbing diffusion needs one")
 
 
-def load_masked_lm(name_or_path: str, from_scratch: bool = False, log=print):
+def load_masked_lm(name_or_path: str, from_scratch: bool = False, log=print, shape: dict | None = None):
     """Load (or, with ``from_scratch``, randomly initialise with the same config) a masked LM.
 
-    Returns ``(mlm, tokenizer, resolved_path)``. Weights the checkpoint lacks are reported.
+    ``shape`` (``from_scratch`` only): config values that replace the pretrained ones, e.g.
+    ``{"hidden_size": 128, "num_hidden_layers": 2}``; a new ``hidden_size`` also sets the feed-forward size
+    to 4x (BERT's ratio). Returns ``(mlm, tokenizer, resolved_path)``. Weights the checkpoint lacks are reported.
     """
     from transformers import AutoModelForMaskedLM
     from transformers.utils import logging as hf_logging
@@ -66,8 +68,7 @@ def load_masked_lm(name_or_path: str, from_scratch: bool = False, log=print):
     tokenizer, hf_config = load_tokenizer_and_config(name_or_path)
     path = resolve_model_path(name_or_path)
     if from_scratch:
-        log(f"model: {name_or_path} config, randomly initialised (--from_scratch)")
-        return AutoModelForMaskedLM.from_config(hf_config), tokenizer, path
+        return _masked_lm_from_config(hf_config, name_or_path, shape or {}, log), tokenizer, path
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()  # we print our own, shorter, loading report below
     try:
@@ -89,3 +90,21 @@ def load_masked_lm(name_or_path: str, from_scratch: bool = False, log=print):
     if unexpected:
         log(f"model: ignored {len(unexpected)} checkpoint weights not used by the masked LM: {', '.join(unexpected)}")
     return mlm, tokenizer, path
+
+
+def _masked_lm_from_config(hf_config, name: str, shape: dict, log):
+    """A randomly initialised masked LM of ``hf_config`` with ``shape`` put in (see :func:`load_masked_lm`)."""
+    from transformers import AutoModelForMaskedLM
+    if "hidden_size" in shape and hasattr(hf_config, "intermediate_size"):
+        shape = {**shape, "intermediate_size": 4 * shape["hidden_size"]}
+    for k, v in shape.items():
+        setattr(hf_config, k, v)  # transformers maps the common names (DistilBERT's dim, n_layers, n_heads)
+    heads, hidden = hf_config.num_attention_heads, hf_config.hidden_size
+    if hidden % heads:
+        raise UserError(f"hidden size {hidden} is not a multiple of the {heads} attention heads of {name}; "
+                        "set --num_heads too")
+    mlm = AutoModelForMaskedLM.from_config(hf_config)
+    n = sum(p.numel() for p in mlm.parameters())
+    log(f"model: {name} config{', ' + ', '.join(f'{k} {v}' for k, v in shape.items()) if shape else ''}, "
+        f"randomly initialised (--from_scratch): {n / 1e6:.2f}M parameters")
+    return mlm

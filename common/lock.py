@@ -72,6 +72,34 @@ def acquire(folder, what: str = "run directory") -> str:
     return folder
 
 
+def holder(folder) -> str | None:
+    """Who holds the lock on ``folder`` now (``"pid N (command)"``), or None; creates and writes nothing,
+    so a check can run before a refusal that must leave the folder as it was."""
+    import fcntl
+    folder = os.path.abspath(os.fspath(folder))
+    if folder in _held:
+        return None
+    try:
+        fd = os.open(os.path.join(folder, LOCK_NAME), os.O_RDONLY)
+    except OSError:  # no lock file (or unreadable): nobody holds it through this file
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)  # a shared lock conflicts only with a writer's
+    except BlockingIOError:
+        return _describe(fd)
+    finally:
+        os.close(fd)
+    return None
+
+
+def refuse_if_held(folder, what: str = "run directory") -> None:
+    """The refusal that ``acquire`` would give, without taking the lock or touching the folder."""
+    who = holder(folder)
+    if who is not None:
+        raise UserError(f"{what} {os.path.abspath(os.fspath(folder))} is in use by {who}; wait for it to finish "
+                        f"or choose another folder")
+
+
 def release(folder) -> None:
     """Give the lock back (it also goes when the process ends)."""
     folder = os.path.abspath(os.fspath(folder))

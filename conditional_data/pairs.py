@@ -5,8 +5,13 @@ A DiffuSeq folder holds ``train.jsonl``, ``valid.jsonl`` (some releases: ``dev.j
 by :func:`validate_jsonl` before ``datasets`` sees it, so a bad line is reported as ``FILE:LINE: ...``
 instead of an arrow error (or, with ``--skip_bad_lines``, skipped and counted in the log).
 :func:`tokenize_pairs` adds ``src_ids``/``trg_ids`` once and lets datasets cache them;
-:class:`PairCollator` lays a batch out as the canvas ``[CLS] src [SEP] | trg [SEP] [PAD]...``
-whose target region (``noise_mask``) is what the diffusion model corrupts and learns to restore.
+:class:`PairCollator` lays a batch out as the canvas ``src_ids | trg [SEP] [PAD]...`` whose target
+region (``noise_mask``) is what the diffusion model corrupts and learns to restore.
+
+Two canvases (``--canvas``): ``ours``, ``[CLS] src [SEP] | trg [SEP]``, and ``released``, DiffusionBERT's
+``[CLS] prompt(src) | trg [SEP]`` (``dataloader.py``: no separator between source and target, and the
+source wrapped in the task's prompt text, :data:`RELEASED_PROMPTS`). Two rules cut a pair that does not fit
+``max_len`` (``--truncation``): ``ours`` and DiffuSeq's (``text_datasets.py``), see :func:`fit_pair`.
 """
 from __future__ import annotations
 
@@ -20,11 +25,19 @@ import torch
 from common.errors import UserError
 from textdata.lines import SKIP_HINT, decode, read_lines, without_bad_lines
 from textdata.lm import vocab_fingerprint
+from textdata.unknown import report_unknown
 
 SPLITS = ("train", "valid", "test")
 TOKENIZE_VERSION = "pairs-v2"  # bump when the tokenisation below changes, to invalidate the cache
 # The shortest max_len whose truncation still leaves [CLS] x [SEP] (max_len // 2 >= 3) and y [SEP].
 MIN_MAX_LEN = 6
+CANVASES = ("ours", "released")
+TRUNCATIONS = ("ours", "diffuseq")
+# DiffusionBERT's prompt text (dataloader.py, each loader's add_prompt): the source becomes
+# before + src + after, the target is unchanged. DDP_main_conditional.py trains qqp and QT (Quasar-T);
+# the wiki and CC loaders are defined there but not wired to a task name.
+RELEASED_PROMPTS = {"qqp": ('"', '" is equal to "'), "quasar_t": (" Answer: ", " Question: "),
+                    "wiki_auto": ('"', '" can be summarized as: '), "commonsense_conversation": ("", " - ")}
 
 
 def _json_type(v) -> str:
@@ -174,67 +187,112 @@ def load_pair_splits(dataset: str, data_dir: str | None = None, corpus_dir: str 
     return DatasetDict(out)
 
 
-def tokenize_pairs(ds, tokenizer, max_len: int, log=print):
-    """Add ``src_ids = [CLS] src [SEP]`` and ``trg_ids = trg [SEP]`` to every split, fitting
-    ``len(src_ids) + len(trg_ids) <= max_len``; the raw ``src``/``trg`` text stays (for references).
+def fit_pair(s: list, t: list, max_len: int, canvas: str = "ours", rule: str = "ours") -> tuple:
+    """Cut the source words ``s`` and target words ``t`` (ids, no special tokens) of a pair that does not
+    fit ``max_len`` with the canvas's special tokens; ``(s, t, src_cut, trg_cut)``.
 
-    Truncation, only for a pair that does not fit: first the source is cut just enough for the pair
-    to fit, but never below ``max_len // 2`` tokens (keeping [CLS] and its final [SEP]); then, if the
-    pair still does not fit, the target is cut to what is left (keeping its final [SEP]). The bool columns ``src_cut``/``trg_cut`` record it, and the counts
-    are logged per split. ``max_len >= 6`` so that a cut pair keeps ``[CLS] x [SEP] y [SEP]``.
-    The result is cached by datasets, keyed by the split's fingerprint, the vocabulary and ``max_len``.
+    * ``ours``: the source first, just enough for the pair to fit but never below ``max_len // 2`` tokens
+      with its special tokens; then the target to what is left.
+    * ``diffuseq`` (DiffuSeq's ``merge_and_mask``): while the words do not fit ``max_len - 5`` (its
+      ``seq_len - 3`` counts each side's [CLS]), drop the last word of the longer side, of both when
+      they are equally long. The same words survive as in DiffuSeq at ``--seq_len max_len``; our canvas
+      spends 3 positions on special tokens, not 5, so 2 stay as padding.
+    """
+    n_src = 2 if canvas == "ours" else 1  # [CLS] src [SEP], or [CLS] src (released)
+    ns, nt = len(s), len(t)
+    if rule == "diffuseq":
+        while ns + nt > max_len - 5:
+            longer_s, longer_t = ns >= nt, nt >= ns
+            ns, nt = ns - longer_s, nt - longer_t
+    elif ns + n_src + nt + 1 > max_len:
+        keep = max(max_len // 2, max_len - nt - 1) - n_src  # cut the source only as much as needed
+        ns = min(ns, keep)
+        nt = min(nt, max_len - n_src - ns - 1)
+    return s[:ns], t[:nt], ns < len(s), nt < len(t)
+
+
+def source_ids(tokenizer, texts: list[str], canvas: str = "ours", dataset: str | None = None) -> list[list[int]]:
+    """The uncut source cells of each text: ``[CLS] src [SEP]`` (ours) or ``[CLS] before + src + after``
+    (released, with the dataset's :data:`RELEASED_PROMPTS`, none for other datasets; the prompted string is
+    tokenised as one, as DiffusionBERT does)."""
+    cls, sep = tokenizer.cls_token_id, tokenizer.sep_token_id
+    if canvas == "released":
+        before, after = RELEASED_PROMPTS.get(dataset, ("", ""))
+        texts = [before + x + after for x in texts]
+    words = tokenizer(list(texts), add_special_tokens=False, truncation=False, verbose=False)["input_ids"]
+    return [[cls, *w] + ([sep] if canvas == "ours" else []) for w in words]
+
+
+def tokenize_pairs(ds, tokenizer, max_len: int, log=print, canvas: str = "ours", truncation: str = "ours",
+                   dataset: str | None = None):
+    """Add ``src_ids`` and ``trg_ids = trg [SEP]`` to every split, fitting ``len(src_ids) + len(trg_ids) <=
+    max_len``; the raw ``src``/``trg`` text stays (for references). ``src_ids`` is ``[CLS] src [SEP]``
+    (``canvas="ours"``) or DiffusionBERT's ``[CLS] prompt(src)`` (``"released"``, the prompt of ``dataset``:
+    :func:`source_ids`).
+
+    A pair that does not fit is cut by :func:`fit_pair` with ``truncation`` (``ours``: the source first,
+    never below ``max_len // 2`` tokens; ``diffuseq``: the longer side first); the bool columns
+    ``src_cut``/``trg_cut`` record it, and the counts are logged per split. ``max_len >= 6``. The result is
+    cached by datasets, keyed by the split's fingerprint, the vocabulary, ``max_len``, the canvas (with its
+    prompt) and the rule.
     """
     from datasets import DatasetDict
 
     if max_len < MIN_MAX_LEN:
         raise UserError(f"--max_len must be at least {MIN_MAX_LEN} for pairs (the source is cut to max_len // 2 "
                         f"tokens and must keep [CLS] x [SEP], the target y [SEP]), got {max_len}")
+    if canvas not in CANVASES or truncation not in TRUNCATIONS:
+        raise ValueError(f"canvas must be one of {CANVASES} and truncation one of {TRUNCATIONS}, "
+                         f"got {canvas!r}, {truncation!r}")
     cls, sep = tokenizer.cls_token_id, tokenizer.sep_token_id
     if cls is None or sep is None:
         raise UserError("the tokenizer has no [CLS] or no [SEP] token, which the pair canvas needs")
     vfp = vocab_fingerprint(tokenizer)
-    src_max = max_len // 2
+    head, tail = [cls], ([sep] if canvas == "ours" else [])
+    prompt = RELEASED_PROMPTS.get(dataset) if canvas == "released" else None
 
     def encode(batch):
-        enc_s = tokenizer(batch["src"], add_special_tokens=False, truncation=False, verbose=False)["input_ids"]
+        enc_s = [x[1:len(x) - len(tail)] for x in source_ids(tokenizer, batch["src"], canvas, dataset)]
         enc_t = tokenizer(batch["trg"], add_special_tokens=False, truncation=False, verbose=False)["input_ids"]
         out = {"src_ids": [], "trg_ids": [], "src_cut": [], "trg_cut": []}
         for s, t in zip(enc_s, enc_t):
-            x, y = [cls] + s + [sep], t + [sep]
-            src_cut = trg_cut = False
-            if len(x) + len(y) > max_len:
-                keep = max(src_max, max_len - len(y))  # cut the source only as much as needed
-                if len(x) > keep:
-                    x, src_cut = x[: keep - 1] + [sep], True
-                if len(x) + len(y) > max_len:
-                    y, trg_cut = y[: max_len - len(x) - 1] + [sep], True
-            out["src_ids"].append(x)
-            out["trg_ids"].append(y)
+            s, t, src_cut, trg_cut = fit_pair(s, t, max_len, canvas, truncation)
+            out["src_ids"].append(head + s + tail)
+            out["trg_ids"].append(t + [sep])
             out["src_cut"].append(src_cut)
             out["trg_cut"].append(trg_cut)
         return out
 
+    layout = "" if (canvas, truncation) == ("ours", "ours") else f"-{canvas}-{prompt}-{truncation}"
+    how = (f"never below {max_len // 2} tokens" if truncation == "ours" else
+           f"DiffuSeq's rule: the longer side first, to {max_len - 5} words")
     result = {}
     for split, d in ds.items():
         missing = [c for c in ("src", "trg") if c not in d.column_names]
         if missing:
             raise UserError(f"the {split} split has no {' or '.join(missing)} column (columns: {d.column_names})")
-        fp = hashlib.sha256(f"{d._fingerprint}-{vfp}-{max_len}-{TOKENIZE_VERSION}".encode()).hexdigest()[:16]
+        fp = hashlib.sha256(f"{d._fingerprint}-{vfp}-{max_len}-{TOKENIZE_VERSION}{layout}".encode()).hexdigest()[:16]
         d = d.map(encode, batched=True, batch_size=1000, new_fingerprint=fp, desc=f"tokenising {split}")
         n_src, n_trg = sum(d["src_cut"]), sum(d["trg_cut"])
-        log(f"data: {split}: {len(d)} pairs; source cut in {n_src} (never below {src_max} tokens), target cut "
+        log(f"data: {split}: {len(d)} pairs; source cut in {n_src} ({how}), target cut "
             f"in {n_trg} (max_len {max_len})")
+        report_unknown(d, {"src_ids": "src", "trg_ids": "trg"}, tokenizer, split, log)
         result[split] = d
+    if canvas == "released":
+        log("data: DiffusionBERT's canvas [CLS] src trg [SEP], prompt " +
+            (f"{prompt[0]!r} + src + {prompt[1]!r}" if prompt else f"none (the released code has none for {dataset!r})"))
     return DatasetDict(result)
 
 
 @dataclass
 class PairCollator:
-    """Lays out a batch as the seq2seq canvas ``[CLS] src [SEP] | trg [SEP] [PAD]...``.
+    """Lays out a batch as the seq2seq canvas ``src_ids | trg [SEP] [PAD]...`` (``src_ids``: ``[CLS] src [SEP]``,
+    or ``[CLS] prompt(src)`` on the released canvas).
 
-    Every row has the same length ``canvas_len`` (DiffuSeq style: the target region is ``trg [SEP]``
-    followed by [PAD]s, and the model learns to generate that padding, which decides the output
-    length); with ``canvas_len=None`` the batch's longest ``len(src_ids) + len(trg_ids)`` is used.
+    Every row has the same length: ``canvas_len`` (DiffuSeq's fixed canvas), or with ``canvas_len=None``
+    the batch's longest ``len(src_ids) + len(trg_ids)`` (DiffusionBERT's ``pad_sequence``). Either way the
+    target region is ``trg [SEP]`` followed by [PAD]s to the end of the row, and the model learns to
+    generate that padding, which decides the output length (as both released collators do).
     Returns ``input_ids`` [B, L] long, ``attention_mask`` [B, L] long (all ones: padding in the target
     region is a token to predict), ``noise_mask`` [B, L] bool (the target region, positions >= src_len),
     ``src_len`` [B] long and ``trg_len`` [B] long (with the target's [SEP], without the padding).

@@ -32,7 +32,9 @@ from typing import Callable
 
 import torch
 
+from .noise import STREAM_TOKEN, STREAM_UNMASK, as_noise
 from .outputs import SampleOutput, StepOutput
+from .samplers import SAMPLERS, Sampler, categorical_from_uniform, make_sampler
 from .schedules import Schedule
 
 # Floor on the reverse model's unmask probability w(v). With a large spindle lambda the clipped
@@ -42,7 +44,6 @@ from .schedules import Schedule
 REVERSE_W_MIN = 1e-6
 
 LOSS_WEIGHTINGS = ("elbo", "released", "released_conditional")
-SAMPLERS = ("ours", "released")
 
 # DiffusionBERT's sampler (diffusion_word_freq.py): the epsilon inside every log, and the clip of the
 # keep probability in noise_fn (alpha <= 0.999 at every t > 0)
@@ -265,8 +266,22 @@ class AbsorbingDiffusion:
         a_t = self.schedule.alpha_vocab(t.double() / self.T)
         return _safe_w(a_s, a_t).clamp_min(REVERSE_W_MIN)
 
+    def base_alpha(self, t: torch.Tensor) -> torch.Tensor:
+        """``alpha_t`` of the schedule's token-independent part, [B] float64 (the whole alpha for mutual, cosine)."""
+        return self.schedule.base_alpha(t.double() / self.T).reshape(-1)
+
+    def reverse_alpha(self, t: torch.Tensor) -> torch.Tensor:
+        """The reverse model's ``alpha_t``: [B, 1] (token-independent) or [B, V] (spindle: every candidate token)."""
+        if t.numel() > 1 and bool((t == t[0]).all()):
+            return self.reverse_alpha(t[:1]).expand(t.shape[0], -1)
+        return self.schedule.alpha_vocab(t.double() / self.T)
+
+    def base_unmask_weight(self, t: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+        """``w = (alpha_s - alpha_t) / (1 - alpha_t)`` of the token-independent part, [B] float64."""
+        return _safe_w(self.base_alpha(s), self.base_alpha(t))
+
     def step(self, p_hat: torch.Tensor, t: torch.Tensor, s: torch.Tensor, x_t: torch.Tensor,
-             noise_mask: torch.Tensor, generator: torch.Generator | None = None) -> StepOutput:
+             noise_mask: torch.Tensor, generator=None, k: int = 0) -> StepOutput:
         """One reverse step ``x_t -> x_s`` (``t``, ``s`` [B], s < t) given the model output: the (filtered)
         ``p_hat`` [N, V] at the N masked positions of ``x_t`` [B, L], row-major (probabilities, 0 at
         [MASK]; the sampler keeps probabilities so no step needs an exp over V). Never calls the network.
@@ -274,8 +289,10 @@ class AbsorbingDiffusion:
         A masked position becomes v with probability ``p_hat(v) w(v)`` and stays [MASK] otherwise:
         draw "unmask" with probability ``u = sum_v p_hat(v) w(v)``, then v from ``p_hat(v) w(v) / u``.
         Only the positions that unmask need a categorical draw. Positions outside ``noise_mask`` and
-        unmasked ones keep their token. Returns ``StepOutput(prev_sample=x_s [B, L])``.
+        unmasked ones keep their token. ``generator``: a ``torch.Generator`` or a ``diffusion.noise`` source
+        (draws of step ``k``). Returns ``StepOutput(prev_sample=x_s [B, L])``.
         """
+        noise = as_noise(generator, x_t.shape[0], x_t.device)
         masked = (x_t == self.mask_id) & noise_mask
         b_idx = masked.nonzero()[:, 0]
         w = self.unmask_weights(t, s)
@@ -285,7 +302,7 @@ class AbsorbingDiffusion:
             u = (p_hat.float() @ w[0].float()).double()
         else:
             u = (p_hat.float() * w[b_idx].float()).sum(-1).double()
-        draw = torch.rand(u.shape, dtype=torch.float64, device=u.device, generator=generator) < u
+        draw = noise.uniform(k, STREAM_UNMASK, x_t.shape[1])[masked] < u
         if bool((s == 0).all()):
             draw = torch.ones_like(draw)  # alpha_0 = 1: every remaining [MASK] is revealed
         x_s = x_t.clone()
@@ -294,7 +311,7 @@ class AbsorbingDiffusion:
             if w.shape[-1] != 1:
                 q = q * w[b_idx[draw]]
             vals = x_s[masked]
-            vals[draw] = categorical_float64(q, generator)
+            vals[draw] = categorical_from_uniform(q, noise.uniform(k, STREAM_TOKEN, x_t.shape[1])[masked][draw])
             x_s[masked] = vals
         return StepOutput(x_s)
 
@@ -345,8 +362,7 @@ class AbsorbingDiffusion:
 
     def step_released(self, p_hat: torch.Tensor, t: torch.Tensor, s: torch.Tensor, x_t: torch.Tensor,
                       noise_mask: torch.Tensor, x0_guess: torch.Tensor | None = None, topk: int = 0,
-                      top_p: float = 1.0, temperature: float = 1.0,
-                      generator: torch.Generator | None = None) -> StepOutput:
+                      top_p: float = 1.0, temperature: float = 1.0, generator=None, k: int = 0) -> StepOutput:
         """One step of DiffusionBERT's sampler, arguments as :meth:`step` (``p_hat`` [N, V] at the masked
         positions; ``x0_guess`` [B, L] for spindle): temperature, top-k and top-p act on
         :meth:`released_logits` ([MASK] a candidate like any token) and ``x_s`` is drawn from them.
@@ -361,20 +377,53 @@ class AbsorbingDiffusion:
         x_s = x_t.clone()
         if masked.any():
             logits = filter_logits(self.released_logits(p_hat, x_t, t, s, noise_mask, x0_guess), topk, top_p, temperature)
-            x_s[masked] = categorical_float64(logits.softmax(-1), generator)
+            u = as_noise(generator, x_t.shape[0], x_t.device).uniform(k, STREAM_TOKEN, x_t.shape[1])[masked]
+            x_s[masked] = categorical_from_uniform(logits.softmax(-1), u)
         return StepOutput(x_s)
 
     # ------------------------------------------------------------------ sampling loop
+    def _p_hat(self, sampler: Sampler, denoise: Denoiser, x, t, attention_mask, masked, rows, filters, restrict,
+               state, cache) -> tuple[torch.Tensor | None, int]:
+        """``p_hat`` [N, V] at the masked positions of ``rows`` [B] (row-major) and the rows evaluated; the network
+        runs on the rows that changed since the cache's step (all of them without ``cache``), the others reuse
+        the cached ``p_hat``. ``cache``: a dict the loop keeps between steps (``x``, ``rows``, ``p``)."""
+        need = rows & masked.any(-1)
+        here = masked & need[:, None]
+        if not need.any():
+            return masked.new_zeros((0,)).float().reshape(0, 1), 0
+        fresh_rows = need
+        if cache.get("x") is not None:
+            fresh_rows = need & ((x != cache["x"]).any(-1) | ~cache["rows"])
+        reuse_rows = need & ~fresh_rows
+        guess = state.get("x0_guess")
+        fresh = None
+        if fresh_rows.any():
+            # the released spindle posterior scores the argmax of p_hat at every noised position
+            positions = (here if guess is None else state["noise_mask"])[fresh_rows]
+            logits = self.zero_mask(denoise(x[fresh_rows], t[fresh_rows], attention_mask[fresh_rows], positions))
+            if restrict is not None:  # tokens a position may not take (e.g. a continuation piece at a word start)
+                where, tokens = restrict
+                logits = logits.masked_fill(where[fresh_rows][positions][:, None] & tokens[None], float("-inf"))
+            if guess is not None:
+                rows_i = fresh_rows.nonzero().squeeze(-1)
+                g = guess[rows_i]
+                g[positions] = logits.argmax(-1)
+                guess[rows_i] = g
+                logits = logits[masked[fresh_rows][positions]]  # keep the masked positions
+            fresh = sampler.probabilities(logits, filters)
+        p_hat = fresh
+        if reuse_rows.any():
+            p_hat = self._splice(fresh, fresh_rows, reuse_rows, here, cache["p"], cache["mask"])
+        return p_hat, int(fresh_rows.sum())
+
     @staticmethod
     def _splice(fresh: torch.Tensor | None, fresh_rows: torch.Tensor, reuse_rows: torch.Tensor, masked: torch.Tensor,
-                cache_p: torch.Tensor | None, cache_mask: torch.Tensor | None) -> torch.Tensor:
+                cache_p: torch.Tensor, cache_mask: torch.Tensor) -> torch.Tensor:
         """``p_hat`` [N, V] at the N ``masked`` positions [B, L] of this step, row-major: ``fresh`` for the
         rows just evaluated (``fresh_rows`` [B]), the cached ``cache_p`` (at ``cache_mask``) for the rows
         reused (``reuse_rows`` [B]); the cached tensor itself when nothing changed anywhere (no copy)."""
         if not fresh_rows.any() and torch.equal(masked, cache_mask):
             return cache_p
-        if not reuse_rows.any():
-            return fresh
         p_hat = cache_p.new_empty(int(masked.sum()), cache_p.shape[-1])
         pos_fresh = fresh_rows[:, None].expand_as(masked)[masked]
         p_hat[~pos_fresh] = cache_p[(reuse_rows[:, None] & cache_mask)[cache_mask]]
@@ -382,15 +431,22 @@ class AbsorbingDiffusion:
             p_hat[pos_fresh] = fresh
         return p_hat
 
+    def _redraw_all(self, denoise, x, t, attention_mask, noise_mask, filters, noise, k) -> torch.Tensor:
+        """The released seq2seq sampler's last step: every noised position, masked or not, drawn from p_hat."""
+        p = filter_logits(self.zero_mask(denoise(x, t, attention_mask, noise_mask)), *filters).softmax(-1)
+        x = x.clone()
+        x[noise_mask] = categorical_from_uniform(p, noise.uniform(k, STREAM_TOKEN, x.shape[1])[noise_mask])
+        return x
+
     @torch.no_grad()
     def sample(self, denoise: Denoiser, x: torch.Tensor, noise_mask: torch.Tensor,
                attention_mask: torch.Tensor, steps: int, topk: int = 0, top_p: float = 1.0,
-               temperature: float = 1.0, cache: bool = True,
-               generator: torch.Generator | None = None, sampler: str = "ours",
-               final_x0: bool = False, start_id: int | None = None) -> SampleOutput:
-        """Ancestral sampling from ``x`` (noised positions set to [MASK]) over a grid of ``steps``.
+               temperature: float = 1.0, cache: bool = True, generator=None, sampler: str | Sampler = "ours",
+               final_x0: bool = False, start_id: int | None = None,
+               restrict: tuple[torch.Tensor, torch.Tensor] | None = None) -> SampleOutput:
+        """Sampling from ``x`` [B, L] (noised positions set to [MASK]) over a grid of ``steps``.
 
-        ``sampler``:
+        ``sampler``: a name of ``diffusion.samplers`` (its default options) or a :class:`Sampler`:
 
         * ``ours``: temperature, top-k and top-p act on ``p_hat`` (zero-masked), then :meth:`step`
           (a masked position unmasks with probability ``sum_v p_hat(v) w(v)``).
@@ -398,69 +454,54 @@ class AbsorbingDiffusion:
           logits, [MASK] included (:meth:`step_released`). ``final_x0`` adds the released seq2seq
           sampler's last step (``diffusion_condition.p_forward`` at ``t == step_size``): every noised
           position, masked or not, is redrawn from the filtered ``p_hat``.
+        * ``confidence``, ``parallel``, ``remask``, ``first_hitting``: :mod:`diffusion.samplers`.
 
         ``cache`` (MDLM): with a time-agnostic denoiser the output depends on ``x_t`` only, so a row
         whose tokens did not change since its last evaluation reuses its ``p_hat``; the network is
         called only on rows that changed. Only valid when the denoiser ignores t.
+        ``generator``: a ``torch.Generator`` (draws for the batch) or a ``diffusion.noise.SampleNoise`` (draws
+        per sample: the result does not depend on the batch). ``restrict``: ``(where [B, L] bool, tokens [V]
+        bool)``, tokens that the positions ``where`` never take.
 
         ``start_id``: the token the noised positions start from (default [MASK]). The released
         ``discrete_diffusion_predict_fn`` starts from its default ``mask_token_id=103``, BERT's [MASK], with any
         tokenizer; with RoBERTa that is an ordinary token, which the released step never changes, so only the
         ``final_x0`` redraw moves it.
         """
-        if sampler not in SAMPLERS:
-            raise ValueError(f"unknown sampler {sampler!r}; choose one of {SAMPLERS}")
-        released = sampler == "released"
-        if final_x0 and not released:
+        if isinstance(sampler, str):
+            sampler = make_sampler(sampler, final_x0=final_x0)
+        elif final_x0 and not sampler.final_x0:
             raise ValueError("final_x0 belongs to the released sampler")
-        # the released spindle posterior scores the argmax of p_hat at every noised position
-        need_guess = released and self.schedule.token_dependent
+        sampler.check(self)
         x = x.masked_fill(noise_mask, self.mask_id if start_id is None else start_id)
-        x0_guess = x.clone() if need_guess else None
+        B = x.shape[0]
+        noise = as_noise(generator, B, x.device)
+        state = sampler.start(self, x, noise_mask)
+        state.update(filters=(topk, top_p, temperature), noise_mask=noise_mask)
+        if sampler.name == "released" and self.schedule.token_dependent:
+            # the released spindle posterior scores the argmax of p_hat at every noised position
+            state["x0_guess"] = x.clone()
         grid = self.timesteps(steps).to(x.device)
         K = grid.numel() - 1
-        B = x.shape[0]
         calls = rows_evaluated = 0
-        cache_x = cache_mask = cache_p = None
+        memo: dict = {}
         for k in range(K):
-            t = grid[k].expand(B)
-            s = grid[k + 1].expand(B)
-            if final_x0 and k == K - 1:
-                logits = denoise(x, t, attention_mask, noise_mask)
+            t, s = grid[k].expand(B), grid[k + 1].expand(B)
+            if sampler.final_x0 and k == K - 1:
+                x = self._redraw_all(denoise, x, t, attention_mask, noise_mask, state["filters"], noise, k)
                 calls, rows_evaluated = calls + 1, rows_evaluated + B
-                p = filter_logits(self.zero_mask(logits), topk, top_p, temperature).softmax(-1)
-                x = x.clone()
-                x[noise_mask] = categorical_float64(p, generator)
                 break
             masked = (x == self.mask_id) & noise_mask
-            active = masked.any(-1)
-            if not active.any():
-                if final_x0:
+            if not sampler.active(masked, noise_mask, s).any():
+                if sampler.final_x0:
                     continue  # nothing changes before the final redraw
                 break
-            changed = (x != cache_x).any(-1) if cache and cache_x is not None else torch.ones_like(active)
-            fresh_rows, reuse_rows = active & changed, active & ~changed
-            fresh = None
-            if fresh_rows.any():
-                positions = (noise_mask if need_guess else masked)[fresh_rows]
-                logits = self.zero_mask(denoise(x[fresh_rows], t[fresh_rows], attention_mask[fresh_rows], positions))
-                calls += 1
-                rows_evaluated += int(fresh_rows.sum())
-                if need_guess:
-                    rows = fresh_rows.nonzero().squeeze(-1)
-                    guess = x0_guess[rows]
-                    guess[positions] = logits.argmax(-1)
-                    x0_guess[rows] = guess
-                    logits = logits[masked[fresh_rows][positions]]  # keep the masked positions
-                # ours: zero masking and filtering on the logits, then a single softmax
-                fresh = (logits if released else filter_logits(logits, topk, top_p, temperature)).softmax(-1)
-            p_hat = self._splice(fresh, fresh_rows, reuse_rows, masked, cache_p, cache_mask)
-            if released:
-                x_new = self.step_released(p_hat, t, s, x, noise_mask, x0_guess, topk, top_p, temperature,
-                                           generator).prev_sample
-            else:
-                x_new = self.step(p_hat, t, s, x, noise_mask, generator).prev_sample
+            rows = sampler.rows(self, masked, t, s, k, noise, state)
+            p_hat, fresh = self._p_hat(sampler, denoise, x, t, attention_mask, masked, rows, state["filters"],
+                                       restrict, state, memo)
+            calls, rows_evaluated = calls + (fresh > 0), rows_evaluated + fresh
+            x_new = sampler.step(self, p_hat, t, s, x, noise_mask, k, noise, state).prev_sample
             if cache:
-                cache_x, cache_mask, cache_p = x, masked, p_hat
+                memo.update(x=x, rows=rows & masked.any(-1), p=p_hat, mask=masked & (rows & masked.any(-1))[:, None])
             x = x_new
         return SampleOutput(x, calls, rows_evaluated)

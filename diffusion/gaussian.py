@@ -36,6 +36,7 @@ from typing import Sequence
 
 import torch
 
+from .noise import as_noise
 from .outputs import SampleOutput, StepOutput
 from .respacing import parse_respacing
 
@@ -43,6 +44,7 @@ MAX_BETA = 0.999
 LOSS_AVERAGES = ("all", "target")
 NEIGHBOUR_MAPS = ("released", "complete")
 POST_TRAIN_PENALTIES = ("l2_noise_random", "self_renoise")  # the variants of post_train_loss
+GAUSSIAN_SOLVERS = ("ddpm", "ddim", "dpm_solver++")  # GaussianDiffusion.step
 
 
 def _betas_from_alphabar(fn, T: int) -> torch.Tensor:
@@ -416,64 +418,124 @@ class GaussianDiffusion:
             raise ValueError("the Gaussian step takes one t (and one s) for the whole batch")
         return int(first)
 
+    def lam(self, t: int) -> float:
+        """``lambda_t = log(alpha_t / sigma_t)`` with ``alpha_t = sqrt(alphabar_t)``, ``sigma_t = sqrt(1 - alphabar_t)``
+        (Lu et al. 2022, the half log-SNR); +inf at the data (t = -1)."""
+        ab = float(self.alphabar_at(torch.tensor(t)))
+        return math.inf if ab >= 1.0 else 0.5 * (math.log(ab) - math.log1p(-ab))
+
+    def _clamp(self, x0_hat, noise_mask, index, restricted):
+        """Clamping: each target vector of ``x0_hat`` to its L2-nearest row of ``index`` (``restricted = (where
+        [B, L] bool, index2)``: those positions to the nearest row of ``index2``). (x0_hat, tokens [N])."""
+        tokens = self.nearest_embedding(x0_hat[noise_mask], index)
+        if restricted is not None:
+            sel = restricted[0][noise_mask]
+            if bool(sel.any()):
+                tokens[sel] = self.nearest_embedding(x0_hat[noise_mask][sel], restricted[1])
+        x0_hat = x0_hat.clone()
+        x0_hat[noise_mask] = index.table[tokens].to(x0_hat.dtype)
+        return x0_hat, tokens
+
     def step(self, x0_hat: torch.Tensor, t, s, z_t: torch.Tensor, noise_mask: torch.Tensor, z_src: torch.Tensor,
-             embedding_table: torch.Tensor | EmbeddingIndex | None = None, generator=None) -> StepOutput:
+             embedding_table: torch.Tensor | EmbeddingIndex | None = None, generator=None, solver: str = "ddpm",
+             prev: tuple[torch.Tensor, int] | None = None, restricted=None) -> StepOutput:
         """One reverse step ``z_t -> z_s`` given the network's prediction ``x0_hat`` [B, L, D] of z0 at
         ``z_t`` [B, L, D]; never calls the network. ``t``, ``s``: one step of the grid for the whole batch
         (ints, or [B] tensors of one value), -1 <= s < t.
 
         1. With ``embedding_table`` [V, D] (or its :class:`EmbeddingIndex`, as :meth:`sample` passes it),
            each target vector of x0_hat is clamped to its L2-nearest row (DiffuSeq's clamping; without a
-           table, no clamping).
-        2. The posterior mean of ``q(z_s | z_t, x0_hat)`` (:meth:`posterior_coefficients`), plus
-           ``sqrt(beta) eps`` (DiffuSeq's fixed-large variance) unless s = -1.
+           table, no clamping). ``restricted``: ``(where [B, L] bool, EmbeddingIndex)``, positions clamped
+           to that index's rows instead.
+        2. ``solver`` (docs/algorithms.md §2.6):
+
+           * ``ddpm``: the posterior mean of ``q(z_s | z_t, x0_hat)`` (:meth:`posterior_coefficients`), plus
+             ``sqrt(beta) eps`` (DiffuSeq's fixed-large variance) unless s = -1;
+           * ``ddim`` (Song et al. 2021, Eq. 12 with eta = 0): ``alpha_s x0_hat + sigma_s eps_hat``,
+             ``eps_hat = (z_t - alpha_t x0_hat) / sigma_t``;
+           * ``dpm_solver++`` (Lu et al. 2022, Algorithm 2, DPM-Solver++(2M), data prediction):
+             ``z_s = (sigma_s / sigma_t) z_t - alpha_s (e^{-h} - 1) D`` with ``h = lambda_s - lambda_t``,
+             ``D = (1 + 1/(2r)) x0_hat - 1/(2r) x0_prev``, ``r = h_prev / h``; ``D = x0_hat`` at the first
+             step and at the last (s = -1, where z_s = x0_hat). ``prev``: (the previous step's clamped
+             x0_hat, its t).
         3. The source positions (outside ``noise_mask`` [B, L]) are reset to ``z_src`` [B, L, D].
 
-        Returns ``StepOutput(prev_sample=z_s [B, L, D], x0_tokens=[N] clamped tokens or None)``.
+        Returns ``StepOutput(prev_sample=z_s [B, L, D], x0_tokens=[N] clamped tokens or None, x0_hat)``.
         """
+        if solver not in GAUSSIAN_SOLVERS:
+            raise ValueError(f"unknown solver {solver!r}; choose one of {GAUSSIAN_SOLVERS}")
         t, s = self._one_step(t), self._one_step(s)
-        beta, coef_x0, coef_zt = (float(c) for c in self.posterior_coefficients(torch.tensor(t), torch.tensor(s)))
         x0_hat = x0_hat.to(z_t.dtype)
         tokens = None
         if embedding_table is not None:
             index = (embedding_table if isinstance(embedding_table, EmbeddingIndex)
                      else EmbeddingIndex.build(embedding_table, x0_hat.dtype))
-            tokens = self.nearest_embedding(x0_hat[noise_mask], index)
-            x0_hat = x0_hat.clone()
-            x0_hat[noise_mask] = index.table[tokens].to(x0_hat.dtype)
-        mean = coef_x0 * x0_hat + coef_zt * z_t
-        if s >= 0:
-            eps = torch.randn(z_t.shape, device=z_t.device, dtype=z_t.dtype, generator=generator)
-            mean = mean + math.sqrt(beta) * eps
-        return StepOutput(torch.where(noise_mask[..., None], mean, z_src), tokens)
+            x0_hat, tokens = self._clamp(x0_hat, noise_mask, index, restricted)
+        if solver == "ddpm":
+            beta, coef_x0, coef_zt = (float(c) for c in self.posterior_coefficients(torch.tensor(t), torch.tensor(s)))
+            z_s = coef_x0 * x0_hat + coef_zt * z_t
+            if s >= 0:
+                eps = as_noise(generator, z_t.shape[0], z_t.device).normal(z_t.shape[1:], z_t.dtype)
+                z_s = z_s + math.sqrt(beta) * eps
+        else:
+            z_s = self._deterministic_step(x0_hat, t, s, z_t, solver, prev)
+        return StepOutput(torch.where(noise_mask[..., None], z_s, z_src), tokens, x0_hat)
+
+    def _deterministic_step(self, x0_hat, t: int, s: int, z_t, solver: str, prev) -> torch.Tensor:
+        """DDIM (eta = 0) or DPM-Solver++(2M) from ``z_t`` to ``z_s`` (see :meth:`step`)."""
+        if s < 0:
+            return x0_hat  # sigma_s = 0: both land on the data prediction
+        ab_t, ab_s = (float(self.alphabar_at(torch.tensor(v))) for v in (t, s))
+        a_s, sig_t, sig_s = math.sqrt(ab_s), math.sqrt(1 - ab_t), math.sqrt(1 - ab_s)
+        if solver == "ddim":
+            eps_hat = (z_t - math.sqrt(ab_t) * x0_hat) / sig_t
+            return a_s * x0_hat + sig_s * eps_hat
+        h = self.lam(s) - self.lam(t)
+        d = x0_hat
+        if prev is not None:
+            r = (self.lam(t) - self.lam(prev[1])) / h
+            d = (1 + 1 / (2 * r)) * x0_hat - (1 / (2 * r)) * prev[0]
+        return (sig_s / sig_t) * z_t - a_s * math.expm1(-h) * d
 
     @torch.no_grad()
     def sample(self, denoiser, ids: torch.Tensor, noise_mask: torch.Tensor, timesteps=None, clamp: bool = True,
-               generator=None, exclude: Sequence[int] = ()) -> SampleOutput:
+               generator=None, exclude: Sequence[int] = (), solver: str = "ddpm",
+               restrict: tuple[torch.Tensor, torch.Tensor] | None = None) -> SampleOutput:
         """Generate the target region of ``ids`` [B, L] given its source (positions outside ``noise_mask``).
 
         The source comes from Emb and the target from N(0, I); then, for each step (t, s) of
         ``self.timesteps(timesteps)`` (a respacing spec; default all T steps): ``x0_hat = denoiser(z_t, t)``
-        and :meth:`step`. After the last step the target tokens are the L2-nearest embeddings of z_0
-        (the same rule as clamping, not DiffuSeq's dot-product argmax of the LM head).
-        ``exclude``: token ids that clamping and the final rounding never choose (e.g. the special tokens,
-        where the canvas fixes a row's end: its generated positions are then words).
+        and :meth:`step` with ``solver`` (``ddpm``, ``ddim``, ``dpm_solver++``). After the last step the target
+        tokens are the L2-nearest embeddings of z_0 (the same rule as clamping, not DiffuSeq's dot-product argmax
+        of the LM head). ``exclude``: token ids that clamping and the final rounding never choose (e.g. the
+        special tokens, where the canvas fixes a row's end: its generated positions are then words).
+        ``restrict``: ``(where [B, L] bool, tokens [V] bool)``: the positions ``where`` never take ``tokens``
+        either. ``generator``: a ``torch.Generator`` or a ``diffusion.noise.SampleNoise`` (per-sample normals).
         Returns ``SampleOutput(x0 [B, L], network_calls, row_evaluations, z0 [B, L, D])``.
         """
+        if solver not in GAUSSIAN_SOLVERS:
+            raise ValueError(f"unknown solver {solver!r}; choose one of {GAUSSIAN_SOLVERS}")
         grid = self.timesteps(timesteps)  # stays on the CPU: step takes (t, s) as ints
         B = ids.shape[0]
+        noise = as_noise(generator, B, ids.device)
         z_src = denoiser.embed(ids)
-        z = torch.randn(z_src.shape, device=ids.device, dtype=z_src.dtype, generator=generator)
-        z = torch.where(noise_mask[..., None], z, z_src)
-        table = EmbeddingIndex.build(denoiser.embedding_weight.detach(), z_src.dtype, exclude)  # once, not per step
+        z = torch.where(noise_mask[..., None], noise.normal(z_src.shape[1:], z_src.dtype), z_src)
+        weight = denoiser.embedding_weight.detach()
+        table = EmbeddingIndex.build(weight, z_src.dtype, exclude)  # once, not per step
+        restricted = None
+        if restrict is not None and bool(restrict[0].any()):
+            banned = tuple(exclude) + tuple(restrict[1].nonzero().squeeze(-1).tolist())
+            restricted = (restrict[0], EmbeddingIndex.build(weight, z_src.dtype, banned))
+        prev = None
         for k in range(len(grid) - 1):
+            t, s = int(grid[k]), int(grid[k + 1])
             x0_hat = denoiser(z, grid[k].to(ids.device).expand(B))  # the network sees t as [B]
-            out = self.step(x0_hat, int(grid[k]), int(grid[k + 1]), z, noise_mask, z_src,
-                            table if clamp else None, generator)
-            z = out.prev_sample
+            out = self.step(x0_hat, t, s, z, noise_mask, z_src, table if clamp else None, noise, solver, prev,
+                            restricted)
+            z, prev = out.prev_sample, (out.x0_hat, t)
         # with clamping the last step returns the clamped x0_hat itself (coef_x0 = 1, coef_zt = 0)
         x0 = ids.clone()
-        x0[noise_mask] = out.x0_tokens if clamp else self.nearest_embedding(z[noise_mask], table)
+        x0[noise_mask] = out.x0_tokens if clamp else self._clamp(z, noise_mask, table, restricted)[1]
         n = len(grid) - 1
         return SampleOutput(x0, n, n * B, z)
 

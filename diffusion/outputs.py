@@ -15,6 +15,8 @@ class StepOutput:
     prev_sample: torch.Tensor                # x_s [B, L] (absorbing) or z_s [B, L, D] (Gaussian)
     x0_tokens: torch.Tensor | None = None    # Gaussian with clamping: the tokens of the clamped x0_hat at
                                              # the N noised positions, [N] long, row-major; else None
+    x0_hat: torch.Tensor | None = None       # Gaussian: the (clamped) x0 prediction the step used, [B, L, D]
+                                             # (a multistep solver's history)
 
 
 @dataclass

@@ -73,11 +73,15 @@ def adaptive_decay_timesteps(T: int, n: int) -> list[int]:
 
 
 def parse_respacing(spec: str | None, T: int) -> list[int]:
-    """``full`` (or empty): all T steps; ``uniform_N``; ``adp_N``; or an explicit list ``"0,500,1999"``.
+    """``full`` (or None): all T steps; ``uniform_N``; ``adp_N``; or an explicit list ``"0,500,1999"``.
 
     The explicit list must hold distinct integers in ``[0, T)`` and include 0 (the last, noise-free step).
+    An empty spec is an error, not ``full``: it is more likely a lost shell variable than a choice.
     """
-    spec = (spec or "full").strip()
+    spec = "full" if spec is None else spec.strip()
+    if not spec:
+        raise ValueError("the respacing is empty: use full, uniform_N, adp_N or a comma-separated list of steps "
+                         "(or leave it out for full)")
     if spec == "full":
         return list(range(T))
     for prefix, fn in (("uniform_", uniform_timesteps), ("adp_", adaptive_decay_timesteps)):

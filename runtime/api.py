@@ -21,7 +21,8 @@ one resets them to their embeddings after every step. :meth:`Model.generate` run
   model places [SEP] and the padding; with a ``length`` the [SEP] and [PAD]s are fixed, and then a generated
   position never becomes a special token (clamping skips them), so the text has exactly that many
   wordpieces. Steps: ``respacing``.
-* seq2seq: ``[CLS] src [SEP]`` fixed and the rest of the canvas generated (:meth:`Model.decode`).
+* seq2seq: ``[CLS] src [SEP]`` (the run's ``--canvas released``: ``[CLS] prompt(src)``) fixed and the rest of
+  the canvas, the checkpoint's max_len, generated (:meth:`Model.decode`).
 * a template: ``[CLS] template [SEP]``, fixed except its [MASK]s; one with no [MASK] is its own output
   (its tokenisation decoded), without a network call.
 
@@ -32,8 +33,9 @@ left uncut: ``decode`` never cuts one, and refuses one longer than max_len - 2):
 target region with its [SEP] kept and its trailing [PAD]s dropped (``evaluation.seq2seq.strip_special``
 removes the special tokens as the metrics do). An lm text is the wordpieces between [CLS] and its [SEP]
 (gaussian, open-ended: the first generated [SEP] or [PAD]) decoded without special tokens, single-spaced.
-Batch b draws from a generator of its own, seeded with (seed, b) (``dist.map_batches``): the same call gives
-the same strings again, on any number of ranks.
+Row i draws its random numbers from (seed, i) (``diffusion.noise.SampleNoise``): the same call gives the same
+strings again, on any number of ranks and with any ``batch_size`` (up to floating-point ties of the network's
+output across batch shapes; docs/running.md, "Batch-size invariance").
 
 A bad request is a ``UserError`` of one line that names the keyword argument. The scripts' checks are
 these same ones, naming the scripts' flags instead (``load(..., flags=True)``).
@@ -42,19 +44,22 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import sys
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
 import torch
 
-from diffusion import SAMPLERS, SampleOutput
+from diffusion import GAUSSIAN_SOLVERS, SAMPLERS, SampleNoise, SampleOutput, make_sampler
 from runtime import dist
 from runtime.assemble import WEIGHTS, Loaded, load_for_inference
-from runtime.canvas import SLOT, Row, lay_out, text_end, wordpieces
+from runtime.canvas import SLOT, Row, lay_out, template_cells, text_end, word_start_mask, wordpieces
 from common.errors import UserError
 
 # the scripts' flag for an option whose flag is not --<keyword>
 FLAGS = {"respacing": "--decode_respacing", "cache=False": "--no_cache", "templates": "--template"}
+# the sampler's options (keyword arguments of sample/infill/decode; the scripts' flags of the same names)
+SAMPLER_OPTIONS = ("order", "threshold", "remask", "eta")
 # absorbing: the default number of steps of each task (predict.py's and predict_downstream_condition.py's)
 DEFAULT_STEPS = {"lm": 128, "seq2seq": 200}
 
@@ -65,7 +70,7 @@ class Decoding:
     setting: str                                 # in the decoder's default output folder name
     steps: int | None                            # absorbing: iterations; gaussian: None (see report)
     use_cache: bool
-    sample: Callable[..., SampleOutput]          # (ids, attention_mask, noise_mask, generator) -> SampleOutput
+    sample: Callable[..., SampleOutput]          # (ids, attention_mask, noise_mask, noise, restrict) -> SampleOutput
     report: dict = field(default_factory=dict)   # extra keys of decode.json / predict.py's json
 
 
@@ -92,10 +97,7 @@ def load(path: str, device: str | torch.device = "auto", *, weights: str = "ema"
     if weights not in WEIGHTS:
         raise UserError(f"weights must be one of {', '.join(WEIGHTS)}, got {weights!r}")
     if info is None:
-        try:
-            info = dist.DistInfo(device=dist.pick_device(device))
-        except RuntimeError as e:
-            raise UserError(f"device {device!r}: {e}") from e
+        info = dist.DistInfo(device=dist.pick_device(device, flag="device"))
     run = load_for_inference(path, info.device, prefer, task=task, weights=weights)
     return Model(run, info, weights, flags)
 
@@ -191,12 +193,15 @@ class Model:
 
     # ------------------------------------------------------------------------ how: one function per process
     def decoding(self, steps: int | None = None, respacing=None, sampler: str = "ours", topk: int = 0,
-                 top_p: float = 1.0, temperature: float = 1.0, cache: bool = True,
-                 start_id: int | None = None) -> Decoding:
+                 top_p: float = 1.0, temperature: float = 1.0, cache: bool = True, start_id: int | None = None, *,
+                 order: str | None = None, threshold: float | None = None, remask: str | None = None,
+                 eta: float | None = None, solver: str | None = None) -> Decoding:
         """Check generation settings against this checkpoint (see :meth:`sample` and :meth:`decode`).
         ``start_id``: absorbing with the released sampler only, the token the chain starts from instead of
-        [MASK] (103 is the released seq2seq decoder's, whatever the tokenizer)."""
+        [MASK] (103 is the released seq2seq decoder's, whatever the tokenizer). ``order``, ``threshold``,
+        ``remask``, ``eta``: the sampler's options (:func:`diffusion.make_sampler`); ``solver``: gaussian."""
         self._check_filters(sampler, topk, top_p, temperature)
+        options = {"order": order, "threshold": threshold, "remask": remask, "eta": eta}
         if start_id is not None:
             n = self._name
             if self.process != "absorbing" or sampler != "released":
@@ -205,10 +210,23 @@ class Model:
             if not 0 <= start_id < len(self.tokenizer):
                 raise UserError(f"{n('start_id')} must be a token id of the checkpoint's tokenizer (0 to "
                                 f"{len(self.tokenizer) - 1}), got {start_id}")
-            d = DECODINGS[self.process](self, steps, respacing, sampler, topk, top_p, temperature, cache)
+            d = DECODINGS[self.process](self, steps, respacing, sampler, topk, top_p, temperature, cache, options,
+                                        solver)
             return dataclasses.replace(d, setting=f"{d.setting}_start{start_id}", report={**d.report, "start_id": start_id},
-                                       sample=lambda ids, att, noise, gen: d.sample(ids, att, noise, gen, start_id=start_id))
-        return DECODINGS[self.process](self, steps, respacing, sampler, topk, top_p, temperature, cache)
+                                       sample=lambda ids, att, noise, gen, restrict=None: d.sample(
+                                           ids, att, noise, gen, restrict, start_id=start_id))
+        return DECODINGS[self.process](self, steps, respacing, sampler, topk, top_p, temperature, cache, options,
+                                       solver)
+
+    @property
+    def continuation_tokens(self) -> torch.Tensor:
+        """[V] bool over the denoiser's vocabulary: the tokenizer's continuation pieces (``##...``)."""
+        den = self.run.denoiser
+        V = den.vocab_size if hasattr(den, "vocab_size") else den.embedding_weight.shape[0]
+        mask = torch.zeros(V, dtype=torch.bool)
+        ids = [i for piece, i in self.tokenizer.get_vocab().items() if piece.startswith("##") and i < V]
+        mask[ids] = True
+        return mask
 
     # ------------------------------------------------------------------------ what: canvas rows
     def lm_rows(self, num_samples: int, length=None, prompt: str | None = None, max_len: int | None = None,
@@ -262,19 +280,20 @@ class Model:
         lengths = self._lengths(length, max_len - 2)
         rows = []
         for i, text in enumerate(templates):
-            cells = wordpieces(tok, text, f"template {i}", slots=True)
+            cells, starts = template_cells(tok, text, f"template {i}")
             if len(cells) > max_len - 2:
                 raise UserError(f"template {i} is {len(cells)} wordpieces; the checkpoint's canvas holds max_len="
                                 f"{max_len}, so a template may take at most {max_len - 2} besides [CLS] and [SEP]")
             if lengths and any(v != len(cells) for v in lengths):
                 raise UserError(f"{n('length')} {','.join(map(str, lengths))} conflicts with template {i}, which is "
                                 f"{len(cells)} wordpieces (a template's tokens and {tok.mask_token}s fix its length)")
-            rows += [Row((tok.cls_token_id, *cells, tok.sep_token_id))] * num_samples
+            rows += [Row((tok.cls_token_id, *cells, tok.sep_token_id), word_starts=starts)] * num_samples
         return rows
 
     def source_ids(self, sources: Sequence[str]) -> list[list[int]]:
-        """``[CLS] src [SEP]`` token ids of each source string, tokenised as the pair data is
-        (``conditional_data.tokenize_pairs``) and never cut: a source must leave room on the canvas for a
+        """The source cells of each string on the checkpoint's canvas (``[CLS] src [SEP]``, or with
+        ``--canvas released`` DiffusionBERT's ``[CLS] prompt(src)``), tokenised as the pair data is
+        (``conditional_data.source_ids``) and never cut: a source must leave room on the canvas for a
         target token and its [SEP], as every training source did."""
         if isinstance(sources, str) or not isinstance(sources, Sequence):
             raise UserError(f"sources must be a list of strings, got {type(sources).__name__}")
@@ -284,20 +303,23 @@ class Model:
             if not isinstance(s, str) or not s.strip():
                 raise UserError(f"source {i} is {'empty' if isinstance(s, str) else type(s).__name__}, "
                                 "not a non-empty string")
-        tok, max_len = self.tokenizer, self.run.cfg.max_len
-        words = tok(list(sources), add_special_tokens=False, truncation=False, verbose=False)["input_ids"]
-        ids = [[tok.cls_token_id, *w, tok.sep_token_id] for w in words]
+        from conditional_data import source_ids
+        cfg = self.run.cfg
+        max_len = cfg.max_len
+        ids = source_ids(self.tokenizer, list(sources), cfg.canvas, cfg.dataset)
         for i, x in enumerate(ids):
             if len(x) > max_len - 2:
-                raise UserError(f"source {i} is {len(x)} tokens with [CLS] and [SEP]; the checkpoint's canvas holds "
+                with_ = "with [CLS] and [SEP]" if cfg.canvas == "ours" else "with [CLS] and the prompt"
+                raise UserError(f"source {i} is {len(x)} tokens {with_}; the checkpoint's canvas holds "
                                 f"max_len={max_len}, and a source may take at most {max_len - 2} to leave room for "
                                 "the target")
         return ids
 
     @staticmethod
     def source_rows(src_ids: Sequence[Sequence[int]]) -> list[Row]:
-        """``[CLS] src [SEP]`` fixed, the rest of the canvas generated (``conditional_data.PairCollator`` with an
-        empty target: what the target region held never matters, it is noised whole)."""
+        """The source cells (``[CLS] src [SEP]``, or ``[CLS] prompt(src)``) fixed, the rest of the canvas generated
+        (``conditional_data.PairCollator`` with an empty target: what the target region held never matters, it is
+        noised whole)."""
         return [Row(tuple(x), open=True) for x in src_ids]
 
     # ------------------------------------------------------------------------ the one loop
@@ -328,11 +350,20 @@ class Model:
             work.sort(key=lambda i: len(rows[i].cells))  # stable
         fill = tok.mask_token_id if tok.mask_token_id is not None else tok.pad_token_id
 
+        continuation = None
+
         def generate_batch(b: int, gen: torch.Generator):
-            """Batch b: ([[row index, text, canvas], ...], network calls, sequence evaluations): JSON as it is."""
+            """Batch b: ([[row index, text, canvas], ...], network calls, sequence evaluations): JSON as it is. The
+            draws of row i are those of (seed, i) (``diffusion.noise.SampleNoise``), whatever batch it is in."""
+            nonlocal continuation
             idx = work[b * batch_size:(b + 1) * batch_size]
-            ids, att, noise = (x.to(device) for x in lay_out([rows[i] for i in idx], tok.pad_token_id, fill, width))
-            out = decoding.sample(ids, att, noise, gen)
+            batch = [rows[i] for i in idx]
+            ids, att, noise = (x.to(device) for x in lay_out(batch, tok.pad_token_id, fill, width))
+            where, restrict = word_start_mask(batch, ids.shape[1]), None
+            if where is not None:
+                continuation = self.continuation_tokens if continuation is None else continuation
+                restrict = (where.to(device), continuation.to(device))
+            out = decoding.sample(ids, att, noise, SampleNoise(seed, idx, device), restrict)
             done = [[i, self._read(rows[i], x0), x0] for i, x0 in zip(idx, out.x0.cpu().tolist())]
             return done, out.network_calls, out.row_evaluations
 
@@ -353,7 +384,7 @@ class Model:
     def sample(self, num_samples: int, *, steps: int | None = None, respacing=None, seed: int = 42,
                batch_size: int = 32, sampler: str = "ours", topk: int = 0, top_p: float = 1.0,
                temperature: float = 1.0, length=None, prompt: str | None = None, max_len: int | None = None,
-               cache: bool = True) -> list[str]:
+               cache: bool = True, **options) -> list[str]:
         """``num_samples`` strings from an lm checkpoint (predict.py's lines for the same arguments).
 
         Absorbing: ``steps`` iterations over a grid of 0..T (default 128, at most T). ``sampler``: ``ours``
@@ -368,24 +399,29 @@ class Model:
         default: absorbing, drawn from the training lengths; gaussian, where the model puts [SEP].
         ``prompt``: every sample starts with these wordpieces (counted in ``length``); without a length,
         absorbing lengths are drawn from the training lengths longer than the prompt.
-        The output depends on ``seed`` and ``batch_size``. Under a torchrun ``info``, ranks other than 0 get None.
+        ``options``: the sampler's (``order``, ``threshold``, ``remask``, ``eta``; :func:`diffusion.make_sampler`)
+        or, gaussian, ``solver`` (``ddpm``, the default; ``ddim``; ``dpm_solver++``).
+        Sample i depends on (checkpoint, ``seed``, i, settings), not on ``batch_size`` (docs/running.md: up to
+        floating-point ties). Under a torchrun ``info``, ranks other than 0 get None.
         """
         rows = self.lm_rows(num_samples, length, prompt, max_len, seed)
-        out = self.generate(rows, self.decoding(steps, respacing, sampler, topk, top_p, temperature, cache), seed,
-                            batch_size)
+        out = self.generate(rows, self.decoding(steps, respacing, sampler, topk, top_p, temperature, cache, **options),
+                            seed, batch_size)
         return None if out is None else out.texts
 
     def infill(self, templates: Sequence[str], *, num_samples: int = 1, length=None, steps: int | None = None,
                respacing=None, seed: int = 42, batch_size: int = 32, sampler: str = "ours", topk: int = 0,
-               top_p: float = 1.0, temperature: float = 1.0, cache: bool = True) -> list[str]:
+               top_p: float = 1.0, temperature: float = 1.0, cache: bool = True, **options) -> list[str]:
         """Fill in the [MASK]s of each template (an lm checkpoint): ``num_samples`` strings per template,
         template-major. Every other wordpiece of a template stays as the checkpoint's tokenizer gives it, at every
         step; a template without [MASK] comes back as its own tokenisation, decoded. ``length`` is only a check:
-        it must equal each template's wordpiece count. The other options are :meth:`sample`'s.
+        it must equal each template's wordpiece count. A slot that begins a word (after a space, or first) never
+        takes a continuation piece (``##...``); write ``word[MASK]`` to let it continue the word. The other options
+        are :meth:`sample`'s.
         """
         rows = self.template_rows(templates, num_samples, length)
-        out = self.generate(rows, self.decoding(steps, respacing, sampler, topk, top_p, temperature, cache), seed,
-                            batch_size)
+        out = self.generate(rows, self.decoding(steps, respacing, sampler, topk, top_p, temperature, cache, **options),
+                            seed, batch_size)
         return None if out is None else out.texts
 
     def decode_batches(self, src_ids: Sequence[Sequence[int]], decoding: Decoding, seed: int = 42,
@@ -398,7 +434,7 @@ class Model:
 
     def decode(self, sources: Sequence[str], *, steps: int | None = None, respacing=None, seed: int = 42,
                batch_size: int = 32, sampler: str = "ours", topk: int = 0, top_p: float = 1.0,
-               temperature: float = 1.0, cache: bool = True) -> list[str]:
+               temperature: float = 1.0, cache: bool = True, **options) -> list[str]:
         """One output string per source from a seq2seq checkpoint (the ``recover`` fields that
         predict_downstream_condition.py writes to ``seed<seed>.jsonl`` for these sources).
 
@@ -407,47 +443,82 @@ class Model:
         position at the last step), ``topk``/``top_p``/``temperature`` and ``cache`` as in :meth:`sample`.
         Gaussian (DiffuSeq): the steps of ``respacing`` (``full``, the default; ``uniform_N``; ``adp_N``, Tang
         et al.'s adaptive decay; or a comma-separated list), with clamping; the absorbing options are
-        refused. The output depends on ``seed`` and ``batch_size``. Under a torchrun ``info``, ranks other
-        than 0 get None.
+        refused; ``options`` as in :meth:`sample`. Output i depends on (checkpoint, ``seed``, i, settings). Under a
+        torchrun ``info``, ranks other than 0 get None.
         """
         self._need_task("seq2seq", "decode")
-        decoding = self.decoding(steps, respacing, sampler, topk, top_p, temperature, cache)
+        decoding = self.decoding(steps, respacing, sampler, topk, top_p, temperature, cache, **options)
         out = self.decode_batches(self.source_ids(sources), decoding, seed, batch_size)
         return None if out is None else out.texts
 
 
 # ---------------------------------------------------------------------------- per-process decoding
-def absorbing_decoding(m: Model, steps, respacing, sampler, topk, top_p, temperature, cache) -> Decoding:
-    """DiffusionBERT: ``steps`` iterations (default 128 for lm, 200 for seq2seq) with ``sampler``, its filters
-    and the cache. The released seq2seq sampler also redraws every target position at the last step."""
+def default_steps(m: Model) -> int:
+    """The task's default number of absorbing steps, or T where the checkpoint has fewer (one note saying so)."""
+    steps, T = DEFAULT_STEPS[m.task], m.run.cfg.num_steps
+    if steps > T:
+        if m.info.is_main:
+            print(f"note: {m._name('steps')} defaults to {steps}, more than the checkpoint's T={T} diffusion steps; "
+                  f"sampling with {T}", file=sys.stderr, flush=True)
+        steps = T
+    return steps
+
+
+def absorbing_decoding(m: Model, steps, respacing, sampler, topk, top_p, temperature, cache, options,
+                       solver=None) -> Decoding:
+    """DiffusionBERT: ``steps`` iterations (default 128 for lm, 200 for seq2seq) with ``sampler`` (its ``options``),
+    its filters and the cache. The released seq2seq sampler also redraws every target position at the last step."""
     n, run = m._name, m.run
     if respacing is not None or m.weights != "ema":
         raise UserError(f"{n('respacing')} and {n('weights')} are for gaussian (DiffuSeq) checkpoints; "
                         f"an absorbing checkpoint takes {n('steps')}")
-    steps = DEFAULT_STEPS[m.task] if steps is None else steps
+    if solver is not None:
+        raise UserError(f"{n('solver')} is for gaussian (DiffuSeq) checkpoints; an absorbing checkpoint decodes with "
+                        f"{n('sampler')}")
+    steps = default_steps(m) if steps is None else steps
     m._at_least_one(steps=steps)
     run.check_steps(steps, n("steps"))
-    use_cache = cache and run.denoiser.time_agnostic
     final_x0 = sampler == "released" and m.task == "seq2seq"
+    try:
+        rule = make_sampler(sampler, **options, final_x0=final_x0, names={k: n(k) for k in ("sampler", *SAMPLER_OPTIONS)})
+        rule.check(run.diffusion)
+    except ValueError as e:
+        raise UserError(f"{n('sampler')} {sampler}: {e}") from e
+    use_cache = cache and run.denoiser.time_agnostic
 
-    def sample(ids, att, noise, gen, start_id=None):
+    def sample(ids, att, noise, gen, restrict=None, start_id=None):
         return run.diffusion.sample(run.denoiser, ids, noise, att, steps, topk, top_p, temperature, cache=use_cache,
-                                    generator=gen, sampler=sampler, final_x0=final_x0, start_id=start_id)
-    return Decoding(f"steps{steps}", steps, use_cache, sample)
+                                    generator=gen, sampler=rule, start_id=start_id, restrict=restrict)
+    report = {k: getattr(rule, k) for k in ("order", "threshold", "schedule", "eta") if hasattr(rule, k)}
+    report = {("remask" if k == "schedule" else k): v for k, v in report.items()}
+    return Decoding(f"steps{steps}{_setting_suffix(sampler, report)}", steps, use_cache, sample, report)
 
 
-def gaussian_decoding(m: Model, steps, respacing, sampler, topk, top_p, temperature, cache) -> Decoding:
-    """DiffuSeq: the steps of ``respacing``, with clamping; the absorbing sampler's options are refused. Rows
-    whose end is fixed (the canvas's last position is not generated: a length or a template) clamp to words
-    only (the special tokens are excluded from the clamping table); open rows (a source, an lm without a length)
-    may generate [SEP] and [PAD]."""
+def _setting_suffix(sampler: str, report: dict) -> str:
+    """What the decoder's folder name adds for a sampler other than ours and released (``_confidence-margin``)."""
+    if sampler in ("ours", "released"):
+        return ""
+    return "_" + "-".join([sampler, *(str(v) for v in report.values())])
+
+
+def gaussian_decoding(m: Model, steps, respacing, sampler, topk, top_p, temperature, cache, options,
+                      solver=None) -> Decoding:
+    """DiffuSeq: the steps of ``respacing`` with ``solver`` (``ddpm``, the default), with clamping; the absorbing
+    sampler's options are refused. Rows whose end is fixed (the canvas's last position is not generated: a length
+    or a template) clamp to words only (the special tokens are excluded from the clamping table); open rows (a
+    source, an lm without a length) may generate [SEP] and [PAD]."""
     n, run = m._name, m.run
     if steps is not None:
         raise UserError(f"{run.ckpt_dir} is a gaussian (DiffuSeq) checkpoint: choose its steps with "
                         f"{m._setting('respacing', f'uniform_{steps}')} (or adp_N, full), not {n('steps')}")
-    if topk or top_p != 1.0 or temperature != 1.0 or not cache or sampler != "ours":
-        raise UserError(f"{n('topk')}, {n('top_p')}, {n('temperature')}, {n('sampler')} and {n('cache=False')} are "
-                        "absorbing-sampler flags; a gaussian checkpoint samples with clamping")
+    if (topk or top_p != 1.0 or temperature != 1.0 or not cache or sampler != "ours"
+            or any(v is not None for v in options.values())):
+        raise UserError(f"{n('topk')}, {n('top_p')}, {n('temperature')}, {n('sampler')} (and its options) and "
+                        f"{n('cache=False')} are absorbing-sampler flags; a gaussian checkpoint samples with clamping "
+                        f"and {n('solver')}")
+    solver = solver or "ddpm"
+    if solver not in GAUSSIAN_SOLVERS:
+        raise UserError(f"{n('solver')} must be one of {', '.join(GAUSSIAN_SOLVERS)}, got {solver!r}")
     try:
         grid = run.diffusion.timesteps(respacing)
     except (ValueError, TypeError) as e:
@@ -455,13 +526,15 @@ def gaussian_decoding(m: Model, steps, respacing, sampler, topk, top_p, temperat
     kept = grid[:-1].flip(0).tolist()  # the kept steps, ascending
     special = tuple(m.tokenizer.all_special_ids)
 
-    def sample(ids, att, noise, gen):
+    def sample(ids, att, noise, gen, restrict=None):
         closed = ~noise[:, -1]
         if bool(closed.any()) and not bool(closed.all()):
             raise ValueError("rows whose end is fixed and rows whose end is generated cannot share a batch")
         return run.diffusion.sample(run.denoiser, ids, noise, kept, generator=gen,
-                                    exclude=special if bool(closed.all()) else ())
-    return Decoding(f"respacing{respacing or 'full'}", None, False, sample, {"timesteps": kept})
+                                    exclude=special if bool(closed.all()) else (), solver=solver, restrict=restrict)
+    suffix = "" if solver == "ddpm" else f"_{solver}"
+    return Decoding(f"respacing{respacing or 'full'}{suffix}", None, False, sample,
+                    {"timesteps": kept, "solver": solver})
 
 
 DECODINGS = {"absorbing": absorbing_decoding, "gaussian": gaussian_decoding}

@@ -73,7 +73,9 @@ def _diffuseq_from_config(cfg: TrainConfig, hf_config, tokenizer) -> DiffuSeqTra
 def _bert_initial(cfg: TrainConfig, log):
     """DiffusionBERT's network: a pretrained (or --from_scratch) BERT-family masked LM; weights the pretrained
     checkpoint lacks (a new masked-LM head) are drawn from the global RNG."""
-    mlm, tokenizer, model_path = load_masked_lm(cfg.model_name_or_path, cfg.from_scratch, log=log)
+    shape = {hf: getattr(cfg, k) for k, hf in (("hidden_size", "hidden_size"), ("num_layers", "num_hidden_layers"),
+                                                ("num_heads", "num_attention_heads")) if getattr(cfg, k) is not None}
+    mlm, tokenizer, model_path = load_masked_lm(cfg.model_name_or_path, cfg.from_scratch, log=log, shape=shape)
     check_tokenizer(tokenizer, mlm.config.vocab_size, model_path)
     if cfg.max_len + (cfg.time_conditioning == "token") > mlm.config.max_position_embeddings:
         raise UserError(f"--max_len {cfg.max_len} exceeds the model's {mlm.config.max_position_embeddings} positions")
@@ -87,11 +89,27 @@ def _bert_initial(cfg: TrainConfig, log):
 def _diffuseq_initial(cfg: TrainConfig, log):
     """DiffuSeq's network: a transformer trained from scratch, with the tokenizer of --model_name_or_path."""
     tokenizer, model_path = load_tokenizer(cfg.model_name_or_path)
+    check_canvas_memory(cfg, len(tokenizer))
     denoiser = build_gaussian_denoiser(cfg, len(tokenizer))
     n = sum(p.numel() for p in denoiser.parameters())
     log(f"model: DiffuSeq transformer from scratch, {n / 1e6:.2f}M parameters (emb {cfg.emb_dim}, hidden "
         f"{cfg.hidden_size}, {cfg.num_layers} layers, {cfg.num_heads} heads, vocab {len(tokenizer)} from {model_path})")
     return denoiser, tokenizer, model_path, denoiser.config
+
+
+def check_canvas_memory(cfg: TrainConfig, vocab_size: int) -> None:
+    """A gaussian canvas of --max_len positions must fit the device: every position of a micro-batch goes through
+    the rounding head, whose logits [B, L, V] (float32) and their gradient alone take 8 B L V bytes; refuse a
+    --max_len for which that lower bound exceeds the device's whole memory (it would fail after the data work)."""
+    from runtime.dist import memory_bytes, pick_device
+    device = pick_device(cfg.device)
+    need, have = 8 * cfg.batch_size * cfg.max_len * vocab_size, memory_bytes(device)
+    if need > have:
+        longest = have // (8 * cfg.batch_size * vocab_size)
+        raise UserError(f"--max_len {cfg.max_len}: a micro-batch of {cfg.batch_size} canvases needs at least "
+                        f"{need / 2**30:.0f} GiB for the rounding head's logits [B, L, V] = [{cfg.batch_size}, "
+                        f"{cfg.max_len}, {vocab_size}] and their gradient, more than the {have / 2**30:.0f} GiB of "
+                        f"{device.type}; at this --batch_size --max_len must be at most {longest}")
 
 
 @dataclass(frozen=True)
@@ -174,9 +192,11 @@ def load_task_data(cfg: TrainConfig, tokenizer, splits=("train", "valid"), log=p
     from conditional_data import PairCollator, load_pair_splits, tokenize_pairs
     raw = load_pair_splits(cfg.dataset, cfg.data_files, cfg.data_dir, splits=tuple(splits), log=log,
                            skip_bad_lines=cfg.skip_bad_lines)
-    data = tokenize_pairs(raw, tokenizer, cfg.max_len, log=log)
-    # DiffuSeq style: every row is a max_len canvas and the model generates the target's padding
-    return data, PairCollator(tokenizer.pad_token_id, canvas_len=cfg.max_len)
+    pad_to, truncation = cfg.seq2seq_layout()
+    data = tokenize_pairs(raw, tokenizer, cfg.max_len, log=log, canvas=cfg.canvas, truncation=truncation,
+                          dataset=cfg.dataset)
+    # the model generates the target's padding: to the batch's longest row (DiffusionBERT) or max_len (DiffuSeq)
+    return data, PairCollator(tokenizer.pad_token_id, canvas_len=None if pad_to == "longest" else cfg.max_len)
 
 
 def load_for_inference(path: str, device: torch.device, prefer: str = "best", task: str = "lm",

@@ -12,6 +12,7 @@ such a row:
     gaussian lm, no length           [CLS]                             open
     gaussian lm, prompt p            [CLS] p                           open
     seq2seq source                   [CLS] src [SEP]                   open
+    seq2seq source, released canvas  [CLS] prompt(src)                 open    (DiffusionBERT's layout)
 
 :func:`lay_out` turns rows into the tensors that a process's ``sample`` takes. A fixed width (the
 checkpoint's max_len: every seq2seq checkpoint and a gaussian lm, as ``PairCollator`` and the gaussian lm
@@ -20,6 +21,7 @@ the canvas is the batch's longest row and attends to each row's cells only.
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -34,6 +36,7 @@ SLOT = None  # a cell the process generates
 class Row:
     cells: tuple            # token ids (fixed) and SLOTs (generated), [CLS] first
     open: bool = False      # the positions after the cells are generated too (else fixed [PAD]s)
+    word_starts: tuple = () # SLOT cells that begin a word: never a continuation piece (##...) there
 
     @property
     def generates(self) -> bool:
@@ -68,6 +71,17 @@ def lay_out(rows: Sequence[Row], pad_id: int, fill_id: int, width: int | None = 
     return ids, att, noise
 
 
+def word_start_mask(rows: Sequence[Row], width: int) -> torch.Tensor | None:
+    """[B, width] bool: the rows' ``word_starts`` cells (positions that never take a continuation piece); None if
+    no row has one."""
+    if not any(r.word_starts for r in rows):
+        return None
+    where = torch.zeros((len(rows), width), dtype=torch.bool)
+    for i, r in enumerate(rows):
+        where[i, list(r.word_starts)] = True
+    return where
+
+
 def text_end(row: Row, x0: Sequence[int], stop_ids: Sequence[int]) -> int:
     """Where the text of a generated row ``x0`` (ids [L]) ends: at a closed row's own [SEP] (its last cell), or
     at an open row's first ``stop_ids`` token ([SEP], [PAD]) among the generated tail (the canvas end if none)."""
@@ -75,6 +89,22 @@ def text_end(row: Row, x0: Sequence[int], stop_ids: Sequence[int]) -> int:
         return len(row.cells) - 1
     stops = set(stop_ids)
     return next((i for i in range(len(row.cells), len(x0)) if x0[i] in stops), len(x0))
+
+
+def template_cells(tokenizer, text: str, what: str) -> tuple[list, tuple]:
+    """A template's cells (:func:`wordpieces` with its [MASK]s as SLOTs) and its word starts: the indices of the
+    SLOTs that begin a new word (the first cell, or after a space: ``the [MASK]``, not ``the[MASK]``), where
+    a continuation piece would glue a fragment onto the word before (``the ##cin`` reads ``thecin``).
+    A [MASK] directly after a word (no space) may continue it."""
+    cells = wordpieces(tokenizer, text, what, slots=True)
+    if getattr(tokenizer, "is_fast", False):
+        spans = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True, verbose=False)["offset_mapping"]
+        spaced = [j == 0 or spans[j - 1][1] < spans[j][0] for j in range(len(cells))]
+    else:  # no offsets: every slot after a given token is taken to start a word
+        spaced = [True] * len(cells)
+    starts = tuple(j + 1 for j, c in enumerate(cells)  # + 1: [CLS] is cell 0 of the row
+                   if c is SLOT and (j == 0 or (cells[j - 1] is not SLOT and spaced[j])))
+    return cells, starts
 
 
 def wordpieces(tokenizer, text: str, what: str, slots: bool) -> list:
@@ -85,6 +115,11 @@ def wordpieces(tokenizer, text: str, what: str, slots: bool) -> list:
     [MASK] slot ([CLS], [SEP], [PAD], [UNK] typed out; [MASK] in a prompt)."""
     if not isinstance(text, str) or not text.strip():
         raise UserError(f"{what} is {'empty' if isinstance(text, str) else type(text).__name__}, not a non-empty string")
+    if slots and tokenizer.mask_token is not None:
+        for m in re.finditer(r"\[\s*mask\s*\]", text, flags=re.IGNORECASE):
+            if m.group(0) != tokenizer.mask_token:
+                raise UserError(f"{what} {text!r}: {m.group(0)!r} is not a slot; a position to generate is written "
+                                f"{tokenizer.mask_token} exactly")
     fast = getattr(tokenizer, "is_fast", False)
     enc = tokenizer(text, add_special_tokens=False, truncation=False, verbose=False, return_offsets_mapping=fast)
     ids, mask_id = enc["input_ids"], tokenizer.mask_token_id

@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
+import os
 from dataclasses import dataclass, field
 
 from common.cli import make_parser, other_steps
 from common.errors import UserError, require_at_least_one
+from conditional_data.pairs import CANVASES, TRUNCATIONS
 from diffusion.absorbing import LOSS_WEIGHTINGS
 from diffusion.gaussian import GAUSSIAN_SCHEDULES, LOSS_AVERAGES, NEIGHBOUR_MAPS
 from diffusion.schedules import SCHEDULES, SPINDLE_FORMS
@@ -40,7 +43,9 @@ class TrainConfig:
     # model
     model_name_or_path: str = opt("minilm", "hub id, local directory, or 'minilm' (offline all-MiniLM-L6-v2); "
                                   "with --process gaussian only its tokenizer is used")
-    from_scratch: bool = opt(False, "same config, randomly initialised weights")
+    from_scratch: bool = opt(False, "randomly initialised weights: the config of --model_name_or_path, or the shape "
+                             "given by --hidden_size/--num_layers/--num_heads (e.g. a small absorbing model: "
+                             "--from_scratch --hidden_size 128 --num_layers 2 --num_heads 2)")
     time_conditioning: str = opt("none", "none (time-agnostic decoding), token, or layerwise",
                                  choices=TIME_CONDITIONING)
     # data
@@ -52,6 +57,18 @@ class TrainConfig:
     data_dir: str = opt("data", "where the offline corpus is written")
     max_len: int = opt(64, "maximum wordpieces per example, [CLS] and [SEP] included (gaussian and seq2seq: "
                        "every row is a canvas of this length)")
+    canvas: str = opt("ours", "seq2seq layout: ours ([CLS] src [SEP] trg [SEP]) or released (DiffusionBERT's "
+                      "dataloader.py: [CLS] src trg [SEP], no separator, the source in the task's prompt text: qqp "
+                      "'\"src\" is equal to \"', quasar_t ' Answer: src Question: ', wiki_auto, "
+                      "commonsense_conversation; absorbing only)", choices=CANVASES)
+    pad_to: str = opt("auto", "seq2seq batch width: longest (the batch's longest pair, DiffusionBERT's pad_sequence) "
+                      "or max_len (every row a --max_len canvas, DiffuSeq's); the target region runs to the end of "
+                      "the row either way, so the model generates the padding; auto: longest for absorbing, "
+                      "max_len for gaussian", choices=("auto", "longest", "max_len"))
+    truncation: str = opt("auto", "how a seq2seq pair longer than --max_len is cut: ours (the source first, never "
+                          "below max_len // 2 tokens) or diffuseq (DiffuSeq's text_datasets.py: the longer side "
+                          "loses its last word until the words fit max_len - 5); auto: diffuseq for gaussian, "
+                          "ours for absorbing", choices=("auto", *TRUNCATIONS))
     skip_bad_lines: bool = opt(False, "skip bad data lines (counted and logged per file) instead of stopping at "
                                "the first: seq2seq lines that are not one JSON object with non-empty string "
                                "src/trg, and lines that are not UTF-8")
@@ -73,10 +90,12 @@ class TrainConfig:
                               choices=LOSS_WEIGHTINGS)
     low_discrepancy: bool = opt(False, "stratify t across the batch (MDLM's low-discrepancy sampler)")
     # gaussian (DiffuSeq, Diffusion-LM) model and training
-    emb_dim: int = opt(128, "gaussian: word-embedding (diffusion) dimension D")
-    hidden_size: int = opt(768, "gaussian: transformer hidden size")
-    num_layers: int = opt(12, "gaussian: transformer layers")
-    num_heads: int = opt(12, "gaussian: attention heads")
+    # (None: gaussian 128, 768, 12, 12; absorbing: the pretrained model's shape, which only --from_scratch changes)
+    emb_dim: int | None = opt(None, "gaussian: word-embedding (diffusion) dimension D (default 128)")
+    hidden_size: int | None = opt(None, "gaussian: transformer hidden size (default 768); absorbing: only with "
+                                  "--from_scratch (the feed-forward size is then 4x), else the pretrained model's")
+    num_layers: int | None = opt(None, "gaussian: transformer layers (default 12); absorbing: only with --from_scratch")
+    num_heads: int | None = opt(None, "gaussian: attention heads (default 12); absorbing: only with --from_scratch")
     timestep_sampler: str = opt("lossaware", "gaussian: how t is drawn in training", choices=tuple(TIMESTEP_SAMPLERS))
     ema_rate: float = opt(0.9999, "gaussian: EMA decay of the weights (decoding uses the EMA by default)")
     loss_average: str = opt("all", "gaussian: all: the MSE, L_T and rounding NLL are means over every position, "
@@ -86,8 +105,12 @@ class TrainConfig:
     # post-training (Tang et al. 2023)
     post_train: str | None = opt(None, "gaussian: continue from this checkpoint (its EMA weights) with a fresh "
                                  "optimizer into --out_dir; the model and data flags must match it")
-    simi_penalty: str = opt("none", "gaussian distance penalty: l2_noise_random (released), self_renoise "
-                            "(the paper's figure) or none", choices=("none", "l2_noise_random", "self_renoise"))
+    simi_penalty: str = opt("auto", "gaussian distance penalty: l2_noise_random (released), self_renoise "
+                            "(the paper's figure) or none; auto: l2_noise_random with --post_train (every "
+                            "post-training command of Tang et al.'s scripts/train.sh names a penalty, and their final "
+                            "runs use l2_noise_random), none without (plain DiffuSeq training); --post_train "
+                            "--simi_penalty none continues training without one",
+                            choices=("auto", "none", "l2_noise_random", "self_renoise"))
     simi_lambda: float = opt(-2.0, "penalty weight, released convention: the loss is (mse + mse' + 2 nll + 2 L_T "
                              "- simi_lambda * penalty) / 2, so -2 is a weight of 1; must be <= 0")
     simi_noise: float = opt(0.05, "neighbourhood of t: |sqrt(1-abar_t') - sqrt(1-abar_t)| <= simi_noise")
@@ -120,30 +143,59 @@ class TrainConfig:
     eval_steps: int = opt(64, f"K, the ELBO grid size for the dev estimate; {other_steps('eval_steps')}")
     save_every: int = opt(1000, "write the last checkpoint every N optimizer steps")
     keep_last: int = opt(0, "also keep the K most recent checkpoints as checkpoints/step-<N> (0: only last/best)")
+    save_training_state: str = opt("last", "which checkpoints hold training_state.pt (optimizer, scheduler, data "
+                                   "position, RNG: what --resume needs, twice the weights' size): last: "
+                                   "checkpoints/last only (best/ and step-<N>/ hold weights, configs, tokenizer "
+                                   "and model card); all: every checkpoint, so --resume can fall back to step-<N>/ "
+                                   "or best/ when last/ is damaged", choices=("last", "all"))
     max_bad_steps: int = opt(10, "stop (saving the last good state) after this many non-finite losses in a row")
     log_every: int = opt(10, "log training metrics every N optimizer steps")
     out_dir: str = opt("outputs/run", "run directory: checkpoints/best, checkpoints/last, metrics.jsonl")
     log_dir: str = opt("logs", "fitlog directory")
-    resume: str | None = opt(None, "resume from a run directory or a checkpoint directory")
+    resume: str | None = opt(None, "continue the run in this run directory (or from this checkpoint directory) "
+                             "with the flags of its run_config.json; --max_steps, --eval_every, --save_every, "
+                             "--log_every, --num_workers, --keep_last, --eval_examples, --max_bad_steps, "
+                             "--save_training_state, --device, --compile and --log_dir may be given to change them")
     seed: int = opt(42, "random seed")
     device: str = opt("auto", "auto, cpu, cuda, cuda:1, ...")
     num_workers: int = opt(-1, "DataLoader workers (-1: 4 per process on CUDA, 0 on the CPU)")
-    overwrite: bool = opt(False, "allow --out_dir to hold an earlier run (its checkpoints are replaced)")
+    overwrite: bool = opt(False, "start over in an --out_dir that holds an earlier run: its checkpoints/, "
+                          "metrics.jsonl and plots/ are deleted first (other files are left alone)")
 
     # Settings that may change between a run and its resumption; anything else must match.
     RESUMABLE_CHANGES = frozenset({"resume", "max_steps", "eval_every", "save_every", "log_every", "device",
                                    "num_workers", "overwrite", "log_dir", "eval_examples", "keep_last",
-                                   "max_bad_steps", "compile",
+                                   "max_bad_steps", "compile", "save_training_state",
                                    "out_dir"})  # a run directory may be moved or copied and resumed there
     # What a --post_train run must share with the checkpoint it starts from (the network and its inputs).
     POST_TRAIN_SAME = ("process", "task", "model_name_or_path", "emb_dim", "hidden_size", "num_layers", "num_heads",
-                       "max_len", "num_steps", "schedule", "dataset", "data_files")
+                       "max_len", "num_steps", "schedule", "dataset", "data_files", "truncation")
+
+    def __post_init__(self) -> None:
+        if self.process == "gaussian":  # the gaussian transformer's shape defaults; absorbing keeps None
+            for k, v in GAUSSIAN_SHAPE.items():
+                if getattr(self, k) is None:
+                    setattr(self, k, v)
+
+    def resolve_defaults(self) -> None:
+        """The defaults that depend on other flags: the gaussian shape, and ``--simi_penalty auto``."""
+        self.__post_init__()
+        if self.simi_penalty == "auto":
+            self.simi_penalty = "l2_noise_random" if self.post_train else "none"
 
     def check(self) -> None:
-        """Reject impossible flag combinations before any work is done; resolve ``--schedule auto``."""
+        """Reject impossible flag combinations before any work is done; resolve ``--schedule auto`` and
+        :meth:`resolve_defaults`."""
+        from runtime.dist import pick_device
         gaussian = self.process == "gaussian"
+        self.resolve_defaults()
         if self.schedule == "auto":
             self.schedule = "sqrt" if gaussian else "spindle" if self.task == "lm" else "mutual"
+        pick_device(self.device)
+        check_finite(self)
+        self.check_paths()
+        if not gaussian:
+            self.check_absorbing_shape()
         if self.schedule not in PROCESS_SCHEDULES[self.process]:
             raise UserError(f"--schedule {self.schedule} is not a {self.process} schedule; choose one of "
                             f"{', '.join(PROCESS_SCHEDULES[self.process])}")
@@ -190,6 +242,59 @@ class TrainConfig:
         if self.grad_clip_value < 0 or self.grad_clip < 0:
             raise UserError(f"--grad_clip and --grad_clip_value must be 0 (off) or positive, got "
                             f"{self.grad_clip} and {self.grad_clip_value}")
+        for name in ("warmup_steps", "weight_decay", "hybrid_lambda"):
+            if getattr(self, name) < 0:
+                raise UserError(f"--{name} must be 0 or more, got {getattr(self, name)}")
+        if self.dropout is not None and not 0.0 <= self.dropout < 1.0:
+            raise UserError(f"--dropout must be in [0, 1), got {self.dropout}")
+        self._check_canvas()
+
+    def check_paths(self) -> None:
+        """Paths that cannot work, found before anything is loaded."""
+        for flag in ("out_dir", "log_dir"):
+            path = getattr(self, flag)
+            if os.path.exists(path) and not os.path.isdir(path):
+                raise UserError(f"--{flag} {path} is a file, not a folder; give a folder (it is created if missing)")
+        for flag in ("data_files",):  # (a missing --word_freq_file: its loader gives the command that makes it)
+            path = getattr(self, flag)
+            if path and not os.path.exists(path):
+                raise UserError(f"--{flag} {path} does not exist")
+
+    def check_absorbing_shape(self) -> None:
+        """An absorbing run's network is a pretrained masked LM: its shape flags only apply --from_scratch."""
+        if self.emb_dim is not None:
+            raise UserError("--emb_dim is the gaussian word-embedding size; a BERT-family masked LM embeds words in "
+                            "its hidden size (with --from_scratch, set --hidden_size)")
+        given = [f"--{k} {getattr(self, k)}" for k in ABSORBING_SHAPE if getattr(self, k) is not None]
+        if given and not self.from_scratch:
+            raise UserError(f"{' '.join(given)}: the pretrained --model_name_or_path {self.model_name_or_path} has "
+                            "its own shape, which these cannot change; add --from_scratch to train a randomly "
+                            "initialised masked LM of this shape, or leave them out")
+        require_at_least_one(self, *(k for k in ABSORBING_SHAPE if getattr(self, k) is not None))
+        if self.hidden_size is not None and self.num_heads is not None and self.hidden_size % self.num_heads:
+            raise UserError(f"--hidden_size {self.hidden_size} is not a multiple of --num_heads {self.num_heads}")
+
+    def _check_canvas(self) -> None:
+        """The seq2seq canvas flags: refused for lm, ``auto`` resolved by process for seq2seq."""
+        gaussian = self.process == "gaussian"
+        if self.task == "lm":
+            given = [f for f, v in (("canvas", "ours"), ("pad_to", "auto"), ("truncation", "auto"))
+                     if getattr(self, f) != v]
+            if given:
+                raise UserError(f"{', '.join('--' + f for f in given)}: seq2seq flags (the lm batches are laid out "
+                                "by the process)")
+            return
+        self.pad_to, self.truncation = self.seq2seq_layout()
+        if gaussian and (self.pad_to == "longest" or self.canvas == "released"):
+            raise UserError("--pad_to longest and --canvas released are DiffusionBERT's (--process absorbing); "
+                            "DiffuSeq's canvas is --max_len long, laid out [CLS] src [SEP] trg [SEP]")
+
+    def seq2seq_layout(self) -> tuple[str, str]:
+        """``(pad_to, truncation)`` with ``auto`` resolved by process: DiffuSeq's fixed canvas and cut for gaussian;
+        DiffusionBERT's ``pad_sequence`` and our cut for absorbing (its own, 128 a side, does not fit a canvas)."""
+        default = ("max_len", "diffuseq") if self.process == "gaussian" else ("longest", "ours")
+        return (default[0] if self.pad_to == "auto" else self.pad_to,
+                default[1] if self.truncation == "auto" else self.truncation)
 
     def check_resume(self, stored: dict, ckpt_dir: str) -> None:
         """Resuming ``ckpt_dir``, whose stored config is ``stored``, may change only ``RESUMABLE_CHANGES``."""
@@ -210,7 +315,7 @@ class TrainConfig:
         if stored.process != "gaussian":
             raise UserError(f"--post_train {ckpt_dir} is a {stored.process} checkpoint; post-training needs a "
                             "gaussian one")
-        defaults, diffs = TrainConfig(), []
+        defaults, diffs = TrainConfig(process=self.process), []
         for k in self.POST_TRAIN_SAME:
             mine, theirs = getattr(self, k), getattr(stored, k)
             if mine == getattr(defaults, k):
@@ -219,6 +324,18 @@ class TrainConfig:
                 diffs.append(f"--{k}: checkpoint {theirs!r} vs now {mine!r}")
         if diffs:
             raise UserError(f"--post_train {ckpt_dir} was trained with other settings ({'; '.join(diffs)})")
+
+
+GAUSSIAN_SHAPE = {"emb_dim": 128, "hidden_size": 768, "num_layers": 12, "num_heads": 12}  # DiffuSeq's base
+ABSORBING_SHAPE = ("hidden_size", "num_layers", "num_heads")  # what --from_scratch can change in a masked LM
+
+
+def check_finite(cfg) -> None:
+    """Every float flag is a number: nan and inf pass the range checks (nan <= 0 is False) and poison a run."""
+    for f in dataclasses.fields(cfg):
+        v = getattr(cfg, f.name)
+        if isinstance(v, float) and not math.isfinite(v):
+            raise UserError(f"--{f.name} must be a finite number, got {v}")
 
 
 def build_parser(cls=TrainConfig, description: str | None = None) -> argparse.ArgumentParser:
@@ -239,6 +356,14 @@ def build_parser(cls=TrainConfig, description: str | None = None) -> argparse.Ar
     return p
 
 
+def given_flags(parser: argparse.ArgumentParser, argv=None) -> set[str]:
+    """The names of the flags given on the command line ``argv`` (None: ``sys.argv``), whatever their values:
+    argparse leaves a namespace attribute alone when it is already set, so only given flags replace a marker."""
+    unset = object()
+    ns = argparse.Namespace(**{a.dest: unset for a in parser._actions if a.dest != "help"})
+    return {k for k, v in vars(parser.parse_args(argv, namespace=ns)).items() if v is not unset}
+
+
 def from_args(ns: argparse.Namespace, cls=TrainConfig):
     return cls(**{f.name: getattr(ns, f.name) for f in dataclasses.fields(cls)})
 
@@ -246,11 +371,19 @@ def from_args(ns: argparse.Namespace, cls=TrainConfig):
 # What a stored config written before a field existed did, where that differs from the field's default:
 # such runs were trained that way, and a resumed or inspected run must say so.
 LEGACY_VALUES = {"loss_average": "target", "simi_maps": "complete"}
+# the same for the seq2seq canvas flags, whose lm value is their default
+SEQ2SEQ_LEGACY_VALUES = {"pad_to": "max_len", "truncation": "ours"}
 
 
 def from_dict(d: dict, cls=TrainConfig):
     """Rebuild a config from stored JSON; unknown keys (from newer versions) are ignored, and missing
     keys take their ``LEGACY_VALUES`` (else their defaults)."""
     names = {f.name for f in dataclasses.fields(cls)}
-    legacy = {k: v for k, v in LEGACY_VALUES.items() if k in names and k not in d} if cls is TrainConfig else {}
-    return cls(**legacy, **{k: v for k, v in d.items() if k in names})
+    old = {**LEGACY_VALUES, **(SEQ2SEQ_LEGACY_VALUES if d.get("task") == "seq2seq" else {})}
+    legacy = {k: v for k, v in old.items() if k in names and k not in d} if cls is TrainConfig else {}
+    d = {k: v for k, v in d.items() if k in names}
+    if cls is TrainConfig and d.get("process", "absorbing") == "absorbing" and isinstance(d.get("emb_dim"), int):
+        # written when the gaussian shape defaults (128, 768, 12, 12) were stored for absorbing runs too, which
+        # never used them (their network was the pretrained model's shape, --from_scratch included)
+        d.update(dict.fromkeys(GAUSSIAN_SHAPE))
+    return cls(**legacy, **d)

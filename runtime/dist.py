@@ -9,6 +9,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from common.errors import UserError
+
 
 @dataclass
 class DistInfo:
@@ -30,10 +32,45 @@ class DistInfo:
             print(*args, **kwargs)
 
 
-def pick_device(requested: str | None) -> torch.device:
-    if requested and requested != "auto":
-        return torch.device(requested)
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+def env_rank() -> int:
+    """This process's rank as torchrun set it (0 when not under torchrun), before any process group exists."""
+    return int(os.environ.get("RANK", 0))
+
+
+def env_world_size() -> int:
+    return int(os.environ.get("WORLD_SIZE", 1)) if "RANK" in os.environ else 1
+
+
+def pick_device(requested: str | None, flag: str = "--device") -> torch.device:
+    """``auto`` (or None): cuda if there is one, else cpu; otherwise the named device, which must exist here
+    (one clear error line, not torch's assertion at the first tensor moved to it)."""
+    if not requested or requested == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(requested)
+    except RuntimeError:
+        raise UserError(f"{flag} {requested}: not a device; use auto, cpu, cuda, cuda:N or mps") from None
+    if device.type == "cuda":
+        n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if n == 0:
+            raise UserError(f"{flag} {requested}: this machine has no CUDA device (torch {torch.__version__}, "
+                            f"CUDA {'built in' if torch.backends.cuda.is_built() else 'not built in'}); "
+                            "use --device cpu or auto")
+        if device.index is not None and device.index >= n:
+            raise UserError(f"{flag} {requested}: this machine has {n} CUDA device(s), cuda:0 to cuda:{n - 1}")
+    elif device.type == "mps":
+        if not torch.backends.mps.is_available():
+            raise UserError(f"{flag} {requested}: MPS is not available on this machine; use --device cpu or auto")
+    elif device.type != "cpu":
+        raise UserError(f"{flag} {requested}: only cpu, cuda and mps devices are supported")
+    return device
+
+
+def memory_bytes(device: torch.device) -> int:
+    """The total memory of ``device``: the GPU's, or the machine's RAM for the CPU."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device.index or 0).total_memory
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
 def setup(requested_device: str | None = None) -> DistInfo:

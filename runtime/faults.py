@@ -5,6 +5,7 @@ tests/test_ddp_faults.py use them; a normal run sets none and nothing changes):
     DLM_FAULT_RAISE_STEP=3       raise a RuntimeError at the start of this step
     DLM_FAULT_RANK=1             restrict the two above to this rank (default: every rank)
     DLM_FAULT_CRASH_IN_SAVE=1    die (exit status 99) half-way through writing a checkpoint
+    DLM_FAULT_DISK_FULL_IN_SAVE=1  a full disk half-way through writing a checkpoint: OSError(ENOSPC)
     DLM_FAULT_SIGNAL_AFTER_BATCHES=2   predict.py, compute_elbo.py and the decoder send themselves a signal
                                  once they have saved this many batches (tests/test_outputs.py)
     DLM_FAULT_SIGNAL=TERM        which signal: INT (the default, as Ctrl-C), TERM, or STOP (the process
@@ -12,6 +13,7 @@ tests/test_ddp_faults.py use them; a normal run sets none and nothing changes):
 """
 from __future__ import annotations
 
+import errno
 import os
 from dataclasses import dataclass
 
@@ -45,6 +47,12 @@ def crash_in_save() -> None:
     """Checked on every save, after the weights are written: leave a half-written checkpoint behind."""
     if os.environ.get("DLM_FAULT_CRASH_IN_SAVE"):
         os._exit(99)
+
+
+def disk_full_in_save(path: str) -> None:
+    """Checked on every save, after the weights are written: the next write fails as on a full disk."""
+    if os.environ.get("DLM_FAULT_DISK_FULL_IN_SAVE"):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), path)
 
 
 def signal_after_batches(saved: int) -> None:

@@ -185,7 +185,8 @@ def open_output(finals: list[str], partial: str, settings: dict, *, resume: bool
                 info: dist.DistInfo, what: str, lock_dir: str | None = None, others: tuple = ()) -> Output | None:
     """Lock a result and decide how this run starts (module docstring); None if ``--resume`` finds it written.
 
-    ``finals``: the result's files, the one written last first (its presence means "finished"). ``partial``:
+    ``finals``: the result's files (written once the batches are done: any of them there and no partial run
+    means the result exists, and it is never replaced without ``overwrite``). ``partial``:
     the kept-batches folder; ``lock_dir`` (default ``partial``): the folder to lock. ``others``: glob patterns
     of further files of the result that ``--overwrite`` removes. Under torchrun rank 0 decides and the other
     ranks follow."""
@@ -228,11 +229,12 @@ def _start(finals, partial, settings, resume, overwrite, lock_dir, others, what,
         kept = Output(partial, lock_dir).kept()
         log(f"resuming: {kept} finished batch(es) kept in {partial}")
         return kept
-    elif os.path.exists(finals[0]):
-        if resume:
+    elif any(os.path.exists(f) for f in finals):
+        if resume and all(os.path.exists(f) for f in finals):
             log(f"{what} {finals[0]} is complete; nothing to resume")
             return None
-        raise UserError(f"{what} {finals[0]} already exists; pass --overwrite to replace it or choose another name")
+        first = next(f for f in finals if os.path.exists(f))
+        raise UserError(f"{what} {first} already exists; pass --overwrite to replace it or choose another name")
     elif resume:
         raise UserError(f"--resume: there is no interrupted run at {partial} (the same flags and --name find it)")
     else:

@@ -21,12 +21,14 @@ LR_SCHEDULES = ("warmup", "ddp_main", "ddp_main_conditional")
 
 class ResumableSampler(DistributedSampler):
     """``DistributedSampler`` (seeded, reshuffled with ``set_epoch``) that can start mid-epoch, so a
-    resumed run sees exactly the examples an uninterrupted run would.
+    resumed run sees exactly the examples an uninterrupted run would, on any number of processes.
 
-    Rank r takes every world-th index of one shuffled permutation, so the shards are disjoint and cover
-    the data. When the size is not a multiple of the world size, the permutation is padded with its own
-    first indices so that every rank gets the same number of examples (and of steps): those few examples
-    are seen twice in the epoch. ``start`` counts examples of this rank's shard, the same on every rank."""
+    Each epoch is one seeded permutation of the data, the same for every world size. ``start`` counts the
+    examples of the epoch consumed so far by all ranks together: they are the permutation's first
+    ``start``, however many ranks took them. Rank r takes every world-th index of the rest, so the shards
+    are disjoint and cover it. When the rest is not a multiple of the world size, it is padded with the
+    permutation's first indices so that every rank gets the same number of examples (and of steps): those
+    few examples are seen twice in the epoch. With ``start`` 0 this is ``DistributedSampler``'s order."""
 
     def __init__(self, dataset, num_replicas: int, rank: int, seed: int):
         super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed, drop_last=False)
@@ -37,10 +39,16 @@ class ResumableSampler(DistributedSampler):
         self.start = start
 
     def __iter__(self):
-        return iter(list(super().__iter__())[self.start:])
+        g = torch.Generator()
+        g.manual_seed(self.seed + self.epoch)  # DistributedSampler's permutation
+        perm = torch.randperm(len(self.dataset), generator=g).tolist()
+        rest = perm[self.start:]
+        pad = -len(rest) % self.num_replicas
+        rest += (perm * math.ceil(pad / max(len(perm), 1)))[:pad]
+        return iter(rest[self.rank::self.num_replicas])
 
     def __len__(self):
-        return self.num_samples - self.start
+        return math.ceil(max(len(self.dataset) - self.start, 0) / self.num_replicas)
 
 
 def lr_lambda(warmup: int, total: int, decay: str, schedule: str = "warmup"):
@@ -67,13 +75,13 @@ def lr_lambda(warmup: int, total: int, decay: str, schedule: str = "warmup"):
 
 
 def micro_batches(dataset, sampler: ResumableSampler, state, **loader_kw):
-    """Endless micro-batches of ``dataset`` from ``state.epoch`` and ``state.position`` (examples of this
-    rank's shard), which it advances as it goes; ``loader_kw`` go to the ``DataLoader``."""
+    """Endless micro-batches of ``dataset`` from ``state.epoch`` and ``state.position`` (examples of the epoch
+    consumed by all ranks together), which it advances as it goes; ``loader_kw`` go to the ``DataLoader``."""
     while True:
         sampler.set_position(state.epoch, state.position)
         # a generator of its own keeps the global RNG untouched (exact resume)
         for batch in DataLoader(dataset, sampler=sampler, generator=torch.Generator(), **loader_kw):
-            state.position += batch["input_ids"].shape[0]
+            state.position += batch["input_ids"].shape[0] * sampler.num_replicas  # every rank's is as long
             yield batch
         state.epoch, state.position = state.epoch + 1, 0
 

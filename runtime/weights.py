@@ -128,7 +128,7 @@ def read(ckpt_dir: str, model: torch.nn.Module, which: str = "raw") -> dict:
     """The state dict of ``model`` stored in ``ckpt_dir`` (on the CPU, keyed like ``model.state_dict()``):
     ``which`` is ``raw`` (the trained weights) or ``ema`` (their average, gaussian runs)."""
     if is_legacy(ckpt_dir):
-        return _load_legacy(ckpt_dir, LEGACY[which])
+        return check_finite(ckpt_dir, _load_legacy(ckpt_dir, LEGACY[which]), which)
     target = model.state_dict()
     if which == "ema":
         state = _load_file(ckpt_dir, DENOISER_EMA)
@@ -137,6 +137,7 @@ def read(ckpt_dir: str, model: torch.nn.Module, which: str = "raw") -> dict:
         state = {HF_PREFIX + k: v for k, v in _load_file(ckpt_dir, MODEL).items()} if hf else {}
         if rest:
             state.update(_load_file(ckpt_dir, DENOISER))
+    check_finite(ckpt_dir, state, which)
     groups: dict = {}
     for name, t in target.items():
         groups.setdefault(_storage_key(t), []).append(name)
@@ -145,6 +146,17 @@ def read(ckpt_dir: str, model: torch.nn.Module, which: str = "raw") -> dict:
         for n in names:
             if stored and n not in state:
                 state[n] = state[stored[0]]
+    return state
+
+
+def check_finite(ckpt_dir: str, state: dict, which: str) -> dict:
+    """``state``, unless a tensor holds NaN or inf: such weights decode to empty strings, or train to NaN, without
+    a word, so they are refused at load, naming the first such tensor."""
+    for name, t in state.items():
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            bad = int((~torch.isfinite(t)).sum())
+            raise UserError(f"checkpoint {ckpt_dir}: the {which} weight {name} {list(t.shape)} holds {bad} non-finite "
+                            "value(s) (NaN or inf); use an earlier checkpoint (best/, last/ or step-N/)")
     return state
 
 

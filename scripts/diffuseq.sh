@@ -74,8 +74,9 @@ case "$PRESET" in
     RUN=outputs/diffuseq-$TAG-$STAMP
     echo "== 1/3 training DiffuSeq -> $RUN"
     # DiffuSeq's loss as released: MSE, L_T and rounding NLL averaged over every position (mean_flat)
+    # and its canvas (text_datasets.py): every row --max_len long, a long pair cut from its longer side
     run "${TRAIN[@]}" --task seq2seq --process gaussian --schedule sqrt --timestep_sampler lossaware --num_steps 2000 \
-      --loss_average all "${MODEL_ARGS[@]}" "${TRAIN_ARGS[@]}" "${DATA_ARGS[@]}" --out_dir "$RUN" "$@"
+      --loss_average all --pad_to max_len --truncation diffuseq "${MODEL_ARGS[@]}" "${TRAIN_ARGS[@]}" "${DATA_ARGS[@]}" --out_dir "$RUN" "$@"
     NAME=$(basename "$RUN")
     SETS=(${DECODE_SETS:-full})
     echo "== 2/3 decoding with MBR: ${SETS[*]}"

@@ -25,6 +25,7 @@ import time
 import xml.etree.ElementTree as ET
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DEVICE, BATCH, LENGTH = "cuda", 64, 128  # the bench rows' device and shape (bert-base's pre-training shape)
 
 
 def sh(cmd: list[str], out: str, name: str, timeout: float, env: dict | None = None) -> tuple[int, float]:
@@ -93,7 +94,7 @@ def nccl_row(out: str, tiny: str, pairs: str, timeout: float) -> tuple[str, str,
                    "--model_name_or_path", tiny, "--num_steps", "100", "--max_len", "48", "--emb_dim", "16",
                    "--hidden_size", "32", "--num_layers", "2", "--num_heads", "2", "--batch_size", "16",
                    "--max_steps", "6", "--eval_every", "3", "--eval_examples", "16", "--eval_steps", "10",
-                   "--log_every", "1", "--device", "cuda", "--out_dir", run, "--log_dir", run + "_logs"],
+                   "--log_every", "1", "--device", DEVICE, "--out_dir", run, "--log_dir", run + "_logs"],
                   out, "nccl_train", timeout)
     ok = rc == 0 and os.path.isdir(os.path.join(run, "checkpoints", "last"))
     return ("train.py under torchrun --nproc_per_node 1 (NCCL)", "pass" if ok else "FAIL",
@@ -105,18 +106,18 @@ def bench_rows(out: str, base: str, process: str, timeout: float) -> list[tuple[
     js = os.path.join(out, f"bench_{process}.json")
     shape = (["--hidden_size", "768", "--num_layers", "12", "--num_heads", "12", "--emb_dim", "128"]
              if process == "gaussian" else ["--sample_steps", "32", "--lengths", "128", "--step_grid", "32"])
-    rc, secs = sh([sys.executable, "bench.py", "--process", process, "--model", base, "--batch_size", "64",
-                   "--seq_len", "128", "--device", "cuda", "--bf16", "--repeats", "3", *shape, "--json", js],
+    rc, secs = sh([sys.executable, "bench.py", "--process", process, "--model", base, "--batch_size", str(BATCH),
+                   "--seq_len", str(LENGTH), "--device", DEVICE, "--bf16", "--repeats", "3", *shape, "--json", js],
                   out, f"bench_{process}", timeout)
     if rc != 0 or not os.path.isfile(js):
         return [(f"bench.py {process}", "FAIL", f"exit {rc} after {secs:.0f} s (bench_{process}.log)")]
     t = json.load(open(js))["throughput"]
     mfu = f"MFU {100 * t['mfu']:.1f}% of {t['peak_tflops']:.0f} TFLOP/s" if t["mfu"] is not None else "MFU n/a"
     mem = f"{t['peak_memory_mb']:.0f} MB" if t["peak_memory_mb"] is not None else "n/a"
-    return [(f"bench.py {process} training (bf16, 64 x 128)", "pass",
+    return [(f"bench.py {process} training (bf16, {BATCH} x {LENGTH})", "pass",
              f"{t['train_steps_per_s']:.2f} steps/s, {t['train_tokens_per_s']:.0f} tokens/s, "
-             f"{t['model_tflops']:.0f} TFLOP/s, {mfu}; peak {mem}"),
-            (f"bench.py {process} sampling ({t['sample_setting']}, 64 x 128)", "pass",
+             f"{t['model_tflops']:.3g} TFLOP/s, {mfu}; peak {mem}"),
+            (f"bench.py {process} sampling ({t['sample_setting']}, {BATCH} x {LENGTH})", "pass",
              f"{t['sample_sequences_per_s']:.1f} sequences/s")]
 
 

@@ -43,6 +43,9 @@ def test_bench_gaussian_quick(tmp_path, tiny_bert):
     assert r["decode_adp_20"]["calls"] == 20
     assert math.isfinite(r["reverse"]["ratio"]) and r["reverse"]["ratio"] > 0
     assert r["train"]["ours"] > 0 and r["train"]["floor"] > 0
+    t = r["throughput"]  # on the CPU: no peak, so no MFU
+    assert math.isclose(t["train_steps_per_s"], 1 / r["train"]["ours"]) and t["mfu"] is None
+    assert math.isclose(t["train_tokens_per_s"], 2 * 12 / r["train"]["ours"])
 
 
 def test_bench_rejects_bad_flags(tmp_path):

@@ -52,9 +52,12 @@ def test_train_writes_checkpoints_and_logs(lm_run):
         assert all(k in r for k in ("loss", "lr", "tokens_per_s")) and r["loss"] > 0
     for name in ("best", "last"):
         d = run / "checkpoints" / name
-        for f in ("run_config.json", "config.json", "model.safetensors", "training_state.pt", "word_freq.json",
-                  "tokenizer.json", "README.md"):
+        for f in ("run_config.json", "config.json", "model.safetensors", "word_freq.json", "tokenizer.json",
+                  "README.md"):
             assert (d / f).is_file(), f"{name}/{f} missing"
+    # what --resume reads is in last/ only (--save_training_state last, the default)
+    assert (run / "checkpoints" / "last" / "training_state.pt").is_file()
+    assert not (run / "checkpoints" / "best" / "training_state.pt").exists()
     info = json.load(open(run / "checkpoints" / "last" / "run_config.json"))
     assert info["step"] == 4 and info["derived"]["word_freq"]["sha256"]
     assert info["config"]["schedule"] == "spindle" and info["derived"]["mask_id"] == 103

@@ -742,8 +742,8 @@ def test_cached_sampling_is_identical_and_cheaper(name):
         record = []
         real_step = diff.step
 
-        def recording_step(p_hat, t, s, x_t, noise_mask, generator=None):
-            out = real_step(p_hat, t, s, x_t, noise_mask, generator)
+        def recording_step(p_hat, t, s, x_t, noise_mask, generator=None, k=0):
+            out = real_step(p_hat, t, s, x_t, noise_mask, generator, k=k)
             record.append((x_t.clone(), out.prev_sample.clone()))
             return out
         diff.step = recording_step

@@ -43,3 +43,21 @@ def test_a_file_in_place_of_the_folder_is_one_error(tmp_path):
     f.write_text("x")
     with pytest.raises(UserError, match="is a file"):
         lock.acquire(f)
+
+
+def test_holder_names_a_live_writer_and_touches_nothing(tmp_path):
+    folder = tmp_path / "run"
+    assert lock.holder(folder) is None and not folder.exists()  # creates nothing
+    p = _holder(folder)
+    try:
+        path = folder / lock.LOCK_NAME
+        before = path.read_bytes(), path.stat().st_mtime_ns
+        assert lock.holder(folder).startswith(f"pid {p.pid} ")
+        with pytest.raises(UserError, match=rf"in use by pid {p.pid} "):
+            lock.refuse_if_held(folder)
+        assert (path.read_bytes(), path.stat().st_mtime_ns) == before
+    finally:
+        p.send_signal(signal.SIGKILL)
+        p.wait()
+    assert lock.holder(folder) is None
+    lock.refuse_if_held(folder)

@@ -33,6 +33,8 @@ import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DOC = open(os.path.join(ROOT, "docs", "differences.md"), encoding="utf-8").read()
+# the decoders' sampler options (issue 21), unset in every released command line: ours, released or ddpm
+NO_SAMPLER_OPTIONS = {"order": None, "threshold": None, "remask": None, "eta": None, "solver": None}
 
 
 # ---------------------------------------------------------------------------- running a preset dry
@@ -52,9 +54,14 @@ def dry_run(script: str, *args: str, cwd: str, ngpu: int = 1) -> dict[str, list[
 
 
 def train_flags(argv: list[str], ngpu: int) -> dict:
-    """train.py's flags after every default (its own parser), plus examples_per_step over ``ngpu`` processes."""
-    from runtime.config import TrainConfig, build_parser
-    ns = vars(build_parser(TrainConfig).parse_args(argv))
+    """train.py's flags after every default (its own parser; the defaults that depend on other flags resolved as
+    train.py does: the gaussian shape, --simi_penalty auto), plus examples_per_step over ``ngpu`` processes."""
+    import dataclasses
+
+    from runtime.config import TrainConfig, build_parser, from_args
+    cfg = from_args(build_parser(TrainConfig).parse_args(argv))
+    cfg.resolve_defaults()
+    ns = dataclasses.asdict(cfg)
     ns["examples_per_step"] = ns["batch_size"] * ns["accumulation_steps"] * ngpu
     return ns
 
@@ -190,12 +197,15 @@ def ddp_main_as_ours(a: Reads, nproc: int, train_rows: int) -> dict:
 
 
 # flags of ours with no released counterpart, pinned (absorbing lm presets)
-GAUSSIAN_DEFAULTS = {"emb_dim": 128, "hidden_size": 768, "num_layers": 12, "num_heads": 12,
+GAUSSIAN_DEFAULTS = {"emb_dim": None, "hidden_size": None, "num_layers": None, "num_heads": None,  # the model's own
                      "timestep_sampler": "lossaware", "ema_rate": 0.9999, "loss_average": "all", "post_train": None,
                      "simi_penalty": "none", "simi_lambda": -2.0, "simi_noise": 0.05, "simi_maps": "released"}
 PLUMBING = {"data_files": None, "data_dir": "data", "skip_bad_lines": False, "word_freq_file": None, "compile": False,
             "keep_last": 0, "max_bad_steps": 10, "log_dir": "logs", "resume": None, "device": "auto",
-            "overwrite": False, "decay": "linear"}  # --decay is read only by --lr_schedule warmup
+            "overwrite": False, "decay": "linear", "save_training_state": "last"}  # --decay: --lr_schedule warmup only
+
+# the seq2seq canvas flags, unused by the lm presets (their defaults)
+LM_SEQ2SEQ_FLAGS = {"canvas": "ours", "pad_to": "auto", "truncation": "auto"}
 
 COMMON_DIFFS = {
     "low_discrepancy": (False, "`DDP_main.py` `sample_t`"),
@@ -224,7 +234,8 @@ def test_lm1b_released_is_the_released_run_sh(tmp_path):
     released = ddp_main_as_ours(reads, RUN_SH_NPROC, LM1B_TRAIN_ROWS)
     assert released["max_steps"] == 177_459 and released["examples_per_step"] == 512
     diffs = {**COMMON_DIFFS, "eval_examples": (2000, "dev ELBO: 2,000 lines of the carved-off valid split")}
-    ours_only = {**GAUSSIAN_DEFAULTS, **PLUMBING, "batch_size": 128, "accumulation_steps": 4, "save_every": 15000}
+    ours_only = {**GAUSSIAN_DEFAULTS, **PLUMBING, **LM_SEQ2SEQ_FLAGS, "batch_size": 128, "accumulation_steps": 4,
+                 "save_every": 15000}
     cmds = check_lm("lm1b-released", tmp_path, released, reads, diffs, ours_only)
     check_predict(cmds, num_samples=2 * 32, batch_size=32, diffs={})
 
@@ -239,7 +250,8 @@ def test_lm1b_is_the_paper_with_the_released_code_elsewhere(tmp_path):
     diffs = {**COMMON_DIFFS, "eval_examples": (2000, "dev ELBO: 2,000 lines of the carved-off valid split"),
              "eval_steps": (128, "dev ELBO: 2,000 lines of the carved-off valid split"),
              **{k: (v, "`lm1b`: the paper's setup") for k, v in paper.items()}}
-    ours_only = {**GAUSSIAN_DEFAULTS, **PLUMBING, "batch_size": 32, "accumulation_steps": 4, "save_every": 5000}
+    ours_only = {**GAUSSIAN_DEFAULTS, **PLUMBING, **LM_SEQ2SEQ_FLAGS, "batch_size": 32, "accumulation_steps": 4,
+                 "save_every": 5000}
     cmds = check_lm("lm1b", tmp_path, released, reads, diffs, ours_only)
     check_predict(cmds, num_samples=1000, batch_size=250, diffs={"num_samples": (1000, "`lm1b`: the paper's setup")})
 
@@ -251,7 +263,7 @@ def check_predict(cmds, num_samples: int, batch_size: int, diffs: dict):
                 "top_p": 1.0, "num_samples": 2 * 32, "decode_respacing": None, "weights": "ema",
                 "max_len": None, "prompt": None, "template": None, "template_file": None}
     ours_only = {"batch_size": batch_size, "seed": 42, "out_dir": "generation_results", "overwrite": False,
-                 "resume": False, "device": "auto"}
+                 "resume": False, "device": "auto", **NO_SAMPLER_OPTIONS}
     cached, uncached = cmds["predict.py"]
     assert account(decoder_flags("predict.py", cached), released, diffs, {**ours_only, "no_cache": False}) == []
     assert account(decoder_flags("predict.py", uncached), released, diffs, {**ours_only, "no_cache": True}) == []
@@ -320,6 +332,8 @@ def conditional_as_ours(a: Reads, nproc: int, train_rows: int) -> dict:
         "log_every": a.logging_steps // a.accumulation_steps,
         "seed": a.seed, "num_workers": 4, "dropout": None,
         "max_len": 128,  # convert_to_features: max_length=128 (each side; see the canvas rows)
+        "canvas": "released",  # collate_fn: [CLS] source target [SEP], the source through add_prompt
+        "pad_to": "longest",   # collate_fn: pad_sequence
     }
 
 
@@ -328,6 +342,7 @@ CONDITIONAL_DIFFS = {
     "model_name_or_path": ("bert-base-uncased", "`run_condition.sh` (conditional)"),
     "eval_every": (1000, "dev ELBO every 50 micro-batches"),
     "eval_examples": (1000, "dev ELBO every 50 micro-batches"),
+    "truncation": ("ours", "`dataloader.py` `convert_to_features`"),
 }
 
 
@@ -358,7 +373,7 @@ def test_conditional_presets_are_the_released_run_condition_sh(preset, tmp_path)
                        "start_id": None}
     ours_decode = {"batch_size": 128, "seed": 42, "decode_respacing": None, "weights": "ema", "no_cache": False,
                    "mbr_only": None, "out_dir": "generation_results", "overwrite": False, "resume": False,
-                   "device": "auto", "skip_bad_lines": False}
+                   "device": "auto", "skip_bad_lines": False, **NO_SAMPLER_OPTIONS}
     assert account(decode, released_decode, {}, ours_decode) == []
 
 
@@ -463,6 +478,8 @@ def diffuseq_as_ours(t: Reads) -> dict:
         "batch_size": t.microbatch, "examples_per_step": t.batch_size,
         "loss_average": "all",  # mean_flat over the canvas
         "bf16": t.use_fp16,     # fp32 (documented below)
+        "pad_to": "max_len",    # pad_function: every row seq_len long
+        "truncation": "diffuseq",  # merge_and_mask: the longer side loses its last word
     }
 
 
@@ -478,7 +495,8 @@ DIFFUSEQ_OURS = {**PLUMBING, "from_scratch": False, "time_conditioning": "none",
                  "post_train": None, "simi_penalty": "none", "simi_lambda": -2.0, "simi_noise": 0.05,
                  "simi_maps": "released", "dropout": None, "grad_clip_value": 0.0, "eval_every": 2000,
                  "eval_examples": 1000, "eval_steps": 64, "save_every": 2000, "log_every": 50, "num_workers": 4}
-GAUSSIAN_DIFFS = {"bf16": (True, "bf16 autocast")}
+GAUSSIAN_DIFFS = {"bf16": (True, "bf16 autocast"),
+                  "canvas": ("ours", "DiffuSeq canvas `[CLS] x [SEP] [SEP] [CLS] y [SEP] [PAD]...`")}
 
 
 @pytest.mark.parametrize("task", sorted(DIFFUSEQ_TASK_STEPS))
@@ -503,7 +521,7 @@ def test_diffuseq_presets_are_the_released_train_sh(task, tmp_path):
                    {}, {"batch_size": 256, "seed": 42, "sampler": "ours", "steps": None, "topk": 0,
                         "temperature": 1.0, "start_id": None, "no_cache": False, "mbr_only": None,
                         "out_dir": "generation_results", "overwrite": False, "resume": False, "device": "auto",
-                        "skip_bad_lines": False}) == []
+                        "skip_bad_lines": False, **NO_SAMPLER_OPTIONS}) == []
 
 
 # Tang et al.'s README, "Training" (4 GPUs) and "Inference"
@@ -540,7 +558,7 @@ def test_diffuseq_post_is_tang_et_al_released_post_training(tmp_path):
     inherited = {k: getattr(TrainConfig(), k) for k in TrainConfig.POST_TRAIN_SAME}
     pinned = {**{k: v for k, v in DIFFUSEQ_OURS.items() if k not in released and k not in inherited},
               **inherited, "eval_every": 2500, "save_every": 2500,
-              "accumulation_steps": 1}
+              "accumulation_steps": 1, "pad_to": "auto"}  # auto: max_len for gaussian
     for ngpu in (1, 4):
         cmds = dry_run("run_condition.sh", "diffuseq_post", str(base), cwd=str(tmp_path), ngpu=ngpu)
         ours = train_flags(cmds["train.py"][0], ngpu)

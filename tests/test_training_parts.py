@@ -166,7 +166,7 @@ def test_training_state_round_trip_continues_exactly(tmp_path):
                                         "run_config.json", "training_state.pt"]
     ts = checkpoint.load_training_state(ckpt)  # weights_only=True
     assert list(ts) == ["optimizer", "scheduler", "step", "epoch", "position", "best", "rng", "ema_updates",
-                        "timestep_sampler"]
+                        "world_size", "timestep_sampler"]
     assert len(ts["rng"]) == 1 and set(ts["rng"][0]) >= {"torch", "python", "numpy"}
     rc = json.load(open(os.path.join(ckpt, "run_config.json")))
     assert rc == {"config": {"seed": 0}, "dev": {"loss": 0.5}, "step": 3, "best_dev_loss": 0.5}
@@ -286,3 +286,32 @@ def test_resume_checks_reject_other_settings(tmp_path):
     assert (cfg.process, cfg.num_layers, cfg.hidden_size) == ("gaussian", 3, 16)
     with pytest.raises(UserError, match="--num_layers: checkpoint 2 vs now 3"):
         TrainConfig(num_layers=3).inherit({**stored, "process": "gaussian", "num_layers": 2}, "ck")
+
+
+def test_resume_takes_the_given_flags_and_keeps_the_effective_batch_on_other_process_counts():
+    from common.errors import UserError
+    from runtime.config import TrainConfig, build_parser, given_flags
+    from runtime.rundir import merged_config
+
+    parser = build_parser(TrainConfig)
+    assert given_flags(parser, ["--max_steps", "10", "--no-bf16"]) == {"max_steps", "bf16"}
+    assert given_flags(parser, ["--max_steps", "10000"]) == {"max_steps"}  # given, though it is the default
+    stored = json.loads(json.dumps(TrainConfig(batch_size=4, accumulation_steps=3, schedule="spindle").__dict__))
+    lines = []
+    cfg = merged_config(TrainConfig(resume="r", max_steps=7, lr=1.0), {"resume", "max_steps"}, stored, "ck",
+                        stored_world=2, world=3, log=lines.append)
+    # 4 x 3 x 2 = 24 examples per update; on 3 processes 4 x 2 x 3; the lr not given is the stored one
+    assert (cfg.batch_size, cfg.accumulation_steps, cfg.max_steps, cfg.lr) == (4, 2, 7, 5e-5)
+    assert lines == ["resume: --max_steps 7 (was 10000); 3 processes (was 2): --accumulation_steps 2 (was 3), "
+                     "the same effective batch of 24"]
+    assert merged_config(TrainConfig(resume="r"), {"resume"}, stored, "ck", 2, 6, lines.append).accumulation_steps == 1
+    with pytest.raises(UserError, match=r"cannot keep the effective batch of 24 .* on 4 processes"):
+        merged_config(TrainConfig(resume="r"), {"resume"}, stored, "ck", 2, 4, lines.append)
+    # an --accumulation_steps that keeps the effective batch is taken; one that changes it is refused
+    given = {"resume", "accumulation_steps"}
+    assert merged_config(TrainConfig(resume="r", accumulation_steps=2), given, stored, "ck", 2, 3,
+                         lines.append).accumulation_steps == 2
+    with pytest.raises(UserError, match="--accumulation_steps: checkpoint 3 on 2 processes vs now 5 on 3"):
+        merged_config(TrainConfig(resume="r", accumulation_steps=5), given, stored, "ck", 2, 3, lines.append)
+    with pytest.raises(UserError, match="--batch_size: checkpoint 4 vs now 8"):
+        merged_config(TrainConfig(resume="r", batch_size=8), {"resume", "batch_size"}, stored, "ck", 2, 2, print)

@@ -15,8 +15,10 @@ import torch
 
 from common.errors import UserError
 from textdata.lines import SKIP_HINT, first_problem, utf8_problem, without_bad_lines
+from textdata.unknown import report_unknown
 
 DATASETS = ("bible", "text", "lm1b")
+MIN_CARVED = 50  # a carved dev/test split smaller than this is warned about
 SPLITS = ("train", "valid", "test")
 TOKENIZE_VERSION = "lm-v1"  # bump when the tokenisation below changes, to invalidate the cache
 
@@ -143,6 +145,9 @@ def load_text_splits(dataset: str, data_files: str | None = None, data_dir: str 
             if split not in ds:
                 ds["train"], ds[split] = _carve(ds["train"], n_hold)
                 log(f"data: carved a {split} split of {n_hold} lines off {files['train']} (seeded, deterministic)")
+                if n_hold < MIN_CARVED:
+                    log(f"warning: the carved {split} split has only {n_hold} lines (1% of {files['train']}), "
+                        f"fewer than {MIN_CARVED}: its figures are noisy; give a {split}.txt beside train.txt")
     elif dataset == "lm1b":
         raw = _load_lm1b(log)
         train, valid = _carve(raw["train"], 10000)
@@ -197,6 +202,7 @@ def tokenize_splits(ds, tokenizer, max_len: int, log=print):
         n_trunc = sum(d["truncated"])
         if n_trunc:
             log(f"data: {split}: {n_trunc} of {len(d)} lines longer than --max_len {max_len} were truncated")
+        report_unknown(d, {"input_ids": "text"}, tokenizer, split, log)
         out[split] = d
     from datasets import DatasetDict
     return DatasetDict(out)
