@@ -4,7 +4,8 @@
     python predict_downstream_condition.py --checkpoint outputs/diffuseq --decode_respacing adp_20 --mbr_size 10
     python predict_downstream_condition.py --mbr_only generation_results/x/seed*.jsonl --out_dir generation_results/x-mbr
 
-The process comes from the checkpoint. The source ``[CLS] src [SEP]`` is never noised and stays fixed;
+The process and the canvas come from the checkpoint. The source ``[CLS] src [SEP]`` (a run trained with
+``--canvas released``: DiffusionBERT's ``[CLS] prompt(src)``) is never noised and stays fixed;
 the target region is denoised (absorbing: from all-[MASK] over ``--steps`` iterations; gaussian: from
 N(0, I) over the steps chosen by ``--decode_respacing``, with clamping) and its length is decided by
 the generated padding (DiffuSeq style). Each of the S candidates uses seed ``--seed + k``. Writes

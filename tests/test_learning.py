@@ -73,8 +73,10 @@ PAIR_TRAIN = ("--task", "seq2seq", "--dataset", "folder", "--max_len", str(2 * P
               "--eval_examples", "32", "--eval_steps", "8", "--log_every", "50", "--seed", "1")
 PROCESS_TRAIN = {
     "absorbing": ("--from_scratch", "--num_steps", "100", "--max_steps", "300"),
+    # --truncation ours: the pair fills the canvas exactly; DiffuSeq's cut (the gaussian default) keeps max_len - 5 words
     "gaussian": ("--process", "gaussian", "--num_steps", "50", "--max_steps", "150", "--emb_dim", "16",
-                 "--hidden_size", "64", "--num_layers", "2", "--num_heads", "2", "--ema_rate", "0.99"),
+                 "--hidden_size", "64", "--num_layers", "2", "--num_heads", "2", "--ema_rate", "0.99",
+                 "--truncation", "ours"),
 }
 PROCESS_DECODE = {"absorbing": ("--steps", "32"), "gaussian": ("--decode_respacing", "full")}
 
