@@ -30,7 +30,7 @@ from common import lock
 from common.errors import UserError, cli_main
 from evaluation import plots
 from runtime import checkpoint, dist, rundir, weights
-from runtime.assemble import build_diffusion, initial_network, load_task_data
+from runtime.assemble import build_diffusion, check_canvas_memory, initial_network, load_task_data
 from runtime.checkpoint import TrainingState
 from runtime.config import TrainConfig, build_parser, from_args, given_flags
 from runtime.faults import Faults
@@ -107,6 +107,7 @@ def main(argv=None):
     else:
         post_dir = post_train_source(cfg) if cfg.post_train else None  # before the checks: it fills in flags
         cfg.check()
+        check_canvas_memory(cfg)  # gaussian: before the run directory is made
         if main_rank:
             lock.refuse_if_held(cfg.out_dir)
         rundir.check_fresh(cfg.out_dir, cfg.overwrite)

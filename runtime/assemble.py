@@ -89,7 +89,6 @@ def _bert_initial(cfg: TrainConfig, log):
 def _diffuseq_initial(cfg: TrainConfig, log):
     """DiffuSeq's network: a transformer trained from scratch, with the tokenizer of --model_name_or_path."""
     tokenizer, model_path = load_tokenizer(cfg.model_name_or_path)
-    check_canvas_memory(cfg, len(tokenizer))
     denoiser = build_gaussian_denoiser(cfg, len(tokenizer))
     n = sum(p.numel() for p in denoiser.parameters())
     log(f"model: DiffuSeq transformer from scratch, {n / 1e6:.2f}M parameters (emb {cfg.emb_dim}, hidden "
@@ -97,11 +96,15 @@ def _diffuseq_initial(cfg: TrainConfig, log):
     return denoiser, tokenizer, model_path, denoiser.config
 
 
-def check_canvas_memory(cfg: TrainConfig, vocab_size: int) -> None:
+def check_canvas_memory(cfg: TrainConfig) -> None:
     """A gaussian canvas of --max_len positions must fit the device: every position of a micro-batch goes through
     the rounding head, whose logits [B, L, V] (float32) and their gradient alone take 8 B L V bytes; refuse a
-    --max_len for which that lower bound exceeds the device's whole memory (it would fail after the data work)."""
+    --max_len for which that lower bound exceeds the device's whole memory (it would fail after the data work).
+    Loads only the tokenizer (V), so train.py calls it before it makes the run directory."""
     from runtime.dist import memory_bytes, pick_device
+    if cfg.process != "gaussian":
+        return
+    vocab_size = len(load_tokenizer(cfg.model_name_or_path)[0])
     device = pick_device(cfg.device)
     need, have = 8 * cfg.batch_size * cfg.max_len * vocab_size, memory_bytes(device)
     if need > have:
