@@ -40,7 +40,7 @@ import time
 
 from runtime import api, dist, outputs
 from runtime.assemble import WEIGHTS, load_task_data
-from common.cli import make_parser, other_steps
+from common.cli import add_rule_options, make_parser, other_steps
 from common.errors import UserError, check_decoding_flags, cli_main, require_at_least_one
 from common.io import write_text_atomic
 
@@ -64,18 +64,7 @@ def parse_args(argv=None):
                         "confidence (unmask the most confident positions, --order); parallel (Fast-dLLM: every "
                         "position above --threshold); remask (ReMDM, --remask, --eta); first_hitting (exact, the "
                         "network only for rows that change). docs/algorithms.md section 4")
-    p.add_argument("--order", default=None, metavar="ORDER",
-                   help="--sampler confidence: confidence (p_hat of the drawn token; MaskGIT, LLaDA; the default), "
-                        "margin (top-1 minus top-2) or entropy (Dream)")
-    p.add_argument("--threshold", type=float, default=None,
-                   help="--sampler parallel: unmask every position whose p_hat reaches this, in (0, 1] (default 0.9)")
-    p.add_argument("--remask", default=None, metavar="SCHEDULE",
-                   help="--sampler remask: ReMDM's sigma_t schedule, cap (default), rescale or conf")
-    p.add_argument("--eta", type=float, default=None,
-                   help="--sampler remask cap/rescale: eta in [0, 1] (default 0.008 for cap, 0.015 for rescale)")
-    p.add_argument("--solver", default=None, metavar="NAME",
-                   help="gaussian: ddpm (default), ddim or dpm_solver++ (DPM-Solver++(2M)), over the steps of "
-                        "--decode_respacing")
+    add_rule_options(p)
     p.add_argument("--start_id", type=int, default=None,
                    help="absorbing, --sampler released: the token the target starts from instead of [MASK]; 103 is "
                         "the released decoder's (mask_token_id=103, BERT's [MASK], even with roberta-base, where the "

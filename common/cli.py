@@ -64,3 +64,20 @@ def other_steps(flag: str) -> str:
     """The other three "steps" flags, for the help of ``--flag``: ``unlike --a (...), --b (...) and --c (...)``."""
     others = [f"--{k} ({v})" for k, v in STEP_FLAGS.items() if k != flag]
     return "unlike " + ", ".join(others[:-1]) + " and " + others[-1]
+
+
+def add_rule_options(p: argparse.ArgumentParser) -> None:
+    """The decoding rules' own options, shared by predict.py and predict_downstream_condition.py (each checked by
+    the rule it belongs to: docs/algorithms.md section 4)."""
+    p.add_argument("--order", default=None, metavar="ORDER",
+                   help="--sampler confidence: confidence (p_hat of the drawn token; MaskGIT, LLaDA; the default), "
+                        "margin (top-1 minus top-2) or entropy (Dream)")
+    p.add_argument("--threshold", type=float, default=None,
+                   help="--sampler parallel: unmask every position whose p_hat reaches this, in (0, 1] (default 0.9)")
+    p.add_argument("--remask", default=None, metavar="SCHEDULE",
+                   help="--sampler remask: ReMDM's sigma_t schedule, cap (default), rescale or conf")
+    p.add_argument("--eta", type=float, default=None,
+                   help="--sampler remask cap/rescale: eta in [0, 1] (default 0.008 for cap, 0.015 for rescale)")
+    p.add_argument("--solver", default=None, metavar="NAME",
+                   help="gaussian: ddpm (default), ddim or dpm_solver++ (DPM-Solver++(2M)), over the steps of "
+                        "--decode_respacing")
