@@ -301,10 +301,12 @@ class TrainConfig:
         if stored.get("simi_penalty", "none") != "none" and "simi_maps" not in stored:
             raise UserError(f"{ckpt_dir} was post-trained before the loss followed Tang et al.'s release (penalty "
                             "weight twice the released one, MSE target z0); it cannot be resumed: post-train again")
-        stored = from_dict(stored)
-        diffs = [f"--{f.name}: checkpoint {getattr(stored, f.name)!r} vs now {getattr(self, f.name)!r}"
+        stored, now = from_dict(stored), dataclasses.replace(self)
+        for c in (stored, now):  # an "auto" compares as what it means, as the run itself resolved it
+            c.resolve_defaults()
+        diffs = [f"--{f.name}: checkpoint {getattr(stored, f.name)!r} vs now {getattr(now, f.name)!r}"
                  for f in dataclasses.fields(self)
-                 if f.name not in self.RESUMABLE_CHANGES and getattr(stored, f.name) != getattr(self, f.name)]
+                 if f.name not in self.RESUMABLE_CHANGES and getattr(stored, f.name) != getattr(now, f.name)]
         if diffs:
             raise UserError(f"cannot resume {ckpt_dir} with another config ({'; '.join(diffs)})")
 

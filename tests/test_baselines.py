@@ -238,9 +238,9 @@ def test_compute_elbo_baselines_bad_input(lm_run, tmp_path):
                  "--out", str(tmp_path / "e.json"), cwd=str(tmp_path))
     one_error_line(p, "untrained network", "no-such-model")
     assert not (tmp_path / "e.json").exists()
-    # an existing result is not replaced
-    (tmp_path / "e.json").write_text("mine")
-    p = run_here("compute_elbo.py", "--checkpoint", str(run), "--eval_steps", "2", "--baselines", "--out", str(tmp_path / "e.json"),
+    # an existing result is not replaced (another name: the refused run above keeps its e.json.partial record)
+    (tmp_path / "mine.json").write_text("mine")
+    p = run_here("compute_elbo.py", "--checkpoint", str(run), "--eval_steps", "2", "--baselines", "--out", str(tmp_path / "mine.json"),
                  cwd=str(tmp_path))
     one_error_line(p, "already exists", "--overwrite")
-    assert (tmp_path / "e.json").read_text() == "mine"
+    assert (tmp_path / "mine.json").read_text() == "mine"

@@ -133,7 +133,7 @@ def test_torchrun_decoding_matches_one_process_and_repeats(tmp_path, gauss_run, 
         one = (tmp_path / "one" / f).read_bytes()
         assert one and one == (tmp_path / "again" / f).read_bytes() == (tmp_path / "two" / f).read_bytes(), f
     assert json.load(open(tmp_path / "two" / "decode.json"))["ranks"] == 2
-    assert sorted(os.listdir(tmp_path / "two")) == sorted((*files, "decode.json"))
+    assert sorted(os.listdir(tmp_path / "two")) == sorted((*files, "decode.json", ".lock"))  # common.lock's file
 
 
 @pytest.mark.slow
@@ -170,7 +170,7 @@ def test_old_configs_keep_their_behaviour(tmp_path):
     """A config stored before --loss_average/--simi_maps existed loads with what that code did (target-only
     averaging, complete maps); a post-training run of that code (penalty weight 2, MSE target z0) cannot
     be resumed under the released loss."""
-    import train
+    from runtime import checkpoint, rundir
     from runtime.config import TrainConfig, from_dict
     from common.errors import UserError
 
@@ -186,4 +186,5 @@ def test_old_configs_keep_their_behaviour(tmp_path):
     (ckpt / "run_config.json").write_text(json.dumps({"config": {**old, "process": "gaussian",
                                                                   "simi_penalty": "l2_noise_random"}}))
     with pytest.raises(UserError, match="cannot be resumed"):
-        train.resume_source(TrainConfig(resume=str(ckpt)))
+        rundir.merged_config(TrainConfig(resume=str(ckpt)), {"resume"}, checkpoint.read_run_config(str(ckpt))["config"],
+                             str(ckpt), stored_world=1, world=1, log=print)
