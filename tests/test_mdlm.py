@@ -19,7 +19,7 @@ import pytest
 import torch
 
 from diffusion import AbsorbingDiffusion, make_schedule, mdlm
-from tests.conftest import run_cli
+from tests.conftest import run_cli, run_here
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -234,6 +234,15 @@ def test_low_discrepancy_times():
     assert torch.equal(((t - 1e-3) / (1 - 1e-3) * 64).floor().long(), torch.arange(64))
 
 
+@pytest.mark.parametrize("name", ["mutual", "cosine", "loglinear"])
+def test_dalpha_is_the_derivative_of_alpha(name):
+    sch = make_schedule(name)
+    s, d = torch.linspace(0.01, 0.99, 50, dtype=torch.float64), 1e-6
+    numeric = (sch.alpha(s + d) - sch.alpha(s - d)).squeeze(-1) / (2 * d)
+    torch.testing.assert_close(sch.dalpha(s), numeric, rtol=1e-6, atol=1e-8)
+    assert sch.end_jump == pytest.approx(float(sch.alpha(torch.tensor([1 - 1e-12], dtype=torch.float64))), abs=1e-9)
+
+
 def test_spindle_refused():
     sch = make_schedule("spindle", counts=torch.ones(V))
     with pytest.raises(ValueError, match="token-dependent"):
@@ -253,10 +262,12 @@ def test_end_to_end(tmp_path, tiny_bert, tiny_corpus):
     stored = json.loads((out / "checkpoints" / "last" / "run_config.json").read_text())
     assert stored["config"]["objective"] == "mdlm" and stored["config"]["schedule"] == "loglinear"
     res = tmp_path / "elbo.json"
-    run_cli("compute_elbo.py", "--checkpoint", str(out), "--num_examples", "6", "--eval_steps", "3",
-            "--batch_size", "4", "--out", str(res), cwd=str(tmp_path))
+    proc = run_here("compute_elbo.py", "--checkpoint", str(out), "--num_examples", "6", "--eval_steps", "3",
+                    "--batch_size", "4", "--out", str(res), cwd=str(tmp_path))
+    assert proc.returncode == 0, proc.stderr[-2000:]
     r = json.loads(res.read_text())
     assert r["time"] == "continuous" and r["t_draws"] == 3 and r["end_jump"] == EPS
     assert r["nelbo_per_token"] > 0 and r["nelbo_per_token_se"] > 0 and r["tokens"] > 0 and r["words"] > 0
-    run_cli("predict.py", "--checkpoint", str(out), "--num_samples", "2", "--steps", "8", "--sampler",
-            "first_hitting", "--out_dir", str(tmp_path / "gen"), cwd=str(tmp_path))
+    proc = run_here("predict.py", "--checkpoint", str(out), "--num_samples", "2", "--steps", "8", "--sampler",
+                    "first_hitting", "--out_dir", str(tmp_path / "gen"), cwd=str(tmp_path))
+    assert proc.returncode == 0, proc.stderr[-2000:]
