@@ -19,7 +19,7 @@ import pytest
 import torch
 
 from diffusion import AbsorbingDiffusion, make_schedule, mdlm
-from tests.conftest import run_cli, run_here
+from tests.conftest import assert_resume_is_exact, run_cli, run_here
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -261,6 +261,9 @@ def test_end_to_end(tmp_path, tiny_bert, tiny_corpus):
             str(tmp_path / "logs"), cwd=str(tmp_path))
     stored = json.loads((out / "checkpoints" / "last" / "run_config.json").read_text())
     assert stored["config"]["objective"] == "mdlm" and stored["config"]["schedule"] == "loglinear"
+    from runtime.assemble import load_for_inference
+    sch = load_for_inference(str(out), torch.device("cpu")).diffusion.schedule  # what predict.py samples with
+    assert sch.name == "loglinear" and sch.eps == EPS
     res = tmp_path / "elbo.json"
     proc = run_here("compute_elbo.py", "--checkpoint", str(out), "--num_examples", "6", "--eval_steps", "3",
                     "--batch_size", "4", "--out", str(res), cwd=str(tmp_path))
@@ -271,3 +274,16 @@ def test_end_to_end(tmp_path, tiny_bert, tiny_corpus):
     proc = run_here("predict.py", "--checkpoint", str(out), "--num_samples", "2", "--steps", "8", "--sampler",
                     "first_hitting", "--out_dir", str(tmp_path / "gen"), cwd=str(tmp_path))
     assert proc.returncode == 0, proc.stderr[-2000:]
+
+
+@pytest.mark.slow
+def test_resume_is_exact(tmp_path, tiny_bert, tiny_corpus):
+    """An MDLM run resumed halfway gives the same losses and weights as one uninterrupted run (its t and masks come
+    from the RNG state the checkpoint keeps)."""
+    def args_of(out, max_steps, extra):
+        return ("train.py", "--objective", "mdlm", "--low_discrepancy", "--model_name_or_path", tiny_bert, "--dataset",
+                "text", "--data_files", tiny_corpus, "--num_steps", "64", "--max_len", "32", "--batch_size", "4",
+                "--eval_examples", "4", "--lr", "1e-3", "--warmup_steps", "0", "--decay", "constant",
+                "--max_steps", str(max_steps), "--eval_every", "2", "--save_every", "2", "--log_every", "1", "--out_dir", str(out), "--log_dir",
+                str(out) + "-logs", *extra)
+    assert_resume_is_exact(tmp_path, args_of, steps=4)
