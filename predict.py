@@ -62,7 +62,7 @@ import time
 
 import torch
 
-from runtime import api, dist
+from runtime import api, dist, semi_ar
 from runtime.assemble import WEIGHTS
 from runtime import outputs
 from common.cli import add_rule_options, make_parser, other_steps
@@ -243,7 +243,7 @@ def sample_all(args, info: dist.DistInfo) -> None:
             "row_evaluations": evaluations, "sequences_per_second": len(rows) / wall, "device": str(info.device),
             "ranks": info.world_size, "threads": torch.get_num_threads(), "process": run.cfg.process,
             "templates": templates, "resumed_batches": output.resumed, **decoding.report,
-            **semi_ar_report(rows, out)}
+            **semi_ar.report(rows, out.blocks, out.row_evaluations)}
     output.write_json(out_json, meta)
     output.finish(info)
     ranks = f", {info.world_size} ranks" if info.enabled else ""
@@ -253,18 +253,6 @@ def sample_all(args, info: dist.DistInfo) -> None:
           f"({len(rows) / wall:.2f} sequences/s); {calls} network calls, {evaluations} sequence evaluations "
           f"({cache}{ranks}{f'; {output.resumed} batches kept from the interrupted run' if output.resumed else ''})"
           f"{semi_ar_line(meta)}")
-
-
-def semi_ar_report(rows, out) -> dict:
-    """The json's account of semi-autoregressive rows (``runtime.semi_ar``): the window and block size, the
-    blocks made per sequence and the network's cost per sequence over all its blocks; {} if none."""
-    plans = {r.blocks for r in rows if r.blocks}
-    if not plans:
-        return {}
-    (window, block_size), = plans
-    return {"semi_ar": {"window": window, "block_size": block_size, "blocks": sum(out.blocks),
-                        "blocks_per_sequence": sum(out.blocks) / len(rows),
-                        "row_evaluations_per_sequence": out.row_evaluations / len(rows)}}
 
 
 def semi_ar_line(meta: dict) -> str:

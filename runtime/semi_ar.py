@@ -71,3 +71,18 @@ def generate(rows: Sequence[Row], sample_ids: Sequence[int], sample: Callable, s
             x[i][1 + s:1 + e] = canvas[1 + s - lo:1 + e - lo]
         calls, evaluations = calls + out.network_calls, evaluations + out.row_evaluations
     return x, calls, evaluations
+
+
+def report(rows: Sequence[Row], blocks: Sequence[int], row_evaluations: int) -> dict:
+    """The account of a request with rows made in blocks (predict.py's json): the window and block size, the
+    blocks per sequence (``blocks``: per row), the network's evaluations per sequence over all its blocks, and
+    ``joins``: for each length made in blocks, the wordpiece positions (0-based) that begin a block after the
+    first (the transition into one crosses from a block into the next); {} if every row was one canvas."""
+    plans = {r.blocks for r in rows if r.blocks}
+    if not plans:
+        return {}
+    (window, block_size), = plans
+    joins = {str(len(r.cells) - 2): [s for s, _ in spans(r)[1:]] for r in rows if r.blocks}
+    return {"semi_ar": {"window": window, "block_size": block_size, "blocks": sum(blocks),
+                        "blocks_per_sequence": sum(blocks) / len(rows),
+                        "row_evaluations_per_sequence": row_evaluations / len(rows), "joins": joins}}

@@ -315,3 +315,51 @@ def test_predict_long_length_cli(lm_run, tmp_path):
                            (("--length", "20", "--block_size", "10"), ("--block_size is for semi-autoregressive",)),
                            (("--template", "the [MASK]", "--block_size", "3"), ("--block_size",))):
         one_error_line(run_here(*common, *extra, cwd=str(tmp_path)), *needles)
+
+
+# ---------------------------------------------------------------- scoring long synthetic text
+
+def test_score_chain_by_hand():
+    """Four lines under a 3-word chain, every number worked out by hand (ln 2 = 0.693...):
+    'a b a c', join at 2: log pi(a) + log P(b|a) + log P(a|b) + log P(c|a) = 3 ln(1/2), 4 tokens;
+    'b b a', join at 1: b -> b is forbidden (at the join); 'c c a', no joins: ln(1/4) + 2 ln(1/2), 3 tokens;
+    'a zz', join at 1: an unknown word, forbidden (at the join). Joins: 3 transitions, 2 forbidden, the allowed
+    one b -> a of probability 1; inside: 5 transitions (1/2, 1/2, 1, 1/2, 1/2), none forbidden."""
+    import numpy as np
+    from textdata.synthetic import SyntheticLanguage, score_chain
+    lang = SyntheticLanguage(["a", "b", "c"], np.array([0.5, 0.25, 0.25]),
+                             np.array([[0.0, 0.5, 0.5], [1.0, 0.0, 0.0], [0.5, 0.0, 0.5]]), np.array([0, 1.0]))
+    r = score_chain(lang, ["a b a c", "b b a", "c c a", "a zz"], [[2], [1], [], [1]])
+    ln2 = math.log(2)
+    assert (r["sequences"], r["scored"], r["forbidden_fraction"]) == (4, 2, 0.5)
+    assert (r["join_transitions"], r["inside_transitions"]) == (3, 5)
+    assert r["join_forbidden_rate"] == pytest.approx(2 / 3) and r["inside_forbidden_rate"] == 0
+    assert r["join_nll_per_transition"] == pytest.approx(0.0) and r["inside_nll_per_transition"] == pytest.approx(4 * ln2 / 5)
+    assert r["nll_per_token"] == pytest.approx((3 * ln2 + 4 * ln2) / 7)
+    # one canvas (no joins): every transition is inside
+    assert score_chain(lang, ["c c a"])["nll_per_token"] == pytest.approx(4 * ln2 / 3)
+
+
+def test_compute_metric_joins(tmp_path):
+    """compute_metric.py --joins reads the joins from predict.py's json and scores as score_chain (by hand above)."""
+    import json
+    import numpy as np
+    from tests.conftest import one_error_line, run_here
+    from textdata.synthetic import SyntheticLanguage
+    lang = SyntheticLanguage(["ba", "be", "bi"], np.array([0.5, 0.25, 0.25]),
+                             np.array([[0.0, 0.5, 0.5], [1.0, 0.0, 0.0], [0.5, 0.0, 0.5]]), np.array([0, 1.0]))
+    lang.save(str(tmp_path / "language.json"))
+    (tmp_path / "s.txt").write_text("ba be ba bi\nbe be ba\nbi bi ba\n")
+    (tmp_path / "s.json").write_text(json.dumps({"semi_ar": {"joins": {"4": [2], "3": [1]}}}))
+    common = ["compute_metric.py", "--mode", "synthetic", "--samples", str(tmp_path / "s.txt"), "--language",
+              str(tmp_path / "language.json")]
+    p = run_here(*common, "--joins", str(tmp_path / "s.json"), "--out", str(tmp_path / "m.json"), cwd=str(tmp_path))
+    assert p.returncode == 0, p.stderr
+    m = json.load(open(tmp_path / "m.json"))
+    m = m.get("metrics", m)
+    # joins: be -> ba (1), be -> be (forbidden), bi -> bi (1/2); inside: 1/2, 1/2, 1, 1/2
+    assert m["sample_chain_join_transitions"] == 3 and m["sample_chain_join_forbidden_rate"] == pytest.approx(1 / 3)
+    assert m["sample_chain_nll_per_token"] == pytest.approx(7 * math.log(2) / 7)
+    (tmp_path / "bad.json").write_text("{}")
+    one_error_line(run_here(*common, "--joins", str(tmp_path / "bad.json"), "--out", str(tmp_path / "n.json"),
+                            cwd=str(tmp_path)), "--joins", "no semi_ar.joins")
