@@ -105,8 +105,9 @@ def page(doc: dict, parts: list, plots: str) -> str:
     ctx = RenderContext(plots=plots, results=results, scale=scale)
     lines = [f"# Does it learn? (`bash run.sh reproduce{' quick' if scale == 'quick' else ''}`)", ""]
     lines += [*doc.get("notes", []), ""] if doc.get("notes") else []
-    lines += [f"Scale `{scale}`; {num(doc.get('seconds')) / 60:.1f} min of wall time for the steps run in the last "
-              f"invocation; {doc.get('cpu_count')} CPU cores. Settings: `{json.dumps(sc)}`.", ""]
+    wall = ("" if doc.get("seconds") is None else
+            f"{doc['seconds'] / 60:.1f} min of wall time for the steps run in the last invocation; ")
+    lines += [f"Scale `{scale}`; {wall}{doc.get('cpu_count')} CPU cores. Settings: `{json.dumps(sc)}`.", ""]
     for part in parts:
         if part.key not in results:
             continue

@@ -150,9 +150,9 @@ def render(s2s: dict, sc: dict, ctx) -> list[str]:
     rows, copy, pairs = s2s["rows"], s2s["copy_source"], s2s.get("pairs", {})
     lines = [f"Copying the source scores exact match {copy['exact_match']:.3f}, BLEU {copy['bleu']:.4f}. "
              f"DiffuSeq: {sc['s2s_steps']} steps; `post`: {sc['s2s_post_steps']} more steps of Tang et al.'s "
-             f"post-training (the released l2_noise_random penalty, weight 1) from its EMA weights; `more`: the "
-             "control, the same restart and steps with DiffuSeq's own loss and no penalty. One sample per source "
-             "(no MBR).", ""]
+             f"post-training (the released l2_noise_random penalty, weight 1) from its EMA weights"
+             + ("; `more`: the control, the same restart and steps with DiffuSeq's own loss and no penalty"
+                if any(n.startswith("diffuseq-more-") for n in rows) else "") + ". One sample per source (no MBR).", ""]
     lines += table(["model / decoding", "test pairs", "exact match", "token accuracy", "BLEU",
                     "network calls per sequence", "wall s"], [
         [name, pairs.get(name) or "", f"{r['exact_match']:.3f}", f"{r['token_accuracy']:.3f}", f"{r['bleu']:.4f}",
