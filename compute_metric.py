@@ -209,7 +209,7 @@ def run_seq2seq(args: argparse.Namespace) -> tuple[dict, dict]:
 
 def run_synthetic(args: argparse.Namespace) -> tuple[dict, dict]:
     """Exact NLL per token of the samples (and of held-out references) under the synthetic language."""
-    from textdata.synthetic import SyntheticLanguage, score
+    from textdata.synthetic import SyntheticLanguage, bigram_tv, distinct_fraction, score
     if args.language is None:
         raise InputError("--language (a language.json written with the synthetic data) is required in synthetic mode")
     if len(args.samples) != 1:
@@ -223,7 +223,8 @@ def run_synthetic(args: argparse.Namespace) -> tuple[dict, dict]:
     samples = seeded_subset(read_lines(args.samples[0], "samples"), args.max_samples, args.seed, "samples")
     entropy = language.entropy()
     metrics = {"true_entropy_per_token": entropy["per_token"], "true_entropy_per_sequence": entropy["per_sequence"],
-               **{f"sample_{k}": v for k, v in score(language, samples).items()}}
+               **{f"sample_{k}": v for k, v in score(language, samples).items()},
+               "sample_bigram_tv": bigram_tv(language, samples), "sample_distinct_fraction": distinct_fraction(samples)}
     if args.joins:
         from textdata.synthetic import score_chain
         joins = read_joins(args.joins)
@@ -233,6 +234,10 @@ def run_synthetic(args: argparse.Namespace) -> tuple[dict, dict]:
         refs = [r for r in read_lines(args.references, "references") if r.strip()]
         refs = seeded_subset(refs, args.max_references, args.seed, "references")
         metrics.update({f"reference_{k}": v for k, v in score(language, refs).items()})
+        # the TV of finite samples is not 0: the language's own lines, as many as the samples, set the floor
+        metrics.update({"reference_bigram_tv": bigram_tv(language, refs[:len(samples)]),
+                        "reference_bigram_tv_lines": min(len(refs), len(samples)),
+                        "reference_distinct_fraction": distinct_fraction(refs)})
         if "sample_nll_per_token" in metrics:
             metrics["nll_ratio_samples_to_references"] = metrics["sample_nll_per_token"] / metrics["reference_nll_per_token"]
     return metrics, {"samples": args.samples[0], "language": args.language, "references": args.references,
@@ -356,6 +361,11 @@ SYNTHETIC_CONVENTIONS = ("each line is one sequence of whitespace-separated word
                          "sum words over the lines with a finite likelihood (log p includes the length term); "
                          "forbidden_fraction = lines with a transition the language never makes or an unknown word; "
                          "invalid_fraction = lines with zero probability (also an impossible length); nats; "
+                         "bigram_tv = 0.5 sum |f - F| over transitions (start -> first word, adjacent pairs, last "
+                         "word -> end: n + 1 per line), f pooled over the lines, F the language's expected "
+                         "frequencies (E[count] / (E[n] + 1)), unknown words one symbol; reference_bigram_tv: the "
+                         "first min(references, samples) references, the floor of finite samples; "
+                         "distinct_fraction = distinct lines / lines; "
                          "with --joins, sample_chain_*: each line one run of the chain (log pi(w_1) + sum log "
                          "P(w_i | w_(i-1)), no length term), forbidden rates per transition at the block joins and "
                          "inside the blocks (textdata.synthetic.score_chain)")

@@ -165,6 +165,23 @@ class SyntheticLanguage:
         f = (counts[:, None] * m).sum(0)
         return f / f.sum()
 
+    def expected_bigrams(self) -> np.ndarray:
+        """``F`` [V + 1, V + 1]: the expected frequency of each transition of a sequence, the boundary as
+        index ``V`` (``F[V, a]``: the start ``a``; ``F[a, V]``: the end after ``a``). A sequence of ``n`` words
+        has ``n + 1`` transitions; ``F`` is the expected count of each, ``E[count]``, over ``E[n] + 1``, which
+        is what the pooled frequencies of many samples converge to:
+        ``E[count(a, b)] = P(a, b) sum_n p(n) sum_{i<n} m_i(a)``, ``E[count(a, end)] = sum_n p(n) m_n(a)``."""
+        v, m = self.vocab_size, self.marginals()  # m[i]: the law of word i + 1
+        n = np.arange(len(self.length_probs))
+        present = np.array([(self.length_probs * (n > i)).sum() for i in range(len(m))])  # P(n > i)
+        last = np.array([self.length_probs[i + 1] for i in range(len(m))])  # P(n = i + 1)
+        f = np.zeros((v + 1, v + 1))
+        f[v, :v] = self.length_probs[1:].sum() * self.start
+        # word i + 1 has a successor when n > i + 1
+        f[:v, :v] = (present[1:, None] * m[:-1]).sum(0)[:, None] * self.trans
+        f[:v, v] = (last[:, None] * m).sum(0)
+        return f / ((self.length_probs * n).sum() + self.length_probs[1:].sum())
+
     # ---- files
     def to_json(self) -> dict:
         rows = {str(i): [[int(j), float(self.trans[i, j])] for j in np.nonzero(self.trans[i])[0]]
@@ -277,6 +294,31 @@ def score(language: SyntheticLanguage, lines: list[str]) -> dict:
         res["nll_per_token"] = float(per_seq.sum() / tokens[ok].sum())
         res["nll_per_token_se"] = ratio_standard_error(per_seq.tolist(), tokens[ok].tolist())
     return res
+
+
+def bigram_tv(language: SyntheticLanguage, lines: list[str]) -> float:
+    """Total-variation distance between the pooled transition frequencies of ``lines`` (boundary -> first
+    word, each adjacent pair, last word -> boundary: ``n + 1`` per line of ``n`` words) and the language's
+    expected ones (:meth:`SyntheticLanguage.expected_bigrams`), ``0.5 sum |f_lines - F|``. Unknown words are
+    one symbol of expected frequency 0. Finite samples are not 0 even from the language itself: compare with
+    held-out lines of the same count."""
+    if not lines:
+        return math.nan
+    v, expected = language.vocab_size, language.expected_bigrams()
+    counts: dict[tuple[int, int], int] = {}
+    for line in lines:
+        ids = [v] + [language.index.get(w, v + 1) for w in line.split()] + [v]
+        for pair in zip(ids, ids[1:]):
+            counts[pair] = counts.get(pair, 0) + 1
+    total = sum(counts.values())
+    seen = [(c / total, expected[a, b] if max(a, b) <= v else 0.0) for (a, b), c in counts.items()]
+    # the unseen transitions add their expected mass
+    return 0.5 * (sum(abs(f - e) for f, e in seen) + 1.0 - sum(e for _, e in seen))
+
+
+def distinct_fraction(lines: list[str]) -> float:
+    """Distinct lines (as word sequences: whitespace is normalised) over lines."""
+    return len({" ".join(line.split()) for line in lines}) / len(lines) if lines else math.nan
 
 
 def score_chain(language: SyntheticLanguage, lines: list[str], joins: list[list[int]] | None = None) -> dict:
