@@ -94,7 +94,8 @@ def parse_args(argv=None):
     p.add_argument("--topk", type=int, default=0, help="keep the k most likely tokens (0: all)")
     p.add_argument("--top_p", type=float, default=1.0, help="nucleus sampling mass (1: off)")
     p.add_argument("--temperature", type=float, default=1.0)
-    p.add_argument("--max_len", type=int, default=None, help="absorbing: longest sample in wordpieces incl. [CLS]/[SEP] (default: training --max_len)")
+    p.add_argument("--max_len", type=int, default=None, help="absorbing: widest canvas in wordpieces incl. [CLS]/[SEP] (default: training --max_len); a longer "
+                        "--length is made in blocks of --block_size")
     p.add_argument("--length", default=None,
                    help="every sample has this many wordpieces between [CLS] and [SEP] (the released predict.py: "
                         "32), or a comma-separated list (sample i gets the (i mod k)-th); default: absorbing, drawn "

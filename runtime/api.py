@@ -16,7 +16,8 @@ the noised positions and never changes the fixed ones: the absorbing process nev
 one resets them to their embeddings after every step. :meth:`Model.generate` runs the batches.
 
 * lm, absorbing (DiffusionBERT): ``[CLS] [MASK]*n [SEP]``; n is ``length`` or drawn from the training
-  lengths (with a prompt: conditioned on being longer than the prompt), over a grid of ``steps``.
+  lengths (with a prompt: conditioned on being longer than the prompt), over a grid of ``steps``. A ``length``
+  above max_len - 2 is made semi-autoregressively, in blocks of ``block_size`` (``runtime.semi_ar``).
 * lm, gaussian (Diffusion-LM, DiffuSeq's network): a canvas of the checkpoint's max_len, ``[CLS]`` and then all noised, so the
   model places [SEP] and the padding; with a ``length`` the [SEP] and [PAD]s are fixed, and then a generated
   position never becomes a special token (clamping skips them), so the text has exactly that many
@@ -379,7 +380,8 @@ class Model:
         disk and gives back those an interrupted run kept (``dist.map_batches``).
 
         On the absorbing lm's canvas (no fixed width) rows of similar lengths share a batch (little padding);
-        other canvases keep the rows' order. A row with nothing to generate (a template without [MASK]) is its
+        other canvases keep the rows' order. A batch with a row longer than a canvas (``Row.blocks``) is made
+        block by block (``runtime.semi_ar.generate``); ``Generated.blocks`` counts each row's canvases. A row with nothing to generate (a template without [MASK]) is its
         own output and never reaches the network.
         """
         self._at_least_one(batch_size=batch_size)
