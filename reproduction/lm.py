@@ -39,7 +39,8 @@ PAPER_DIRECTION = {"base": "", "mutual": "worse (PPL 78.76 vs 63.78)", "layerwis
                    "elbo": "no claim (the released weighting is a code fact, docs/differences.md)",
                    "mdlm": "better (MDLM, LM1B: <= 27.04 against DiffusionBERT's 63.78, with more training)"}
 VARIANT_LABELS = {"base": "spindle + TAD + released loss (DiffusionBERT)", "mutual": "mutual schedule",
-                  "layerwise": "layer-wise time embedding", "token": "time as a prefix token (vocabulary + 1000 [unused])",
+                  "layerwise": "layer-wise time embedding",
+                  "token": "time as a prefix token (vocabulary + 1000 [unused])",
                   "elbo": "ELBO-weighted loss", "mdlm": "MDLM (continuous time, log-linear, SUBS, antithetic t)"}
 SAMPLERS = ("ours", "released")  # the sampling sweep: each at every ``sample_steps``
 
@@ -264,8 +265,8 @@ def ablation_section(lm: dict, sc: dict, ctx) -> list[str]:
     for v in lm["variants"]:
         vals = seed_values(lm, v)
         diff, judged = compare(vals, base, PAPER_DIRECTION[v].startswith("worse"))
-        rows.append([VARIANT_LABELS[v], fmt_ms(vals), f"{diff:+.3f}", PAPER_DIRECTION[v], "" if v == "base" else judged]
-                    + ([fmt_ms(list(wall[v].values()), 0)] if wall else []))
+        rows.append([VARIANT_LABELS[v], fmt_ms(vals), f"{diff:+.3f}", PAPER_DIRECTION[v],
+                     "" if v == "base" else judged] + ([fmt_ms(list(wall[v].values()), 0)] if wall else []))
     lines += table(["variant", "test NLL bound", "vs base", "the paper's direction", "at this scale"]
                    + (["training wall s"] if wall else []), rows) + [""]
     lines += objective_lines(lm, sc)
