@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import os
 
-from common.io import write_text_atomic
+from common.io import write_json_atomic
 
-from .glm import glm_args, infill, write_infill_data
+from .glm import glm_args, write_infill_data
 from .lm import absorbing_long, lm_args, long_run_name
 from .render import num, pct, table, verdict
 from .runner import finite, read_json, train_seconds, word_freqs
@@ -31,21 +31,19 @@ AR_TIME_RATIO = 1.0  # seconds per AR step / seconds per absorbing step, measure
 SETTINGS = {
     # study_steps: ours and released; study_conf_steps: confidence (every order); study_parallel: (steps,
     # thresholds); study_remask: (steps, [(schedule, eta)]); study_first_hitting: steps; study_solver_steps:
-    # uniform grids for every Gaussian solver (beside adp_20 and, on study_full_chain samples, the full chain);
-    # study_s2s_run: the conditional DiffusionBERT decoded (part 3's run, or one at another budget).
+    # uniform grids for every Gaussian solver (beside adp_20, and the full chain on study_full_chain samples);
+    # study_s2s_steps: the conditional DiffusionBERT's training budget (part 3's run when it is s2s_steps);
+    # study_s2s_grid: its decoding steps; study_ar_steps: the AR baseline's (see AR_TIME_RATIO).
     "smoke": dict(study_samples=12, study_steps=(4,), study_conf_steps=(4,), study_parallel=(8, (0.9,)),
                   study_remask=((8,), (("cap", 0.008), ("conf", None))), study_first_hitting=(1000,),
-                  study_solver_steps=(4,), study_full_chain=4, study_s2s_steps=20,
-                  study_s2s_grid=(4,), study_ar_steps=30),
-    "quick": dict(study_samples=200, study_steps=(8, 32, 128), study_conf_steps=(8, 32),
-                  study_parallel=(32, (0.5, 0.9)), study_remask=((32,), (("cap", 0.008), ("rescale", 0.015),
-                                                                          ("conf", None))),
-                  study_first_hitting=(1000,), study_solver_steps=(10, 20), study_full_chain=20,
-                  study_s2s_steps=600, study_s2s_grid=(8, 32), study_ar_steps=800),
+                  study_solver_steps=(4,), study_full_chain=4, study_s2s_steps=20, study_s2s_grid=(4,),
+                  study_ar_steps=30),
+    "quick": dict(study_samples=200, study_steps=(8, 128), study_conf_steps=(16,), study_parallel=(32, (0.9,)),
+                  study_remask=((32,), (("cap", 0.008),)), study_first_hitting=(1000,), study_solver_steps=(10,),
+                  study_full_chain=20, study_s2s_steps=600, study_s2s_grid=(8,), study_ar_steps=800),
     "full": dict(study_samples=1000, study_steps=(8, 32, 128, 512), study_conf_steps=(8, 16, 32),
                  study_parallel=(32, (0.5, 0.7, 0.9, 0.99)),
-                 study_remask=((32, 128), (("cap", 0.008), ("cap", 0.05), ("rescale", 0.015), ("rescale", 0.1),
-                                           ("conf", None))),
+                 study_remask=((16, 64), (("cap", 0.008), ("cap", 0.05), ("rescale", 0.015), ("conf", None))),
                  study_first_hitting=(128, 1000), study_solver_steps=(10, 20), study_full_chain=200,
                  study_s2s_steps=5000, study_s2s_grid=(8, 32, 200), study_ar_steps=3000),
 }
@@ -90,7 +88,7 @@ def gaussian_points(sc: dict, with_full: bool = True) -> list[dict]:
     pts += [point("gaussian", "Gaussian ddpm adp", "adp_20", ["--solver", "ddpm", "--decode_respacing", "adp_20"]),
             point("gaussian", "Gaussian dpm_solver++ adp", "adp_20", ["--solver", "dpm_solver++", "--decode_respacing",
                                                                       "adp_20"])]
-    if with_full:
+    if with_full and sc["study_full_chain"]:
         pts.append(point("gaussian", "Gaussian ddpm full", "full chain", ["--solver", "ddpm"]))
     return pts
 
@@ -118,45 +116,67 @@ def seq2seq_points(sc: dict) -> list[dict]:
 # --------------------------------------------------------------------------- runs and scoring
 
 
-def lines_in(path: str) -> int:
-    with open(path, encoding="utf-8") as f:
-        return sum(1 for _ in f)
-
-
 def cost(meta: dict, rows: int) -> dict:
     """Network calls per sequence (rows through the denoiser over sequences) and speed, from predict.py's json."""
     return {"calls": meta["row_evaluations"] / max(1, rows), "sequences_per_second": meta["sequences_per_second"],
             "wall_seconds": meta["wall_seconds"]}
 
 
+def predict(runner, run_dir: str, folder: str, p: dict, extra: list) -> tuple[str, dict]:
+    """predict.py with setting ``p`` into ``folder``: the text file and its json."""
+    txt = os.path.join(folder, f"{p['name']}.txt")
+    runner.run(f"sample-{p['name']}", "predict.py", ["--checkpoint", run_dir, *p["flags"], *extra, "--batch_size",
+                                                     100, "--seed", 1, "--device", "cpu", "--out_dir", folder,
+                                                     "--name", p["name"], "--overwrite"], txt, PRIORITY)
+    return txt, read_json(os.path.join(folder, f"{p['name']}.json"))
+
+
+def read_lines(path: str) -> list[str]:
+    with open(path, encoding="utf-8") as f:  # split on newlines only, as compute_metric.py reads
+        return [line.rstrip("\n") for line in f.readlines()]
+
+
+def scored(path: str, compute) -> dict:
+    """``compute()`` kept in ``path`` (in this process: the scoring is cheap next to a script's start-up)."""
+    if not os.path.exists(path):
+        write_json_atomic(path, {k: finite(v) for k, v in compute().items()})
+    return read_json(path)
+
+
 def sample_point(runner, paths: dict, run_dir: str, p: dict, n: int) -> dict:
-    """``n`` samples of setting ``p`` into ``<out>/study/samples``, scored exactly beside the test split."""
-    folder = os.path.join(runner.out, "study", "samples")
-    txt, metric = os.path.join(folder, f"{p['name']}.txt"), os.path.join(folder, f"{p['name']}.metrics.json")
-    runner.run(f"sample-{p['name']}", "predict.py", ["--checkpoint", run_dir, *p["flags"], "--num_samples", n,
-                                                     "--batch_size", 100, "--seed", 1, "--device", "cpu",
-                                                     "--out_dir", folder, "--name", p["name"], "--overwrite"],
-               txt, PRIORITY)
-    runner.run(f"score-{p['name']}", "compute_metric.py", [
-        "--mode", "synthetic", "--samples", txt, "--language", paths["language"], "--references",
-        os.path.join(paths["lm"], "test.txt"), "--out", metric, "--overwrite"], metric, PRIORITY)
-    m = read_json(metric)["metrics"]
-    keys = {"forbidden_fraction": "sample_forbidden_fraction", "nll": "sample_nll_per_token",
-            "nll_ratio": "nll_ratio_samples_to_references", "bigram_tv": "sample_bigram_tv",
-            "reference_bigram_tv": "reference_bigram_tv", "distinct_fraction": "sample_distinct_fraction",
-            "mean_length": "sample_mean_length", "reference_nll": "reference_nll_per_token"}
-    return p | {k: finite(m.get(v)) for k, v in keys.items()} | cost(
-        read_json(os.path.join(folder, f"{p['name']}.json")), lines_in(txt))
+    """``n`` samples of setting ``p`` into ``<out>/study/samples``, scored exactly as ``compute_metric.py --mode
+    synthetic`` scores them, beside the test split (its TV over as many lines as the samples)."""
+    from textdata.synthetic import SyntheticLanguage, bigram_tv, distinct_fraction, score
+    txt, meta = predict(runner, run_dir, os.path.join(runner.out, "study", "samples"), p, ["--num_samples", n])
+
+    def compute() -> dict:
+        lang, lines = SyntheticLanguage.load(paths["language"]), read_lines(txt)
+        test = [t for t in read_lines(os.path.join(paths["lm"], "test.txt")) if t.strip()]
+        m, ref = score(lang, lines), score(lang, test)
+        return {"forbidden_fraction": m["forbidden_fraction"], "nll": m.get("nll_per_token"),
+                "reference_nll": ref["nll_per_token"], "bigram_tv": bigram_tv(lang, lines),
+                "reference_bigram_tv": bigram_tv(lang, test[:len(lines)]),
+                "distinct_fraction": distinct_fraction(lines), "mean_length": m["mean_length"],
+                "rows": len(lines)}
+    m = scored(txt[:-len(".txt")] + ".metrics.json", compute)
+    return p | m | cost(meta, m["rows"])
 
 
 def infill_point(runner, paths: dict, data: tuple, run_dir: str, p: dict) -> dict:
-    """Part 4's templates filled with setting ``p`` (``glm.infill``), with the cost of the fill."""
-    m = infill(runner, paths, data, p["name"], run_dir, p["flags"])
-    folder = os.path.join(runner.out, "infill")
-    meta = read_json(os.path.join(folder, f"{p['name']}.json"))
-    return p | {"slot_accuracy": finite(m["slot_accuracy"]), "forbidden_fraction": finite(m["fill_forbidden_fraction"]),
-                "nll": finite(m.get("fill_nll_per_token")), "given_kept": m["given_kept"]} | cost(
-        meta, lines_in(os.path.join(folder, f"{p['name']}.txt")))
+    """Part 4's templates filled with setting ``p``, scored as ``compute_metric.py --mode infill`` scores them."""
+    from evaluation.infill import score_fills
+    from textdata.synthetic import SyntheticLanguage, score
+    templates, _, refs = data
+    txt, meta = predict(runner, run_dir, os.path.join(runner.out, "study", "infill"), p, ["--template_file",
+                                                                                         templates])
+
+    def compute() -> dict:
+        fills = read_lines(txt)
+        m, s = score_fills(read_lines(templates), fills, refs), score(SyntheticLanguage.load(paths["language"]), fills)
+        return {"slot_accuracy": m["slot_accuracy"], "given_kept": m["given_kept"],
+                "forbidden_fraction": s["forbidden_fraction"], "nll": s.get("nll_per_token"), "rows": len(fills)}
+    m = scored(txt[:-len(".txt")] + ".metrics.json", compute)
+    return p | m | cost(meta, m["rows"])
 
 
 def seq2seq_rows(runner, sc: dict, run_dir: str) -> list[dict]:
