@@ -10,8 +10,10 @@ decode part 3's reverse-and-map task with the conditional DiffusionBERT."""
 from __future__ import annotations
 
 import os
+import threading
+import time
 
-from common.io import write_json_atomic
+from common.io import write_json_atomic, write_text_atomic
 
 from .glm import glm_args, write_infill_data
 from .lm import absorbing_long, lm_args, long_run_name
@@ -45,7 +47,7 @@ SETTINGS = {
                  study_parallel=(32, (0.5, 0.7, 0.9, 0.99)),
                  study_remask=((16, 64), (("cap", 0.008), ("cap", 0.05), ("rescale", 0.015), ("conf", None))),
                  study_first_hitting=(128, 1000), study_solver_steps=(10, 20), study_full_chain=200,
-                 study_s2s_steps=5000, study_s2s_grid=(8, 32, 200), study_ar_steps=3000),
+                 study_s2s_steps=600, study_s2s_grid=(8, 32, 200), study_ar_steps=3000),
 }
 
 
@@ -117,18 +119,59 @@ def seq2seq_points(sc: dict) -> list[dict]:
 
 
 def cost(meta: dict, rows: int) -> dict:
-    """Network calls per sequence (rows through the denoiser over sequences) and speed, from predict.py's json."""
+    """Network calls per sequence (rows through the denoiser over sequences) and speed."""
     return {"calls": meta["row_evaluations"] / max(1, rows), "sequences_per_second": meta["sequences_per_second"],
             "wall_seconds": meta["wall_seconds"]}
 
 
-def predict(runner, run_dir: str, folder: str, p: dict, extra: list) -> tuple[str, dict]:
-    """predict.py with setting ``p`` into ``folder``: the text file and its json."""
-    txt = os.path.join(folder, f"{p['name']}.txt")
-    runner.run(f"sample-{p['name']}", "predict.py", ["--checkpoint", run_dir, *p["flags"], *extra, "--batch_size",
-                                                     100, "--seed", 1, "--device", "cpu", "--out_dir", folder,
-                                                     "--name", p["name"], "--overwrite"], txt, PRIORITY)
-    return txt, read_json(os.path.join(folder, f"{p['name']}.json"))
+def decoding_options(flags: list[str]) -> dict:
+    """predict.py's decoding flags as ``api.Model.decoding``'s arguments."""
+    import argparse
+    from common.cli import add_rule_options
+    p = argparse.ArgumentParser()
+    for flag, kind in (("sampler", str), ("steps", int), ("decode_respacing", str), ("top_p", float),
+                       ("temperature", float)):
+        p.add_argument(f"--{flag}", type=kind)
+    add_rule_options(p)
+    a = vars(p.parse_args(flags))
+    a["respacing"] = a.pop("decode_respacing")
+    return {k: v for k, v in a.items() if v is not None}
+
+
+_MODELS: dict = {}
+_MODELS_LOCK = threading.Lock()
+
+
+def loaded(run_dir: str):
+    """``api.load`` once per run (the chains sample one setting after another from the same weights)."""
+    from runtime import api
+    with _MODELS_LOCK:
+        if run_dir not in _MODELS:
+            _MODELS[run_dir] = api.load(run_dir, "cpu", task="lm")
+        return _MODELS[run_dir]
+
+
+def generate(runner, run_dir: str, folder: str, p: dict, rows_of) -> tuple[str, dict]:
+    """The strings of setting ``p`` on the canvas rows ``rows_of(model)`` (seed 1, batches of 100), exactly as
+    predict.py draws them, but in this process: a script's start-up costs more than most settings' sampling.
+    A Runner slot is held while it runs; the text and its cost are kept (``<name>.txt``, ``<name>.json``)."""
+    import torch
+    txt, meta_path = os.path.join(folder, f"{p['name']}.txt"), os.path.join(folder, f"{p['name']}.json")
+    if not os.path.exists(meta_path):
+        with runner.slot(PRIORITY):
+            torch.set_num_threads(runner.threads)
+            model = loaded(run_dir)
+            decoding = model.decoding(**decoding_options(p["flags"]))
+            rows, start = rows_of(model), time.time()
+            out = model.generate(rows, decoding, seed=1, batch_size=100)
+            wall = time.time() - start
+        os.makedirs(folder, exist_ok=True)
+        write_text_atomic(txt, "".join(t + "\n" for t in out.texts))
+        write_json_atomic(meta_path, {"checkpoint": run_dir, "flags": p["flags"], "seed": 1, "wall_seconds": wall,
+                                      "network_calls": out.network_calls, "row_evaluations": out.row_evaluations,
+                                      "sequences_per_second": len(rows) / wall, "threads": runner.threads})
+        runner.say(f"  sample {p['name']}: {wall:.0f}s")
+    return txt, read_json(meta_path)
 
 
 def read_lines(path: str) -> list[str]:
@@ -147,7 +190,8 @@ def sample_point(runner, paths: dict, run_dir: str, p: dict, n: int) -> dict:
     """``n`` samples of setting ``p`` into ``<out>/study/samples``, scored exactly as ``compute_metric.py --mode
     synthetic`` scores them, beside the test split (its TV over as many lines as the samples)."""
     from textdata.synthetic import SyntheticLanguage, bigram_tv, distinct_fraction, score
-    txt, meta = predict(runner, run_dir, os.path.join(runner.out, "study", "samples"), p, ["--num_samples", n])
+    txt, meta = generate(runner, run_dir, os.path.join(runner.out, "study", "samples"), p,
+                         lambda model: model.lm_rows(n, seed=1))
 
     def compute() -> dict:
         lang, lines = SyntheticLanguage.load(paths["language"]), read_lines(txt)
@@ -167,8 +211,8 @@ def infill_point(runner, paths: dict, data: tuple, run_dir: str, p: dict) -> dic
     from evaluation.infill import score_fills
     from textdata.synthetic import SyntheticLanguage, score
     templates, _, refs = data
-    txt, meta = predict(runner, run_dir, os.path.join(runner.out, "study", "infill"), p, ["--template_file",
-                                                                                         templates])
+    txt, meta = generate(runner, run_dir, os.path.join(runner.out, "study", "infill"), p,
+                         lambda model: model.template_rows([t for t in read_lines(templates) if t.strip()]))
 
     def compute() -> dict:
         fills = read_lines(txt)
@@ -217,10 +261,9 @@ def absorbing_chain(runner, paths: dict, sc: dict, data: tuple) -> dict:
     from .runner import elbo
     run_dir = absorbing_long(runner, paths, sc)
     bound = elbo(runner, run_dir, long_run_name(sc), sc, baselines=True, priority=PRIORITY)
-    calls = [lambda p=p: sample_point(runner, paths, run_dir, p, sc["study_samples"]) for p in absorbing_points(sc)]
-    calls += [lambda p=p: infill_point(runner, paths, data, run_dir, p) for p in infill_points(sc)
-              if p["model"] == "infill"]
-    done = runner.parallel(calls)
+    # one setting after another: each holds a slot, and the chains of the other models run beside
+    done = [sample_point(runner, paths, run_dir, p, sc["study_samples"]) for p in absorbing_points(sc)]
+    done += [infill_point(runner, paths, data, run_dir, p) for p in infill_points(sc) if p["model"] == "infill"]
     return {"run": os.path.basename(run_dir), "nll_bound": bound["nelbo_per_token"],
             "train_seconds": train_seconds(run_dir), "samples": [r for r in done if r["model"] == "absorbing"],
             "infill": [r for r in done if r["model"] == "infill"]}
@@ -230,11 +273,10 @@ def gaussian_chain(runner, paths: dict, sc: dict, data: tuple) -> dict:
     """Part 4's Diffusion-LM (reused): every solver's samples (the full chain on fewer) and fills."""
     run_dir = runner.train("glm", glm_args(paths, sc["glm_steps"]), PRIORITY)
     pts = gaussian_points(sc)
-    calls = [lambda p=p: sample_point(runner, paths, run_dir, p, sc["study_full_chain"] if p["setting"] == "full chain"
-                                      else sc["study_samples"]) for p in pts]
-    calls += [lambda p=p: infill_point(runner, paths, data, run_dir, p) for p in infill_points(sc)
-              if p["model"] == "infill-gaussian"]
-    done = runner.parallel(calls)
+    done = [sample_point(runner, paths, run_dir, p, sc["study_full_chain"] if p["setting"] == "full chain"
+                         else sc["study_samples"]) for p in pts]
+    done += [infill_point(runner, paths, data, run_dir, p) for p in infill_points(sc)
+             if p["model"] == "infill-gaussian"]
     return {"run": os.path.basename(run_dir), "samples": [r for r in done if r["model"] == "gaussian"],
             "infill": [r for r in done if r["model"] == "infill-gaussian"]}
 
@@ -245,8 +287,7 @@ def ar_chain(runner, paths: dict, sc: dict) -> dict:
     name = f"lm-ar-s{sc['seeds'][0]}"
     run_dir = runner.train(name, ar_args(paths, sc, word_freqs(runner, paths, PRIORITY)), 0)
     nll = elbo(runner, run_dir, name, sc, priority=PRIORITY)
-    rows = runner.parallel([lambda p=p: sample_point(runner, paths, run_dir, p, sc["study_samples"])
-                            for p in ar_points()])
+    rows = [sample_point(runner, paths, run_dir, p, sc["study_samples"]) for p in ar_points()]
     return {"run": name, "steps": sc["study_ar_steps"], "batch": sc["lm_long"][1], "nll": nll["nelbo_per_token"],
             "train_seconds": train_seconds(run_dir), "samples": rows}
 
