@@ -319,3 +319,46 @@ def bigram_tv(language: SyntheticLanguage, lines: list[str]) -> float:
 def distinct_fraction(lines: list[str]) -> float:
     """Distinct lines (as word sequences: whitespace is normalised) over lines."""
     return len({" ".join(line.split()) for line in lines}) / len(lines) if lines else math.nan
+
+
+def score_chain(language: SyntheticLanguage, lines: list[str], joins: list[list[int]] | None = None) -> dict:
+    """Exact scores of text made in blocks (``runtime.semi_ar``; docs/algorithms.md §1.13), each line one run of
+    the chain: ``log p = log pi(w_1) + sum_{i>=1} log P(w_i | w_{i-1})``, with no length term (the length was
+    asked for; the language's ``p(n)`` ends at its max_len). ``joins[k]``: the positions i (0-based) of line k
+    whose transition (w_{i-1}, w_i) crosses from one block into the next; the other transitions are inside a
+    block. Returns the forbidden rate per transition at the joins and inside (an unknown word makes the
+    transitions into and out of it forbidden), the mean ``-log P`` of the allowed ones at each, the fraction of
+    lines with a forbidden transition or an unknown first word, and the NLL per token (``nll_per_token``, with its
+    standard error) over the other lines. Lines of one canvas have no joins (``joins`` None: none anywhere)."""
+    joins = joins or [[] for _ in lines]
+    if len(joins) != len(lines):
+        raise ValueError(f"{len(lines)} lines but {len(joins)} lists of joins")
+    count = {"join": [0, 0, 0.0, 0], "inside": [0, 0, 0.0, 0]}  # transitions, forbidden, -log P allowed, allowed
+    per_seq, tokens, bad = [], [], 0
+    for line, where in zip(lines, joins):
+        ids = [language.index.get(w) for w in line.split()]
+        at = set(where)
+        logp = math.log(language.start[ids[0]]) if ids and ids[0] is not None and language.start[ids[0]] > 0 else -math.inf
+        for i in range(1, len(ids)):
+            c = count["join" if i in at else "inside"]
+            p = language.trans[ids[i - 1], ids[i]] if ids[i - 1] is not None and ids[i] is not None else 0.0
+            c[0] += 1
+            if p > 0:
+                c[2], c[3] = c[2] - math.log(p), c[3] + 1
+                logp += math.log(p)
+            else:
+                c[1], logp = c[1] + 1, -math.inf
+        if math.isfinite(logp) and ids:
+            per_seq.append(-logp)
+            tokens.append(len(ids))
+        else:
+            bad += 1
+    res = {"sequences": len(lines), "scored": len(per_seq), "forbidden_fraction": bad / len(lines) if lines else 0.0}
+    for k, (n, forbidden, nll, allowed) in count.items():
+        res[f"{k}_transitions"] = n
+        res[f"{k}_forbidden_rate"] = forbidden / n if n else None
+        res[f"{k}_nll_per_transition"] = nll / allowed if allowed else None
+    if per_seq:
+        res["nll_per_token"] = sum(per_seq) / sum(tokens)
+        res["nll_per_token_se"] = ratio_standard_error(per_seq, tokens)
+    return res
