@@ -179,7 +179,7 @@ def evaluate(args, info: dist.DistInfo) -> None:
 
     def bound_of(denoiser):
         """The K-step NELBO of ``denoiser`` (docs/algorithms.md §1.9, §2.9), or the exact NLL of an autoregressive
-        one (§5): one code path, whatever the weights."""
+        one (§6): one code path, whatever the weights."""
         if exact:
             return lambda batch, gen: diffusion.nll(lambda x, a, p: denoiser(x, None, a, p), batch["input_ids"],
                                                     batch["attention_mask"])

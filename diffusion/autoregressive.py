@@ -1,5 +1,5 @@
 """The autoregressive baseline: the left-to-right factorisation ``p(x) = prod_i p(x_i | x_<i)`` on the same
-BERT-shaped network as the absorbing process, with a causal attention mask (docs/algorithms.md §5).
+BERT-shaped network as the absorbing process, with a causal attention mask (docs/algorithms.md §6).
 
 Not a diffusion process, but it has the same verbs where they mean something: ``loss`` (next-token
 cross-entropy), ``nll`` (the exact negative log-likelihood, not a bound) and ``sample`` (ancestral, left to
