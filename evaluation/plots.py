@@ -196,3 +196,29 @@ def compare_plot(path: str, rows: list[dict], metrics: list[str], title: str = "
             series.append({"label": label, "x": [p[0] for p in pts], "y": [p[1] for p in pts]})
         panels.append({"ylabel": METRIC_NAMES.get(m, m), "series": series})
     return figure(path, panels, title, "network calls per sequence (decoding steps)", logx=True)
+
+
+# --------------------------------------------------------------------------- samplers compared
+
+
+FRONTIER_METRICS = {"forbidden_fraction": "samples with a forbidden transition", "bigram_tv": "bigram TV distance",
+                    "slot_accuracy": "slot accuracy", "exact_match": "exact match"}
+
+
+def frontier_plot(path: str, rows: list[dict], metrics: list[str], title: str,
+                  hlines: dict[str, list[dict]] | None = None) -> str:
+    """Quality against cost: one panel per metric (failure rates first, as the caller orders them), a line per
+    sampler through its settings, x = network calls per sequence on a log axis. ``rows``: ``{"line", "calls",
+    metric: value}``; ``hlines``: per metric, dashed reference levels ``{"label", "y"}`` (held-out text, a
+    baseline)."""
+    lines: dict[str, list[dict]] = {}
+    for r in rows:
+        lines.setdefault(r["line"], []).append(r)
+    panels = []
+    for m in metrics:
+        series = []
+        for label, rs in lines.items():
+            pts = sorted((float(r["calls"]), float(r[m])) for r in rs if isinstance(r.get(m), (int, float)))
+            series.append({"label": label, "x": [p[0] for p in pts], "y": [p[1] for p in pts]})
+        panels.append({"ylabel": FRONTIER_METRICS.get(m, m), "series": series, "hlines": (hlines or {}).get(m)})
+    return figure(path, panels, title, "network calls per sequence", logx=True)
