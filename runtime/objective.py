@@ -11,7 +11,7 @@ import contextlib
 import torch
 from torch import nn
 
-from diffusion import GaussianDiffusion, make_timestep_sampler
+from diffusion import GaussianDiffusion, make_timestep_sampler, mdlm
 from diffusion.autoregressive import Autoregressive
 from runtime import dist
 
@@ -88,11 +88,15 @@ class AbsorbingObjective(Objective):
     def dev_totals(self, denoiser, batch: dict, generator: torch.Generator) -> torch.Tensor:
         """[nelbo sum, noised tokens, words] of one dev batch."""
         ids, noise_mask = batch["input_ids"], batch["noise_mask"]
-        nelbo = self.diffusion.nelbo(denoiser, ids, noise_mask, batch["attention_mask"], self.cfg.eval_steps,
-                                     monte_carlo=True, generator=generator)
+        nelbo = self.bound(denoiser, batch, generator)
         words = batch["n_words"].sum().double() if "n_words" in batch else torch.zeros((), dtype=torch.float64,
                                                                                        device=ids.device)
         return torch.stack([nelbo.double().sum(), noise_mask.sum().double(), words])
+
+    def bound(self, denoiser, batch: dict, generator: torch.Generator) -> torch.Tensor:
+        """[B] one Monte Carlo draw of each dev example's NELBO: one random step of the K-step grid."""
+        return self.diffusion.nelbo(denoiser, batch["input_ids"], batch["noise_mask"], batch["attention_mask"],
+                                    self.cfg.eval_steps, monte_carlo=True, generator=generator)
 
     def dev_metrics(self, tot: torch.Tensor) -> dict:
         per_tok = float(tot[0] / tot[1].clamp_min(1))
@@ -104,6 +108,23 @@ class AbsorbingObjective(Objective):
     def format_dev(self, m: dict) -> str:
         per_word = f"  PPL/word {m['ppl_word']:.2f}" if "ppl_word" in m else ""
         return f"dev NELBO/token {m['nelbo_per_token']:.4f}  PPL/token {m['ppl_token']:.2f}{per_word}"
+
+
+class MDLMObjective(AbsorbingObjective):
+    """MDLM (``--objective mdlm``): the continuous-time loss of ``diffusion/mdlm.py``; on the dev set, its
+    continuous-time bound with one stratified draw of t per example (and the exact jump term)."""
+
+    @property
+    def dev_description(self) -> str:
+        return "continuous-time ELBO, one t per example,"
+
+    def forward(self, batch: dict):
+        return mdlm.loss(self.diffusion, self.denoiser, batch["input_ids"], batch["noise_mask"],
+                         batch["attention_mask"], low_discrepancy=self.cfg.low_discrepancy)
+
+    def bound(self, denoiser, batch: dict, generator: torch.Generator) -> torch.Tensor:
+        return mdlm.nelbo(self.diffusion, denoiser, batch["input_ids"], batch["noise_mask"], batch["attention_mask"],
+                          draws=1, generator=generator)
 
 
 class GaussianObjective(Objective):
@@ -219,7 +240,10 @@ class AutoregressiveObjective(Objective):
 
 
 def make_objective(denoiser: nn.Module, diffusion, cfg) -> Objective:
-    """The objective of the process ``diffusion`` belongs to."""
-    cls = (GaussianObjective if isinstance(diffusion, GaussianDiffusion) else
-           AutoregressiveObjective if isinstance(diffusion, Autoregressive) else AbsorbingObjective)
-    return cls(denoiser, diffusion, cfg)
+    """The run's objective: the Gaussian process's, the AR baseline's, or the absorbing one's that ``--objective``
+    names."""
+    if isinstance(diffusion, GaussianDiffusion):
+        return GaussianObjective(denoiser, diffusion, cfg)
+    if isinstance(diffusion, Autoregressive):
+        return AutoregressiveObjective(denoiser, diffusion, cfg)
+    return (MDLMObjective if cfg.objective == "mdlm" else AbsorbingObjective)(denoiser, diffusion, cfg)
