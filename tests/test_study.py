@@ -98,7 +98,7 @@ def _results():
     fill = {"slot_accuracy": 0.7, "forbidden_fraction": 0.1, "nll": 1.7, "calls": 5.0}
     return {"truth": {"entropy": 1.69, "test_nll": 1.70, "test_bigram_tv": 0.1, "infill_templates": 3},
             "samples": 12, "full_chain": 4,
-            "ar": {"run": "lm-ar-s0", "steps": 10, "batch": 4, "how": "as measured", "nll": 1.72, "train_seconds": 9.0, "samples": ar},
+            "ar": {"run": "lm-ar-s0", "steps": 10, "batch": 4, "planned_steps": 10, "how": "as measured", "nll": 1.72, "train_seconds": 9.0, "samples": ar},
             "absorbing": {"run": "lm-base-s0", "nll_bound": 1.8, "train_seconds": 10.0, "samples": absorbing,
                           "infill": [{"model": "infill", "line": "ours", "setting": "8 steps", **fill}]},
             "gaussian": {"run": "glm", "samples": [_row("Gaussian ddpm", 20, 0.9, 1.4, 0.6, model="gaussian")],
@@ -123,3 +123,6 @@ def test_the_page_marks_the_targets_and_draws_the_frontiers(tmp_path, monkeypatc
     res["absorbing"]["samples"][1]["forbidden_fraction"] = 0.2
     text = "\n".join(study.render(res, sc, ctx))
     assert "none meets all four" in text and "at most 5% forbidden: **not held** (20.0%)" in text
+    assert "10 steps at batch 4, as measured" in text
+    res["ar"]["steps"] = 5  # a run made ahead at a smaller budget is named as such
+    assert "**5 steps** at batch 4, 50% of the 10 that are as measured" in "\n".join(study.render(res, sc, ctx))
