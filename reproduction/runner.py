@@ -31,8 +31,8 @@ class Runner:
     the waiting step with the lowest ``priority`` (then the earliest) takes it, so that the longest chain
     (seq2seq training, post-training, then decoding) is never queued behind the short runs that fill the
     gaps; a freed slot is held a few seconds for a step of the same or a lower priority, so that the next
-    step of a chain is not overtaken while it starts. After a failure no new step starts and the running ones are stopped (a training run saves and
-    can be resumed)."""
+    step of a chain is not overtaken while it starts. After a failure no new step starts and the running
+    ones are stopped (a training run saves and can be resumed)."""
 
     def __init__(self, out: str, jobs: int, threads: int):
         from tqdm import tqdm

@@ -21,7 +21,8 @@ def open_folder(out: str, scale: str, sc: dict) -> None:
     settings = os.path.join(out, "settings.json")
     now = json.loads(json.dumps({"scale": scale, **sc}))
     if os.path.exists(settings) and any(now.get(k) != v for k, v in read_json(settings).items()):
-        raise UserError(f"{out} was made with other settings ({settings}); its steps cannot be reused: give a new --out")
+        raise UserError(f"{out} was made with other settings ({settings}); its steps cannot be reused: "
+                        "give a new --out")
     write_json_atomic(settings, now)
 
 
