@@ -21,7 +21,7 @@ from runtime.training import LR_DECAYS, LR_SCHEDULES
 from textdata import lm
 
 # The noise schedules of each process; its keys are the --process choices.
-PROCESS_SCHEDULES = {"absorbing": SCHEDULES, "gaussian": GAUSSIAN_SCHEDULES}
+PROCESS_SCHEDULES = {"absorbing": SCHEDULES, "gaussian": GAUSSIAN_SCHEDULES, "autoregressive": ()}
 
 
 def opt(default, help: str, **kw):
@@ -39,7 +39,9 @@ class TrainConfig:
                     choices=("lm", "seq2seq"))
     process: str = opt("absorbing", "absorbing: DiffusionBERT (discrete masking on a pretrained BERT); gaussian: "
                        "continuous diffusion on embeddings with a transformer from scratch: DiffuSeq with --task "
-                       "seq2seq, Diffusion-LM with --task lm (a --max_len canvas, [SEP] and padding generated)",
+                       "seq2seq, Diffusion-LM with --task lm (a --max_len canvas, [SEP] and padding generated); "
+                       "autoregressive: the absorbing run's BERT-shaped network with a causal mask, trained left to "
+                       "right on next-token cross-entropy (an AR baseline of the same size; --task lm)",
                        choices=tuple(PROCESS_SCHEDULES))
     # model
     model_name_or_path: str = opt("minilm", "hub id, local directory, or 'minilm' (offline all-MiniLM-L6-v2); "
@@ -196,7 +198,9 @@ class TrainConfig:
         from runtime.dist import pick_device
         gaussian = self.process == "gaussian"
         self.resolve_defaults()
-        if self.schedule == "auto":
+        if self.process == "autoregressive":
+            self.check_autoregressive()
+        elif self.schedule == "auto":
             self.schedule = ("sqrt" if gaussian else "loglinear" if self.objective == "mdlm"
                              else "spindle" if self.task == "lm" else "mutual")
         pick_device(self.device)
@@ -204,7 +208,7 @@ class TrainConfig:
         self.check_paths()
         if not gaussian:
             self.check_absorbing_shape()
-        if self.schedule not in PROCESS_SCHEDULES[self.process]:
+        if self.process != "autoregressive" and self.schedule not in PROCESS_SCHEDULES[self.process]:
             raise UserError(f"--schedule {self.schedule} is not a {self.process} schedule; choose one of "
                             f"{', '.join(PROCESS_SCHEDULES[self.process])}")
         self._check_objective()
@@ -257,6 +261,22 @@ class TrainConfig:
         if self.dropout is not None and not 0.0 <= self.dropout < 1.0:
             raise UserError(f"--dropout must be in [0, 1), got {self.dropout}")
         self._check_canvas()
+
+    # the diffusion flags that an autoregressive run has no use for: refused unless left at their defaults
+    DIFFUSION_ONLY = ("num_steps", "schedule", "spindle_form", "word_freq_lambda", "word_freq_file", "hybrid_lambda",
+                      "loss_weighting", "low_discrepancy", "time_conditioning", "eval_steps")
+
+    def check_autoregressive(self) -> None:
+        """--process autoregressive: --task lm only, and none of the diffusion flags (``DIFFUSION_ONLY``) away
+        from their defaults (they would be stored in its config and mean nothing); the gaussian-only flags are
+        ignored, as an absorbing run ignores them."""
+        if self.task != "lm":
+            raise UserError("--process autoregressive is for --task lm (a seq2seq AR baseline is not implemented)")
+        defaults = TrainConfig()
+        given = [f"--{k}" for k in self.DIFFUSION_ONLY if getattr(self, k) != getattr(defaults, k)]
+        if given:
+            raise UserError(f"{', '.join(given)}: diffusion flags; --process autoregressive has no steps, schedule or "
+                            "time conditioning (its dev metric is the exact NLL)")
 
     def _check_objective(self) -> None:
         """``--objective mdlm``: an absorbing process with a token-independent schedule, and MDLM's loss alone."""
