@@ -362,3 +362,11 @@ def test_compute_metric_joins(tmp_path):
     (tmp_path / "bad.json").write_text("{}")
     one_error_line(run_here(*common, "--joins", str(tmp_path / "bad.json"), "--out", str(tmp_path / "n.json"),
                             cwd=str(tmp_path)), "--joins", "no semi_ar.joins")
+
+
+def test_only_length_rows_are_made_in_blocks():
+    from runtime import semi_ar
+    from runtime.canvas import SLOT, Row
+    for row in (Row((2, SLOT, 9, SLOT, 3), blocks=(2, 1)), Row((2, 9), open=True)):  # a template; an open row
+        with pytest.raises(ValueError, match="only closed rows"):
+            semi_ar.generate([row], [0], None, 0, torch.device("cpu"), 0, 4)
