@@ -1,4 +1,5 @@
-"""Sampling from a trained lm checkpoint: DiffusionBERT (absorbing) or Diffusion-LM (gaussian).
+"""Sampling from a trained lm checkpoint: DiffusionBERT (absorbing), Diffusion-LM (gaussian) or the autoregressive
+baseline.
 
     python predict.py --checkpoint outputs/demo --num_samples 200 --steps 128
 
@@ -17,7 +18,13 @@ the padding (the text ends at the first [SEP] or [PAD]), over the steps of ``--d
 the default; ``uniform_N``; ``adp_N``; or a comma-separated list). With ``--length`` the [SEP] and padding
 are fixed and the generated positions are words (clamping skips the special tokens).
 
-Conditioning, either process (the given wordpieces stay fixed at every step, as a seq2seq source does):
+Autoregressive (``train.py --process autoregressive``): left to right from [CLS] until [SEP] (or the checkpoint's
+max_len), with ``--temperature``, ``--top_p`` and ``--topk``; one network call per generated position, on the whole
+prefix (no key-value cache). ``--prompt`` works; templates, ``--length``, ``--steps`` and ``--sampler`` do not.
+
+    python predict.py --checkpoint outputs/ar --num_samples 1000 --temperature 1.0 --top_p 0.9
+
+Conditioning, either diffusion process (the given wordpieces stay fixed at every step, as a seq2seq source does):
 
     python predict.py --checkpoint RUN --template "the [MASK] [MASK] of the lord [MASK]" --num_samples 3
     python predict.py --checkpoint RUN --prompt "in the beginning" --length 12,16
@@ -171,7 +178,9 @@ def short_hash(texts) -> str:
 
 
 def default_name(args, run, templates) -> str:
-    if run.cfg.process == "gaussian":
+    if run.cfg.process == "autoregressive":
+        how = f"_ar_topk{args.topk}_p{args.top_p}_temp{args.temperature}"
+    elif run.cfg.process == "gaussian":
         how = (f"_respacing{args.decode_respacing or 'full'}{'_raw' if args.weights == 'raw' else ''}"
                f"{'_' + args.solver if args.solver not in (None, 'ddpm') else ''}")
     else:
@@ -241,15 +250,17 @@ def sample_all(args, info: dist.DistInfo) -> None:
     output.write_text(out_txt, "".join(text + "\n" for text in out.texts))
     meta = {"checkpoint": run.ckpt_dir, "samples": out_txt, **{k: v for k, v in vars(args).items() if k != "checkpoint"},
             "cache": decoding.use_cache, "wall_seconds": wall, "network_calls": calls,
-            "row_evaluations": evaluations, "sequences_per_second": len(rows) / wall, "device": str(info.device),
+            "row_evaluations": evaluations, "calls_per_sequence": evaluations / len(rows),
+            "sequences_per_second": len(rows) / wall, "device": str(info.device),
             "ranks": info.world_size, "threads": torch.get_num_threads(), "process": run.cfg.process,
             "templates": templates, "resumed_batches": output.resumed, **decoding.report,
             **semi_ar.report(rows, out.blocks, out.row_evaluations)}
     output.write_json(out_json, meta)
     output.finish(info)
     ranks = f", {info.world_size} ranks" if info.enabled else ""
-    cache = (f"cache {'on' if decoding.use_cache else 'off'}" if run.cfg.process == "absorbing" else
-             f"{len(decoding.report['timesteps'])} steps")
+    cache = {"absorbing": lambda: f"cache {'on' if decoding.use_cache else 'off'}",
+             "gaussian": lambda: f"{len(decoding.report.get('timesteps', ()))} steps",
+             "autoregressive": lambda: "left to right, no key-value cache"}[run.cfg.process]()
     print(f"predict: wrote {len(rows)} samples to {out_txt} in {wall:.1f}s "
           f"({len(rows) / wall:.2f} sequences/s); {calls} network calls, {evaluations} sequence evaluations "
           f"({cache}{ranks}{f'; {output.resumed} batches kept from the interrupted run' if output.resumed else ''})"

@@ -27,6 +27,14 @@ Everything is offline and generated from seeds (textdata/synthetic.py, docs/algo
    test bound, its samples with the full chain and adp_N before and after post-training and the
    control, infilling of held-out sentences with 30% of their words masked (exact-word accuracy and
    the exact NLL of the filled sentence), and ``--length`` control, for both processes.
+5. **The sampler study** (``--parts samplers``; in ``quick`` and ``smoke`` by default, smaller): every
+   decoding rule (ours, released, confidence with each order, parallel, remask, first_hitting; the
+   Gaussian solvers ddpm/ddim/dpm_solver++) at several budgets on part 1's DiffusionBERT, part 4's
+   Diffusion-LM and an autoregressive model of the same network trained for the same wall time, scored
+   exactly (forbidden fraction, valid-sample NLL, bigram TV, distinct fraction) against network calls
+   per sequence; the same rules on part 4's infilling templates and on part 3's reverse-and-map task.
+   Its samples are drawn in the reproduce process through ``runtime.api`` (the same strings as
+   ``predict.py``), each setting holding one of the ``--jobs`` slots.
 
 Writes ``<out>/results.json`` (every part's results under its key, kept across invocations in the same
 folder), ``<out>/results.md`` (rendered from results.json alone: tables, the targets met or not, embedded
@@ -36,19 +44,16 @@ checkpoint, so the same command continues an interrupted reproduction.
 """
 from __future__ import annotations
 
-import json
-import math
 import os
 import time
 
 from common.cli import make_parser
 from common.errors import UserError, cli_main
-from common.io import write_json_atomic, write_text_atomic
+from common.io import write_text_atomic
 from reproduction import parts as registry
 from reproduction.render import page
-from reproduction.runner import Runner, make_data, read_json
-
-LAYOUT = 2  # results.json's layout: 2 holds every part's results under its key (1: a summary, before reproduction/)
+from reproduction.runner import Runner, make_data
+from reproduction.store import open_folder, read_results, stored_results, write_results
 
 
 def parse_args(argv=None):
@@ -56,9 +61,9 @@ def parse_args(argv=None):
     p.add_argument("--scale", choices=registry.SCALES, default=None, help="default: full")
     p.add_argument("--out", default=None, help="results folder (default: results/reproduce-<time>); an existing "
                                                "one continues where it stopped")
-    p.add_argument("--parts", default=None,
-                   help="comma-separated: " + ", ".join(f"{p.key}" for p in registry.PARTS) + "; default: the parts "
-                        "whose default scales include --scale (lm, bible, seq2seq; glm only when named; smoke: all)")
+    defaults = "; ".join(f"{s}: {', '.join(registry.default_parts(s))}" for s in registry.SCALES)
+    p.add_argument("--parts", default=None, help="comma-separated, of " + ", ".join(p.key for p in registry.PARTS) +
+                   f" (default, by scale: {defaults})")
     p.add_argument("--jobs", type=int, default=max(1, min(4, os.cpu_count() or 1)),
                    help="runs side by side (each with --threads threads)")
     p.add_argument("--threads", type=int, default=1, help="threads per run")
@@ -77,42 +82,6 @@ def chosen_parts(args, scale: str) -> list:
     return [p for p in registry.PARTS if p.key in keys]
 
 
-def open_folder(out: str, scale: str, sc: dict) -> None:
-    """Make ``out`` or continue it: a folder made before a setting existed (a part added since) is continued;
-    a changed setting is refused."""
-    os.makedirs(out, exist_ok=True)
-    settings = os.path.join(out, "settings.json")
-    now = json.loads(json.dumps({"scale": scale, **sc}))
-    if os.path.exists(settings) and any(now.get(k) != v for k, v in read_json(settings).items()):
-        raise UserError(f"{out} was made with other settings ({settings}); its steps cannot be reused: give a new --out")
-    write_json_atomic(settings, now)
-
-
-def plain(obj):
-    """``obj`` as JSON holds it: lists for tuples, str keys, Python numbers, null for a non-finite float."""
-    if isinstance(obj, dict):
-        return {str(k): plain(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [plain(v) for v in obj]
-    if hasattr(obj, "item") and not isinstance(obj, (str, bytes)):  # a numpy scalar
-        obj = obj.item()
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None
-    return obj
-
-
-def stored_results(out: str, scale: str) -> dict:
-    """The parts' results that an earlier invocation left in ``out`` (same settings: open_folder checked);
-    a results.json of the older summary layout is not read (its parts are collected again when run)."""
-    path = os.path.join(out, "results.json")
-    if not os.path.exists(path):
-        return {}
-    doc = read_json(path)
-    if doc.get("layout") != LAYOUT or doc.get("scale") != scale:
-        return {}
-    return {k: v for k, v in doc.items() if k in {p.key for p in registry.PARTS}}
-
-
 def run_parts(runner: Runner, sc: dict, chosen: list, stored: dict) -> dict:
     """Run the chosen parts side by side (their steps share the --jobs slots, the lowest priority first),
     with any part they need whose results are not stored; their results by key."""
@@ -124,12 +93,15 @@ def run_parts(runner: Runner, sc: dict, chosen: list, stored: dict) -> dict:
         results = runner.parallel([lambda p=p: p.run(runner, paths, sc) for p in todo])
     finally:
         runner.bar.close()
-    return {p.key: plain(r) for p, r in zip(todo, results)}
+    return {p.key: r for p, r in zip(todo, results)}
 
 
-def write_page(out: str, doc: dict) -> str:
-    """results.md and the plots from ``doc`` (results.json's content)."""
-    text = page(doc, registry.PARTS, os.path.join(out, "plots"))
+def write_page(out: str) -> str:
+    """results.md and the plots from ``out``/results.json alone."""
+    path = os.path.join(out, "results.json")
+    if not os.path.exists(path):
+        raise UserError(f"--render: no {path}")
+    text = page(read_results(path), registry.PARTS, os.path.join(out, "plots"))
     write_text_atomic(os.path.join(out, "results.md"), text)
     return text
 
@@ -137,14 +109,7 @@ def write_page(out: str, doc: dict) -> str:
 def render_only(args) -> None:
     if args.out or args.parts:
         raise UserError("--render re-renders a finished folder: give it alone (not with --out or --parts)")
-    path = os.path.join(args.render, "results.json")
-    if not os.path.exists(path):
-        raise UserError(f"--render: no {path}")
-    doc = read_json(path)
-    if doc.get("layout") != LAYOUT:
-        raise UserError(f"--render: {path} is of an older layout (before reproduction/); run the reproduction "
-                        "again in that folder (its steps are reused) to rewrite it")
-    write_page(args.render, doc)
+    write_page(args.render)
     print(f"reproduce: wrote {os.path.join(args.render, 'results.md')}")
 
 
@@ -163,12 +128,10 @@ def main(argv=None):
     print(f"reproduce: scale {scale}, results in {out}", flush=True)
     runner = Runner(os.path.abspath(out), args.jobs, args.threads)
     start = time.time()
-    stored = stored_results(out, scale)
+    stored = stored_results(out, scale, {p.key for p in registry.PARTS})
     results = stored | run_parts(runner, sc, chosen, stored)
-    doc = {"layout": LAYOUT, "scale": scale, "settings": plain(sc), "seconds": time.time() - start,
-           "cpu_count": os.cpu_count(), **{p.key: results[p.key] for p in registry.PARTS if p.key in results}}
-    write_json_atomic(os.path.join(out, "results.json"), doc)
-    text = write_page(out, doc)
+    write_results(out, scale, sc, time.time() - start, results, [p.key for p in registry.PARTS])
+    text = write_page(out)
     print("\n" + text)
     print(f"reproduce: wrote {os.path.join(out, 'results.md')} in {(time.time() - start) / 60:.1f} min")
 

@@ -34,7 +34,8 @@ PAPER_DIRECTION = {"base": "", "mutual": "worse (PPL 78.76 vs 63.78)", "layerwis
                    "token": "worse (its time-embedding ablation)",
                    "elbo": "no claim (the released weighting is a code fact, docs/differences.md)"}
 VARIANT_LABELS = {"base": "spindle + TAD + released loss (DiffusionBERT)", "mutual": "mutual schedule",
-                  "layerwise": "layer-wise time embedding", "token": "time as a prefix token (vocabulary + 1000 [unused])",
+                  "layerwise": "layer-wise time embedding",
+                  "token": "time as a prefix token (vocabulary + 1000 [unused])",
                   "elbo": "ELBO-weighted loss"}
 SAMPLERS = ("ours", "released")  # the sampling sweep: each at every ``sample_steps``
 
@@ -256,7 +257,8 @@ def ablation_section(lm: dict, sc: dict, ctx) -> list[str]:
     for v in lm["variants"]:
         vals = seed_values(lm, v)
         diff, judged = compare(vals, base, PAPER_DIRECTION[v].startswith("worse"))
-        rows.append([VARIANT_LABELS[v], fmt_ms(vals), f"{diff:+.3f}", PAPER_DIRECTION[v], "" if v == "base" else judged])
+        rows.append([VARIANT_LABELS[v], fmt_ms(vals), f"{diff:+.3f}", PAPER_DIRECTION[v],
+                     "" if v == "base" else judged])
     lines += table(["variant", "test NLL bound", "vs base", "the paper's direction", "at this scale"], rows) + [""]
     h_given = lm["truth"]["entropy"]["per_token_given_length"]
     return lines + plot(ctx, "dev_nelbo", "dev NELBO", dev_curves(lm, sc),

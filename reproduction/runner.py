@@ -3,6 +3,7 @@ output exists), the shared data, and the steps that several parts call (a bound,
 counts, samples scored on the synthetic language)."""
 from __future__ import annotations
 
+import contextlib
 import heapq
 import itertools
 import json
@@ -30,8 +31,8 @@ class Runner:
     the waiting step with the lowest ``priority`` (then the earliest) takes it, so that the longest chain
     (seq2seq training, post-training, then decoding) is never queued behind the short runs that fill the
     gaps; a freed slot is held a few seconds for a step of the same or a lower priority, so that the next
-    step of a chain is not overtaken while it starts. After a failure no new step starts and the running ones are stopped (a training run saves and
-    can be resumed)."""
+    step of a chain is not overtaken while it starts. After a failure no new step starts and the running
+    ones are stopped (a training run saves and can be resumed)."""
 
     def __init__(self, out: str, jobs: int, threads: int):
         from tqdm import tqdm
@@ -92,6 +93,15 @@ class Runner:
             for proc in self._procs:
                 proc.terminate()
             self._cond.notify_all()
+
+    @contextlib.contextmanager
+    def slot(self, priority: int = 1):
+        """Hold one of the ``jobs`` slots for work done in this process (part 5 samples through the API)."""
+        self._acquire(priority)
+        try:
+            yield
+        finally:
+            self._release(priority)
 
     def run(self, name: str, script: str, args: list[str], done: str, priority: int = 1) -> None:
         """Run ``script args`` unless ``done`` exists (a part that asks for a step another part is running

@@ -99,7 +99,8 @@ def run(runner, paths: dict, sc: dict) -> dict:
                                                      os.path.join(folders["absorbing"], "copy_source.jsonl"),
                                                      "--bertscore_model", "none", "--out", copy, "--overwrite"],
                copy, PRIORITY)
-    pairs = {name: read_json(os.path.join(folder, "decode.json")).get("num_sources") for name, folder in folders.items()}
+    pairs = {name: read_json(os.path.join(folder, "decode.json")).get("num_sources")
+             for name, folder in folders.items()}
     return {"rows": rows, "copy_source": read_json(copy)["metrics"], "pairs": pairs}
 
 

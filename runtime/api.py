@@ -279,6 +279,10 @@ class Model:
             if not 3 <= max_len <= cfg.max_len:
                 raise UserError(f"{n('max_len')} must be between 3 and the training --max_len {cfg.max_len}, "
                                 f"got {max_len}")
+        if self.process == "autoregressive" and (length is not None or max_len is not None or block_size is not None):
+            raise UserError(f"{n('length')}, {n('max_len')} and {n('block_size')} are for diffusion checkpoints: an "
+                            f"autoregressive one ends a sample where it draws [SEP] (at the latest at its "
+                            f"max_len={cfg.max_len})")
         if block_size is not None and gaussian:
             raise UserError(f"{n('block_size')} is for absorbing checkpoints: a gaussian lm samples one canvas of "
                             f"max_len={cfg.max_len}")
@@ -291,6 +295,8 @@ class Model:
             where = (f"{n('length')} {room} (which counts the prompt's wordpieces)" if lengths else
                      f"the canvas, at most {longest} between [CLS] and [SEP]")
             raise UserError(f"{n('prompt')} {prompt!r} is {len(given)} wordpieces: {where} leaves no room to continue it")
+        if self.process == "autoregressive":  # left to right from [CLS] (and the prompt) until [SEP]
+            return [Row((tok.cls_token_id, *given), open=True)] * num_samples
         if lengths is None and not gaussian:
             from textdata.lm import LengthPrior
             counts = self.run.run_info["derived"]["length_counts"]
@@ -311,6 +317,10 @@ class Model:
         self._need_task("lm", "infill")
         self._at_least_one(num_samples=num_samples)
         n, tok, max_len = self._name, self.tokenizer, self.run.cfg.max_len
+        if self.process == "autoregressive":
+            raise UserError(f"{self.run.ckpt_dir} is an autoregressive checkpoint: it generates left to right and "
+                            f"cannot fill a {n('templates')}'s slots given the words after them; give a "
+                            f"{n('prompt')} (the text it continues) instead")
         if isinstance(templates, str) or not isinstance(templates, Sequence):
             raise UserError(f"{n('templates')} must be a list of strings, got {type(templates).__name__}")
         if not templates:
@@ -586,4 +596,24 @@ def gaussian_decoding(m: Model, steps, respacing, sampler, topk, top_p, temperat
                     {"timesteps": kept, "solver": solver})
 
 
-DECODINGS = {"absorbing": absorbing_decoding, "gaussian": gaussian_decoding}
+def autoregressive_decoding(m: Model, steps, respacing, sampler, topk, top_p, temperature, cache, options,
+                            solver=None) -> Decoding:
+    """The AR baseline: ancestral sampling left to right (``Autoregressive.sample``) with ``temperature``, ``topk``
+    and ``top_p``; one network call per generated position, on the whole prefix (no key-value cache, so ``cache``
+    changes nothing). The diffusion samplers' settings are refused."""
+    n, run = m._name, m.run
+    given = [n(k) for k, v in (("steps", steps), ("respacing", respacing), ("solver", solver), *options.items())
+             if v is not None] + ([n("sampler")] if sampler != "ours" else []) + \
+        ([n("weights")] if m.weights != "ema" else [])
+    if given:
+        raise UserError(f"{', '.join(given)}: diffusion sampler settings; an autoregressive checkpoint samples left to "
+                        f"right, with {n('temperature')}, {n('top_p')} and {n('topk')}")
+    den, pad_id = run.denoiser, m.tokenizer.pad_token_id
+
+    def sample(ids, att, noise, gen, restrict=None):
+        return run.diffusion.sample(lambda x, a, p: den(x, None, a, p), ids, noise, gen, topk, top_p, temperature,
+                                    pad_id)
+    return Decoding("autoregressive", None, False, sample, {"sampler": "autoregressive", "kv_cache": False})
+
+
+DECODINGS = {"absorbing": absorbing_decoding, "gaussian": gaussian_decoding, "autoregressive": autoregressive_decoding}

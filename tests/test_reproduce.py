@@ -68,7 +68,8 @@ def test_a_registered_part_runs_and_is_rendered(tmp_path, monkeypatch):
     # toy again in the same folder: toy2's results stay on the page, after toy's, by the registry's order
     p = run_here("reproduce.py", "--scale", "smoke", "--parts", "toy", "--out", str(out), cwd=str(tmp_path))
     assert p.returncode == 0, p.stderr
-    expected = "## 9. A toy part\n\n| toy | 12 | [1, 2, 3] | [] |\n\n## 10. Another\n\n| toy2 | 12 | [1, 2, 3] | [12] |\n"
+    expected = ("## 9. A toy part\n\n| toy | 12 | [1, 2, 3] | [] |\n\n"
+                "## 10. Another\n\n| toy2 | 12 | [1, 2, 3] | [12] |\n")
     assert expected in (out / "results.md").read_text(encoding="utf-8")
     (out / "results.md").unlink()
     assert run_here("reproduce.py", "--render", str(out), cwd=str(tmp_path)).returncode == 0
