@@ -9,9 +9,16 @@ and reports ``exp(total / wordpieces)`` (per token, [CLS]/[SEP]/[PAD] excluded) 
 
 * absorbing: ``NLL <= -log p(n) + sum_k KL_k``, the length term plus the diffusion bound on a grid of K =
   ``--eval_steps`` steps (docs/algorithms.md §1.9);
+* absorbing trained with ``--objective mdlm``: ``NLL <= -log p(n) + NELBO``, the length term plus the
+  continuous-time bound (docs/algorithms.md §1.13), a Monte Carlo estimate from K = ``--eval_steps`` stratified
+  draws of t per example (K network calls per batch, one more for the log-linear schedule's jump term); the
+  output says ``"time": "continuous"`` and ``t_draws``;
 * gaussian: the NELBO of the whole canvas after [CLS] (``GaussianDiffusion.nelbo``, docs/algorithms.md
   §2.9), with the sum over t estimated from K = ``--eval_steps`` stratified draws (K + 1 network calls per
-  batch; K >= T - 1 computes every term). No length term: the model generates [SEP] and the padding. Same seed, same number,
+  batch; K >= T - 1 computes every term). No length term: the model generates [SEP] and the padding;
+* autoregressive (``train.py --process autoregressive``): no bound but the exact NLL, ``sum_j -log p(x_j | x_<j)``
+  over the wordpieces and the [SEP] (docs/algorithms.md §6), one network call per batch; ``--eval_steps`` is
+  accepted and changes nothing, the output says ``"bound": false, "estimator": "exact"``. Same seed, same number,
 also under ``torchrun --nproc_per_node N`` (batches are shared out among the ranks, each batch has its
 own seed, and rank 0 adds the per-batch sums in batch order).
 
@@ -33,6 +40,7 @@ import time
 
 import torch
 
+from diffusion import mdlm
 from runtime.assemble import load_for_inference, load_initial, load_task_data
 from runtime import dist, outputs
 from common.cli import make_parser, other_steps
@@ -53,10 +61,11 @@ def parse_args(argv=None):
     p.add_argument("--num_examples", type=int, default=1000, help="size of the seeded subset (0: the whole split)")
     p.add_argument("--eval_steps", type=int, default=None,
                    help="K, the grid size of the bound (default 128, or T where the checkpoint has fewer steps); "
-                        f"{other_steps('eval_steps')}")
+                        "for an --objective mdlm checkpoint, the number of stratified draws of t per example of the "
+                        f"continuous-time bound; {other_steps('eval_steps')}")
     p.add_argument("--monte_carlo", action="store_true",
                    help="absorbing: one random grid step per example (K times cheaper, noisier); the gaussian "
-                        "bound always draws its K steps")
+                        "bound always draws its K steps, and the continuous-time (mdlm) one its K draws of t")
     p.add_argument("--batch_size", type=int, default=32)
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--baselines", action="store_true",
@@ -91,18 +100,28 @@ def evaluate(args, info: dist.DistInfo) -> None:
     log = info.log
     run = load_for_inference(args.checkpoint, device, task="lm")
     cfg, tok, diffusion = run.cfg, run.tokenizer, run.diffusion
-    gaussian = cfg.process == "gaussian"
-    if gaussian and args.monte_carlo:
-        raise UserError("--monte_carlo is for absorbing checkpoints: the gaussian bound already draws its "
-                        "--eval_steps steps of t at random (stratified)")
-    if args.eval_steps is None:  # a default the checkpoint cannot honour adapts to it
+    gaussian, exact = cfg.process == "gaussian", cfg.process == "autoregressive"
+    if (gaussian or exact) and args.monte_carlo:
+        raise UserError("--monte_carlo is for absorbing checkpoints: " + (
+            "the gaussian bound already draws its --eval_steps steps of t at random (stratified)" if gaussian else
+            "an autoregressive checkpoint's NLL is exact, one network call per batch"))
+    continuous = cfg.objective == "mdlm"
+    if continuous and args.monte_carlo:
+        raise UserError(f"--monte_carlo: {run.ckpt_dir} was trained with --objective mdlm, whose continuous-time bound "
+                        "is always a Monte Carlo estimate; set its number of draws of t with --eval_steps")
+    if exact:  # no grid: the likelihood is computed, not bounded; --eval_steps is accepted and has no effect
+        if args.eval_steps is not None:
+            log(f"note: --eval_steps {args.eval_steps} has no effect on an autoregressive checkpoint (its NLL is exact)")
+        args.eval_steps = None
+    elif args.eval_steps is None:  # a default the checkpoint cannot honour adapts to it
         args.eval_steps = min(DEFAULT_EVAL_STEPS, cfg.num_steps)
         if args.eval_steps < DEFAULT_EVAL_STEPS:
             log(f"note: --eval_steps defaults to {DEFAULT_EVAL_STEPS}, more than the checkpoint's T={cfg.num_steps} "
                 f"diffusion steps; the bound uses K={cfg.num_steps}")
-    run.check_steps(args.eval_steps, "--eval_steps")
+    if not (continuous or exact):  # K draws of t are not limited by T; the exact NLL has no K
+        run.check_steps(args.eval_steps, "--eval_steps")
     out = args.out or os.path.join(DEFAULT_DIR, f"elbo_{run.run_name}_{os.path.basename(run.ckpt_dir)}_{args.split}"
-                                   f"_K{args.eval_steps}_n{args.num_examples}_seed{args.seed}"
+                                   f"{'_exact' if exact else f'_K{args.eval_steps}'}_n{args.num_examples}_seed{args.seed}"
                                    f"{'_mc' if args.monte_carlo else ''}{'_baselines' if args.baselines else ''}.json")
     flags = {k: v for k, v in vars(args).items() if k not in ("checkpoint", "out", "overwrite", "resume", "device")}
     output = outputs.open_output([out], out + ".partial", {**flags, "checkpoint": run.ckpt_dir, "device": device.type,
@@ -172,20 +191,29 @@ def evaluate(args, info: dist.DistInfo) -> None:
                 "nll_per_token_se": se}
 
     def bound_of(denoiser):
-        """The K-step NELBO of ``denoiser`` (docs/algorithms.md §1.9, §2.9): one code path, whatever the weights."""
+        """The K-step NELBO of ``denoiser`` (docs/algorithms.md §1.9, §2.9), or the exact NLL of an autoregressive
+        one (§6): one code path, whatever the weights."""
+        if exact:
+            return lambda batch, gen: diffusion.nll(lambda x, a, p: denoiser(x, None, a, p), batch["input_ids"],
+                                                    batch["attention_mask"])
         if gaussian:
             return lambda batch, gen: diffusion.nelbo(denoiser, batch["input_ids"], batch["noise_mask"],
                                                       args.eval_steps, generator=gen)
+        if continuous:
+            return lambda batch, gen: mdlm.nelbo(diffusion, denoiser, batch["input_ids"], batch["noise_mask"],
+                                                 batch["attention_mask"], args.eval_steps, generator=gen)
         return lambda batch, gen: diffusion.nelbo(denoiser, batch["input_ids"], batch["noise_mask"],
                                                   batch["attention_mask"], args.eval_steps,
                                                   monte_carlo=args.monte_carlo, generator=gen)
 
-    # the gaussian canvas generates [SEP] and the padding: its bound already covers the length
-    tot = total(bound_of(run.denoiser), "elbo", length_term=not gaussian)
+    # the gaussian canvas generates [SEP] and the padding, the AR model its [SEP]: no separate length term
+    has_length = not (gaussian or exact)
+    keys = {"model_key": "model_nll", "nll_key": "nll"} if exact else {}
+    tot = total(bound_of(run.denoiser), "exact NLL" if exact else "elbo", length_term=has_length, **keys)
     baselines = {}
     if args.baselines:
-        baselines["untrained"] = total(bound_of(untrained), "elbo of the untrained network", length_term=not gaussian,
-                                       key="untrained")
+        baselines["untrained"] = total(bound_of(untrained), "elbo of the untrained network", length_term=has_length,
+                                       key="untrained", **keys)
         V = run.run_info["derived"]["vocab_size"]  # the network's output size
         counts = word_freq.count_tokens(train_rows(tokenised["train"]), V, special_ids)
         unigram = Unigram(counts)
@@ -193,33 +221,67 @@ def evaluate(args, info: dist.DistInfo) -> None:
                                      "unigram", model_key="unigram_nll", nll_key="nll", key="unigram")
         if tot is not None:
             baselines["untrained"]["what"] = ("the same bound of the run's network at step 0 (its config and seed), "
-                                              "same examples, grid and seed")
+                                              "same examples, grid and seed" if not exact else "the exact NLL of the "
+                                              "run's network at step 0 (its config and seed), same examples")
             baselines["unigram"].update(train_tokens=int(counts.sum()), vocab_size=V,
                                         convention=UNIGRAM_CONVENTION)
     if tot is None:  # not rank 0
         return output.finish(info)
-    nll = tot["nll_bound"]
+    res = exact_result(tot) if exact else bound_result(
+        tot, gaussian, {"t_draws": args.eval_steps, "end_jump": diffusion.schedule.end_jump} if continuous else None)
     res = {"checkpoint": run.ckpt_dir, "split": args.split, "num_examples": len(data), "eval_steps": args.eval_steps,
-           "monte_carlo": args.monte_carlo, "seed": args.seed, **tot,
-           "nelbo_per_token": nll / tot["tokens"], "nelbo_per_token_se": tot["nll_per_token_se"],
-           "ppl_token_diffusion_only": math.exp(tot["diffusion_nll"] / tot["tokens"]),
-           "seconds": time.time() - start, "ranks": info.world_size, "resumed_batches": output.resumed,
-           "convention": (("NLL bound = NELBO of the canvas after [CLS] ([SEP] and padding generated, no length term), "
-                           "sum over t from K stratified draws" if gaussian else
-                           "NLL bound = -log p(n) + K-step diffusion NELBO") +
-                          "; per token excludes [CLS]/[SEP]/[PAD]; per word divides by whitespace words of the text")}
+           "monte_carlo": args.monte_carlo, "seed": args.seed, **res,
+           "seconds": time.time() - start, "ranks": info.world_size, "resumed_batches": output.resumed}
     if baselines:
         res["baselines"] = baselines
     output.write_json(out, res)
     output.finish(info)
-    print(f"elbo: {len(data)} {args.split} examples, K={args.eval_steps}: NELBO {nll / tot['tokens']:.4f} "
-          f"(+- {tot['nll_per_token_se']:.4f}) nats/token; "
-          f"PPL <= {_ppl(res['ppl_token'])} per wordpiece, <= {_ppl(res['ppl_word'])} per word "
-          + ("(no length term: the canvas generates it)" if gaussian else
-             f"(length term {tot['length_nll'] / tot['tokens']:.4f} nats/token)")
-          + f"; wrote {out} in {res['seconds']:.0f}s")
+    print(summary_line(res, gaussian, exact) + f"; wrote {out} in {res['seconds']:.0f}s")
     if baselines:
         print("\n".join(lm_lines(res)))
+
+
+PER_TOKEN = "; per token excludes [CLS]/[SEP]/[PAD]; per word divides by whitespace words of the text"
+
+
+def bound_result(tot: dict, gaussian: bool, continuous: dict | None) -> dict:
+    """The result keys of a diffusion checkpoint's bound: the NELBO per token and its pieces. ``continuous``:
+    the draws of t and the end jump of an MDLM checkpoint's continuous-time bound, else None."""
+    nll = tot["nll_bound"]
+    return {**tot, "nelbo_per_token": nll / tot["tokens"], "nelbo_per_token_se": tot["nll_per_token_se"],
+            "ppl_token_diffusion_only": math.exp(tot["diffusion_nll"] / tot["tokens"]), "bound": True,
+            "time": "continuous" if continuous is not None else "discrete",
+            **(continuous or {}),
+            "convention": ("NLL bound = NELBO of the canvas after [CLS] ([SEP] and padding generated, no length term), "
+                           "sum over t from K stratified draws" if gaussian else
+                           "NLL bound = -log p(n) + continuous-time NELBO (MDLM), a Monte Carlo estimate from K "
+                           "stratified draws of t per example plus the exact jump term at t = 1" if continuous is not None else
+                           "NLL bound = -log p(n) + K-step diffusion NELBO") + PER_TOKEN}
+
+
+def exact_result(tot: dict) -> dict:
+    """The result keys of an autoregressive checkpoint: its exact NLL (``nll``, ``nll_per_token``), also under the
+    bound's names (``nelbo_per_token``: a likelihood is its own tightest bound) so that tables read both alike."""
+    per_token = tot["nll"] / tot["tokens"]
+    return {**tot, "nll_per_token": per_token, "nelbo_per_token": per_token,
+            "nelbo_per_token_se": tot["nll_per_token_se"], "bound": False, "estimator": "exact",
+            "convention": "exact NLL = sum over the text's wordpieces and its [SEP] of -log p(token | prefix) (no "
+                          "[SEP] term for a text of max_len - 2 wordpieces, whose end is forced)" + PER_TOKEN}
+
+
+def summary_line(res: dict, gaussian: bool, exact: bool) -> str:
+    """The printed result."""
+    if exact:
+        return (f"exact NLL: {res['num_examples']} {res['split']} examples: {res['nll_per_token']:.4f} "
+                f"(+- {res['nll_per_token_se']:.4f}) nats/token; PPL {_ppl(res['ppl_token'])} per wordpiece, "
+                f"{_ppl(res['ppl_word'])} per word (the [SEP] term included)")
+    grid = (f"continuous time, {res['eval_steps']} draws of t" if res.get("time") == "continuous" else
+            f"K={res['eval_steps']}")
+    return (f"elbo: {res['num_examples']} {res['split']} examples, {grid}: NELBO "
+            f"{res['nelbo_per_token']:.4f} (+- {res['nll_per_token_se']:.4f}) nats/token; "
+            f"PPL <= {_ppl(res['ppl_token'])} per wordpiece, <= {_ppl(res['ppl_word'])} per word "
+            + ("(no length term: the canvas generates it)" if gaussian else
+               f"(length term {res['length_nll'] / res['tokens']:.4f} nats/token)"))
 
 
 def _ppl(x: float) -> str:

@@ -15,7 +15,7 @@ Usage::
     # samples of a synthetic language (textdata/synthetic.py): exact NLL per token under the true
     # language, the fraction with a forbidden transition, beside the true entropy and held-out text
     python compute_metric.py --mode synthetic --samples generation_results/x.txt --language data/synth/language.json \
-        [--references data/synth/test.txt]
+        [--references data/synth/test.txt] [--joins generation_results/x.json|none]
 
     # filled templates (predict.py --template_file): given words kept, exact-word accuracy of the slots
     # against the sentences the templates were made from, and with --language their exact NLL
@@ -209,7 +209,7 @@ def run_seq2seq(args: argparse.Namespace) -> tuple[dict, dict]:
 
 def run_synthetic(args: argparse.Namespace) -> tuple[dict, dict]:
     """Exact NLL per token of the samples (and of held-out references) under the synthetic language."""
-    from textdata.synthetic import SyntheticLanguage, score
+    from textdata.synthetic import SyntheticLanguage, bigram_tv, distinct_fraction, score
     if args.language is None:
         raise InputError("--language (a language.json written with the synthetic data) is required in synthetic mode")
     if len(args.samples) != 1:
@@ -223,15 +223,41 @@ def run_synthetic(args: argparse.Namespace) -> tuple[dict, dict]:
     samples = seeded_subset(read_lines(args.samples[0], "samples"), args.max_samples, args.seed, "samples")
     entropy = language.entropy()
     metrics = {"true_entropy_per_token": entropy["per_token"], "true_entropy_per_sequence": entropy["per_sequence"],
-               **{f"sample_{k}": v for k, v in score(language, samples).items()}}
+               **{f"sample_{k}": v for k, v in score(language, samples).items()},
+               "sample_bigram_tv": bigram_tv(language, samples), "sample_distinct_fraction": distinct_fraction(samples)}
+    if args.joins:
+        from textdata.synthetic import score_chain
+        joins = read_joins(args.joins)
+        metrics.update({f"sample_chain_{k}": v for k, v in
+                        score_chain(language, samples, [joins.get(len(x.split()), []) for x in samples]).items()})
     if args.references:
         refs = [r for r in read_lines(args.references, "references") if r.strip()]
         refs = seeded_subset(refs, args.max_references, args.seed, "references")
         metrics.update({f"reference_{k}": v for k, v in score(language, refs).items()})
+        # the TV of finite samples is not 0: the language's own lines, as many as the samples, set the floor
+        metrics.update({"reference_bigram_tv": bigram_tv(language, refs[:len(samples)]),
+                        "reference_bigram_tv_lines": min(len(refs), len(samples)),
+                        "reference_distinct_fraction": distinct_fraction(refs)})
         if "sample_nll_per_token" in metrics:
             metrics["nll_ratio_samples_to_references"] = metrics["sample_nll_per_token"] / metrics["reference_nll_per_token"]
     return metrics, {"samples": args.samples[0], "language": args.language, "references": args.references,
-                     "max_samples": args.max_samples, "seed": args.seed}
+                     "max_samples": args.max_samples, "seed": args.seed, "joins": args.joins}
+
+
+def read_joins(path: str) -> dict[int, list[int]]:
+    """``--joins``: {length: the positions that begin a block after the first} from predict.py's json of a
+    semi-autoregressive run (its ``semi_ar.joins``); {} for ``none`` (one-canvas samples, scored alike)."""
+    if path == "none":
+        return {}
+    try:
+        with open(path, encoding="utf-8") as f:
+            record = json.load(f)
+        return {int(n): list(at) for n, at in record["semi_ar"]["joins"].items()}
+    except (OSError, ValueError) as e:
+        raise InputError(f"--joins {path}: {e}")
+    except (KeyError, TypeError, AttributeError):
+        raise InputError(f"--joins {path} is not predict.py's json of a semi-autoregressive run (no semi_ar.joins); "
+                         "give 'none' for samples of one canvas")
 
 
 def run_infill(args: argparse.Namespace) -> tuple[dict, dict]:
@@ -334,7 +360,15 @@ MODES: dict[str, Callable[[argparse.Namespace], tuple[dict, dict]]] = {
 SYNTHETIC_CONVENTIONS = ("each line is one sequence of whitespace-separated words; nll_per_token = -sum log p(line) / "
                          "sum words over the lines with a finite likelihood (log p includes the length term); "
                          "forbidden_fraction = lines with a transition the language never makes or an unknown word; "
-                         "invalid_fraction = lines with zero probability (also an impossible length); nats")
+                         "invalid_fraction = lines with zero probability (also an impossible length); nats; "
+                         "bigram_tv = 0.5 sum |f - F| over transitions (start -> first word, adjacent pairs, last "
+                         "word -> end: n + 1 per line), f pooled over the lines, F the language's expected "
+                         "frequencies (E[count] / (E[n] + 1)), unknown words one symbol; reference_bigram_tv: the "
+                         "first min(references, samples) references, the floor of finite samples; "
+                         "distinct_fraction = distinct lines / lines; "
+                         "with --joins, sample_chain_*: each line one run of the chain (log pi(w_1) + sum log "
+                         "P(w_i | w_(i-1)), no length term), forbidden rates per transition at the block joins and "
+                         "inside the blocks (textdata.synthetic.score_chain)")
 INFILL_CONVENTIONS = ("words are whitespace-separated and a template's [MASK] is one word; given_kept: the "
                       "template's words in place and its length; slot_accuracy: slots holding the reference's "
                       "word, over all slots; fill_nll_per_token: as synthetic mode, over the fills")
@@ -423,6 +457,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--seed", type=int, default=0, help="seed for the subsets (default: 0)")
     parser.add_argument("--language", default=None,
                         help="synthetic mode: the language.json written with the synthetic data")
+    parser.add_argument("--joins", default=None, metavar="RECORD|none",
+                        help="synthetic mode: also score each line as one run of the chain, no length term "
+                             "(sample_chain_*), its transitions split at the block joins listed in RECORD, "
+                             "predict.py's json of a --length past --max_len (semi-autoregressive); none: "
+                             "samples of one canvas, scored alike")
     parser.add_argument("--templates", default=None,
                         help="infill mode: the templates the samples fill, one per line ([MASK] marks a slot)")
     seq = parser.add_argument_group("seq2seq mode")

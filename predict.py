@@ -1,4 +1,5 @@
-"""Sampling from a trained lm checkpoint: DiffusionBERT (absorbing) or Diffusion-LM (gaussian).
+"""Sampling from a trained lm checkpoint: DiffusionBERT (absorbing), Diffusion-LM (gaussian) or the autoregressive
+baseline.
 
     python predict.py --checkpoint outputs/demo --num_samples 200 --steps 128
 
@@ -17,7 +18,13 @@ the padding (the text ends at the first [SEP] or [PAD]), over the steps of ``--d
 the default; ``uniform_N``; ``adp_N``; or a comma-separated list). With ``--length`` the [SEP] and padding
 are fixed and the generated positions are words (clamping skips the special tokens).
 
-Conditioning, either process (the given wordpieces stay fixed at every step, as a seq2seq source does):
+Autoregressive (``train.py --process autoregressive``): left to right from [CLS] until [SEP] (or the checkpoint's
+max_len), with ``--temperature``, ``--top_p`` and ``--topk``; one network call per generated position, on the whole
+prefix (no key-value cache). ``--prompt`` works; templates, ``--length``, ``--steps`` and ``--sampler`` do not.
+
+    python predict.py --checkpoint outputs/ar --num_samples 1000 --temperature 1.0 --top_p 0.9
+
+Conditioning, either diffusion process (the given wordpieces stay fixed at every step, as a seq2seq source does):
 
     python predict.py --checkpoint RUN --template "the [MASK] [MASK] of the lord [MASK]" --num_samples 3
     python predict.py --checkpoint RUN --prompt "in the beginning" --length 12,16
@@ -27,6 +34,15 @@ Conditioning, either process (the given wordpieces stay fixed at every step, as 
   slots are generated, on ``[CLS] template [SEP]``; ``--num_samples`` is then per template (default 1) and
   the lines are template-major. A template without [MASK] is written back (its tokenisation, decoded) with no
   network call. ``--length`` with templates must equal each template's wordpiece count.
+* ``--length N`` above ``--max_len`` - 2 (absorbing): semi-autoregressive, as MDLM's semi-AR sampler. The
+  first canvas makes the first W wordpieces (W: the longest training line), then blocks of ``--block_size``
+  new ones (default W // 2), each on ``[CLS] <the last W - block_size made> [MASK]*block_size [SEP]``, with
+  any ``--sampler`` and ``--prompt`` (at most W - block_size wordpieces, the context a block sees). The json
+  and the printed line say how many blocks and how many network evaluations per sequence
+  (docs/algorithms.md §1.13):
+
+    python predict.py --checkpoint RUN --length 96 --block_size 10 --num_samples 100
+
 * ``--prompt``: ``[CLS] prompt`` and then generated. ``--length N`` counts every wordpiece between [CLS] and
   [SEP], the prompt's included; without it an absorbing length is drawn from the training lengths longer
   than the prompt, and a gaussian model places [SEP] itself.
@@ -53,7 +69,7 @@ import time
 
 import torch
 
-from runtime import api, dist
+from runtime import api, dist, semi_ar
 from runtime.assemble import WEIGHTS
 from runtime import outputs
 from common.cli import add_rule_options, make_parser, other_steps
@@ -85,11 +101,15 @@ def parse_args(argv=None):
     p.add_argument("--topk", type=int, default=0, help="keep the k most likely tokens (0: all)")
     p.add_argument("--top_p", type=float, default=1.0, help="nucleus sampling mass (1: off)")
     p.add_argument("--temperature", type=float, default=1.0)
-    p.add_argument("--max_len", type=int, default=None, help="absorbing: longest sample in wordpieces incl. [CLS]/[SEP] (default: training --max_len)")
+    p.add_argument("--max_len", type=int, default=None, help="absorbing: widest canvas in wordpieces incl. [CLS]/[SEP] (default: training --max_len); a longer "
+                        "--length is made in blocks of --block_size")
     p.add_argument("--length", default=None,
                    help="every sample has this many wordpieces between [CLS] and [SEP] (the released predict.py: "
                         "32), or a comma-separated list (sample i gets the (i mod k)-th); default: absorbing, drawn "
                         "from the training-length histogram; gaussian, where the model puts [SEP]")
+    p.add_argument("--block_size", type=int, default=None,
+                   help="absorbing, --length above --max_len minus 2: new wordpieces per semi-autoregressive block "
+                        "(default: half the window, the longest training line); docs/algorithms.md section 1.13")
     p.add_argument("--prompt", default=None, help="every sample starts with this text (counted in --length)")
     p.add_argument("--template", action="append", default=None,
                    help="generate only the [MASK]s of this text, e.g. 'the [MASK] [MASK] of the lord [MASK]' "
@@ -158,7 +178,9 @@ def short_hash(texts) -> str:
 
 
 def default_name(args, run, templates) -> str:
-    if run.cfg.process == "gaussian":
+    if run.cfg.process == "autoregressive":
+        how = f"_ar_topk{args.topk}_p{args.top_p}_temp{args.temperature}"
+    elif run.cfg.process == "gaussian":
         how = (f"_respacing{args.decode_respacing or 'full'}{'_raw' if args.weights == 'raw' else ''}"
                f"{'_' + args.solver if args.solver not in (None, 'ddpm') else ''}")
     else:
@@ -168,7 +190,8 @@ def default_name(args, run, templates) -> str:
     length = args.length if not isinstance(args.length, list) else "-".join(map(str, args.length))
     given = (f"_prompt{short_hash([args.prompt])}" if args.prompt is not None else
              f"_templates{short_hash(templates)}" if templates is not None else "")
-    return (f"{run.run_name}_{os.path.basename(run.ckpt_dir)}{how}{f'_len{length}' if args.length else ''}{given}"
+    blocks = f"_block{args.block_size}" if args.block_size else ""
+    return (f"{run.run_name}_{os.path.basename(run.ckpt_dir)}{how}{f'_len{length}' if args.length else ''}{blocks}{given}"
             f"_n{args.num_samples}_seed{args.seed}")
 
 
@@ -193,10 +216,11 @@ def sample_all(args, info: dist.DistInfo) -> None:
     run = model.run
     require_at_least_one(args, "num_samples", "batch_size")  # the counts first; the API checks the rest
     if templates is None:
-        rows = model.lm_rows(args.num_samples, args.length, args.prompt, args.max_len, args.seed)
+        rows = model.lm_rows(args.num_samples, args.length, args.prompt, args.max_len, args.seed, args.block_size)
     else:
-        if args.max_len is not None:
-            raise UserError("--max_len is for sampling without templates: a template fixes its own length")
+        if args.max_len is not None or args.block_size is not None:
+            raise UserError("--max_len and --block_size are for sampling without templates: a template fixes its "
+                            "own length, within one canvas")
         rows = model.template_rows(templates, args.num_samples, args.length)
     decoding = model.decoding(args.steps, args.decode_respacing, args.sampler, args.topk, args.top_p,
                               args.temperature, not args.no_cache, **sampler_options(args))
@@ -226,17 +250,29 @@ def sample_all(args, info: dist.DistInfo) -> None:
     output.write_text(out_txt, "".join(text + "\n" for text in out.texts))
     meta = {"checkpoint": run.ckpt_dir, "samples": out_txt, **{k: v for k, v in vars(args).items() if k != "checkpoint"},
             "cache": decoding.use_cache, "wall_seconds": wall, "network_calls": calls,
-            "row_evaluations": evaluations, "sequences_per_second": len(rows) / wall, "device": str(info.device),
+            "row_evaluations": evaluations, "calls_per_sequence": evaluations / len(rows),
+            "sequences_per_second": len(rows) / wall, "device": str(info.device),
             "ranks": info.world_size, "threads": torch.get_num_threads(), "process": run.cfg.process,
-            "templates": templates, "resumed_batches": output.resumed, **decoding.report}
+            "templates": templates, "resumed_batches": output.resumed, **decoding.report,
+            **semi_ar.report(rows, out.blocks, out.row_evaluations)}
     output.write_json(out_json, meta)
     output.finish(info)
     ranks = f", {info.world_size} ranks" if info.enabled else ""
-    cache = (f"cache {'on' if decoding.use_cache else 'off'}" if run.cfg.process == "absorbing" else
-             f"{len(decoding.report['timesteps'])} steps")
+    cache = {"absorbing": lambda: f"cache {'on' if decoding.use_cache else 'off'}",
+             "gaussian": lambda: f"{len(decoding.report.get('timesteps', ()))} steps",
+             "autoregressive": lambda: "left to right, no key-value cache"}[run.cfg.process]()
     print(f"predict: wrote {len(rows)} samples to {out_txt} in {wall:.1f}s "
           f"({len(rows) / wall:.2f} sequences/s); {calls} network calls, {evaluations} sequence evaluations "
-          f"({cache}{ranks}{f'; {output.resumed} batches kept from the interrupted run' if output.resumed else ''})")
+          f"({cache}{ranks}{f'; {output.resumed} batches kept from the interrupted run' if output.resumed else ''})"
+          f"{semi_ar_line(meta)}")
+
+
+def semi_ar_line(meta: dict) -> str:
+    if "semi_ar" not in meta:
+        return ""
+    s = meta["semi_ar"]
+    return (f"; semi-autoregressive: {s['blocks_per_sequence']:g} blocks per sequence (window {s['window']}, "
+            f"blocks of {s['block_size']}), {s['row_evaluations_per_sequence']:g} network evaluations per sequence")
 
 
 if __name__ == "__main__":

@@ -10,7 +10,8 @@
 #   bash run.sh reproduce [quick]   does it learn? known-answer tasks and the papers' ablations
 #                            (offline CPU; about 70 min on 2 cores, quick: 7 min); reproduce.py --help
 #   bash run.sh reproduce --parts glm --out DIR   part 4: the Gaussian LM, infilling and length control
-#                            (beside a finished full run in DIR)
+#                            (beside a finished full run in DIR: one results.md with every part)
+#   bash run.sh reproduce --render DIR   DIR/results.md and its plots again from DIR/results.json
 #   bash run.sh diffusion-lm  Diffusion-LM: the Gaussian process as an unconditional LM on the offline Bible
 #                            corpus, a small transformer for the CPU (training only; the paper's sizes below)
 #

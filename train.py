@@ -146,7 +146,7 @@ def run(cfg: TrainConfig, info: dist.DistInfo, log, resumed: rundir.Resumed | No
                else " (--simi_penalty none: plain continued training)"))
     denoiser.to(device)
     counts, wf_identity = load_word_freq(cfg, tokenizer)
-    diffusion = build_diffusion(cfg, tokenizer.mask_token_id, tokenizer.pad_token_id, counts)
+    diffusion = build_diffusion(cfg, tokenizer.mask_token_id, tokenizer.pad_token_id, counts, tokenizer)
     objective = make_objective(denoiser, diffusion, cfg)
     if cfg.compile:  # the encoder only: the loss selects a data-dependent number of positions
         objective.compile_target.compile(dynamic=True)

@@ -5,7 +5,8 @@ A sampler asks its noise source for the draws of every row of the batch at once:
 * ``uniform(k, stream, L)`` -> [B, L] float64 in (0, 1): one number per canvas position at step ``k``;
 * ``normal(shape, dtype)`` -> [B, *shape]: the next standard normals of each row (the Gaussian process).
 
-:class:`SampleNoise` makes them functions of ``(seed, sample index, k, stream, position)``: uniforms come from a
+:class:`SampleNoise` makes them functions of ``(seed, sample index, k, stream, position)`` (and of the block, for
+a semi-autoregressive sample made in blocks): uniforms come from a
 counter-based hash (murmur3's 32-bit finaliser, chained over the keys; no state, the same on every device), and
 normals from one ``torch.Generator`` per sample, seeded from the same hash and drawn in the same order whatever
 batch the sample lands in. So the draws of sample i do not depend on the batch size, the batch's other rows, the
@@ -22,6 +23,7 @@ GOLDEN = 0x9E3779B9
 # what a draw is for: a sampler draws each stream at most once per step, so no two draws share a counter
 STREAM_UNMASK, STREAM_TOKEN, STREAM_ORDER, STREAM_REMASK, STREAM_EVENT, STREAM_COUNT = range(6)
 STREAM_NORMAL = 16
+BLOCK_KEY = 32  # chained before a semi-autoregressive block's index (block 0 keeps the plain keys)
 
 
 def _mul32(x: torch.Tensor, c: int) -> torch.Tensor:
@@ -55,14 +57,19 @@ def seed_words(seed: int) -> tuple[int, int]:
 
 
 class SampleNoise:
-    """Draws of the rows ``sample_ids`` [B] (their indices in the request) of a run seeded with ``seed``."""
+    """Draws of the rows ``sample_ids`` [B] (their indices in the request) of a run seeded with ``seed``.
 
-    def __init__(self, seed: int, sample_ids, device=None):
-        self.seed = int(seed)
+    ``block``: the index of a semi-autoregressive block (``runtime.semi_ar``); each block's draws are keyed by
+    it too, so no two blocks of a sample share a number, and block 0's are those of a one-canvas sample."""
+
+    def __init__(self, seed: int, sample_ids, device=None, block: int = 0):
+        self.seed, self.block = int(seed), int(block)
         self.sample_ids = torch.as_tensor(sample_ids, dtype=torch.long, device=device).reshape(-1)
         self.device = self.sample_ids.device
         lo, hi = seed_words(self.seed)
         self._rows = hash32(torch.zeros_like(self.sample_ids), lo, hi, self.sample_ids)  # [B]
+        if self.block:
+            self._rows = hash32(self._rows, BLOCK_KEY, self.block)
         self._generators = None
 
     def __len__(self) -> int:
@@ -70,7 +77,7 @@ class SampleNoise:
 
     def rows(self, which: torch.Tensor) -> "SampleNoise":
         """The noise of a subset of the rows (a bool mask or indices)."""
-        return SampleNoise(self.seed, self.sample_ids[which.to(self.device)], self.device)
+        return SampleNoise(self.seed, self.sample_ids[which.to(self.device)], self.device, self.block)
 
     def uniform(self, k: int, stream: int, length: int) -> torch.Tensor:
         """[B, length] float64 in (0, 1): position j of row b at step k, 53 random bits each."""

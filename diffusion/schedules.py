@@ -5,8 +5,10 @@ Time is passed as ``s = t / T`` in [0, 1], with ``alpha(0) = 1`` and ``alpha(1) 
 
 Two kinds:
 
-* token-independent (``mutual``, ``cosine``): ``alpha`` is one number per example, returned with
-  shape ``[B, 1]`` so that it broadcasts over positions.
+* token-independent (``mutual``, ``cosine``, ``loglinear``): ``alpha`` is one number per example, returned
+  with shape ``[B, 1]`` so that it broadcasts over positions. They also give ``dalpha`` (the derivative in s)
+  and ``end_jump`` (``alpha(1-)``, the mass that the last instant masks at once), which the continuous-time
+  objective of ``diffusion/mdlm.py`` needs.
 * token-dependent (``spindle``, DiffusionBERT Eq. 10-12): ``alpha`` depends on how informative the
   clean token is, so the forward process needs ``x0`` and returns ``[B, L]``. The *reverse* model
   must not see ``x0``; it uses :meth:`Schedule.alpha_vocab`, which gives ``alpha`` for every
@@ -20,7 +22,7 @@ import math
 
 import torch
 
-SCHEDULES = ("mutual", "cosine", "spindle")
+SCHEDULES = ("mutual", "cosine", "spindle", "loglinear")
 SPINDLE_FORMS = ("released", "paper")
 
 
@@ -29,11 +31,16 @@ class Schedule:
 
     token_dependent = False
     name = "base"
+    end_jump = 0.0  # alpha(1-) - alpha(1): a jump to all-[MASK] at s = 1 (docs/algorithms.md §1.13)
 
     def alpha(self, s: torch.Tensor, x0: torch.Tensor | None = None,
               noise_mask: torch.Tensor | None = None) -> torch.Tensor:
         """``alpha`` at times ``s`` ([B], float in [0, 1]). Returns [B, 1] or, if token-dependent, [B, L]."""
         raise NotImplementedError
+
+    def dalpha(self, s: torch.Tensor) -> torch.Tensor:
+        """``d alpha / ds`` at ``s`` ([B], in [0, 1)) of a token-independent schedule, [B] float64."""
+        raise ValueError(f"the {self.name} schedule has no token-independent derivative")
 
     def alpha_vocab(self, s: torch.Tensor) -> torch.Tensor:
         """``alpha`` for the reverse model: [B, 1], or [B, V] for every candidate token."""
@@ -56,6 +63,9 @@ class Mutual(Schedule):
     def alpha(self, s, x0=None, noise_mask=None):
         return (1.0 - s.double()).clamp(0.0, 1.0).unsqueeze(-1)
 
+    def dalpha(self, s):
+        return torch.full_like(s, -1.0, dtype=torch.float64)
+
 
 class Cosine(Schedule):
     """``alpha_t = cos(pi/2 * t/T)``: slow masking at first, fast at the end."""
@@ -66,6 +76,37 @@ class Cosine(Schedule):
         a = torch.cos(0.5 * math.pi * s.double())
         a = torch.where(s >= 1, torch.zeros_like(a), a)  # cos(pi/2) is 6e-17, not 0
         return a.clamp(0.0, 1.0).unsqueeze(-1)
+
+    def dalpha(self, s):
+        return -0.5 * math.pi * torch.sin(0.5 * math.pi * s.double())
+
+
+class LogLinear(Schedule):
+    """MDLM's log-linear schedule (Sahoo et al. 2024, ``noise_schedule.LogLinearNoise``): total noise
+    ``sigma(s) = -log(1 - (1 - eps) s)``, so ``alpha = exp(-sigma) = 1 - (1 - eps) s`` and the
+    continuous-time weight ``-alpha' / (1 - alpha) = 1/s``. ``eps = 1e-3`` as released.
+
+    MDLM's ``alpha(1) = eps``; its sampler starts from all-[MASK] anyway and its bound has no prior term.
+    Here ``alpha(1) = 0`` exactly, so that the all-[MASK] start is the model's prior: the schedule jumps
+    from ``eps`` to 0 at ``s = 1`` (``end_jump``), a last discrete step whose KL the bound adds exactly."""
+
+    name = "loglinear"
+
+    def __init__(self, eps: float = 1e-3):
+        if not 0.0 <= eps < 1.0:
+            raise ValueError(f"the log-linear eps must be in [0, 1), got {eps}")
+        self.eps = self.end_jump = float(eps)
+
+    def alpha(self, s, x0=None, noise_mask=None):
+        s = s.double()
+        a = 1.0 - (1.0 - self.eps) * s
+        return torch.where(s >= 1, torch.zeros_like(a), a).clamp(0.0, 1.0).unsqueeze(-1)
+
+    def dalpha(self, s):
+        return torch.full_like(s, -(1.0 - self.eps), dtype=torch.float64)
+
+    def describe(self):
+        return {"name": self.name, "eps": self.eps}
 
 
 class Spindle(Schedule):
@@ -154,6 +195,8 @@ def make_schedule(name: str, counts: torch.Tensor | None = None, lam: float = 0.
         return Mutual()
     if name == "cosine":
         return Cosine()
+    if name == "loglinear":
+        return LogLinear()
     if name == "spindle":
         if counts is None:
             raise ValueError("the spindle schedule needs word frequencies (run word_freq.py)")

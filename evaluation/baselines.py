@@ -65,10 +65,11 @@ def lm_lines(res: dict) -> list[str]:
     """The LM demo's summary from ``compute_elbo.py --baselines``'s JSON: the bound per wordpiece and per word of
     the trained model, the untrained one and the unigram model, and the verdict. Lower is better; per wordpiece
     and per word divide the same total NLLs by the same counts, so there is one verdict."""
-    b = res["baselines"]
-    lines = [f"what it learned ({res['split']} split, {res['num_examples']} examples, K={res['eval_steps']}; "
-             "lower is better):"]
-    for key, what in (("ppl_token", "PPL bound per wordpiece"), ("ppl_word", "PPL bound per word")):
+    b, exact = res["baselines"], res.get("bound") is False  # an autoregressive model's NLL is exact
+    lines = [f"what it learned ({res['split']} split, {res['num_examples']} examples, "
+             f"{'exact NLL' if exact else 'K=' + str(res['eval_steps'])}; lower is better):"]
+    ppl = "PPL" if exact else "PPL bound"
+    for key, what in (("ppl_token", f"{ppl} per wordpiece"), ("ppl_word", f"{ppl} per word")):
         lines.append("  " + headline(what, {"trained": res[key], "untrained": b["untrained"][key],
                                             "unigram": b["unigram"][key]}, 1, width=24))
     lines[1] += " -> " + verdict(res["ppl_token"], {"untrained": b["untrained"]["ppl_token"],

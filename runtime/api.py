@@ -16,7 +16,8 @@ the noised positions and never changes the fixed ones: the absorbing process nev
 one resets them to their embeddings after every step. :meth:`Model.generate` runs the batches.
 
 * lm, absorbing (DiffusionBERT): ``[CLS] [MASK]*n [SEP]``; n is ``length`` or drawn from the training
-  lengths (with a prompt: conditioned on being longer than the prompt), over a grid of ``steps``.
+  lengths (with a prompt: conditioned on being longer than the prompt), over a grid of ``steps``. A ``length``
+  above max_len - 2 is made semi-autoregressively, in blocks of ``block_size`` (``runtime.semi_ar``).
 * lm, gaussian (Diffusion-LM, DiffuSeq's network): a canvas of the checkpoint's max_len, ``[CLS]`` and then all noised, so the
   model places [SEP] and the padding; with a ``length`` the [SEP] and [PAD]s are fixed, and then a generated
   position never becomes a special token (clamping skips them), so the text has exactly that many
@@ -51,7 +52,7 @@ from typing import Callable, Sequence
 import torch
 
 from diffusion import GAUSSIAN_SOLVERS, SAMPLERS, SampleNoise, SampleOutput, make_sampler
-from runtime import dist
+from runtime import dist, semi_ar
 from runtime.assemble import WEIGHTS, Loaded, load_for_inference
 from runtime.canvas import SLOT, Row, lay_out, template_cells, text_end, word_start_mask, wordpieces
 from common import heap
@@ -82,6 +83,7 @@ class Generated:
     network_calls: int         # batched denoiser invocations, summed over the batches
     row_evaluations: int       # sequences passed through the denoiser, summed over the calls
     canvases: list[list[int]] = field(default_factory=list)  # each row's generated canvas (token ids)
+    blocks: list[int] = field(default_factory=list)    # canvases sampled per row: 1, or its semi-AR blocks
 
 
 def load(path: str, device: str | torch.device = "auto", *, weights: str = "ema", prefer: str = "best",
@@ -178,8 +180,9 @@ class Model:
         raise UserError(f"{self.run.ckpt_dir} is an {self.task} checkpoint: decode() is for seq2seq checkpoints; "
                         "draw from it with sample()")
 
-    def _lengths(self, length, longest: int) -> list[int] | None:
-        """``length`` (an int or a list of them) as a list, each between 1 and ``longest``."""
+    def _lengths(self, length, longest: int, blocks: bool = False) -> list[int] | None:
+        """``length`` (an int or a list of them) as a list, each between 1 and ``longest`` (with ``blocks``, any
+        positive count: a longer one is made semi-autoregressively)."""
         if length is None:
             return None
         values = [length] if isinstance(length, int) else length
@@ -187,10 +190,42 @@ class Model:
                 or not all(isinstance(v, int) and not isinstance(v, bool) for v in values)):
             raise UserError(f"{self._name('length')} must be a number of wordpieces or a list of them, got {length!r}")
         for v in values:
-            if not 1 <= v <= longest:
+            if v < 1 and blocks:
+                raise UserError(f"{self._name('length')} must be at least 1 (above {longest}, {self._name('max_len')} "
+                                f"minus [CLS] and [SEP], it is made semi-autoregressively), got {v}")
+            if v < 1 or (v > longest and not blocks):
+                also = (" (a gaussian checkpoint has no semi-autoregressive mode past its canvas)"
+                        if self.process == "gaussian" and v > longest else "")
                 raise UserError(f"{self._name('length')} must be between 1 and {longest} ({self._name('max_len')} "
-                                f"minus [CLS] and [SEP]), got {v}")
+                                f"minus [CLS] and [SEP]){also}, got {v}")
         return list(values)
+
+    def _blocks(self, lengths: list[int] | None, block_size: int | None, longest: int,
+                given: int) -> tuple[int, int] | None:
+        """``(W, b)`` for the rows longer than ``longest`` (``runtime.semi_ar``: W the window, the longest training
+        line up to ``longest``; b ``block_size``, default W // 2), None if every row fits one canvas."""
+        n = self._name
+        if block_size is not None and (isinstance(block_size, bool) or not isinstance(block_size, int)):
+            raise UserError(f"{n('block_size')} must be a number of wordpieces, got {block_size!r}")
+        if not lengths or max(lengths) <= longest:
+            if block_size is not None:
+                raise UserError(f"{n('block_size')} is for semi-autoregressive sampling, a {n('length')} above "
+                                f"{longest} ({n('max_len')} minus [CLS] and [SEP]) on an absorbing checkpoint; "
+                                "every sample here fits one canvas")
+            return None
+        counts = self.run.run_info.get("derived", {}).get("length_counts") or []
+        trained = max((i for i, c in enumerate(counts) if c), default=longest)
+        window = min(longest, trained)
+        b = max(1, window // 2) if block_size is None else block_size
+        if not 1 <= b < window:
+            raise UserError(f"{n('block_size')} must be between 1 and {window - 1}, got {b}: a block's canvas is "
+                            f"[CLS], {window} wordpieces (the longest training line) and [SEP], and at least one "
+                            "of them must be context")
+        if given > window - b:
+            raise UserError(f"{n('prompt')} is {given} wordpieces, longer than the context a block sees: "
+                            f"{window - b} ({window} wordpieces a canvas, minus {n('block_size')} {b}); shorten "
+                            f"the prompt or lower {n('block_size')}")
+        return window, b
 
     # ------------------------------------------------------------------------ how: one function per process
     def decoding(self, steps: int | None = None, respacing=None, sampler: str = "ours", topk: int = 0,
@@ -231,8 +266,9 @@ class Model:
 
     # ------------------------------------------------------------------------ what: canvas rows
     def lm_rows(self, num_samples: int, length=None, prompt: str | None = None, max_len: int | None = None,
-                seed: int = 42) -> list[Row]:
-        """The canvas rows of :meth:`sample` (``runtime.canvas``), one per sample."""
+                seed: int = 42, block_size: int | None = None) -> list[Row]:
+        """The canvas rows of :meth:`sample` (``runtime.canvas``), one per sample; a row longer than max_len - 2
+        (absorbing) is made in blocks (``runtime.semi_ar``)."""
         self._need_task("lm", "sample")
         self._at_least_one(num_samples=num_samples)
         n, tok, cfg = self._name, self.tokenizer, self.run.cfg
@@ -244,14 +280,24 @@ class Model:
             if not 3 <= max_len <= cfg.max_len:
                 raise UserError(f"{n('max_len')} must be between 3 and the training --max_len {cfg.max_len}, "
                                 f"got {max_len}")
+        if self.process == "autoregressive" and (length is not None or max_len is not None or block_size is not None):
+            raise UserError(f"{n('length')}, {n('max_len')} and {n('block_size')} are for diffusion checkpoints: an "
+                            f"autoregressive one ends a sample where it draws [SEP] (at the latest at its "
+                            f"max_len={cfg.max_len})")
+        if block_size is not None and gaussian:
+            raise UserError(f"{n('block_size')} is for absorbing checkpoints: a gaussian lm samples one canvas of "
+                            f"max_len={cfg.max_len}")
         longest = (max_len or cfg.max_len) - 2
-        lengths = self._lengths(length, longest)
+        lengths = self._lengths(length, longest, blocks=not gaussian)
         given = [] if prompt is None else wordpieces(tok, prompt, n("prompt"), slots=False)
+        blocks = self._blocks(lengths, block_size, longest, len(given))
         room = longest if lengths is None else min(lengths)
         if len(given) >= room:
             where = (f"{n('length')} {room} (which counts the prompt's wordpieces)" if lengths else
                      f"the canvas, at most {longest} between [CLS] and [SEP]")
             raise UserError(f"{n('prompt')} {prompt!r} is {len(given)} wordpieces: {where} leaves no room to continue it")
+        if self.process == "autoregressive":  # left to right from [CLS] (and the prompt) until [SEP]
+            return [Row((tok.cls_token_id, *given), open=True)] * num_samples
         if lengths is None and not gaussian:
             from textdata.lm import LengthPrior
             counts = self.run.run_info["derived"]["length_counts"]
@@ -263,8 +309,8 @@ class Model:
         cls, sep = tok.cls_token_id, tok.sep_token_id
         if lengths is None:  # gaussian, open-ended: the model places [SEP] and the padding
             return [Row((cls, *given), open=True)] * num_samples
-        return [Row((cls, *given, *[SLOT] * (lengths[i % len(lengths)] - len(given)), sep))
-                for i in range(num_samples)]
+        return [Row((cls, *given, *[SLOT] * (m - len(given)), sep), blocks=blocks if m > longest else None)
+                for m in (lengths[i % len(lengths)] for i in range(num_samples))]
 
     def template_rows(self, templates: Sequence[str], num_samples: int = 1, length=None) -> list[Row]:
         """The canvas rows of :meth:`infill`: ``[CLS] template [SEP]`` with its [MASK]s generated, ``num_samples``
@@ -272,6 +318,10 @@ class Model:
         self._need_task("lm", "infill")
         self._at_least_one(num_samples=num_samples)
         n, tok, max_len = self._name, self.tokenizer, self.run.cfg.max_len
+        if self.process == "autoregressive":
+            raise UserError(f"{self.run.ckpt_dir} is an autoregressive checkpoint: it generates left to right and "
+                            f"cannot fill a {n('templates')}'s slots given the words after them; give a "
+                            f"{n('prompt')} (the text it continues) instead")
         if isinstance(templates, str) or not isinstance(templates, Sequence):
             raise UserError(f"{n('templates')} must be a list of strings, got {type(templates).__name__}")
         if not templates:
@@ -341,7 +391,8 @@ class Model:
         disk and gives back those an interrupted run kept (``dist.map_batches``).
 
         On the absorbing lm's canvas (no fixed width) rows of similar lengths share a batch (little padding);
-        other canvases keep the rows' order. A row with nothing to generate (a template without [MASK]) is its
+        other canvases keep the rows' order. A batch with a row longer than a canvas (``Row.blocks``) is made
+        block by block (``runtime.semi_ar.generate``); ``Generated.blocks`` counts each row's canvases. A row with nothing to generate (a template without [MASK]) is its
         own output and never reaches the network.
         """
         self._at_least_one(batch_size=batch_size)
@@ -359,6 +410,10 @@ class Model:
             nonlocal continuation
             idx = work[b * batch_size:(b + 1) * batch_size]
             batch = [rows[i] for i in idx]
+            if any(r.blocks for r in batch):  # longer than a canvas: block by block (runtime.semi_ar)
+                made, calls, evaluations = semi_ar.generate(batch, idx, decoding.sample, seed, device,
+                                                            tok.pad_token_id, fill)
+                return [[i, self._read(rows[i], x0), x0] for i, x0 in zip(idx, made)], calls, evaluations
             ids, att, noise = (x.to(device) for x in lay_out(batch, tok.pad_token_id, fill, width))
             where, restrict = word_start_mask(batch, ids.shape[1]), None
             if where is not None:
@@ -380,13 +435,14 @@ class Model:
             if not r.generates:
                 done[i] = (self._read(r, list(r.cells)), list(r.cells))
         return Generated([done[i][0] for i in range(len(rows))], sum(r[1] for r in results),
-                         sum(r[2] for r in results), [done[i][1] for i in range(len(rows))])
+                         sum(r[2] for r in results), [done[i][1] for i in range(len(rows))],
+                         [len(semi_ar.spans(r)) if r.generates else 0 for r in rows])
 
     # ------------------------------------------------------------------------ the requests
     def sample(self, num_samples: int, *, steps: int | None = None, respacing=None, seed: int = 42,
                batch_size: int = 32, sampler: str = "ours", topk: int = 0, top_p: float = 1.0,
                temperature: float = 1.0, length=None, prompt: str | None = None, max_len: int | None = None,
-               cache: bool = True, **options) -> list[str]:
+               cache: bool = True, block_size: int | None = None, **options) -> list[str]:
         """``num_samples`` strings from an lm checkpoint (predict.py's lines for the same arguments).
 
         Absorbing: ``steps`` iterations over a grid of 0..T (default 128, at most T). ``sampler``: ``ours``
@@ -403,10 +459,13 @@ class Model:
         absorbing lengths are drawn from the training lengths longer than the prompt.
         ``options``: the sampler's (``order``, ``threshold``, ``remask``, ``eta``; :func:`diffusion.make_sampler`)
         or, gaussian, ``solver`` (``ddpm``, the default; ``ddim``; ``dpm_solver++``).
+        Absorbing, a ``length`` above ``max_len`` - 2 is made semi-autoregressively (``runtime.semi_ar``): the
+        first canvas, then blocks of ``block_size`` new wordpieces (default half the window), each conditioned
+        on the last wordpieces made, with any sampler; ``block_size`` without such a length is refused.
         Sample i depends on (checkpoint, ``seed``, i, settings), not on ``batch_size`` (docs/running.md: up to
         floating-point ties). Under a torchrun ``info``, ranks other than 0 get None.
         """
-        rows = self.lm_rows(num_samples, length, prompt, max_len, seed)
+        rows = self.lm_rows(num_samples, length, prompt, max_len, seed, block_size)
         out = self.generate(rows, self.decoding(steps, respacing, sampler, topk, top_p, temperature, cache, **options),
                             seed, batch_size)
         return None if out is None else out.texts
@@ -539,4 +598,24 @@ def gaussian_decoding(m: Model, steps, respacing, sampler, topk, top_p, temperat
                     {"timesteps": kept, "solver": solver})
 
 
-DECODINGS = {"absorbing": absorbing_decoding, "gaussian": gaussian_decoding}
+def autoregressive_decoding(m: Model, steps, respacing, sampler, topk, top_p, temperature, cache, options,
+                            solver=None) -> Decoding:
+    """The AR baseline: ancestral sampling left to right (``Autoregressive.sample``) with ``temperature``, ``topk``
+    and ``top_p``; one network call per generated position, on the whole prefix (no key-value cache, so ``cache``
+    changes nothing). The diffusion samplers' settings are refused."""
+    n, run = m._name, m.run
+    given = [n(k) for k, v in (("steps", steps), ("respacing", respacing), ("solver", solver), *options.items())
+             if v is not None] + ([n("sampler")] if sampler != "ours" else []) + \
+        ([n("weights")] if m.weights != "ema" else [])
+    if given:
+        raise UserError(f"{', '.join(given)}: diffusion sampler settings; an autoregressive checkpoint samples left to "
+                        f"right, with {n('temperature')}, {n('top_p')} and {n('topk')}")
+    den, pad_id = run.denoiser, m.tokenizer.pad_token_id
+
+    def sample(ids, att, noise, gen, restrict=None):
+        return run.diffusion.sample(lambda x, a, p: den(x, None, a, p), ids, noise, gen, topk, top_p, temperature,
+                                    pad_id)
+    return Decoding("autoregressive", None, False, sample, {"sampler": "autoregressive", "kv_cache": False})
+
+
+DECODINGS = {"absorbing": absorbing_decoding, "gaussian": gaussian_decoding, "autoregressive": autoregressive_decoding}

@@ -11,6 +11,7 @@ from typing import Callable
 import torch
 
 from diffusion import AbsorbingDiffusion, GaussianDiffusion, gaussian_betas, make_schedule
+from diffusion.autoregressive import Autoregressive
 from models import BertDenoiser, DiffuSeqTransformer, spare_token_ids
 from runtime import checkpoint
 from runtime.weights import load_into as load_weights
@@ -25,10 +26,11 @@ GAUSSIAN_DROPOUT = 0.1  # DiffuSeq's default
 WEIGHTS = {"ema": "the EMA of the weights (denoiser_ema.safetensors)", "raw": "the trained weights"}
 
 
-def build_diffusion(cfg: TrainConfig, mask_id: int | None, pad_id: int | None, counts=None):
-    """The run's process: ``AbsorbingDiffusion`` or ``GaussianDiffusion``."""
+def build_diffusion(cfg: TrainConfig, mask_id: int | None, pad_id: int | None, counts=None, tokenizer=None):
+    """The run's process: ``AbsorbingDiffusion``, ``GaussianDiffusion`` or ``Autoregressive`` (which needs the
+    ``tokenizer``: its end token and the tokens it never predicts)."""
     try:
-        return PROCESS_PARTS[cfg.process].build_process(cfg, mask_id, pad_id, counts)
+        return PROCESS_PARTS[cfg.process].build_process(cfg, mask_id, pad_id, counts, tokenizer)
     except ValueError as e:
         raise UserError(str(e)) from e
 
@@ -49,14 +51,53 @@ def build_denoiser(cfg: TrainConfig, mlm, tokenizer) -> BertDenoiser:
         raise UserError(str(e)) from e
 
 
-def _absorbing(cfg: TrainConfig, mask_id, pad_id, counts) -> AbsorbingDiffusion:
+def _absorbing(cfg: TrainConfig, mask_id, pad_id, counts, tokenizer=None) -> AbsorbingDiffusion:
     schedule = make_schedule(cfg.schedule, counts=counts, lam=cfg.word_freq_lambda, form=cfg.spindle_form,
                              pad_id=pad_id)
     return AbsorbingDiffusion(schedule, cfg.num_steps, mask_id, cfg.hybrid_lambda)
 
 
-def _gaussian(cfg: TrainConfig, mask_id, pad_id, counts) -> GaussianDiffusion:
+def _gaussian(cfg: TrainConfig, mask_id, pad_id, counts, tokenizer=None) -> GaussianDiffusion:
     return GaussianDiffusion(gaussian_betas(cfg.schedule, cfg.num_steps), cfg.schedule)
+
+
+def _autoregressive(cfg: TrainConfig, mask_id, pad_id, counts, tokenizer=None) -> Autoregressive:
+    """The AR process over the tokenizer: it ends a text at [SEP] and never predicts [CLS], [PAD] or [MASK] (nor a
+    BOS other than [CLS]), tokens that never follow [CLS] in the lm data (``textdata.lm``)."""
+    if tokenizer is None or tokenizer.sep_token_id is None:
+        raise ValueError("--process autoregressive needs a tokenizer with a [SEP] token to end a text")
+    never = (tokenizer.cls_token_id, tokenizer.pad_token_id, tokenizer.mask_token_id, tokenizer.bos_token_id)
+    return Autoregressive(tokenizer.sep_token_id, [i for i in never if i is not None and i != tokenizer.sep_token_id],
+                          cfg.max_len)
+
+
+def _causal(hf_config):
+    """A BERT-family masked LM of ``hf_config`` made causal: ``is_decoder`` makes transformers build a causal
+    attention mask (each position attends to itself and the positions before it); no key-value cache in training.
+    transformers' warning that a masked LM is meant to be bidirectional is silenced: here it is not."""
+    from transformers import AutoModelForMaskedLM
+    from transformers.utils import logging as hf_logging
+    hf_config.is_decoder, hf_config.use_cache = True, False
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        return AutoModelForMaskedLM.from_config(hf_config)
+    finally:
+        hf_logging.set_verbosity(verbosity)
+
+
+def _causal_bert_from_config(cfg: TrainConfig, hf_config, tokenizer) -> BertDenoiser:
+    return build_denoiser(cfg, _causal(hf_config), tokenizer)
+
+
+def _causal_bert_initial(cfg: TrainConfig, log):
+    """The AR baseline's network: the absorbing run's (``_bert_initial``: the same pretrained or --from_scratch
+    weights, the same seed), rebuilt causal with those weights."""
+    denoiser, tokenizer, model_path, hf_config = _bert_initial(cfg, log)
+    causal = _causal(hf_config)
+    causal.load_state_dict(denoiser.mlm.state_dict())
+    log("model: causal attention (--process autoregressive): position j sees positions 0..j")
+    return build_denoiser(cfg, causal, tokenizer), tokenizer, model_path, causal.config
 
 
 def _bert_from_config(cfg: TrainConfig, hf_config, tokenizer) -> BertDenoiser:
@@ -118,7 +159,7 @@ def check_canvas_memory(cfg: TrainConfig) -> None:
 @dataclass(frozen=True)
 class ProcessParts:
     """What differs between the processes when a run is rebuilt: one entry of ``PROCESS_PARTS`` per process."""
-    build_process: Callable      # (cfg, mask_id, pad_id, counts) -> the process
+    build_process: Callable      # (cfg, mask_id, pad_id, counts, tokenizer) -> the process
     build_network: Callable      # (cfg, hf_config, tokenizer) -> the denoiser, before its weights are loaded
     build_initial: Callable      # (cfg, log) -> (denoiser, tokenizer, model_path, hf_config): what training starts from
     weight_sets: dict            # --weights -> the weight set the inference scripts load (runtime/weights.py)
@@ -130,6 +171,8 @@ PROCESS_PARTS = {
                               needs_mask=True),
     "gaussian": ProcessParts(_gaussian, _diffuseq_from_config, _diffuseq_initial, {w: w for w in WEIGHTS},
                              needs_mask=False),
+    "autoregressive": ProcessParts(_autoregressive, _causal_bert_from_config, _causal_bert_initial, {w: "raw" for w in WEIGHTS},
+                                   needs_mask=False),
 }
 
 
@@ -233,5 +276,5 @@ def load_for_inference(path: str, device: torch.device, prefer: str = "best", ta
         wf = os.path.join(ckpt_dir, "word_freq.json")
         from textdata import word_freq
         counts = torch.tensor(word_freq.load(wf, vocab_size=vocab_size)["counts"])
-    diffusion = build_diffusion(cfg, tokenizer.mask_token_id, tokenizer.pad_token_id, counts)
+    diffusion = build_diffusion(cfg, tokenizer.mask_token_id, tokenizer.pad_token_id, counts, tokenizer)
     return Loaded(ckpt_dir, cfg, run_info, tokenizer, denoiser, diffusion)

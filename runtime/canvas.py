@@ -13,6 +13,8 @@ such a row:
     gaussian lm, prompt p            [CLS] p                           open
     seq2seq source                   [CLS] src [SEP]                   open
     seq2seq source, released canvas  [CLS] prompt(src)                 open    (DiffusionBERT's layout)
+    absorbing lm, n > max_len - 2    [CLS] p SLOT*(n - |p|) [SEP]      closed, made in blocks of at most
+                                                                        W words per canvas (runtime.semi_ar)
 
 :func:`lay_out` turns rows into the tensors that a process's ``sample`` takes. A fixed width (the
 checkpoint's max_len: every seq2seq checkpoint and a gaussian lm, as ``PairCollator`` and the gaussian lm
@@ -37,6 +39,7 @@ class Row:
     cells: tuple            # token ids (fixed) and SLOTs (generated), [CLS] first
     open: bool = False      # the positions after the cells are generated too (else fixed [PAD]s)
     word_starts: tuple = () # SLOT cells that begin a word: never a continuation piece (##...) there
+    blocks: tuple | None = None  # (window W, block size b): longer than a canvas, made in blocks (runtime.semi_ar)
 
     @property
     def generates(self) -> bool:

@@ -12,6 +12,7 @@ from common.cli import make_parser, other_steps
 from common.errors import UserError, require_at_least_one
 from conditional_data.pairs import CANVASES, TRUNCATIONS
 from diffusion.absorbing import LOSS_WEIGHTINGS
+from diffusion.mdlm import OBJECTIVES
 from diffusion.gaussian import GAUSSIAN_SCHEDULES, LOSS_AVERAGES, NEIGHBOUR_MAPS
 from diffusion.schedules import SCHEDULES, SPINDLE_FORMS
 from diffusion.timestep_samplers import TIMESTEP_SAMPLERS
@@ -20,7 +21,7 @@ from runtime.training import LR_DECAYS, LR_SCHEDULES
 from textdata import lm
 
 # The noise schedules of each process; its keys are the --process choices.
-PROCESS_SCHEDULES = {"absorbing": SCHEDULES, "gaussian": GAUSSIAN_SCHEDULES}
+PROCESS_SCHEDULES = {"absorbing": SCHEDULES, "gaussian": GAUSSIAN_SCHEDULES, "autoregressive": ()}
 
 
 def opt(default, help: str, **kw):
@@ -38,7 +39,9 @@ class TrainConfig:
                     choices=("lm", "seq2seq"))
     process: str = opt("absorbing", "absorbing: DiffusionBERT (discrete masking on a pretrained BERT); gaussian: "
                        "continuous diffusion on embeddings with a transformer from scratch: DiffuSeq with --task "
-                       "seq2seq, Diffusion-LM with --task lm (a --max_len canvas, [SEP] and padding generated)",
+                       "seq2seq, Diffusion-LM with --task lm (a --max_len canvas, [SEP] and padding generated); "
+                       "autoregressive: the absorbing run's BERT-shaped network with a causal mask, trained left to "
+                       "right on next-token cross-entropy (an AR baseline of the same size; --task lm)",
                        choices=tuple(PROCESS_SCHEDULES))
     # model
     model_name_or_path: str = opt("minilm", "hub id, local directory, or 'minilm' (offline all-MiniLM-L6-v2); "
@@ -75,19 +78,25 @@ class TrainConfig:
     # diffusion
     num_steps: int = opt(2048, f"T, the number of diffusion steps; {other_steps('num_steps')}")
     schedule: str = opt("auto", f"noise schedule; absorbing: {_or(SCHEDULES)}; gaussian: {_or(GAUSSIAN_SCHEDULES)}; "
-                        "auto: spindle for lm, mutual for seq2seq, sqrt for gaussian (as the originals)",
+                        "auto: spindle for lm, mutual for seq2seq, sqrt for gaussian (as the originals), loglinear "
+                        "with --objective mdlm (MDLM's)",
                         choices=tuple(dict.fromkeys(("auto", *SCHEDULES, *GAUSSIAN_SCHEDULES))))
     spindle_form: str = opt("released", "spindle: released-code form or paper form (Eq. 10-12)",
                             choices=SPINDLE_FORMS)
     word_freq_lambda: float = opt(0.3, "spindle lambda")
     word_freq_file: str | None = opt(None, "token counts from word_freq.py (default word_freq/<tokenizer>__<dataset>.json)")
-    hybrid_lambda: float = opt(0.01, "weight of the auxiliary cross-entropy term")
+    hybrid_lambda: float = opt(0.01, "weight of the auxiliary cross-entropy term (--objective discrete)")
     loss_weighting: str = opt("elbo", "absorbing: elbo (T * KL per noised token + hybrid_lambda * mean CE over "
                               "masked tokens) or released (DiffusionBERT's DDP_main.py: KL summed over the noised "
                               "tokens with no factor T + hybrid_lambda * CE summed over all noised tokens, masked "
                               "or not, divided by the batch size), or released_conditional (DDP_main_conditional.py: "
                               "the same sums, not divided by the batch size); configs stored without it are elbo",
                               choices=LOSS_WEIGHTINGS)
+    objective: str = opt("discrete", "absorbing: discrete (the T-step bound, weighted as --loss_weighting says: "
+                         "D3PM/DiffusionBERT) or mdlm (MDLM's continuous-time ELBO, Sahoo et al. 2024 Eq. 10: t in "
+                         "[0, 1], -alpha'/(1 - alpha) times the SUBS cross-entropy over the masked tokens, no hybrid "
+                         "term; --schedule loglinear is MDLM's; not with spindle, which is token-dependent); configs "
+                         "stored without it are discrete", choices=OBJECTIVES)
     low_discrepancy: bool = opt(False, "stratify t across the batch (MDLM's low-discrepancy sampler)")
     # gaussian (DiffuSeq, Diffusion-LM) model and training
     # (None: gaussian 128, 768, 12, 12; absorbing: the pretrained model's shape, which only --from_scratch changes)
@@ -189,16 +198,20 @@ class TrainConfig:
         from runtime.dist import pick_device
         gaussian = self.process == "gaussian"
         self.resolve_defaults()
-        if self.schedule == "auto":
-            self.schedule = "sqrt" if gaussian else "spindle" if self.task == "lm" else "mutual"
+        if self.process == "autoregressive":
+            self.check_autoregressive()
+        elif self.schedule == "auto":
+            self.schedule = ("sqrt" if gaussian else "loglinear" if self.objective == "mdlm"
+                             else "spindle" if self.task == "lm" else "mutual")
         pick_device(self.device)
         check_finite(self)
         self.check_paths()
         if not gaussian:
             self.check_absorbing_shape()
-        if self.schedule not in PROCESS_SCHEDULES[self.process]:
+        if self.process != "autoregressive" and self.schedule not in PROCESS_SCHEDULES[self.process]:
             raise UserError(f"--schedule {self.schedule} is not a {self.process} schedule; choose one of "
                             f"{', '.join(PROCESS_SCHEDULES[self.process])}")
+        self._check_objective()
         require_at_least_one(self, "batch_size", "accumulation_steps", "max_steps", "num_steps", "max_len",
                              "eval_steps", "eval_examples", "save_every", "log_every", "max_bad_steps")
         if self.num_workers < -1:
@@ -219,7 +232,7 @@ class TrainConfig:
             if self.simi_penalty != "none" and self.simi_lambda > 0:
                 raise UserError(f"--simi_lambda must be 0 or negative with the l2 penalty (the loss subtracts "
                                 f"simi_lambda * penalty; the released -2 is a weight of 1), got {self.simi_lambda}")
-        elif self.post_train or self.simi_penalty != "none":
+        if not gaussian and (self.post_train or self.simi_penalty != "none"):
             raise UserError("--post_train and --simi_penalty are for --process gaussian (Tang et al.'s post-training)")
 
         if self.eval_steps > self.num_steps:
@@ -248,6 +261,40 @@ class TrainConfig:
         if self.dropout is not None and not 0.0 <= self.dropout < 1.0:
             raise UserError(f"--dropout must be in [0, 1), got {self.dropout}")
         self._check_canvas()
+
+    # the diffusion flags that an autoregressive run has no use for: refused unless left at their defaults
+    DIFFUSION_ONLY = ("num_steps", "schedule", "spindle_form", "word_freq_lambda", "word_freq_file", "hybrid_lambda",
+                      "loss_weighting", "low_discrepancy", "time_conditioning", "eval_steps")
+
+    def check_autoregressive(self) -> None:
+        """--process autoregressive: --task lm only, and none of the diffusion flags (``DIFFUSION_ONLY``) away
+        from their defaults (they would be stored in its config and mean nothing); the gaussian-only flags are
+        ignored, as an absorbing run ignores them."""
+        if self.task != "lm":
+            raise UserError("--process autoregressive is for --task lm (a seq2seq AR baseline is not implemented)")
+        defaults = TrainConfig()
+        given = [f"--{k}" for k in self.DIFFUSION_ONLY if getattr(self, k) != getattr(defaults, k)]
+        if given:
+            raise UserError(f"{', '.join(given)}: diffusion flags; --process autoregressive has no steps, schedule or "
+                            "time conditioning (its dev metric is the exact NLL)")
+
+    def _check_objective(self) -> None:
+        """``--objective mdlm``: an absorbing process with a token-independent schedule, and MDLM's loss alone."""
+        if self.objective != "mdlm":
+            return
+        if self.process != "absorbing":
+            raise UserError(f"--objective mdlm is masked (absorbing) diffusion; --process {self.process} has no "
+                            "[MASK] state")
+        if self.schedule == "spindle":
+            raise UserError("--objective mdlm --schedule spindle: the continuous-time weight -alpha'/(1 - alpha) needs "
+                            "one alpha for every token, and spindle's depends on the token (MD4's state-dependent "
+                            "form is not implemented); use --schedule loglinear, mutual or cosine")
+        if self.loss_weighting != "elbo":
+            raise UserError(f"--loss_weighting {self.loss_weighting} weights the discrete objective; --objective mdlm "
+                            "has its own weight (leave --loss_weighting at elbo)")
+        if self.hybrid_lambda not in (0.0, HYBRID_LAMBDA_DEFAULT):
+            raise UserError(f"--hybrid_lambda {self.hybrid_lambda}: MDLM's loss has no auxiliary cross-entropy term "
+                            "(--hybrid_lambda belongs to --objective discrete)")
 
     def check_paths(self) -> None:
         """Paths that cannot work, found before anything is loaded."""
@@ -328,6 +375,7 @@ class TrainConfig:
             raise UserError(f"--post_train {ckpt_dir} was trained with other settings ({'; '.join(diffs)})")
 
 
+HYBRID_LAMBDA_DEFAULT = 0.01  # TrainConfig.hybrid_lambda's default: --objective mdlm ignores it
 GAUSSIAN_SHAPE = {"emb_dim": 128, "hidden_size": 768, "num_layers": 12, "num_heads": 12}  # DiffuSeq's base
 ABSORBING_SHAPE = ("hidden_size", "num_layers", "num_heads")  # what --from_scratch can change in a masked LM
 

@@ -89,7 +89,7 @@ def metadata(cfg) -> list[str]:
     base = hub_id(cfg.model_name_or_path) if cfg.process == "absorbing" and not cfg.from_scratch else None
     if base:
         lines.append(f"base_model: {q(base)}")
-    lines.append(f"library_name: {'transformers' if cfg.process == 'absorbing' else 'pytorch'}")
+    lines.append(f"library_name: {'pytorch' if cfg.process == 'gaussian' else 'transformers'}")
     if cfg.process == "absorbing" and cfg.time_conditioning == "none":
         lines.append("pipeline_tag: fill-mask")
     lines.append(f"license: {licence(cfg)[0]}")
@@ -109,6 +109,8 @@ def _kind(cfg) -> str:
     """What the run trained, by the paper it follows."""
     if cfg.process == "absorbing":
         return "DiffusionBERT"
+    if cfg.process == "autoregressive":
+        return "Autoregressive"
     return "Diffusion-LM" if cfg.task == "lm" else "DiffuSeq"
 
 
@@ -123,6 +125,10 @@ def _model_rows(cfg) -> list[tuple[str, str]]:
                 ("loss weighting", f"{cfg.loss_weighting}, hybrid lambda {cfg.hybrid_lambda}"),
                 ("network", f"{'randomly initialised ' if cfg.from_scratch else ''}masked LM of "
                             f"{_model_name(cfg.model_name_or_path)}")]
+    if cfg.process == "autoregressive":
+        return [("process", "autoregressive baseline: left to right, next-token cross-entropy, exact likelihood"),
+                ("network", f"{'randomly initialised ' if cfg.from_scratch else ''}masked LM of "
+                            f"{_model_name(cfg.model_name_or_path)} with a causal attention mask (is_decoder)")]
     rows = [("process", f"Gaussian diffusion on word embeddings ({_kind(cfg)}), T = {cfg.num_steps}"),
             ("schedule", cfg.schedule),
             ("network", f"DiffuSeq transformer from scratch: embeddings {cfg.emb_dim}, hidden {cfg.hidden_size}, "
@@ -150,6 +156,10 @@ def _weights_text(cfg, ckpt_dir: str) -> list[str]:
                 "`denoiser_ema.safetensors` (their EMA, which decoding uses unless `--weights raw`). "
                 "This is not a transformers model (there is no `config.json`): this repository's loader "
                 "rebuilds the network from `run_config.json`; the tokenizer files load with `AutoTokenizer`."]
+    if cfg.process == "autoregressive":
+        return ["`model.safetensors` and `config.json` are a transformers masked LM whose config has "
+                "`is_decoder: true`, so `AutoModelForMaskedLM.from_pretrained` builds it causal: the logits at "
+                "position j predict the token at j + 1."]
     if cfg.time_conditioning == "none":
         return ["The denoiser is the masked LM itself, so transformers loads it as a plain masked LM:", "",
                 "```python", "from transformers import AutoModelForMaskedLM, AutoTokenizer",
@@ -169,7 +179,8 @@ def render(run_config: dict, ckpt_dir: str) -> str:
     run = os.path.basename(os.path.dirname(os.path.dirname(os.path.abspath(ckpt_dir))))
     kind = _kind(cfg)
     lines = ["---", *metadata(cfg)]
-    lines += ["tags:", "- diffusion-language-model", f"- {kind.lower()}", "---", "",
+    family = "autoregressive-baseline" if cfg.process == "autoregressive" else "diffusion-language-model"
+    lines += ["tags:", f"- {family}", f"- {kind.lower()}", "---", "",
               f"# {kind} checkpoint `{run}/{name}`, step {step}", "",
               f"Written by `train.py` at optimizer step {step} of {cfg.max_steps}."]
     key = next((k[len("best_dev_"):] for k in run_config if k.startswith("best_dev_")), None)
@@ -194,6 +205,10 @@ def render(run_config: dict, ckpt_dir: str) -> str:
                f"python compute_elbo.py --checkpoint {ckpt_dir}"]
         say = (f"Sample (`--decode_respacing`: `full` walks all T = {cfg.num_steps} steps, `uniform_K` and `adp_K` "
                "K of them), then bound the perplexity by the negative ELBO (from where train.py ran):")
+    elif cfg.task == "lm" and cfg.process == "autoregressive":
+        use = [f"python predict.py --checkpoint {ckpt_dir} --temperature 1.0 --top_p 1.0",
+               f"python compute_elbo.py --checkpoint {ckpt_dir}"]
+        say = "Sample left to right, then compute the exact perplexity (from where train.py ran):"
     elif cfg.task == "lm":
         use = [f"python predict.py --checkpoint {ckpt_dir}", f"python compute_elbo.py --checkpoint {ckpt_dir}"]
         say = "Sample, then bound the perplexity by the negative ELBO (from where train.py ran):"

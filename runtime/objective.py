@@ -11,7 +11,8 @@ import contextlib
 import torch
 from torch import nn
 
-from diffusion import GaussianDiffusion, make_timestep_sampler
+from diffusion import GaussianDiffusion, make_timestep_sampler, mdlm
+from diffusion.autoregressive import Autoregressive
 from runtime import dist
 
 
@@ -87,11 +88,15 @@ class AbsorbingObjective(Objective):
     def dev_totals(self, denoiser, batch: dict, generator: torch.Generator) -> torch.Tensor:
         """[nelbo sum, noised tokens, words] of one dev batch."""
         ids, noise_mask = batch["input_ids"], batch["noise_mask"]
-        nelbo = self.diffusion.nelbo(denoiser, ids, noise_mask, batch["attention_mask"], self.cfg.eval_steps,
-                                     monte_carlo=True, generator=generator)
+        nelbo = self.bound(denoiser, batch, generator)
         words = batch["n_words"].sum().double() if "n_words" in batch else torch.zeros((), dtype=torch.float64,
                                                                                        device=ids.device)
         return torch.stack([nelbo.double().sum(), noise_mask.sum().double(), words])
+
+    def bound(self, denoiser, batch: dict, generator: torch.Generator) -> torch.Tensor:
+        """[B] one Monte Carlo draw of each dev example's NELBO: one random step of the K-step grid."""
+        return self.diffusion.nelbo(denoiser, batch["input_ids"], batch["noise_mask"], batch["attention_mask"],
+                                    self.cfg.eval_steps, monte_carlo=True, generator=generator)
 
     def dev_metrics(self, tot: torch.Tensor) -> dict:
         per_tok = float(tot[0] / tot[1].clamp_min(1))
@@ -103,6 +108,23 @@ class AbsorbingObjective(Objective):
     def format_dev(self, m: dict) -> str:
         per_word = f"  PPL/word {m['ppl_word']:.2f}" if "ppl_word" in m else ""
         return f"dev NELBO/token {m['nelbo_per_token']:.4f}  PPL/token {m['ppl_token']:.2f}{per_word}"
+
+
+class MDLMObjective(AbsorbingObjective):
+    """MDLM (``--objective mdlm``): the continuous-time loss of ``diffusion/mdlm.py``; on the dev set, its
+    continuous-time bound with one stratified draw of t per example (and the exact jump term)."""
+
+    @property
+    def dev_description(self) -> str:
+        return "continuous-time ELBO, one t per example,"
+
+    def forward(self, batch: dict):
+        return mdlm.loss(self.diffusion, self.denoiser, batch["input_ids"], batch["noise_mask"],
+                         batch["attention_mask"], low_discrepancy=self.cfg.low_discrepancy)
+
+    def bound(self, denoiser, batch: dict, generator: torch.Generator) -> torch.Tensor:
+        return mdlm.nelbo(self.diffusion, denoiser, batch["input_ids"], batch["noise_mask"], batch["attention_mask"],
+                          draws=1, generator=generator)
 
 
 class GaussianObjective(Objective):
@@ -169,7 +191,59 @@ class GaussianObjective(Objective):
             self.timestep_sampler.load_state_dict(state["timestep_sampler"])
 
 
+class AutoregressiveObjective(Objective):
+    """The AR baseline: next-token cross-entropy (mean over the batch's predicted tokens, the end token included);
+    on the dev set, the exact NLL per text wordpiece ([CLS]/[SEP] not counted, as the absorbing NELBO's)."""
+    stat_names = ("loss", "nll_sum", "num_tokens")
+    dev_key = "nll_per_token"
+    dev_description = "exact NLL"
+
+    @property
+    def compile_target(self) -> nn.Module:
+        return self.denoiser.mlm.base_model
+
+    def network(self, x: torch.Tensor, attention_mask: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """The causal network as the process calls it: logits [N, V] at ``positions`` (no time input)."""
+        return self.denoiser(x, None, attention_mask, positions)
+
+    def forward(self, batch: dict):
+        out = self.diffusion.loss(self.network, batch["input_ids"], batch["attention_mask"])
+        out.num_tokens = batch["noise_mask"].sum()  # the text's wordpieces: what "per token" divides by
+        return out
+
+    def stat_values(self, out) -> list[torch.Tensor]:
+        return [out.loss.detach(), out.nll.sum(), out.num_tokens]
+
+    def summarise(self, total: torch.Tensor, n_micro: int) -> dict:
+        s = dict(zip(self.stat_names, total.tolist()))
+        return {"loss": s["loss"] / n_micro, "nll_per_token": s["nll_sum"] / max(s["num_tokens"], 1)}
+
+    @torch.no_grad()
+    def dev_totals(self, denoiser, batch: dict, generator: torch.Generator) -> torch.Tensor:
+        """[nll sum, text wordpieces, words] of one dev batch (``denoiser``: the weights evaluated)."""
+        ids = batch["input_ids"]
+        nll = self.diffusion.nll(lambda x, a, p: denoiser(x, None, a, p), ids, batch["attention_mask"])
+        words = batch["n_words"].sum().double() if "n_words" in batch else torch.zeros((), dtype=torch.float64,
+                                                                                       device=ids.device)
+        return torch.stack([nll.double().sum(), batch["noise_mask"].sum().double(), words])
+
+    def dev_metrics(self, tot: torch.Tensor) -> dict:
+        per_tok = float(tot[0] / tot[1].clamp_min(1))
+        res = {"nll_per_token": per_tok, "ppl_token": float(torch.exp(tot[0] / tot[1].clamp_min(1)))}
+        if tot[2] > 0:
+            res["ppl_word"] = float(torch.exp(tot[0] / tot[2]))
+        return res
+
+    def format_dev(self, m: dict) -> str:
+        per_word = f"  PPL/word {m['ppl_word']:.2f}" if "ppl_word" in m else ""
+        return f"dev exact NLL/token {m['nll_per_token']:.4f}  PPL/token {m['ppl_token']:.2f}{per_word}"
+
+
 def make_objective(denoiser: nn.Module, diffusion, cfg) -> Objective:
-    """The objective of the process ``diffusion`` belongs to."""
-    cls = GaussianObjective if isinstance(diffusion, GaussianDiffusion) else AbsorbingObjective
-    return cls(denoiser, diffusion, cfg)
+    """The run's objective: the Gaussian process's, the AR baseline's, or the absorbing one's that ``--objective``
+    names."""
+    if isinstance(diffusion, GaussianDiffusion):
+        return GaussianObjective(denoiser, diffusion, cfg)
+    if isinstance(diffusion, Autoregressive):
+        return AutoregressiveObjective(denoiser, diffusion, cfg)
+    return (MDLMObjective if cfg.objective == "mdlm" else AbsorbingObjective)(denoiser, diffusion, cfg)

@@ -58,6 +58,13 @@ ROWS = [
     ("train-emb-dim-absorbing", (*TRAIN, "--emb_dim", "16"), "--emb_dim"),
     ("train-scratch-heads", (*TRAIN, "--from_scratch", "--hidden_size", "30", "--num_heads", "4"), "--num_heads"),
     ("train-data-missing", (*TRAIN, "--data_files", "{missing}"), "does not exist"),
+    # --objective mdlm (issue 22)
+    ("train-mdlm-gaussian", (*TRAIN, *GAUSS, "--task", "seq2seq", "--dataset", "folder", "--data_files", "{pairs}",
+                             "--objective", "mdlm"), "--process gaussian"),
+    ("train-mdlm-spindle", (*TRAIN, "--objective", "mdlm", "--schedule", "spindle"), "token"),
+    ("train-mdlm-released-weighting", (*TRAIN, "--objective", "mdlm", "--loss_weighting", "released"),
+     "--loss_weighting"),
+    ("train-mdlm-hybrid", (*TRAIN, "--objective", "mdlm", "--hybrid_lambda", "0.5"), "--hybrid_lambda"),
     ("train-resume-missing", (*TRAIN, "--resume", "{missing}"), "does not exist"),
     ("train-post-train-absorbing", (*TRAIN, "--post_train", "{ckpt}"), "--post_train"),
     ("train-eval-steps-above-T", (*TRAIN, "--eval_steps", "64"), "--eval_steps"),
@@ -90,6 +97,8 @@ ROWS = [
     ("elbo-nan-weights", ("compute_elbo.py", "--checkpoint", "{nan}", "--out", "{out}/e.json"), NAN_TENSOR),
     ("elbo-eval-steps-above-T", (*ELBO, "--eval_steps", "64"), "T=16"),
     ("elbo-split-nonsense", (*ELBO, "--split", "dev"), "--split"),
+    ("elbo-mdlm-monte-carlo", ("compute_elbo.py", "--checkpoint", "{ckpt_mdlm}", "--monte_carlo", "--out",
+                               "{out}/m.json"), "--eval_steps"),
     ("elbo-num-examples-word", (*ELBO, "--num_examples", "x"), "--num_examples"),
     # predict_downstream_condition.py
     ("decode-device-cuda", (*DECODE, "--checkpoint", "{ckpt}", "--device", "cuda"), "--device cuda"),

@@ -16,7 +16,7 @@ import torch
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-from diffusion import AbsorbingDiffusion, Cosine, Mutual, Spindle, filter_logits
+from diffusion import AbsorbingDiffusion, Cosine, LogLinear, Mutual, Spindle, filter_logits
 from diffusion.reference import (
     cumulative_matrix,
     dense_kl_per_position,
@@ -46,6 +46,7 @@ COUNTS = torch.tensor([0, 60, 60, 0, 1000, 400, 150, 60, 20, 6, 2, 1], dtype=tor
 SCHEDULES = {
     "mutual": lambda: Mutual(),
     "cosine": lambda: Cosine(),
+    "loglinear": lambda: LogLinear(),  # MDLM's (eps 1e-3, then the jump to 0 at t = 1)
     "released-0.3": lambda: Spindle(COUNTS, lam=0.3, form="released", pad_id=PAD),
     "released-0.8": lambda: Spindle(COUNTS, lam=0.8, form="released", pad_id=PAD),
     "paper-0.3": lambda: Spindle(COUNTS, lam=0.3, form="paper", pad_id=PAD),

@@ -112,6 +112,9 @@ def test_bad_flags_give_one_error_line(gauss_lm_run, tiny_bert, tiny_corpus, tmp
                             "--monte_carlo", cwd=str(cwd)), "--monte_carlo is for absorbing checkpoints")
     one_error_line(run_here("predict_downstream_condition.py", "--checkpoint", str(run), "--out_dir",
                             str(tmp_path / "g"), cwd=str(cwd)), "lm checkpoint", "predict.py")
+    # past the canvas (max_len 48): no semi-autoregressive mode on a gaussian checkpoint (tests/test_semi_ar.py)
+    one_error_line(run_here("predict.py", "--checkpoint", str(run), "--length", "47", "--out_dir",
+                            str(tmp_path / "p"), cwd=str(cwd)), "--length", "no semi-autoregressive mode")
 
 
 @pytest.mark.slow

@@ -202,7 +202,8 @@ GAUSSIAN_DEFAULTS = {"emb_dim": None, "hidden_size": None, "num_layers": None, "
                      "simi_penalty": "none", "simi_lambda": -2.0, "simi_noise": 0.05, "simi_maps": "released"}
 PLUMBING = {"data_files": None, "data_dir": "data", "skip_bad_lines": False, "word_freq_file": None, "compile": False,
             "keep_last": 0, "max_bad_steps": 10, "log_dir": "logs", "resume": None, "device": "auto",
-            "overwrite": False, "decay": "linear", "save_training_state": "last"}  # --decay: --lr_schedule warmup only
+            "overwrite": False, "decay": "linear", "save_training_state": "last",  # --decay: --lr_schedule warmup only
+            "objective": "discrete"}  # the released T-step objective (MDLM's continuous-time one is --objective mdlm)
 
 # the seq2seq canvas flags, unused by the lm presets (their defaults)
 LM_SEQ2SEQ_FLAGS = {"canvas": "ours", "pad_to": "auto", "truncation": "auto"}

@@ -245,10 +245,12 @@ def test_every_registered_name_is_built_and_every_process_has_its_parts():
     import predict_downstream_condition as pdc
     from diffusion import ALL_SCHEDULES, GAUSSIAN_SCHEDULES, PROCESS_SCHEDULES, PROCESSES, SCHEDULES, make_schedule
     from runtime.assemble import PROCESS_PARTS
+    from runtime.config import PROCESS_SCHEDULES as CONFIG_PROCESSES
 
     for name in SCHEDULES:
         make_schedule(name, counts=torch.ones(6))
     for name in GAUSSIAN_SCHEDULES:
         assert gaussian_betas(name, 10).shape == (10,)
     assert sorted(ALL_SCHEDULES) == sorted(set(SCHEDULES) | set(GAUSSIAN_SCHEDULES))
-    assert tuple(PROCESS_PARTS) == tuple(pdc.DECODINGS) == PROCESSES == tuple(PROCESS_SCHEDULES)
+    assert PROCESSES == tuple(PROCESS_SCHEDULES)  # the diffusion processes; the AR baseline is no diffusion
+    assert tuple(PROCESS_PARTS) == tuple(pdc.DECODINGS) == (*PROCESSES, "autoregressive") == tuple(CONFIG_PROCESSES)

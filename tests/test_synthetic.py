@@ -6,8 +6,8 @@ import math
 import numpy as np
 import pytest
 
-from textdata.synthetic import (SPECIALS, SyntheticLanguage, bijection, reverse_map_pairs, score,
-                                write_lm_folder, write_seq2seq_folder, write_tokenizer)
+from textdata.synthetic import (SPECIALS, SyntheticLanguage, bigram_tv, bijection, distinct_fraction,
+                                reverse_map_pairs, score, write_lm_folder, write_seq2seq_folder, write_tokenizer)
 
 
 @pytest.fixture(scope="module")
@@ -92,6 +92,59 @@ def test_score_by_hand(tiny):
     assert res["scored"] == 3 and res["invalid_fraction"] == 0.25 and res["forbidden_fraction"] == 0.25
 
 
+def test_expected_bigrams_match_enumeration(tiny):
+    """Every sequence's transitions (start, pairs, end) weighted by its probability, over the expected count."""
+    v = tiny.vocab_size
+    counts, events = np.zeros((v + 1, v + 1)), 0.0
+    for s, q in _enumerate(tiny).items():
+        ids = [v] + [tiny.index[w] for w in s] + [v]
+        for a, b in zip(ids, ids[1:]):
+            counts[a, b] += q
+        events += q * (len(s) + 1)
+    assert np.allclose(tiny.expected_bigrams(), counts / events, atol=1e-14)
+    longer = SyntheticLanguage.generate(seed=4, vocab_size=3, branching=2, min_len=2, max_len=6)
+    counts, events = np.zeros((4, 4)), 0.0
+    for s, q in _enumerate(longer).items():
+        ids = [3] + [longer.index[w] for w in s] + [3]
+        for a, b in zip(ids, ids[1:]):
+            counts[a, b] += q
+        events += q * (len(s) + 1)
+    assert np.allclose(longer.expected_bigrams(), counts / events, atol=1e-14)
+
+
+@pytest.fixture(scope="module")
+def by_hand():
+    """a, b; start 1/2 each; a -> b always, b -> a or b evenly; one or two words evenly. Its sequences: a, b
+    (1/4 each), a b (1/4), b a, b b (1/8 each); E[n] + 1 = 2.5 transitions, so F: start->a .2, start->b .2,
+    a->end .15, b->end .25, a->b .1, b->a .05, b->b .05."""
+    return SyntheticLanguage(["a", "b"], np.array([0.5, 0.5]), np.array([[0.0, 1.0], [0.5, 0.5]]),
+                             np.array([0.0, 0.5, 0.5]))
+
+
+def test_expected_bigrams_by_hand(by_hand):
+    want = np.array([[0, 0.1, 0.15], [0.05, 0.05, 0.25], [0.2, 0.2, 0]])
+    assert np.allclose(by_hand.expected_bigrams(), want, atol=1e-15)
+
+
+def test_bigram_tv_by_hand(by_hand):
+    # "a b", "a": start->a 2/5, a->b 1/5, b->end 1/5, a->end 1/5;
+    # |.4-.2| + |0-.2| + |.2-.15| + |.2-.25| + |.2-.1| + .05 + .05 = .7
+    assert math.isclose(bigram_tv(by_hand, ["a b", "a"]), 0.35, abs_tol=1e-12)
+    # "a zz": start->a, a->unknown, unknown->end, 1/3 each: |1/3-.2| + 1/3 + 1/3 + (1 - .2) unseen = 1.6
+    assert math.isclose(bigram_tv(by_hand, ["a zz"]), 0.8, abs_tol=1e-12)
+    # the language's own frequencies exactly: 20 lines in the proportions of F's sequences
+    lines = ["a"] * 4 + ["b"] * 4 + ["a b"] * 4 + ["b a"] * 2 + ["b b"] * 2
+    assert math.isclose(bigram_tv(by_hand, lines), 0.0, abs_tol=1e-12)
+    # "b b b": start->b 1/4, b->b 1/2, b->end 1/4: .2 (start->a) + .05 + .15 (a->end) + 0 + .1 + .05 + .45 = 1
+    assert math.isclose(bigram_tv(by_hand, ["b b b"]), 0.5, abs_tol=1e-12)
+
+
+def test_distinct_fraction_by_hand():
+    assert distinct_fraction(["a b", "a  b", "a", "b"]) == 0.75
+    assert distinct_fraction(["a"] * 5) == 0.2
+    assert math.isnan(distinct_fraction([]))
+
+
 def test_save_load_round_trip(tiny, tmp_path):
     path = tiny.save(str(tmp_path / "language.json"))
     back = SyntheticLanguage.load(path)
@@ -150,3 +203,21 @@ def test_ratio_standard_error_by_hand():
     # (0.25 + 1 + 2.25) / 2 = 1.75; se = sqrt(1.75) / sqrt(3) / 2
     assert math.isclose(ratio_standard_error([2, 4, 9], [1, 2, 3]), math.sqrt(1.75) / math.sqrt(3) / 2)
     assert ratio_standard_error([1.0], [2]) == 0.0
+
+
+def test_compute_metric_synthetic_reports_tv_and_distinct(by_hand, tmp_path):
+    """The CLI's new numbers are the hand-counted ones; the references' TV is over as many lines as the samples."""
+    from tests.conftest import run_script
+    by_hand.save(str(tmp_path / "language.json"))
+    (tmp_path / "s.txt").write_text("a b\na\n")
+    (tmp_path / "r.txt").write_text("b b b\na\nb\n")
+    out = tmp_path / "m.json"
+    assert run_script("compute_metric.py", "--mode", "synthetic", "--samples", str(tmp_path / "s.txt"), "--language",
+                      str(tmp_path / "language.json"), "--references", str(tmp_path / "r.txt"), "--out", str(out)) == 0
+    m = json.loads(out.read_text())["metrics"]
+    assert math.isclose(m["sample_bigram_tv"], 0.35, abs_tol=1e-12) and m["sample_distinct_fraction"] == 1.0
+    # "b b b", "a": 6 transitions; start->b, b->end, start->a, a->end 1/6 each and b->b 1/3:
+    # |1/6-.2| x 2 + |1/6-.15| + |1/6-.25| + |1/3-.05| + .1 (a->b) + .05 (b->a) = 0.6
+    assert m["reference_bigram_tv_lines"] == 2
+    assert math.isclose(m["reference_bigram_tv"], 0.3, abs_tol=1e-12)
+    assert m["reference_distinct_fraction"] == 1.0

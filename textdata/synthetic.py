@@ -165,6 +165,23 @@ class SyntheticLanguage:
         f = (counts[:, None] * m).sum(0)
         return f / f.sum()
 
+    def expected_bigrams(self) -> np.ndarray:
+        """``F`` [V + 1, V + 1]: the expected frequency of each transition of a sequence, the boundary as
+        index ``V`` (``F[V, a]``: the start ``a``; ``F[a, V]``: the end after ``a``). A sequence of ``n`` words
+        has ``n + 1`` transitions; ``F`` is the expected count of each, ``E[count]``, over ``E[n] + 1``, which
+        is what the pooled frequencies of many samples converge to:
+        ``E[count(a, b)] = P(a, b) sum_n p(n) sum_{i<n} m_i(a)``, ``E[count(a, end)] = sum_n p(n) m_n(a)``."""
+        v, m = self.vocab_size, self.marginals()  # m[i]: the law of word i + 1
+        n = np.arange(len(self.length_probs))
+        present = np.array([(self.length_probs * (n > i)).sum() for i in range(len(m))])  # P(n > i)
+        last = np.array([self.length_probs[i + 1] for i in range(len(m))])  # P(n = i + 1)
+        f = np.zeros((v + 1, v + 1))
+        f[v, :v] = self.length_probs[1:].sum() * self.start
+        # word i + 1 has a successor when n > i + 1
+        f[:v, :v] = (present[1:, None] * m[:-1]).sum(0)[:, None] * self.trans
+        f[:v, v] = (last[:, None] * m).sum(0)
+        return f / ((self.length_probs * n).sum() + self.length_probs[1:].sum())
+
     # ---- files
     def to_json(self) -> dict:
         rows = {str(i): [[int(j), float(self.trans[i, j])] for j in np.nonzero(self.trans[i])[0]]
@@ -276,4 +293,72 @@ def score(language: SyntheticLanguage, lines: list[str]) -> dict:
         per_seq = -lp[ok]
         res["nll_per_token"] = float(per_seq.sum() / tokens[ok].sum())
         res["nll_per_token_se"] = ratio_standard_error(per_seq.tolist(), tokens[ok].tolist())
+    return res
+
+
+def bigram_tv(language: SyntheticLanguage, lines: list[str]) -> float:
+    """Total-variation distance between the pooled transition frequencies of ``lines`` (boundary -> first
+    word, each adjacent pair, last word -> boundary: ``n + 1`` per line of ``n`` words) and the language's
+    expected ones (:meth:`SyntheticLanguage.expected_bigrams`), ``0.5 sum |f_lines - F|``. Unknown words are
+    one symbol of expected frequency 0. Finite samples are not 0 even from the language itself: compare with
+    held-out lines of the same count."""
+    if not lines:
+        return math.nan
+    v, expected = language.vocab_size, language.expected_bigrams()
+    counts: dict[tuple[int, int], int] = {}
+    for line in lines:
+        ids = [v] + [language.index.get(w, v + 1) for w in line.split()] + [v]
+        for pair in zip(ids, ids[1:]):
+            counts[pair] = counts.get(pair, 0) + 1
+    total = sum(counts.values())
+    seen = [(c / total, expected[a, b] if max(a, b) <= v else 0.0) for (a, b), c in counts.items()]
+    # the unseen transitions add their expected mass
+    return 0.5 * (sum(abs(f - e) for f, e in seen) + 1.0 - sum(e for _, e in seen))
+
+
+def distinct_fraction(lines: list[str]) -> float:
+    """Distinct lines (as word sequences: whitespace is normalised) over lines."""
+    return len({" ".join(line.split()) for line in lines}) / len(lines) if lines else math.nan
+
+
+def score_chain(language: SyntheticLanguage, lines: list[str], joins: list[list[int]] | None = None) -> dict:
+    """Exact scores of text made in blocks (``runtime.semi_ar``; docs/algorithms.md §1.13), each line one run of
+    the chain: ``log p = log pi(w_1) + sum_{i>=1} log P(w_i | w_{i-1})``, with no length term (the length was
+    asked for; the language's ``p(n)`` ends at its max_len). ``joins[k]``: the positions i (0-based) of line k
+    whose transition (w_{i-1}, w_i) crosses from one block into the next; the other transitions are inside a
+    block. Returns the forbidden rate per transition at the joins and inside (an unknown word makes the
+    transitions into and out of it forbidden), the mean ``-log P`` of the allowed ones at each, the fraction of
+    lines with a forbidden transition or an unknown first word, and the NLL per token (``nll_per_token``, with its
+    standard error) over the other lines. Lines of one canvas have no joins (``joins`` None: none anywhere)."""
+    joins = joins or [[] for _ in lines]
+    if len(joins) != len(lines):
+        raise ValueError(f"{len(lines)} lines but {len(joins)} lists of joins")
+    count = {"join": [0, 0, 0.0, 0], "inside": [0, 0, 0.0, 0]}  # transitions, forbidden, -log P allowed, allowed
+    per_seq, tokens, bad = [], [], 0
+    for line, where in zip(lines, joins):
+        ids = [language.index.get(w) for w in line.split()]
+        at = set(where)
+        logp = math.log(language.start[ids[0]]) if ids and ids[0] is not None and language.start[ids[0]] > 0 else -math.inf
+        for i in range(1, len(ids)):
+            c = count["join" if i in at else "inside"]
+            p = language.trans[ids[i - 1], ids[i]] if ids[i - 1] is not None and ids[i] is not None else 0.0
+            c[0] += 1
+            if p > 0:
+                c[2], c[3] = c[2] - math.log(p), c[3] + 1
+                logp += math.log(p)
+            else:
+                c[1], logp = c[1] + 1, -math.inf
+        if math.isfinite(logp) and ids:
+            per_seq.append(-logp)
+            tokens.append(len(ids))
+        else:
+            bad += 1
+    res = {"sequences": len(lines), "scored": len(per_seq), "forbidden_fraction": bad / len(lines) if lines else 0.0}
+    for k, (n, forbidden, nll, allowed) in count.items():
+        res[f"{k}_transitions"] = n
+        res[f"{k}_forbidden_rate"] = forbidden / n if n else None
+        res[f"{k}_nll_per_transition"] = nll / allowed if allowed else None
+    if per_seq:
+        res["nll_per_token"] = sum(per_seq) / sum(tokens)
+        res["nll_per_token_se"] = ratio_standard_error(per_seq, tokens)
     return res
