@@ -146,7 +146,8 @@ class Model:
         return None if (self.task, self.process) == ("lm", "absorbing") else self.run.cfg.max_len
 
     def __repr__(self) -> str:
-        return (f"Model({self.run.ckpt_dir!r}: {self.task}, {self.process}, T={self.run.cfg.num_steps}, "
+        steps = "" if self.process == "autoregressive" else f"T={self.run.cfg.num_steps}, "
+        return (f"Model({self.run.ckpt_dir!r}: {self.task}, {self.process}, {steps}"
                 f"max_len={self.run.cfg.max_len}, on {self.device})")
 
     # ------------------------------------------------------------------------ checks

@@ -227,6 +227,7 @@ def test_train_compute_elbo_and_predict_through_the_cli(ar_run, tiny_corpus):
     info = json.load(open(run / "checkpoints" / "last" / "run_config.json"))
     assert info["config"]["process"] == "autoregressive" and info["latest_dev"]["nll_per_token"] > 0
     assert json.load(open(run / "checkpoints" / "last" / "config.json"))["is_decoder"] is True
+    assert (run / "plots" / "dev.png").is_file()  # the exact NLL drawn as the dev figure
     out = cwd / "nll.json"
     proc = run_here("compute_elbo.py", "--checkpoint", str(run), "--num_examples", "0", "--batch_size", "16",
                     "--eval_steps", "8", "--seed", "0", "--device", "cpu", "--out", str(out), "--overwrite", cwd=str(cwd))
