@@ -27,6 +27,14 @@ Everything is offline and generated from seeds (textdata/synthetic.py, docs/algo
    test bound, its samples with the full chain and adp_N before and after post-training and the
    control, infilling of held-out sentences with 30% of their words masked (exact-word accuracy and
    the exact NLL of the filled sentence), and ``--length`` control, for both processes.
+5. **The sampler study** (``--parts samplers``; in ``quick`` and ``smoke`` by default, smaller): every
+   decoding rule (ours, released, confidence with each order, parallel, remask, first_hitting; the
+   Gaussian solvers ddpm/ddim/dpm_solver++) at several budgets on part 1's DiffusionBERT, part 4's
+   Diffusion-LM and an autoregressive model of the same network trained for the same wall time, scored
+   exactly (forbidden fraction, valid-sample NLL, bigram TV, distinct fraction) against network calls
+   per sequence; the same rules on part 4's infilling templates and on part 3's reverse-and-map task.
+   Its samples are drawn in the reproduce process through ``runtime.api`` (the same strings as
+   ``predict.py``), each setting holding one of the ``--jobs`` slots.
 
 Writes ``<out>/results.json`` (every part's results under its key, kept across invocations in the same
 folder), ``<out>/results.md`` (rendered from results.json alone: tables, the targets met or not, embedded

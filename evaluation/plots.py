@@ -207,12 +207,9 @@ FRONTIER_METRICS = {"forbidden_fraction": "samples with a forbidden transition",
                     "slot_accuracy": "slot accuracy", "exact_match": "exact match"}
 
 
-def frontier_plot(path: str, rows: list[dict], metrics: list[str], title: str,
-                  hlines: dict[str, list[dict]] | None = None) -> str:
-    """Quality against cost: one panel per metric (failure rates first, as the caller orders them), a line per
-    sampler through its settings, x = network calls per sequence on a log axis. ``rows``: ``{"line", "calls",
-    metric: value}``; ``hlines``: per metric, dashed reference levels ``{"label", "y"}`` (held-out text, a
-    baseline)."""
+def frontier_series(rows: list[dict], metrics: list[str]) -> list[list[dict]]:
+    """Per metric, a series ``{"label", "x", "y"}`` per sampler line (in the rows' order), its points sorted by
+    calls; non-finite values (and non-positive calls, off a log axis) are left out."""
     lines: dict[str, list[dict]] = {}
     for r in rows:
         lines.setdefault(r["line"], []).append(r)
@@ -220,7 +217,39 @@ def frontier_plot(path: str, rows: list[dict], metrics: list[str], title: str,
     for m in metrics:
         series = []
         for label, rs in lines.items():
-            pts = sorted((float(r["calls"]), float(r[m])) for r in rs if isinstance(r.get(m), (int, float)))
+            pts = sorted((float(r["calls"]), float(r[m])) for r in rs if isinstance(r.get(m), (int, float))
+                         and math.isfinite(float(r[m])) and float(r["calls"]) > 0)
             series.append({"label": label, "x": [p[0] for p in pts], "y": [p[1] for p in pts]})
-        panels.append({"ylabel": FRONTIER_METRICS.get(m, m), "series": series, "hlines": (hlines or {}).get(m)})
-    return figure(path, panels, title, "network calls per sequence", logx=True)
+        panels.append(series)
+    return panels
+
+
+def frontier_plot(path: str, rows: list[dict], metrics: list[str], title: str,
+                  hlines: dict[str, list[dict]] | None = None) -> str:
+    """Quality against cost: one panel per metric (failure rates first, as the caller orders them), a line per
+    sampler through its settings (``frontier_series``), x = network calls per sequence on a log axis. ``rows``:
+    ``{"line", "calls", metric: value}``; ``hlines``: per metric, dashed reference levels ``{"label", "y"}``
+    (held-out text, a baseline). Many lines: 20 colours, marker shapes, one legend beside the first panel."""
+    from matplotlib import colormaps
+    Figure, Canvas = _figure_class()
+    fig = Figure(figsize=(9.6, 1.0 + 3.2 * len(metrics)), dpi=110)
+    Canvas(fig)
+    axes = fig.subplots(len(metrics), 1, sharex=True, squeeze=False)[:, 0]
+    handles = {}
+    for ax, m, series in zip(axes, metrics, frontier_series(rows, metrics)):
+        for i, s in enumerate(series):
+            ax.plot(s["x"], s["y"], "-", marker="os^Dv<>ph*"[i % 10], ms=4, linewidth=1.2,
+                    color=colormaps["tab20"](i % 20), label=s["label"])
+        for h in (hlines or {}).get(m) or []:
+            ax.axhline(h["y"], color="black", linestyle="--", linewidth=1, label=h["label"])
+        ax.set_xscale("log", base=2)
+        ax.set_ylabel(FRONTIER_METRICS.get(m, m))
+        ax.grid(alpha=0.3)
+        handles |= {lab: h for h, lab in zip(*ax.get_legend_handles_labels()) if lab not in handles}
+    axes[0].legend(list(handles.values()), list(handles), fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    axes[0].set_title(title, fontsize=10)
+    axes[-1].set_xlabel("network calls per sequence")
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", metadata={"Software": None})  # no version: same input, same bytes
+    return write_bytes_atomic(path, buf.getvalue())

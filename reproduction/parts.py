@@ -11,6 +11,7 @@ MODULES = (
     "bible",    # 2b: pretrained MiniLM against the same network from scratch
     "seq2seq",  # 3: reverse-and-map; DiffuSeq, adaptive decay and post-training
     "glm",      # 4: the Gaussian LM, infilling and length control
+    "samplers", # 5: the sampler study: every decoding rule judged exactly, beside an AR baseline
 )
 PARTS = [import_module(f"{__package__}.{name}").PART for name in MODULES]
 SCALES = ("smoke", "quick", "full")

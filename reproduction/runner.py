@@ -3,6 +3,7 @@ output exists), the shared data, and the steps that several parts call (a bound,
 counts, samples scored on the synthetic language)."""
 from __future__ import annotations
 
+import contextlib
 import heapq
 import itertools
 import json
@@ -92,6 +93,15 @@ class Runner:
             for proc in self._procs:
                 proc.terminate()
             self._cond.notify_all()
+
+    @contextlib.contextmanager
+    def slot(self, priority: int = 1):
+        """Hold one of the ``jobs`` slots for work done in this process (part 5 samples through the API)."""
+        self._acquire(priority)
+        try:
+            yield
+        finally:
+            self._release(priority)
 
     def run(self, name: str, script: str, args: list[str], done: str, priority: int = 1) -> None:
         """Run ``script args`` unless ``done`` exists (a part that asks for a step another part is running

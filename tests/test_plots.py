@@ -246,22 +246,19 @@ def test_compare_plot(tmp_path):
     assert not (tmp_path / "x.json").exists() and not (tmp_path / "x.png").exists()
 
 
-def test_frontier_plot_draws_a_line_per_sampler_sorted_by_calls(tmp_path, monkeypatch):
+def test_frontier_plot_draws_a_line_per_sampler_sorted_by_calls(tmp_path):
     rows = [{"line": "ours", "calls": 64, "forbidden_fraction": 0.3, "bigram_tv": 0.2},
             {"line": "ours", "calls": 8, "forbidden_fraction": 0.8, "bigram_tv": 0.5},
             {"line": "AR top-p 0.9", "calls": 20, "forbidden_fraction": 0.01, "bigram_tv": 0.12},
-            {"line": "ours", "calls": 16, "forbidden_fraction": 0.6}]  # no TV: left out of that panel only
-    png = str(tmp_path / "f.png")
-    plots.frontier_plot(png, rows, ["forbidden_fraction", "bigram_tv"], "t",
+            {"line": "ours", "calls": 16, "forbidden_fraction": 0.6, "bigram_tv": None}]  # left out of TV only
+    forbidden, tv = plots.frontier_series(rows, ["forbidden_fraction", "bigram_tv"])
+    assert forbidden == [{"label": "ours", "x": [8.0, 16.0, 64.0], "y": [0.8, 0.6, 0.3]},
+                         {"label": "AR top-p 0.9", "x": [20.0], "y": [0.01]}]
+    assert tv[0] == {"label": "ours", "x": [8.0, 64.0], "y": [0.5, 0.2]}
+    a, b = str(tmp_path / "a.png"), str(tmp_path / "b.png")
+    plots.frontier_plot(a, rows, ["forbidden_fraction", "bigram_tv"], "t",
                         hlines={"bigram_tv": [{"label": "held-out", "y": 0.1}]})
-    assert _read_back(png) == (PNG_W, PNG_H2)
-    seen = []
-    monkeypatch.setattr(plots, "figure", lambda path, panels, title, xlabel, logx: seen.append((panels, logx)))
-    plots.frontier_plot(png, rows, ["forbidden_fraction", "bigram_tv"], "t",
+    assert _read_back(a) == (int(9.6 * 110), int(7.4 * 110))
+    plots.frontier_plot(b, rows[:3], ["forbidden_fraction", "bigram_tv"], "t",
                         hlines={"bigram_tv": [{"label": "held-out", "y": 0.1}]})
-    (panels, logx), = seen
-    assert logx and [p["ylabel"] for p in panels] == ["samples with a forbidden transition", "bigram TV distance"]
-    assert panels[0]["series"] == [{"label": "ours", "x": [8.0, 16.0, 64.0], "y": [0.8, 0.6, 0.3]},
-                                   {"label": "AR top-p 0.9", "x": [20.0], "y": [0.01]}]
-    assert panels[1]["series"][0] == {"label": "ours", "x": [8.0, 64.0], "y": [0.5, 0.2]}
-    assert panels[0]["hlines"] is None and panels[1]["hlines"] == [{"label": "held-out", "y": 0.1}]
+    assert open(a, "rb").read() != open(b, "rb").read()  # the picture follows the data
