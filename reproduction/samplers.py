@@ -83,8 +83,13 @@ def rule_points(model: str, sc: dict, steps, conf_steps, remask: tuple, hitting_
 
 
 def absorbing_points(sc: dict) -> list[dict]:
-    return rule_points("absorbing", sc, sc["study_steps"], sc["study_conf_steps"], sc["study_remask"],
-                       sc["study_first_hitting"])
+    """Every rule, and ours with top-p on p_hat (as the AR baseline's top-p cuts its tails): 0.9 at every step
+    count, 0.95 at the most."""
+    steps = sc["study_steps"]
+    top_p = [point("absorbing", f"ours top-p {p}", f"{n} steps", ["--sampler", "ours", "--top_p", p, "--steps", n])
+             for p, counts in ((0.9, steps), (0.95, (max(steps),))) for n in counts]
+    return rule_points("absorbing", sc, steps, sc["study_conf_steps"], sc["study_remask"],
+                       sc["study_first_hitting"]) + top_p
 
 
 def gaussian_points(sc: dict, with_full: bool = True) -> list[dict]:
