@@ -374,7 +374,22 @@ def target_lines(res: dict) -> list[str]:
               for name, (ok, numbers) in checks(best, test, num(ar["bigram_tv"])).items()]
     if every:
         lines.append("- all four at once: " + "; ".join(f"{r['line']} {r['setting']}" for r in every))
+    lines += near_misses(res["absorbing"]["samples"], test, num(ar["bigram_tv"]))
     return lines + [""]
+
+
+def near_misses(rows: list[dict], test: float, ar_tv: float, most: int = 4) -> list[str]:
+    """The settings that meet three of the four targets (the fewest forbidden first) and the one each misses."""
+    three = []
+    for r in rows:
+        missed = [name for name, (ok, _) in checks(r, test, ar_tv).items() if not ok]
+        if len(missed) == 1:
+            three.append((num(r["forbidden_fraction"]), f"{r['line']} {r['setting']} (misses: {missed[0]}; "
+                                                        f"{checks(r, test, ar_tv)[missed[0]][1]})"))
+    if not three:
+        return []
+    return ["- three of the four: " + "; ".join(text for _, text in sorted(three)[:most])
+            + (f"; and {len(three) - most} more" if len(three) > most else "")]
 
 
 def ar_budget(ar: dict) -> str:
