@@ -55,6 +55,7 @@ from diffusion import GAUSSIAN_SOLVERS, SAMPLERS, SampleNoise, SampleOutput, mak
 from runtime import dist, semi_ar
 from runtime.assemble import WEIGHTS, Loaded, load_for_inference
 from runtime.canvas import SLOT, Row, lay_out, template_cells, text_end, word_start_mask, wordpieces
+from common import heap
 from common.errors import UserError
 
 # the scripts' flag for an option whose flag is not --<keyword>
@@ -420,6 +421,7 @@ class Model:
                 restrict = (where.to(device), continuation.to(device))
             out = decoding.sample(ids, att, noise, SampleNoise(seed, idx, device), restrict)
             done = [[i, self._read(rows[i], x0), x0] for i, x0 in zip(idx, out.x0.cpu().tolist())]
+            heap.give_back()  # this batch's freed tensors leave the heap: the RSS stays flat (common/heap.py)
             return done, out.network_calls, out.row_evaluations
 
         # the fixed canvases run as the decoder always has (flush_denormal); the absorbing lm as predict.py has
