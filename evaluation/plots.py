@@ -24,6 +24,8 @@ DEV_PANELS = {
     "nelbo_per_token": [("NELBO per token (nats)", False, [("nelbo_per_token", "dev NELBO / token")]),
                         ("perplexity bound", True, [("ppl_token", "per token"), ("ppl_word", "per word")])],
     "loss": [("dev loss (EMA weights)", False, [("loss", "loss"), ("mse", "mse")])],
+    "nll_per_token": [("exact NLL per token (nats)", False, [("nll_per_token", "dev NLL / token")]),
+                      ("perplexity", True, [("ppl_token", "per token"), ("ppl_word", "per word")])],  # AR baseline
 }
 METRIC_NAMES = {"bleu": "BLEU", "bleu_reversed": "BLEU (reversed order)", "exact_match": "exact match",
                 "token_accuracy": "token accuracy", "rouge_l": "ROUGE-L", "bertscore_f1": "BERTScore F1"}

@@ -5,8 +5,8 @@ from __future__ import annotations
 import os
 import statistics
 
-from .render import compare, fmt_ms, num, pct, plot, table, verdict
-from .runner import LM_T, bound_summary, elbo, read_metrics_dev, sample_and_score, word_freqs
+from .render import compare, fmt_ms, mean_std, num, pct, plot, table, verdict
+from .runner import LM_T, bound_summary, elbo, read_metrics_dev, sample_and_score, train_seconds, word_freqs
 from .spec import Part
 
 PRIORITY = 1
@@ -16,27 +16,32 @@ SETTINGS = {
     "smoke": dict(lm_lines=(400, 60, 60), lm_steps=20, lm_batch=16, lm_long=(30, 16), seeds=(0, 1), elbo_steps=4,
                   samples=12, sample_steps=(2, 4), ablations=("mutual", "token")),
     "quick": dict(lm_lines=(8000, 500, 500), lm_steps=800, lm_batch=64, lm_long=(800, 64), seeds=(0,),
-                  elbo_steps=64, samples=200, sample_steps=(8, 32, 128, 512), ablations=("mutual", "elbo")),
+                  elbo_steps=64, samples=200, sample_steps=(8, 32, 128, 512), ablations=("mutual", "elbo", "mdlm")),
     "full": dict(lm_lines=(20000, 1000, 1000), lm_steps=1000, lm_batch=64, lm_long=(3000, 128), seeds=(0, 1, 2),
                  elbo_steps=64, samples=500, sample_steps=(8, 16, 32, 64, 128, 256, 512),
-                 ablations=("mutual", "layerwise", "token", "elbo")),
+                 ablations=("mutual", "layerwise", "token", "elbo", "mdlm")),
 }
 # A budget is optimizer steps at a fixed batch, the same for every variant of an ablation (``lm_steps`` at
 # ``lm_batch``); the base variant is also trained once for longer (``lm_long``: steps, batch) for the targets
 # against the exact entropy and the sampling sweep (the ablation's seed-0 base run when it is the same).
 
 # DiffusionBERT as released (the base variant), and one change per ablation
-LM_BASE = dict(schedule="spindle", time_conditioning="none", loss_weighting="released")
+LM_BASE = dict(schedule="spindle", time_conditioning="none", loss_weighting="released", objective="discrete",
+               low_discrepancy=False)
+# mdlm: MDLM's continuous-time objective as released (log-linear schedule, SUBS, antithetic t, TAD; issue 22)
 LM_VARIANTS = {"base": {}, "mutual": {"schedule": "mutual"}, "layerwise": {"time_conditioning": "layerwise"},
-               "token": {"time_conditioning": "token"}, "elbo": {"loss_weighting": "elbo"}}
+               "token": {"time_conditioning": "token"}, "elbo": {"loss_weighting": "elbo"},
+               "mdlm": {"objective": "mdlm", "schedule": "loglinear", "loss_weighting": "elbo",
+                        "low_discrepancy": True}}
 # what DiffusionBERT's paper reports for each change to its model (Table 2 and its ablations, LM1B)
 PAPER_DIRECTION = {"base": "", "mutual": "worse (PPL 78.76 vs 63.78)", "layerwise": "worse (77.50 vs 63.78, D3PM)",
                    "token": "worse (its time-embedding ablation)",
-                   "elbo": "no claim (the released weighting is a code fact, docs/differences.md)"}
+                   "elbo": "no claim (the released weighting is a code fact, docs/differences.md)",
+                   "mdlm": "better (MDLM, LM1B: <= 27.04 against DiffusionBERT's 63.78, with more training)"}
 VARIANT_LABELS = {"base": "spindle + TAD + released loss (DiffusionBERT)", "mutual": "mutual schedule",
                   "layerwise": "layer-wise time embedding",
                   "token": "time as a prefix token (vocabulary + 1000 [unused])",
-                  "elbo": "ELBO-weighted loss"}
+                  "elbo": "ELBO-weighted loss", "mdlm": "MDLM (continuous time, log-linear, SUBS, antithetic t)"}
 SAMPLERS = ("ours", "released")  # the sampling sweep: each at every ``sample_steps``
 
 
@@ -46,6 +51,7 @@ def lm_args(paths: dict, sc: dict, variant: str, seed: int, wf: dict, steps: int
     return ["--model_name_or_path", paths[model], "--from_scratch", "--dataset", "text", "--data_files", paths["lm"],
             "--max_len", 24, "--num_steps", LM_T, "--schedule", v["schedule"], "--word_freq_file", wf[model],
             "--time_conditioning", v["time_conditioning"], "--loss_weighting", v["loss_weighting"],
+            "--objective", v["objective"], *(["--low_discrepancy"] if v["low_discrepancy"] else []),
             "--batch_size", batch, "--lr", "2e-3", "--decay", "cosine", "--warmup_steps", max(1, steps // 20),
             "--max_steps", steps, "--eval_every", max(1, steps // 10), "--eval_examples", 500, "--eval_steps", 32,
             "--save_every", max(1, steps // 5), "--log_every", max(1, steps // 40), "--dropout", 0.0,
@@ -120,6 +126,7 @@ def run(runner, paths: dict, sc: dict) -> dict:
     return {"truth": truth, "variants": variants, "baselines": baselines, "sweep": sweep,
             "bounds": {v: {s: bound_summary(r[1]) for s, r in runs.items()} for v, runs in by_variant.items()},
             "curves": {v: {s: read_metrics_dev(r[0]) for s, r in runs.items()} for v, runs in by_variant.items()},
+            "train_seconds": {v: {s: train_seconds(r[0]) for s, r in runs.items()} for v, runs in by_variant.items()},
             "long": {"steps": sc["lm_long"][0], "batch": sc["lm_long"][1], "bound": bound_summary(long_bound),
                      "curve": read_metrics_dev(long_dir)}}
 
@@ -254,16 +261,33 @@ def ablation_section(lm: dict, sc: dict, ctx) -> list[str]:
              "variant's bound is higher than the base's by more than twice the larger seed std, or when every seed "
              "of one is worse than every seed of the other.", ""]
     base, rows = seed_values(lm, "base"), []
+    wall = lm.get("train_seconds")  # results written before it was kept have none
     for v in lm["variants"]:
         vals = seed_values(lm, v)
         diff, judged = compare(vals, base, PAPER_DIRECTION[v].startswith("worse"))
         rows.append([VARIANT_LABELS[v], fmt_ms(vals), f"{diff:+.3f}", PAPER_DIRECTION[v],
-                     "" if v == "base" else judged])
-    lines += table(["variant", "test NLL bound", "vs base", "the paper's direction", "at this scale"], rows) + [""]
+                     "" if v == "base" else judged] + ([fmt_ms(list(wall[v].values()), 0)] if wall else []))
+    lines += table(["variant", "test NLL bound", "vs base", "the paper's direction", "at this scale"]
+                   + (["training wall s"] if wall else []), rows) + [""]
+    lines += objective_lines(lm, sc)
     h_given = lm["truth"]["entropy"]["per_token_given_length"]
     return lines + plot(ctx, "dev_nelbo", "dev NELBO", dev_curves(lm, sc),
                         "Synthetic language: dev NELBO (no length term)", "optimizer step", "nats/token",
                         hlines=[{"label": "true entropy given the length", "y": h_given}])
+
+
+def objective_lines(lm: dict, sc: dict) -> list[str]:
+    """MDLM's objective against the ELBO-weighted discrete loss (issue 22), when both were run."""
+    if not {"mdlm", "elbo"} <= set(lm["variants"]):
+        return []
+    h_tok = lm["truth"]["entropy"]["per_token"]
+    m, e = seed_values(lm, "mdlm"), seed_values(lm, "elbo")
+    diff, judged = compare(m, e, False)
+    return [f"MDLM against the ELBO-weighted discrete loss (spindle, T = {LM_T}) at the same {sc['lm_steps']} steps: "
+            f"{diff:+.3f} nats/token, {judged}. MDLM's bound is the continuous-time one (docs/algorithms.md §1.13), "
+            f"the others the {sc['elbo_steps']}-step discrete bound; both bound the NLL, per token, of the same test "
+            f"sequences. MDLM ends at {fmt_ms(m)} nats/token, {mean_std(m)[0] / h_tok:.3f}x the true entropy. The "
+            "training wall times are of runs side by side on shared cores: a rough guide.", ""]
 
 
 def render(lm: dict, sc: dict, ctx) -> list[str]:

@@ -147,7 +147,8 @@ class Model:
         return None if (self.task, self.process) == ("lm", "absorbing") else self.run.cfg.max_len
 
     def __repr__(self) -> str:
-        return (f"Model({self.run.ckpt_dir!r}: {self.task}, {self.process}, T={self.run.cfg.num_steps}, "
+        steps = "" if self.process == "autoregressive" else f"T={self.run.cfg.num_steps}, "
+        return (f"Model({self.run.ckpt_dir!r}: {self.task}, {self.process}, {steps}"
                 f"max_len={self.run.cfg.max_len}, on {self.device})")
 
     # ------------------------------------------------------------------------ checks
@@ -413,6 +414,7 @@ class Model:
             if any(r.blocks for r in batch):  # longer than a canvas: block by block (runtime.semi_ar)
                 made, calls, evaluations = semi_ar.generate(batch, idx, decoding.sample, seed, device,
                                                             tok.pad_token_id, fill)
+                heap.give_back()
                 return [[i, self._read(rows[i], x0), x0] for i, x0 in zip(idx, made)], calls, evaluations
             ids, att, noise = (x.to(device) for x in lay_out(batch, tok.pad_token_id, fill, width))
             where, restrict = word_start_mask(batch, ids.shape[1]), None

@@ -122,7 +122,9 @@ def _model_rows(cfg) -> list[tuple[str, str]]:
                 ("schedule", cfg.schedule + (f" (lambda {cfg.word_freq_lambda}, {cfg.spindle_form} form)"
                                              if cfg.schedule == "spindle" else "")),
                 ("time conditioning", tc.get(cfg.time_conditioning, cfg.time_conditioning)),
-                ("loss weighting", f"{cfg.loss_weighting}, hybrid lambda {cfg.hybrid_lambda}"),
+                ("objective", "MDLM's continuous-time ELBO (SUBS" + (", antithetic t)" if cfg.low_discrepancy else ")")
+                 if cfg.objective == "mdlm" else
+                 f"discrete T-step bound, weighting {cfg.loss_weighting}, hybrid lambda {cfg.hybrid_lambda}"),
                 ("network", f"{'randomly initialised ' if cfg.from_scratch else ''}masked LM of "
                             f"{_model_name(cfg.model_name_or_path)}")]
     if cfg.process == "autoregressive":

@@ -146,6 +146,7 @@ def merged_config(args: TrainConfig, given: set[str], stored: dict, ckpt_dir: st
     outside ``RESUMABLE_CHANGES`` that differs is refused; the accumulation keeps the effective batch on
     ``world`` processes (``stored_world`` trained the run)."""
     cfg = from_dict(stored)
+    cfg.overwrite = False  # an action of the command that started the run, not a setting: never inherited
     changes = []
     for name in sorted(given):
         old, new = getattr(cfg, name), getattr(args, name)

@@ -42,8 +42,8 @@ def spans(row: Row) -> list[tuple[int, int]]:
 
 
 def window_row(x: Sequence, s: int, e: int, window: int) -> tuple[Row, int]:
-    """The canvas of the block making words s..e-1 of ``x`` (a long row's cells, [CLS] first, words made so far
-    in place) and the word at its position 1: ``[CLS] x-words[lo:s] SLOT*(e - s) [SEP]`` with lo = max(0, e - W)."""
+    """The canvas of the block making words s..e-1 of ``x`` (a long row's cells, [CLS] first, the words made so
+    far in place), ``[CLS] words[lo:s] SLOT*(e - s) [SEP]``, and lo = max(0, e - W), the word at its position 1."""
     lo = max(0, e - window)
     return Row((x[0], *x[1 + lo:1 + s], *[SLOT] * (e - s), x[-1])), lo
 
@@ -54,8 +54,10 @@ def generate(rows: Sequence[Row], sample_ids: Sequence[int], sample: Callable, s
     ``Decoding.sample``: ``(ids, attention_mask, noise_mask, noise, restrict) -> SampleOutput``). Block j
     samples, in one call, the j-th canvas of every row that has one. Returns the rows' generated cells (each
     [len(cells)] token ids), the batched network calls and the sequences the network saw, over all blocks."""
-    if any(r.word_starts for r in rows):
-        raise ValueError("a template row is one canvas; it is never made in blocks")
+    for r in rows:  # [CLS] given SLOT... [SEP]: a template or an open row is one canvas, never made in blocks
+        k = r.cells.index(SLOT) if SLOT in r.cells else len(r.cells) - 1
+        if r.open or any(c is not SLOT for c in r.cells[k:-1]):
+            raise ValueError("only closed rows of given words then SLOTs (a length, a prompt) are made in blocks")
     x = [list(r.cells) for r in rows]
     plans = [spans(r) for r in rows]
     calls = evaluations = 0

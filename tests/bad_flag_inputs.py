@@ -51,6 +51,7 @@ def make_inputs(root: str, tiny_bert: str, tiny_corpus: str, tiny_pairs: str) ->
     ckpt = save_checkpoint(j("run", "checkpoints", "best"), tiny_bert, num_steps=16, eval_steps=4)
     ckpt_mdlm = save_checkpoint(j("mdlm", "checkpoints", "best"), tiny_bert, num_steps=16, eval_steps=4,
                                 objective="mdlm", schedule="loglinear")
+    ckpt_ar = save_checkpoint(j("ar", "checkpoints", "best"), tiny_bert, process="autoregressive", schedule="auto")
     with open(j("a_file"), "w") as f:
         f.write("not a folder\n")
     with open(j("bad.jsonl"), "w") as f:
@@ -61,7 +62,7 @@ def make_inputs(root: str, tiny_bert: str, tiny_corpus: str, tiny_pairs: str) ->
     with open(j("samples.txt"), "w") as f:
         f.write("a sample\nanother sample\n")
     return {"root": root, "run": j("run"), "bert": tiny_bert, "corpus": tiny_corpus, "pairs": tiny_pairs, "ckpt": ckpt,
-            "ckpt_mdlm": ckpt_mdlm,
+            "ckpt_mdlm": ckpt_mdlm, "ckpt_ar": ckpt_ar,
             "nan": with_nan(ckpt, j("nan_ckpt")), "file": j("a_file"), "missing": j("no_such_thing"),
             "bad_jsonl": j("bad.jsonl"), "good_jsonl": j("good.jsonl"), "samples": j("samples.txt"),
             "out": j("out")}

@@ -27,6 +27,9 @@ CUDA = torch.cuda.is_available()
 TRAIN = ("train.py", "--model_name_or_path", "{bert}", "--dataset", "text", "--data_files", "{corpus}",
          "--schedule", "mutual", "--num_steps", "16", "--eval_steps", "4", "--max_len", "32", "--batch_size", "4",
          "--max_steps", "1", "--eval_examples", "4", "--out_dir", "{out}/train", "--log_dir", "{out}/logs")
+TRAIN_AR = ("train.py", "--process", "autoregressive", "--model_name_or_path", "{bert}", "--dataset", "text",
+            "--data_files", "{corpus}", "--max_len", "32", "--batch_size", "4", "--max_steps", "1", "--eval_examples",
+            "4", "--out_dir", "{out}/train", "--log_dir", "{out}/logs")
 GAUSS = ("--process", "gaussian", "--schedule", "sqrt", "--emb_dim", "8", "--hidden_size", "16", "--num_layers",
          "1", "--num_heads", "2")
 PREDICT = ("predict.py", "--checkpoint", "{ckpt}", "--num_samples", "2", "--out_dir", "{out}/gen")
@@ -129,6 +132,20 @@ ROWS = [
      "--max_samples"),
     ("metric-synthetic-no-language", (*METRIC, "--mode", "synthetic", "--samples", "{samples}",
                                       "--out", "{root}/m6.json"), "--language"),
+    # the autoregressive baseline: the diffusion flags it has no use for
+    ("train-ar-seq2seq", (*TRAIN_AR, "--task", "seq2seq"), "--task lm"),
+    ("train-ar-num-steps", (*TRAIN_AR, "--num_steps", "16"), "--num_steps"),
+    ("train-ar-schedule", (*TRAIN_AR, "--schedule", "mutual"), "--schedule"),
+    ("train-ar-time-token", (*TRAIN_AR, "--time_conditioning", "token"),
+     "--time_conditioning"),
+    ("train-ar-mdlm", (*TRAIN_AR, "--objective", "mdlm"), "--objective mdlm"),
+    ("predict-ar-steps", (*PREDICT, "--checkpoint", "{ckpt_ar}", "--steps", "8"), "--steps"),
+    ("predict-ar-sampler", (*PREDICT, "--checkpoint", "{ckpt_ar}", "--sampler", "confidence"), "--sampler"),
+    ("predict-ar-template", (*PREDICT, "--checkpoint", "{ckpt_ar}", "--template", "the [MASK] of god"), "--prompt"),
+    ("predict-ar-length", (*PREDICT, "--checkpoint", "{ckpt_ar}", "--length", "5"), "--length"),
+    ("predict-ar-top-p-0", (*PREDICT, "--checkpoint", "{ckpt_ar}", "--top_p", "0"), "--top_p"),
+    ("predict-ar-temperature-0", (*PREDICT, "--checkpoint", "{ckpt_ar}", "--temperature", "0"), "--temperature"),
+    ("elbo-ar-monte-carlo", (*ELBO, "--checkpoint", "{ckpt_ar}", "--monte_carlo"), "exact"),
     # bench.py
     ("bench-device-cuda", (*BENCH, "--device", "cuda"), "--device cuda"),
     ("bench-device-tpu9", (*BENCH, "--device", "tpu9"), "--device tpu9"),

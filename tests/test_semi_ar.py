@@ -335,6 +335,8 @@ def test_score_chain_by_hand():
     assert r["join_forbidden_rate"] == pytest.approx(2 / 3) and r["inside_forbidden_rate"] == 0
     assert r["join_nll_per_transition"] == pytest.approx(0.0) and r["inside_nll_per_transition"] == pytest.approx(4 * ln2 / 5)
     assert r["nll_per_token"] == pytest.approx((3 * ln2 + 4 * ln2) / 7)
+    # the allowed terms of every line: 3 ln2 over 4; ln4 + 0 over 2 (b -> b left out); 4 ln2 over 3; ln2 over 1
+    assert r["nll_per_token_allowed"] == pytest.approx((3 + 2 + 4 + 1) * ln2 / (4 + 2 + 3 + 1))
     # one canvas (no joins): every transition is inside
     assert score_chain(lang, ["c c a"])["nll_per_token"] == pytest.approx(4 * ln2 / 3)
 
@@ -362,3 +364,11 @@ def test_compute_metric_joins(tmp_path):
     (tmp_path / "bad.json").write_text("{}")
     one_error_line(run_here(*common, "--joins", str(tmp_path / "bad.json"), "--out", str(tmp_path / "n.json"),
                             cwd=str(tmp_path)), "--joins", "no semi_ar.joins")
+
+
+def test_only_length_rows_are_made_in_blocks():
+    from runtime import semi_ar
+    from runtime.canvas import SLOT, Row
+    for row in (Row((2, SLOT, 9, SLOT, 3), blocks=(2, 1)), Row((2, 9), open=True)):  # a template; an open row
+        with pytest.raises(ValueError, match="only closed rows"):
+            semi_ar.generate([row], [0], None, 0, torch.device("cpu"), 0, 4)

@@ -87,6 +87,9 @@ def test_targets_by_hand():
     # none meets all four: the fewest forbidden within the call budget, not the dear one
     best, every = study.best_setting([rows[0], rows[1], rows[3]], test, ar_tv)
     assert best["line"] == "collapsed" and every == []
+    misses = study.near_misses(rows, test, ar_tv)  # "good but dear" misses the call budget only
+    assert misses == ["- three of the four: good but dear s (misses: network calls per sequence at most its length; "
+                      "128.0 vs 14.0 words)"]
     no_valid = _row("nothing valid", 8, 1.0, None, 0.9)
     assert not study.checks(no_valid, test, ar_tv)["valid-sample NLL within 10% of held-out"][0]
 

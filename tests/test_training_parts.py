@@ -315,3 +315,8 @@ def test_resume_takes_the_given_flags_and_keeps_the_effective_batch_on_other_pro
         merged_config(TrainConfig(resume="r", accumulation_steps=5), given, stored, "ck", 2, 3, lines.append)
     with pytest.raises(UserError, match="--batch_size: checkpoint 4 vs now 8"):
         merged_config(TrainConfig(resume="r", batch_size=8), {"resume", "batch_size"}, stored, "ck", 2, 2, print)
+    # a run started with --overwrite (as reproduce.py starts every run) resumes without it; given, it is kept
+    started = {**stored, "overwrite": True}
+    assert merged_config(TrainConfig(resume="r"), {"resume"}, started, "ck", 2, 2, print).overwrite is False
+    assert merged_config(TrainConfig(resume="r", overwrite=True), {"resume", "overwrite"}, started, "ck", 2, 2,
+                         print).overwrite is True

@@ -329,25 +329,31 @@ def score_chain(language: SyntheticLanguage, lines: list[str], joins: list[list[
     block. Returns the forbidden rate per transition at the joins and inside (an unknown word makes the
     transitions into and out of it forbidden), the mean ``-log P`` of the allowed ones at each, the fraction of
     lines with a forbidden transition or an unknown first word, and the NLL per token (``nll_per_token``, with its
-    standard error) over the other lines. Lines of one canvas have no joins (``joins`` None: none anywhere)."""
+    standard error) over the other lines; ``nll_per_token_allowed``: over every line, ``-log`` of its allowed terms
+    (``pi(w_1)`` and the transitions that are not forbidden) per such term, the forbidden ones counted only in the
+    rates. Lines of one canvas have no joins (``joins`` None: none anywhere)."""
     joins = joins or [[] for _ in lines]
     if len(joins) != len(lines):
         raise ValueError(f"{len(lines)} lines but {len(joins)} lists of joins")
     count = {"join": [0, 0, 0.0, 0], "inside": [0, 0, 0.0, 0]}  # transitions, forbidden, -log P allowed, allowed
     per_seq, tokens, bad = [], [], 0
+    kept, kept_terms = [], []  # every line: -log p of its allowed terms (pi(w_1) and transitions), their count
     for line, where in zip(lines, joins):
         ids = [language.index.get(w) for w in line.split()]
         at = set(where)
-        logp = math.log(language.start[ids[0]]) if ids and ids[0] is not None and language.start[ids[0]] > 0 else -math.inf
+        p0 = language.start[ids[0]] if ids and ids[0] is not None else 0.0
+        logp, nll, terms = (math.log(p0), -math.log(p0), 1) if p0 > 0 else (-math.inf, 0.0, 0)
         for i in range(1, len(ids)):
             c = count["join" if i in at else "inside"]
             p = language.trans[ids[i - 1], ids[i]] if ids[i - 1] is not None and ids[i] is not None else 0.0
             c[0] += 1
             if p > 0:
                 c[2], c[3] = c[2] - math.log(p), c[3] + 1
-                logp += math.log(p)
+                logp, nll, terms = logp + math.log(p), nll - math.log(p), terms + 1
             else:
                 c[1], logp = c[1] + 1, -math.inf
+        kept.append(nll)
+        kept_terms.append(terms)
         if math.isfinite(logp) and ids:
             per_seq.append(-logp)
             tokens.append(len(ids))
@@ -361,4 +367,7 @@ def score_chain(language: SyntheticLanguage, lines: list[str], joins: list[list[
     if per_seq:
         res["nll_per_token"] = sum(per_seq) / sum(tokens)
         res["nll_per_token_se"] = ratio_standard_error(per_seq, tokens)
+    if sum(kept_terms):  # defined for every line: a long text rarely has no forbidden transition at all
+        res["nll_per_token_allowed"] = sum(kept) / sum(kept_terms)
+        res["nll_per_token_allowed_se"] = ratio_standard_error(kept, kept_terms)
     return res
