@@ -10,7 +10,7 @@ and reports ``exp(total / wordpieces)`` (per token, [CLS]/[SEP]/[PAD] excluded) 
 * absorbing: ``NLL <= -log p(n) + sum_k KL_k``, the length term plus the diffusion bound on a grid of K =
   ``--eval_steps`` steps (docs/algorithms.md §1.9);
 * absorbing trained with ``--objective mdlm``: ``NLL <= -log p(n) + NELBO``, the length term plus the
-  continuous-time bound (docs/algorithms.md §1.13), a Monte Carlo estimate from K = ``--eval_steps`` stratified
+  continuous-time bound (docs/algorithms.md §1.14), a Monte Carlo estimate from K = ``--eval_steps`` stratified
   draws of t per example (K network calls per batch, one more for the log-linear schedule's jump term); the
   output says ``"time": "continuous"`` and ``t_draws``;
 * gaussian: the NELBO of the whole canvas after [CLS] (``GaussianDiffusion.nelbo``, docs/algorithms.md

@@ -1,4 +1,4 @@
-"""MDLM's continuous-time objective on the absorbing process (Sahoo et al. 2024, Eq. 10; docs/algorithms.md §1.13).
+"""MDLM's continuous-time objective on the absorbing process (Sahoo et al. 2024, Eq. 10; docs/algorithms.md §1.14).
 
 Time s runs over [0, 1] and a token-independent schedule gives ``alpha(s)``, the probability that a clean token is
 still unmasked. The negative ELBO of a sentence ``x0`` is

@@ -31,7 +31,7 @@ class Schedule:
 
     token_dependent = False
     name = "base"
-    end_jump = 0.0  # alpha(1-) - alpha(1): a jump to all-[MASK] at s = 1 (docs/algorithms.md §1.13)
+    end_jump = 0.0  # alpha(1-) - alpha(1): a jump to all-[MASK] at s = 1 (docs/algorithms.md §1.14)
 
     def alpha(self, s: torch.Tensor, x0: torch.Tensor | None = None,
               noise_mask: torch.Tensor | None = None) -> torch.Tensor:

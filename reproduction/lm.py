@@ -284,7 +284,7 @@ def objective_lines(lm: dict, sc: dict) -> list[str]:
     m, e = seed_values(lm, "mdlm"), seed_values(lm, "elbo")
     diff, judged = compare(m, e, False)
     return [f"MDLM against the ELBO-weighted discrete loss (spindle, T = {LM_T}) at the same {sc['lm_steps']} steps: "
-            f"{diff:+.3f} nats/token, {judged}. MDLM's bound is the continuous-time one (docs/algorithms.md §1.13), "
+            f"{diff:+.3f} nats/token, {judged}. MDLM's bound is the continuous-time one (docs/algorithms.md §1.14), "
             f"the others the {sc['elbo_steps']}-step discrete bound; both bound the NLL, per token, of the same test "
             f"sequences. MDLM ends at {fmt_ms(m)} nats/token, {mean_std(m)[0] / h_tok:.3f}x the true entropy. The "
             "training wall times are of runs side by side on shared cores: a rough guide.", ""]

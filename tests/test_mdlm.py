@@ -1,4 +1,4 @@
-"""MDLM's continuous-time objective (diffusion/mdlm.py, docs/algorithms.md §1.13) against oracles that do not use it:
+"""MDLM's continuous-time objective (diffusion/mdlm.py, docs/algorithms.md §1.14) against oracles that do not use it:
 
 * the discrete T-step NELBO, enumerated exactly on a tiny vocabulary, tends to our continuous bound as T grows,
   with the error that Euler-Maclaurin predicts (exact here: the integrand is a quadratic);
