@@ -40,7 +40,7 @@ from runtime.training import (EMA, ResumableSampler, StopSignals, adamw, compile
                               seed_everything)
 from textdata import lm, word_freq
 
-TRIM_EVERY = 10  # optimizer steps between returns of freed heap memory (a few ms each; 1.4 s a demo step)
+TRIM_EVERY = 10  # optimizer steps between returns of freed heap memory (0.1-0.35 s each on a loaded CPU: under 1%)
 
 
 def post_train_source(cfg: TrainConfig) -> str:

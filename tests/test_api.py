@@ -1,7 +1,7 @@
 """runtime.api against the scripts it serves, on the tiny checkpoints of conftest. The oracle is each script's
-output file, the script run as a subprocess: ``load(...).sample`` gives predict.py's lines and ``decode`` the
-``recover`` fields of predict_downstream_condition.py (absorbing and gaussian), for the same seed and batch
-size. Then the refusals (the wrong task, steps above T, bad sources) and what the seed does."""
+output file, its command line run in this process (runpy): ``load(...).sample`` gives predict.py's lines and
+``decode`` the ``recover`` fields of predict_downstream_condition.py (absorbing and gaussian), for the same seed
+and batch size. Then the refusals (the wrong task, steps above T, bad sources) and what the seed does."""
 from __future__ import annotations
 
 import json
@@ -9,13 +9,12 @@ import shutil
 
 import pytest
 
-from conftest import run_cli, run_together
+from conftest import run_here
 from common.errors import UserError
 from runtime.api import load
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("single_thread")]
 
-ONE_THREAD = {"OMP_NUM_THREADS": "1"}  # the scripts sum floats on one thread, as this process does (single_thread)
 LM_LINES = dict(num_samples=6, steps=16, batch_size=4, seed=7, top_p=0.9)
 LM_RELEASED = dict(num_samples=5, steps=16, batch_size=4, seed=3, sampler="released", topk=30, temperature=0.1,
                    length=6)
@@ -57,7 +56,8 @@ def with_test_split(run, folder, dest):
 
 @pytest.fixture(scope="module")
 def oracles(tmp_path_factory, lm_run, seq2seq_run, gauss_run, short_pairs):
-    """The scripts' output files, the four runs side by side, each in its own folder (datasets cache)."""
+    """The scripts' output files, each script run in this process (its command line through runpy, on this
+    module's one thread, as the API calls run) in a folder of its own (datasets cache)."""
     out = tmp_path_factory.mktemp("oracles")
     folder, _ = short_pairs
     absorbing = with_test_split(seq2seq_run[1], folder, out / "absorbing_ckpt")
@@ -65,15 +65,15 @@ def oracles(tmp_path_factory, lm_run, seq2seq_run, gauss_run, short_pairs):
     for d in ("lm", "ab", "ga"):
         (out / d).mkdir()
     lm = ("predict.py", "--checkpoint", str(lm_run[2]), "--out_dir", str(out / "gen"))
-    run_together(
-        lambda: run_cli(*lm, *flags(**LM_LINES), "--name", "ours", cwd=str(out / "lm"), env_extra=ONE_THREAD),
-        lambda: run_cli(*lm, *flags(**LM_RELEASED), "--name", "released", cwd=str(out / "lm"), env_extra=ONE_THREAD),
-        lambda: run_cli("predict_downstream_condition.py", "--checkpoint", str(absorbing), "--steps", "10",
+    for args, cwd in (((*lm, *flags(**LM_LINES), "--name", "ours"), "lm"),
+                      ((*lm, *flags(**LM_RELEASED), "--name", "released"), "lm"),
+                      (("predict_downstream_condition.py", "--checkpoint", str(absorbing), "--steps", "10",
                         "--mbr_size", "2", "--batch_size", "4", "--seed", "5", "--name", "ab", "--out_dir",
-                        str(out / "gen"), cwd=str(out / "ab"), env_extra=ONE_THREAD),
-        lambda: run_cli("predict_downstream_condition.py", "--checkpoint", str(gaussian), "--decode_respacing",
-                        "adp_10", "--batch_size", "4", "--name", "ga", "--out_dir", str(out / "gen"),
-                        cwd=str(out / "ga"), env_extra=ONE_THREAD))
+                        str(out / "gen")), "ab"),
+                      (("predict_downstream_condition.py", "--checkpoint", str(gaussian), "--decode_respacing",
+                        "adp_10", "--batch_size", "4", "--name", "ga", "--out_dir", str(out / "gen")), "ga")):
+        p = run_here(*args, cwd=str(out / cwd))
+        assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
     return out / "gen"
 
 

@@ -1,8 +1,9 @@
-"""predict.py, compute_elbo.py and the decoder keep what they computed (runtime.outputs): real processes stopped by
-a real SIGINT/SIGTERM at a chosen batch (runtime.faults) exit 130/143 with one line, keep their finished batches,
+"""predict.py, compute_elbo.py and the decoder keep what they computed (runtime.outputs): stopped by a real
+SIGINT/SIGTERM at a chosen batch (runtime.faults) they exit 130/143 with one line, keep their finished batches,
 and the rerun (for predict.py, under torchrun on 2 ranks) writes what an uninterrupted run writes (the oracle: that
-run, side by side); a second writer is
-refused naming the first one's pid; an unwritable output stops before any work; --overwrite starts clean."""
+run); predict.py runs as real processes, compute_elbo.py and the decoder in this process (the signal is as real,
+without two interpreters' start-up); a second writer is refused naming the first one's pid; an unwritable output
+stops before any work; --overwrite starts clean."""
 import errno
 import json
 import os
@@ -174,42 +175,45 @@ def test_predict_with_other_settings_is_refused_and_overwrite_starts_clean(lm_ru
 
 
 @pytest.mark.slow
-def test_compute_elbo_stopped_in_its_baselines_continues_to_the_same_numbers(lm_run, tmp_path):
+def test_compute_elbo_stopped_in_its_baselines_continues_to_the_same_numbers(lm_run, tmp_path, monkeypatch):
+    """In this process (a real SIGTERM to itself; the real processes are predict.py's above): the oracle, the
+    stopped run and its continuation one after the other, sharing one datasets cache."""
     _, _, run, _ = lm_run
     args = ("compute_elbo.py", "--checkpoint", str(run), "--num_examples", "6", "--eval_steps", "2", "--batch_size", "2",
             "--seed", "3", "--baselines")  # 3 batches of the trained bound, 3 of the untrained, 3 of the unigram
-    for d in ("a", "b"):  # each its own datasets cache: they run side by side
-        (tmp_path / d).mkdir()
     full, cut = tmp_path / "full.json", tmp_path / "cut.json"
-    _, proc = run_together(
-        lambda: run_cli(*args, "--out", str(full), cwd=str(tmp_path / "a")),
-        lambda: run_cli(*args, "--out", str(cut), cwd=str(tmp_path / "b"), check=False,
-                        env_extra=signal_after(4, "TERM")))
+    assert run_here(*args, "--out", str(full), cwd=str(tmp_path)).returncode == 0
+    for k, v in signal_after(4, "TERM").items():
+        monkeypatch.setenv(k, v)
+    proc = run_here(*args, "--out", str(cut), cwd=str(tmp_path))
+    monkeypatch.delenv("DLM_FAULT_SIGNAL_AFTER_BATCHES")
     partial = tmp_path / "cut.json.partial"
     stopped(proc, "TERM", 4, partial)
     assert len(os.listdir(partial / "elbo")) == 3 and len(os.listdir(partial / "untrained")) == 1
-    run_cli(*args, "--out", str(cut), cwd=str(tmp_path / "b"))
+    assert run_here(*args, "--out", str(cut), cwd=str(tmp_path)).returncode == 0
     a, b = json.loads(full.read_text()), json.loads(cut.read_text())
     assert b["resumed_batches"] == 4 and not partial.exists()
     same_but_timing(a, b)  # the bound, its standard error and both baselines, to the last bit
 
 
 @pytest.mark.slow
-def test_decoder_stopped_between_seeds_continues_to_the_same_files_and_overwrite_clears_them(seq2seq_run, tmp_path):
+def test_decoder_stopped_between_seeds_continues_to_the_same_files_and_overwrite_clears_them(seq2seq_run, tmp_path,
+                                                                                            monkeypatch):
+    """In this process, as the compute_elbo test above."""
     cwd, run = seq2seq_run
     args = ("predict_downstream_condition.py", "--checkpoint", str(run), "--num_examples", "4", "--steps", "2",
             "--batch_size", "2", "--mbr_size", "2", "--seed", "5", "--out_dir", str(tmp_path / "dec"))
-    for d in ("a", "b"):
-        (tmp_path / d).mkdir()
-    _, proc = run_together(
-        lambda: run_cli(*args, "--name", "full", cwd=str(tmp_path / "a")),
-        lambda: run_cli(*args, "--name", "cut", cwd=str(tmp_path / "b"), check=False, env_extra=signal_after(3, "INT")))
+    assert run_here(*args, "--name", "full", cwd=str(tmp_path)).returncode == 0
+    for k, v in signal_after(3, "INT").items():
+        monkeypatch.setenv(k, v)
+    proc = run_here(*args, "--name", "cut", cwd=str(tmp_path))
+    monkeypatch.delenv("DLM_FAULT_SIGNAL_AFTER_BATCHES")
     full, cut = tmp_path / "dec" / "full", tmp_path / "dec" / "cut"
     stopped(proc, "INT", 3, cut / "partial")
     # seed 5 finished and written; seed 6 has one of its two batches
     assert sorted(os.listdir(cut)) == [".lock", "copy_source.jsonl", "partial", "seed5.jsonl"]
     assert os.listdir(cut / "partial" / "seed6") == ["batch-000000.json"]
-    run_cli(*args, "--name", "cut", cwd=str(tmp_path / "b"))
+    assert run_here(*args, "--name", "cut", cwd=str(tmp_path)).returncode == 0
     names = ["copy_source.jsonl", "mbr.jsonl", "seed5.jsonl", "seed6.jsonl"]
     assert sorted(os.listdir(cut)) == sorted([".lock", "decode.json", *names])
     for name in names:
@@ -221,10 +225,10 @@ def test_decoder_stopped_between_seeds_continues_to_the_same_files_and_overwrite
 
     # --overwrite with one candidate: the earlier seed6.jsonl and mbr.jsonl do not linger beside the new result
     assert run_here(*args[:-6], "--mbr_size", "1", "--seed", "5", *args[-2:], "--name", "cut", "--overwrite",
-                    cwd=str(tmp_path / "b")).returncode == 0
+                    cwd=str(tmp_path)).returncode == 0
     assert sorted(os.listdir(cut)) == [".lock", "copy_source.jsonl", "decode.json", "seed5.jsonl"]
     assert json.loads((cut / "decode.json").read_text())["mbr_size"] == 1
-    one_error_line(run_here(*args, "--name", "never", "--resume", cwd=str(tmp_path / "b")), "no interrupted run")
+    one_error_line(run_here(*args, "--name", "never", "--resume", cwd=str(tmp_path)), "no interrupted run")
     assert sorted(os.listdir(tmp_path / "dec")) == ["cut", "full"]  # and no empty folder for it
 
 
