@@ -264,7 +264,7 @@ def check_predict(cmds, num_samples: int, batch_size: int, diffs: dict):
                 "top_p": 1.0, "num_samples": 2 * 32, "decode_respacing": None, "weights": "ema",
                 "max_len": None, "prompt": None, "template": None, "template_file": None}
     ours_only = {"batch_size": batch_size, "seed": 42, "out_dir": "generation_results", "overwrite": False,
-                 "resume": False, "device": "auto", **NO_SAMPLER_OPTIONS}
+                 "resume": False, "device": "auto", "block_size": None, **NO_SAMPLER_OPTIONS}
     cached, uncached = cmds["predict.py"]
     assert account(decoder_flags("predict.py", cached), released, diffs, {**ours_only, "no_cache": False}) == []
     assert account(decoder_flags("predict.py", uncached), released, diffs, {**ours_only, "no_cache": True}) == []
