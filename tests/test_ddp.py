@@ -21,7 +21,7 @@ B, L, V = 4, 10, 50
 def make_objective(process: str) -> Objective:
     cfg = SimpleNamespace(timestep_sampler="uniform", num_steps=20, simi_penalty="none", low_discrepancy=False,
                           simi_lambda=-2.0, simi_noise=0.05, eval_steps=4, loss_average="all", simi_maps="released",
-                          loss_weighting="elbo")
+                          loss_weighting="elbo", objective="discrete")
     torch.manual_seed(0)
     if process == "gaussian":
         net = DiffuSeqTransformer(V, emb_dim=8, hidden_size=16, num_layers=1, num_heads=2, max_len=L, num_steps=20,

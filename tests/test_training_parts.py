@@ -258,7 +258,7 @@ def test_objective_is_chosen_by_the_process_and_shares_stats():
     from diffusion import AbsorbingDiffusion, GaussianDiffusion, gaussian_betas, make_schedule
     from runtime.objective import AbsorbingObjective, GaussianObjective, Objective, make_objective
 
-    cfg = SimpleNamespace(timestep_sampler="uniform", num_steps=8)
+    cfg = SimpleNamespace(timestep_sampler="uniform", num_steps=8, objective="discrete")
     assert type(make_objective(nn.Linear(1, 1), GaussianDiffusion(gaussian_betas("sqrt", 8)), cfg)) is GaussianObjective
     assert type(make_objective(nn.Linear(1, 1), AbsorbingDiffusion(make_schedule("mutual"), 8, mask_id=3), cfg)) \
         is AbsorbingObjective
