@@ -1,7 +1,8 @@
 """Does it learn? Known-answer tasks and the papers' ablations at small scale, with one command.
 
-    bash run.sh reproduce          # parts 1-3, the full run (about 70 min on 2 CPU cores)
-    bash run.sh reproduce quick    # the same at a smaller scale (about 7 min)
+    bash run.sh reproduce          # parts 1-3, the full run (67 min on 2 CPU cores before MDLM joined part 2)
+    bash run.sh reproduce quick    # parts 1-3 and 5 at a smaller scale (7 min before parts 5 and MDLM; with them
+                                   # 18+ min measured only on a loaded machine)
     bash run.sh reproduce --parts glm --out results/reproduce-full-<time>   # part 4, beside a finished run
     python reproduce.py --scale quick --out results/reproduce-quick   # run again: finished parts are reused
     python reproduce.py --render results/reproduce-quick   # results.md and the plots again, from results.json

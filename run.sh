@@ -8,7 +8,8 @@
 #   NGPU=4 bash run.sh lm1b  the same under torchrun --nproc_per_node 4 (DDP); the batch is kept at any NGPU
 #   DRY_RUN=1 bash run.sh lm1b   print the commands a preset runs, run nothing
 #   bash run.sh reproduce [quick]   does it learn? known-answer tasks and the papers' ablations
-#                            (offline CPU; about 70 min on 2 cores, quick: 7 min); reproduce.py --help
+#                            (offline CPU; 67 min on 2 cores before MDLM joined part 2; quick, with
+#                            part 5: 18+ min, timed only on a loaded machine); reproduce.py --help
 #   bash run.sh reproduce --parts glm --out DIR   part 4: the Gaussian LM, infilling and length control
 #                            (beside a finished full run in DIR: one results.md with every part)
 #   bash run.sh reproduce --render DIR   DIR/results.md and its plots again from DIR/results.json
