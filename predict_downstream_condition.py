@@ -14,10 +14,11 @@ DiffuSeq's output format (one JSON object per line: ``recover``, ``reference``, 
 baseline (the source itself as the output) to ``copy_source.jsonl``.
 
 The strings are DiffuSeq's (``evaluation.seq2seq.decode_like_diffuseq``): each region of the canvas
-(source ``[CLS] src [SEP]``, reference ``trg [SEP]``, recover = the whole generated target region)
+(source ``[CLS] src [SEP]``, reference ``trg [SEP]``, recover = the generated target region)
 without its trailing [PAD]s, decoded with the special tokens kept and BERT's clean-up of
-tokenization spaces. The metrics strip [CLS]/[SEP]/[PAD] as DiffuSeq's eval script does, so words
-generated after a [SEP] count, as there.
+tokenization spaces. The metrics strip [CLS]/[SEP]/[PAD] as DiffuSeq's eval script does. For the
+Gaussian process recover is the whole region, so words generated after a [SEP] count, as in DiffuSeq;
+for the absorbing process it ends at the first [SEP], as DiffusionBERT's decoder cuts at its end token.
 
 Under ``torchrun --nproc_per_node N`` the batches are shared out among the ranks; every batch has its
 own seed (from the candidate's seed and the batch index) and rank 0 writes the files in input order,

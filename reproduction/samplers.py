@@ -50,8 +50,8 @@ SETTINGS = {
     "full": dict(study_samples=1000, study_steps=(8, 32, 128, 512), study_conf_steps=(8, 16, 32),
                  study_parallel=(32, (0.5, 0.7, 0.9, 0.99)),
                  study_remask=((16, 64), (("cap", 0.008), ("cap", 0.05), ("rescale", 0.015), ("conf", None))),
-                 study_first_hitting=(128, 1000), study_solver_steps=(10, 20), study_full_chain=100,
-                 study_s2s_steps=600, study_s2s_grid=(8, 32, 200), study_ar_steps=2780),
+                 study_first_hitting=(128, 1000), study_solver_steps=(10, 20), study_full_chain=1000,
+                 study_s2s_steps=5000, study_s2s_grid=(8, 32, 200), study_ar_steps=2780),
 }
 
 

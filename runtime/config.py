@@ -64,10 +64,11 @@ class TrainConfig:
                       "dataloader.py: [CLS] src trg [SEP], no separator, the source in the task's prompt text: qqp "
                       "'\"src\" is equal to \"', quasar_t ' Answer: src Question: ', wiki_auto, "
                       "commonsense_conversation; absorbing only)", choices=CANVASES)
-    pad_to: str = opt("auto", "seq2seq batch width: longest (the batch's longest pair, DiffusionBERT's pad_sequence) "
-                      "or max_len (every row a --max_len canvas, DiffuSeq's); the target region runs to the end of "
-                      "the row either way, so the model generates the padding; auto: longest for absorbing, "
-                      "max_len for gaussian", choices=("auto", "longest", "max_len"))
+    pad_to: str = opt("auto", "seq2seq batch width: max_len (every row a --max_len canvas, DiffuSeq's) or longest "
+                      "(the batch's longest pair, DiffusionBERT's pad_sequence: faster, but the canvas positions past "
+                      "a batch's longest pair are rarely trained, while the decoder's canvas is --max_len long); the "
+                      "target region runs to the end of the row either way, so the model generates the padding; "
+                      "auto: max_len", choices=("auto", "longest", "max_len"))
     truncation: str = opt("auto", "how a seq2seq pair longer than --max_len is cut: ours (the source first, never "
                           "below max_len // 2 tokens) or diffuseq (DiffuSeq's text_datasets.py: the longer side "
                           "loses its last word until the words fit max_len - 5); auto: diffuseq for gaussian, "
@@ -338,8 +339,9 @@ class TrainConfig:
 
     def seq2seq_layout(self) -> tuple[str, str]:
         """``(pad_to, truncation)`` with ``auto`` resolved by process: DiffuSeq's fixed canvas and cut for gaussian;
-        DiffusionBERT's ``pad_sequence`` and our cut for absorbing (its own, 128 a side, does not fit a canvas)."""
-        default = ("max_len", "diffuseq") if self.process == "gaussian" else ("longest", "ours")
+        the same fixed canvas (the decoder's) and our cut for absorbing (DiffusionBERT's own cut, 128 a side, does
+        not fit a canvas; its ``pad_sequence`` is ``--pad_to longest``, docs/differences.md)."""
+        default = ("max_len", "diffuseq") if self.process == "gaussian" else ("max_len", "ours")
         return (default[0] if self.pad_to == "auto" else self.pad_to,
                 default[1] if self.truncation == "auto" else self.truncation)
 

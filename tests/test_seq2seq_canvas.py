@@ -95,7 +95,7 @@ def test_released_canvas_without_a_released_prompt_is_the_bare_layout(tok):
     assert "prompt none" in logs[-1]
 
 
-def test_pad_to_longest_from_the_run_config(tok, tiny_pairs, private_hf_cache):
+def test_pad_to_from_the_run_config(tok, tiny_pairs, private_hf_cache):
     def batch_of(**flags):
         cfg = TrainConfig(task="seq2seq", dataset="folder", data_files=tiny_pairs, max_len=128, **flags)
         cfg.check()
@@ -103,16 +103,16 @@ def test_pad_to_longest_from_the_run_config(tok, tiny_pairs, private_hf_cache):
         rows = [data["train"][i] for i in range(6)]
         return cfg, rows, collate(rows)
 
-    cfg, rows, b = batch_of()  # absorbing: auto = longest
-    assert (cfg.pad_to, cfg.truncation, cfg.canvas) == ("longest", "ours", "ours")
+    cfg, _, b = batch_of()  # absorbing: auto = max_len, the width of the decoder's canvas
+    assert (cfg.pad_to, cfg.truncation, cfg.canvas) == ("max_len", "ours", "ours")
+    assert b["input_ids"].shape == (6, 128)
+    cfg, rows, b = batch_of(pad_to="longest")
     lens = [len(r["src_ids"]) + len(r["trg_ids"]) for r in rows]
     assert b["input_ids"].shape == (6, max(lens)) and max(lens) < 128
     for i, r in enumerate(rows):  # the released target_mask: zeros over the source, ones to the end of the row
         ns = len(r["src_ids"])
         assert b["noise_mask"][i].tolist() == [False] * ns + [True] * (max(lens) - ns)
         assert b["input_ids"][i, lens[i]:].eq(tok.pad_token_id).all()
-    cfg, _, b = batch_of(pad_to="max_len")
-    assert b["input_ids"].shape == (6, 128)
     cfg, _, b = batch_of(process="gaussian")  # DiffuSeq keeps its fixed canvas and its truncation
     assert (cfg.pad_to, cfg.truncation) == ("max_len", "diffuseq") and b["input_ids"].shape == (6, 128)
 
@@ -193,7 +193,7 @@ def test_old_seq2seq_configs_read_as_they_were_trained():
 @pytest.mark.slow
 def test_released_canvas_trains_and_decodes_with_its_prompt(tmp_path, tiny_bert, tiny_pairs):
     run = tmp_path / "run"
-    trained = run_here("train.py", "--task", "seq2seq", "--dataset", "qqp", "--data_files", tiny_pairs, "--canvas", "released",
+    trained = run_here("train.py", "--task", "seq2seq", "--dataset", "qqp", "--data_files", tiny_pairs, "--canvas", "released", "--pad_to", "longest",
             "--model_name_or_path", tiny_bert, "--num_steps", "20", "--max_len", "64", "--batch_size", "4",
             "--max_steps", "2", "--eval_every", "2", "--eval_examples", "4", "--eval_steps", "2", "--lr", "1e-3",
             "--warmup_steps", "0", "--out_dir", str(run), "--log_dir", str(tmp_path / "logs"), cwd=str(tmp_path))
@@ -237,3 +237,42 @@ def test_bench_seq2seq_padding_quick(tmp_path, tiny_bert):
     assert "step before / after" in proc.stdout
     bad = run_here("bench.py", "--seq2seq_padding", "--process", "gaussian", cwd=str(tmp_path))
     one_error_line(bad, "--seq2seq_padding")
+
+
+# --- how a generated target is read -----------------------------------------------------------------------
+
+class SaysCanvas:
+    """A denoiser certain of one canvas ``plan`` (token ids by position): absorbing, one-hot logits at the masked
+    positions; gaussian, the plan's embeddings, which clamping turns back into the plan's tokens."""
+
+    time_agnostic = True
+
+    def __init__(self, net, plan: list[int]):
+        self.net, self.plan = net, torch.tensor(plan)
+        self.embed, self.embedding_weight = getattr(net, "embed", None), getattr(net, "embedding_weight", None)
+
+    def __call__(self, x, t, attention_mask=None, positions=None):
+        if positions is None:  # gaussian: z_t [B, L, D]
+            return self.net.embedding_weight[self.plan[:x.shape[1]]].detach().expand_as(x)
+        want = self.plan[:x.shape[1]].expand(x.shape[0], -1)[positions]
+        logits = torch.full((want.numel(), self.net.vocab_size if hasattr(self.net, "vocab_size") else 30522), -1e4)
+        logits[torch.arange(want.numel()), want] = 0.0
+        return logits
+
+
+@pytest.mark.parametrize("process, expected", [
+    # DiffusionBERT's decoder cuts each candidate at its first end token (predict_downstream_condition.py)
+    ("absorbing", "and god [SEP]"),
+    # DiffuSeq's decode_token drops only the trailing [PAD]s: words after a [SEP] stay (its metrics count them)
+    ("gaussian", "and god [SEP] the lord [SEP]"),
+])
+def test_words_generated_after_the_target_end(tok, process, expected):
+    from tests.test_infill import MAX_LEN, build
+    m = build(tok, process, task="seq2seq")
+    src = m.source_ids(["in"])[0]
+    assert tok.convert_ids_to_tokens(src) == ["[CLS]", "in", "[SEP]"]
+    tail = tok.convert_tokens_to_ids(["and", "god", "[SEP]", "the", "lord", "[SEP]"])
+    plan = src + tail + [tok.pad_token_id] * (MAX_LEN - len(src) - len(tail))
+    m.run.denoiser = SaysCanvas(m.run.denoiser, plan)
+    options = {"steps": 4} if process == "absorbing" else {"respacing": "uniform_4"}
+    assert m.decode(["in"], **options) == [expected]
