@@ -30,3 +30,28 @@ def give_back() -> bool:
         except (OSError, AttributeError):  # not glibc
             _trim = False
     return bool(_trim and _trim(0))
+
+
+class Trimmer:
+    """:func:`give_back` at most a ``budget`` fraction of the wall time: :meth:`maybe` (called once per step)
+    trims when the time since the last trim is at least the last trim's cost divided by ``budget``. A trim
+    that found little to walk is cheap and comes back soon; a dear one (a large fragmented heap) waits longer.
+    So a fast step (a GPU's) pays a trim every many steps, never every step, and the overhead stays near
+    ``budget`` whatever a step costs. ``clock`` and ``trim`` are for tests."""
+
+    def __init__(self, budget: float = 0.01, clock=None, trim=None):
+        import time
+        if not 0 < budget < 1:
+            raise ValueError(f"budget {budget} is not in (0, 1)")
+        self.budget, self.clock, self.trim = budget, clock or time.perf_counter, trim or give_back
+        self.next_at = self.clock()  # the first call trims
+
+    def maybe(self) -> bool:
+        """Trim if its time has come; returns whether it trimmed."""
+        start = self.clock()
+        if start < self.next_at:
+            return False
+        self.trim()
+        end = self.clock()
+        self.next_at = end + (end - start) / self.budget
+        return True

@@ -59,3 +59,50 @@ def test_training_plots_leave_no_cyclic_garbage(tmp_path):
     gc.collect()
     assert len(plots.draw_training_plots(str(tmp_path))) == 2
     assert gc.collect() < 200  # without the collection in draw_training_plots: about 6,000 here
+
+
+class FakeClock:
+    """A clock that only moves when told: ``advance`` for a step's work, the trim's own cost inside ``trim``."""
+
+    def __init__(self, trim_cost: float):
+        self.now, self.trim_cost, self.trims = 0.0, trim_cost, []
+
+    def __call__(self) -> float:
+        return self.now
+
+    def trim(self):
+        self.trims.append(self.now)
+        self.now += self.trim_cost
+
+
+@pytest.mark.parametrize("step_s, trim_s, budget", [(0.002, 0.1, 0.01), (1.5, 0.2, 0.01), (0.3, 0.05, 0.05)])
+def test_trimmer_spends_its_budget_and_no_more(step_s, trim_s, budget):
+    """Hand-derived schedule: a trim at time a costing c makes the next wait until a + c + c / budget; steps of
+    s seconds then reach it after ceil((c + c / budget) / s) steps, as long as a step is shorter than that."""
+    import math
+
+    from common.heap import Trimmer
+    clock = FakeClock(trim_s)
+    t = Trimmer(budget, clock=clock, trim=clock.trim)
+    steps = 3000
+    for _ in range(steps):
+        t.maybe()
+        clock.now += step_s
+    gap = trim_s + trim_s / budget  # from one trim's start to the next one's due time
+    every = max(1, math.ceil(round((gap - trim_s) / step_s, 9)))  # steps after a trim until it is due
+    expected = [0.0]
+    while True:
+        nxt = expected[-1] + trim_s + every * step_s
+        if nxt > clock.now - step_s + 1e-9:
+            break
+        expected.append(nxt)
+    assert clock.trims == pytest.approx(expected)
+    spent = len(clock.trims) * trim_s / clock.now
+    assert spent <= budget * 1.000001 or len(clock.trims) == 1
+
+
+def test_trimmer_refuses_a_budget_outside_0_1():
+    from common.heap import Trimmer
+    for bad in (0, 1, -0.1, 2):
+        with pytest.raises(ValueError):
+            Trimmer(bad)
