@@ -18,6 +18,8 @@ Training, the step of:
   (fresh each step), plain cross-entropy against x0, backward, AdamW. What any masked-LM step costs.
 * ``ours``: train.py's step (``AbsorbingDiffusion.loss``: the exact per-token bound + hybrid CE).
 * ``full_projection``: ours with the 30k-way projection at every position (a fast path turned off).
+* ``mdlm``: ``--objective mdlm``'s step (``diffusion.mdlm.loss``: the log-linear schedule, antithetic t), so
+  that equal steps can be turned into equal wall time against ``ours``.
 * ``reference`` (``--reference``): the original code's design: x_t by Gumbel-max over [B, L, V],
   logits at every position, posterior and reverse model as [B, L, V] float64 tensors
   (``diffusion.reference.dense_loss``, the tests' oracle), KL over V at every position. The run
@@ -324,8 +326,11 @@ def absorbing_train_variants(ab: Absorbing, L: int, with_reference: bool) -> dic
     def full_projection_denoiser(x, t_, a, positions):
         return denoiser(x, t_, a, None)[positions]
 
+    from diffusion import AbsorbingDiffusion, make_schedule, mdlm
+    loglinear = AbsorbingDiffusion(make_schedule("loglinear"), ab.T, mask_id)
     fns = {"floor": ab.train_step(floor), "ours": ab.train_step(ab.ours(x0, nm, att)),
-           "full_projection": ab.train_step(lambda: diffusion.loss(full_projection_denoiser, x0, nm, att).loss)}
+           "full_projection": ab.train_step(lambda: diffusion.loss(full_projection_denoiser, x0, nm, att).loss),
+           "mdlm": ab.train_step(lambda: mdlm.loss(loglinear, denoiser, x0, nm, att, low_discrepancy=True).loss)}
     if with_reference:
         fns["reference"] = ab.train_step(ab.reference(x0, nm, att))
     out = interleaved(ab.clock, fns, ab.args.repeats)
@@ -829,13 +834,14 @@ def report_absorbing(r: dict, args) -> list[str]:
              f"{r['parameters'] / 1e6:.1f}M parameters), batch {args.batch_size}, length {args.seq_len}, "
              f"T {r['T']}, schedule {r['schedule']}", "",
              "| training step | seconds | vs floor |", "|---|---|---|"]
-    for k in ("floor", "ours", "full_projection", "reference"):
+    for k in ("floor", "ours", "full_projection", "mdlm", "reference"):
         if k in tr:
             lines.append(f"| {k} | {tr[k]:.3f} | {tr[k] / tr['floor']:.2f}x |")
     lines += ["", f"- training (train mode, dropout on): {tr['tokens_per_s']:.0f} tokens/s; step / floor = "
               f"**{tr['ours'] / tr['floor']:.2f}**"
               + (f"; reference / ours = **{tr['reference'] / tr['ours']:.2f}x**" if "reference" in tr else "")
-              + f"; full projection / ours = {tr['full_projection'] / tr['ours']:.2f}x"]
+              + f"; full projection / ours = {tr['full_projection'] / tr['ours']:.2f}x"
+              + f"; MDLM / ours = **{tr['mdlm'] / tr['ours']:.2f}x**"]
     if "kl_fast_vs_dense_rel_diff" in r:
         lines.append(f"- the fast bound against the dense [B, L, V] one (same x_t, t, logits): relative difference "
                      f"{r['kl_fast_vs_dense_rel_diff']:.1e}")

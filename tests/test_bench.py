@@ -21,7 +21,7 @@ def test_bench_absorbing_quick(tmp_path, tiny_bert):
                    cwd=str(tmp_path))
     r = json.load(open(out))
     assert r["kl_fast_vs_dense_rel_diff"] < 1e-4  # reported with --reference; the equality is tested elsewhere
-    for k in ("floor", "ours", "full_projection", "reference"):
+    for k in ("floor", "ours", "full_projection", "mdlm", "reference"):
         assert r["train"][k] > 0
     s = r["sample"]
     assert s["cache_off"]["calls"] == 8 and s["cache_on"]["calls"] <= 8
@@ -31,7 +31,7 @@ def test_bench_absorbing_quick(tmp_path, tiny_bert):
     assert set(r["by_length"]) == {"8", "12"} and set(r["by_steps"]) == {"4", "8"}
     assert r["by_steps"]["8"]["cache_off_calls"] == 8
     assert all(v is None or v > 0 for v in r["memory_mb"].values())
-    assert "step / floor" in proc.stdout and "reference / ours" in proc.stdout
+    assert "step / floor" in proc.stdout and "reference / ours" in proc.stdout and "MDLM / ours" in proc.stdout
 
 
 def test_bench_gaussian_quick(tmp_path, tiny_bert):
