@@ -225,8 +225,8 @@ def sample_all(args, info: dist.DistInfo) -> None:
     decoding = model.decoding(args.steps, args.decode_respacing, args.sampler, args.topk, args.top_p,
                               args.temperature, not args.no_cache, **sampler_options(args))
     args.steps = decoding.steps  # absorbing: the default 128, recorded in the json
-    if not args.no_cache and run.cfg.process == "absorbing" and not decoding.use_cache:
-        log(f"predict: the denoiser is conditioned on t ({run.cfg.time_conditioning}); caching is off")
+    for note in decoding.notes:
+        log(f"predict: {note}")
 
     name = args.name or default_name(args, run, templates)
     out_txt = os.path.join(args.out_dir, f"{name}.txt")
@@ -258,9 +258,7 @@ def sample_all(args, info: dist.DistInfo) -> None:
     output.write_json(out_json, meta)
     output.finish(info)
     ranks = f", {info.world_size} ranks" if info.enabled else ""
-    cache = {"absorbing": lambda: f"cache {'on' if decoding.use_cache else 'off'}",
-             "gaussian": lambda: f"{len(decoding.report.get('timesteps', ()))} steps",
-             "autoregressive": lambda: "left to right, no key-value cache"}[run.cfg.process]()
+    cache = decoding.summary
     print(f"predict: wrote {len(rows)} samples to {out_txt} in {wall:.1f}s "
           f"({len(rows) / wall:.2f} sequences/s); {calls} network calls, {evaluations} sequence evaluations "
           f"({cache}{ranks}{f'; {output.resumed} batches kept from the interrupted run' if output.resumed else ''})"

@@ -74,6 +74,22 @@ class Decoding:
     use_cache: bool
     sample: Callable[..., SampleOutput]          # (ids, attention_mask, noise_mask, noise, restrict) -> SampleOutput
     report: dict = field(default_factory=dict)   # extra keys of decode.json / predict.py's json
+    summary: str = ""                            # how it ran, for the scripts' last line ("cache on", "20 steps")
+    notes: tuple[str, ...] = ()                  # what the scripts log before sampling (a setting not honoured)
+
+
+@dataclass(frozen=True)
+class Traits:
+    """What a process's generation can do, where the rows, checks and readings differ by process (one entry per
+    process in ``TRAITS``, beside its ``DECODINGS`` entry): the API asks these, never the process's name."""
+    diffusion_steps: bool    # the checkpoint has T diffusion steps (not the left-to-right baseline)
+    fixed_lm_canvas: bool    # an lm row is a --max_len canvas where the model places [SEP] (gaussian); else as long
+                             # as its text (absorbing), or a prefix continued until [SEP] (autoregressive)
+    semi_ar: bool            # lengths past max_len are made block by block (runtime.semi_ar)
+    left_to_right: bool      # continues a prefix only: no lengths, no templates, no blocks
+    cut_at_sep: bool         # a seq2seq output ends at its first [SEP] (DiffusionBERT's decoder), else DiffuSeq's
+                             # whole generated region
+    start_id: bool           # the released sampler's start token can be chosen
 
 
 @dataclass
@@ -141,13 +157,18 @@ class Model:
         return self.info.device
 
     @property
+    def traits(self) -> Traits:
+        return TRAITS[self.process]
+
+    @property
     def canvas_width(self) -> int | None:
         """The checkpoint's max_len for the fixed canvases it was trained on (seq2seq, gaussian); None for the
         absorbing lm, whose batches are as long as their longest row (``runtime.canvas``)."""
-        return None if (self.task, self.process) == ("lm", "absorbing") else self.run.cfg.max_len
+        variable = self.task == "lm" and self.traits.semi_ar
+        return None if variable else self.run.cfg.max_len
 
     def __repr__(self) -> str:
-        steps = "" if self.process == "autoregressive" else f"T={self.run.cfg.num_steps}, "
+        steps = f"T={self.run.cfg.num_steps}, " if self.traits.diffusion_steps else ""
         return (f"Model({self.run.ckpt_dir!r}: {self.task}, {self.process}, {steps}"
                 f"max_len={self.run.cfg.max_len}, on {self.device})")
 
@@ -196,7 +217,7 @@ class Model:
                                 f"minus [CLS] and [SEP], it is made semi-autoregressively), got {v}")
             if v < 1 or (v > longest and not blocks):
                 also = (" (a gaussian checkpoint has no semi-autoregressive mode past its canvas)"
-                        if self.process == "gaussian" and v > longest else "")
+                        if self.traits.fixed_lm_canvas and v > longest else "")
                 raise UserError(f"{self._name('length')} must be between 1 and {longest} ({self._name('max_len')} "
                                 f"minus [CLS] and [SEP]){also}, got {v}")
         return list(values)
@@ -241,7 +262,7 @@ class Model:
         options = {"order": order, "threshold": threshold, "remask": remask, "eta": eta}
         if start_id is not None:
             n = self._name
-            if self.process != "absorbing" or sampler != "released":
+            if not self.traits.start_id or sampler != "released":
                 raise UserError(f"{n('start_id')} is for absorbing checkpoints with {n('sampler')} released (the "
                                 "released decoder's start token)")
             if not 0 <= start_id < len(self.tokenizer):
@@ -273,23 +294,23 @@ class Model:
         self._need_task("lm", "sample")
         self._at_least_one(num_samples=num_samples)
         n, tok, cfg = self._name, self.tokenizer, self.run.cfg
-        gaussian = self.process == "gaussian"
+        traits = self.traits
         if max_len is not None:
-            if gaussian:
+            if traits.fixed_lm_canvas:
                 raise UserError(f"{n('max_len')} is for absorbing checkpoints: a gaussian lm samples on its canvas "
                                 f"of max_len={cfg.max_len}; choose a length with {n('length')}")
             if not 3 <= max_len <= cfg.max_len:
                 raise UserError(f"{n('max_len')} must be between 3 and the training --max_len {cfg.max_len}, "
                                 f"got {max_len}")
-        if self.process == "autoregressive" and (length is not None or max_len is not None or block_size is not None):
+        if traits.left_to_right and (length is not None or max_len is not None or block_size is not None):
             raise UserError(f"{n('length')}, {n('max_len')} and {n('block_size')} are for diffusion checkpoints: an "
                             f"autoregressive one ends a sample where it draws [SEP] (at the latest at its "
                             f"max_len={cfg.max_len})")
-        if block_size is not None and gaussian:
+        if block_size is not None and not traits.semi_ar:
             raise UserError(f"{n('block_size')} is for absorbing checkpoints: a gaussian lm samples one canvas of "
                             f"max_len={cfg.max_len}")
         longest = (max_len or cfg.max_len) - 2
-        lengths = self._lengths(length, longest, blocks=not gaussian)
+        lengths = self._lengths(length, longest, blocks=traits.semi_ar)
         given = [] if prompt is None else wordpieces(tok, prompt, n("prompt"), slots=False)
         blocks = self._blocks(lengths, block_size, longest, len(given))
         room = longest if lengths is None else min(lengths)
@@ -297,9 +318,9 @@ class Model:
             where = (f"{n('length')} {room} (which counts the prompt's wordpieces)" if lengths else
                      f"the canvas, at most {longest} between [CLS] and [SEP]")
             raise UserError(f"{n('prompt')} {prompt!r} is {len(given)} wordpieces: {where} leaves no room to continue it")
-        if self.process == "autoregressive":  # left to right from [CLS] (and the prompt) until [SEP]
+        if traits.left_to_right:  # from [CLS] (and the prompt) until [SEP]
             return [Row((tok.cls_token_id, *given), open=True)] * num_samples
-        if lengths is None and not gaussian:
+        if lengths is None and not traits.fixed_lm_canvas:
             from textdata.lm import LengthPrior
             counts = self.run.run_info["derived"]["length_counts"]
             try:  # longer than the prompt: the training-length prior conditioned on n > |prompt|
@@ -308,7 +329,7 @@ class Model:
             except UserError as e:
                 raise UserError(f"{e}; give {n('length')}") from e
         cls, sep = tok.cls_token_id, tok.sep_token_id
-        if lengths is None:  # gaussian, open-ended: the model places [SEP] and the padding
+        if lengths is None:  # a fixed canvas, open-ended: the model places [SEP] and the padding
             return [Row((cls, *given), open=True)] * num_samples
         return [Row((cls, *given, *[SLOT] * (m - len(given)), sep), blocks=blocks if m > longest else None)
                 for m in (lengths[i % len(lengths)] for i in range(num_samples))]
@@ -319,7 +340,7 @@ class Model:
         self._need_task("lm", "infill")
         self._at_least_one(num_samples=num_samples)
         n, tok, max_len = self._name, self.tokenizer, self.run.cfg.max_len
-        if self.process == "autoregressive":
+        if self.traits.left_to_right:
             raise UserError(f"{self.run.ckpt_dir} is an autoregressive checkpoint: it generates left to right and "
                             f"cannot fill a {n('templates')}'s slots given the words after them; give a "
                             f"{n('prompt')} (the text it continues) instead")
@@ -381,7 +402,7 @@ class Model:
         if self.task == "seq2seq":
             from evaluation.seq2seq import decode_like_diffuseq
             region = x0[len(row.cells):]
-            if self.process == "absorbing":  # DiffusionBERT's decoder cuts at the first end token
+            if self.traits.cut_at_sep:  # DiffusionBERT's decoder cuts at the first end token
                 region = region[:region.index(tok.sep_token_id) + 1] if tok.sep_token_id in region else region
             return decode_like_diffuseq(tok, region)
         end = text_end(row, x0, (tok.sep_token_id, tok.pad_token_id))
@@ -557,7 +578,10 @@ def absorbing_decoding(m: Model, steps, respacing, sampler, topk, top_p, tempera
                                     generator=gen, sampler=rule, start_id=start_id, restrict=restrict)
     report = {k: getattr(rule, k) for k in ("order", "threshold", "schedule", "eta") if hasattr(rule, k)}
     report = {("remask" if k == "schedule" else k): v for k, v in report.items()}
-    return Decoding(f"steps{steps}{_setting_suffix(sampler, report)}", steps, use_cache, sample, report)
+    notes = (() if use_cache or not cache else
+             (f"the denoiser is conditioned on t ({run.cfg.time_conditioning}); caching is off",))
+    return Decoding(f"steps{steps}{_setting_suffix(sampler, report)}", steps, use_cache, sample, report,
+                    f"cache {'on' if use_cache else 'off'}", notes)
 
 
 def _setting_suffix(sampler: str, report: dict) -> str:
@@ -600,7 +624,7 @@ def gaussian_decoding(m: Model, steps, respacing, sampler, topk, top_p, temperat
                                     exclude=special if bool(closed.all()) else (), solver=solver, restrict=restrict)
     suffix = "" if solver == "ddpm" else f"_{solver}"
     return Decoding(f"respacing{respacing or 'full'}{suffix}", None, False, sample,
-                    {"timesteps": kept, "solver": solver})
+                    {"timesteps": kept, "solver": solver}, f"{len(kept)} steps")
 
 
 def autoregressive_decoding(m: Model, steps, respacing, sampler, topk, top_p, temperature, cache, options,
@@ -620,7 +644,16 @@ def autoregressive_decoding(m: Model, steps, respacing, sampler, topk, top_p, te
     def sample(ids, att, noise, gen, restrict=None):
         return run.diffusion.sample(lambda x, a, p: den(x, None, a, p), ids, noise, gen, topk, top_p, temperature,
                                     pad_id)
-    return Decoding("autoregressive", None, False, sample, {"sampler": "autoregressive", "kv_cache": False})
+    return Decoding("autoregressive", None, False, sample, {"sampler": "autoregressive", "kv_cache": False},
+                    "left to right, no key-value cache")
 
 
 DECODINGS = {"absorbing": absorbing_decoding, "gaussian": gaussian_decoding, "autoregressive": autoregressive_decoding}
+TRAITS = {
+    "absorbing": Traits(diffusion_steps=True, fixed_lm_canvas=False, semi_ar=True, left_to_right=False,
+                        cut_at_sep=True, start_id=True),
+    "gaussian": Traits(diffusion_steps=True, fixed_lm_canvas=True, semi_ar=False, left_to_right=False,
+                       cut_at_sep=False, start_id=False),
+    "autoregressive": Traits(diffusion_steps=False, fixed_lm_canvas=False, semi_ar=False, left_to_right=True,
+                             cut_at_sep=False, start_id=False),
+}

@@ -170,3 +170,20 @@ def test_raw_weights_only_for_gaussian(seq2seq_run, gauss_run, short_pairs):
     assert len(raw.decode(sources[:2], respacing="uniform_3")) == 2
     with pytest.raises(UserError, match="weights must be one of ema, raw"):
         load(str(gauss_run[1]), weights="last")
+
+
+# ---------------------------------------------------------------- what a decoding says of itself
+
+@pytest.mark.parametrize("process, flags, cache, summary, note", [
+    ("absorbing", {}, True, "cache on", None),
+    ("absorbing", {}, False, "cache off", None),  # asked for: nothing to say
+    ("absorbing", {"time_conditioning": "layerwise"}, True, "cache off", "conditioned on t (layerwise); caching is off"),
+    ("gaussian", {}, True, "5 steps", None),
+])
+def test_a_decoding_says_how_it_ran(tok, process, flags, cache, summary, note):
+    from tests.test_infill import build
+    m = build(tok, process, **flags)
+    options = {"steps": 4, "cache": cache} if process == "absorbing" else {"respacing": "uniform_5"}
+    d = m.decoding(**options)
+    assert d.summary == summary
+    assert any(note in n for n in d.notes) if note else d.notes == ()

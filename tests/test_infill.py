@@ -23,11 +23,13 @@ TEMPLATES = ["the [MASK] [MASK] of the lord [MASK]", "[MASK] and god said", "[MA
 PROMPT = "in the beginning"
 
 
-def build(tok, process: str, task: str = "lm") -> api.Model:
-    """A tiny untrained checkpoint of ``process`` and ``task`` (the config built directly, not checked)."""
+def build(tok, process: str, task: str = "lm", **flags) -> api.Model:
+    """A tiny untrained checkpoint of ``process`` and ``task`` (the config built directly, not checked; ``flags``:
+    other TrainConfig fields)."""
     torch.manual_seed(0)
     cfg = TrainConfig(task=task, process=process, max_len=MAX_LEN, num_steps=20, emb_dim=8, hidden_size=16,
-                      num_layers=1, num_heads=2, dropout=0.0, schedule="sqrt" if process == "gaussian" else "mutual")
+                      num_layers=1, num_heads=2, dropout=0.0, schedule="sqrt" if process == "gaussian" else "mutual",
+                      **flags)
     if process == "gaussian":
         net = build_gaussian_denoiser(cfg, len(tok))
     else:
