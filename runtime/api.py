@@ -401,10 +401,9 @@ class Model:
         tok = self.tokenizer
         if self.task == "seq2seq":
             from evaluation.seq2seq import decode_like_diffuseq
-            region = x0[len(row.cells):]
-            if self.traits.cut_at_sep:  # DiffusionBERT's decoder cuts at the first end token
-                region = region[:region.index(tok.sep_token_id) + 1] if tok.sep_token_id in region else region
-            return decode_like_diffuseq(tok, region)
+            # DiffusionBERT's decoder cuts at the first end token (kept, as DiffuSeq's strings keep it)
+            end = text_end(row, x0, (tok.sep_token_id,)) + 1 if self.traits.cut_at_sep else len(x0)
+            return decode_like_diffuseq(tok, x0[len(row.cells):end])
         end = text_end(row, x0, (tok.sep_token_id, tok.pad_token_id))
         return " ".join(tok.decode(x0[1:end], skip_special_tokens=True).split())
 
