@@ -382,10 +382,11 @@ def near_misses(rows: list[dict], test: float, ar_tv: float, most: int = 4) -> l
     """The settings that meet three of the four targets (the fewest forbidden first) and the one each misses."""
     three = []
     for r in rows:
-        missed = [name for name, (ok, _) in checks(r, test, ar_tv).items() if not ok]
+        judged = checks(r, test, ar_tv)
+        missed = [name for name, (ok, _) in judged.items() if not ok]
         if len(missed) == 1:
             three.append((num(r["forbidden_fraction"]), f"{r['line']} {r['setting']} (misses: {missed[0]}; "
-                                                        f"{checks(r, test, ar_tv)[missed[0]][1]})"))
+                                                        f"{judged[missed[0]][1]})"))
     if not three:
         return []
     return ["- three of the four: " + "; ".join(text for _, text in sorted(three)[:most])
