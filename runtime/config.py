@@ -341,9 +341,8 @@ class TrainConfig:
         """``(pad_to, truncation)`` with ``auto`` resolved by process: DiffuSeq's fixed canvas and cut for gaussian;
         the same fixed canvas (the decoder's) and our cut for absorbing (DiffusionBERT's own cut, 128 a side, does
         not fit a canvas; its ``pad_sequence`` is ``--pad_to longest``, docs/differences.md)."""
-        default = ("max_len", "diffuseq") if self.process == "gaussian" else ("max_len", "ours")
-        return (default[0] if self.pad_to == "auto" else self.pad_to,
-                default[1] if self.truncation == "auto" else self.truncation)
+        cut = "diffuseq" if self.process == "gaussian" else "ours"
+        return ("max_len" if self.pad_to == "auto" else self.pad_to, cut if self.truncation == "auto" else self.truncation)
 
     def check_resume(self, stored: dict, ckpt_dir: str) -> None:
         """Resuming ``ckpt_dir``, whose stored config is ``stored``, may change only ``RESUMABLE_CHANGES``."""
