@@ -97,6 +97,10 @@ def parse_args(argv=None):
                    help="instead of the timings: train.py in a child process at the demo's shape (run.sh's flags) "
                         "and/or a long sampling run through runtime.api, recording the RSS every --memory_every steps")
     m.add_argument("--memory_steps", type=int, default=2000, help="training steps (train.py --max_steps)")
+    m.add_argument("--memory_heap", choices=("fixed", "glibc", "both"), default="fixed",
+                   help="training: train.py's own fixed mmap threshold (common/heap.py), glibc's dynamic one "
+                        "($DLM_MMAP_THRESHOLD=0), or both at once, one child each on the same batches, which also "
+                        "gives the fixed threshold's step time over glibc's")
     m.add_argument("--sample_calls", type=int, default=2000,
                    help="sampling: network calls in all (batches of --sample_steps iterations, repeated)")
     m.add_argument("--sample_length", type=int, default=None,
@@ -694,50 +698,88 @@ def small_network(model: str, hidden: int, layers: int, out_dir: str) -> str:
     return out_dir
 
 
+HEAP_ARMS = {"fixed": {}, "glibc": {"DLM_MMAP_THRESHOLD": "0"}}  # train.py's own setting; glibc's dynamic one
+
+
 def memory_training(args, work: str, save) -> dict:
     """train.py in a child process at the demo's shape for ``--memory_steps`` steps; its RSS is read from /proc
     whenever metrics.jsonl gains the train record of a step that is a multiple of ``--memory_every`` (the
-    child is then between that step and the next). ``save(result)`` is called after every record."""
+    child is then between that step and the next). ``--memory_heap both`` runs two children at once, one per
+    heap setting (:data:`HEAP_ARMS`), on the same seed and so the same batches: each has its records, and
+    their step times compare window by window. Returns ``{arm: result}``; ``save(results)`` is called after
+    every record."""
     import shlex
     import subprocess
     import sys
 
     root = os.path.dirname(os.path.abspath(__file__))
-    out_dir, model, extra = os.path.join(work, "run"), args.model, []
+    model, extra = args.model, []
     if args.memory_hidden:
         from textdata.word_freq import default_path
         model = small_network(args.model, args.memory_hidden, args.memory_layers, os.path.join(work, "network"))
         extra = ["--word_freq_file", os.path.join(root, default_path(args.model, "bible"))]  # the same tokenizer
-    cmd = [sys.executable, os.path.join(root, "train.py"), "--model_name_or_path", model,
-           "--max_len", str(args.seq_len), *DEMO_TRAIN_ARGS, "--max_steps", str(args.memory_steps),
-           *(["--batch_size", str(args.batch_size)] if args.batch_size else []), "--seed", str(args.seed),
-           "--device", "cpu" if args.device == "auto" else args.device, *extra, *shlex.split(args.train_args),
-           "--out_dir", out_dir, "--log_dir", os.path.join(out_dir, "logs")]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
-           **({"OMP_NUM_THREADS": str(args.threads)} if args.threads else {})}
-    res = {"command": " ".join(shlex.quote(c) for c in cmd[1:]), "network": {"model": args.model, "hidden":
-           args.memory_hidden, "layers": args.memory_layers} if args.memory_hidden else {"model": args.model},
-           "records": []}
-    log_path = os.path.join(work, "train.log")
-    start, offset = time.time(), 0
-    with open(log_path, "w") as log:
-        proc = subprocess.Popen(cmd, cwd=root, env=env, stdout=log, stderr=subprocess.STDOUT)
-        while True:
-            finished = proc.poll() is not None
-            recs, offset = new_records(os.path.join(out_dir, "metrics.jsonl"), offset)
-            for r in recs:
-                if r.get("split") == "train" and r["step"] % args.memory_every == 0 and not finished:
-                    res["records"].append(rss_record(r["step"], proc.pid, start))
-                    save(res)
-            if finished:
-                break
+    arms = list(HEAP_ARMS) if args.memory_heap == "both" else [args.memory_heap]
+    results, procs = {}, {}
+    for arm in arms:
+        out_dir = os.path.join(work, f"run-{arm}")
+        cmd = [sys.executable, os.path.join(root, "train.py"), "--model_name_or_path", model,
+               "--max_len", str(args.seq_len), *DEMO_TRAIN_ARGS, "--max_steps", str(args.memory_steps),
+               *(["--batch_size", str(args.batch_size)] if args.batch_size else []), "--seed", str(args.seed),
+               "--device", "cpu" if args.device == "auto" else args.device, *extra, *shlex.split(args.train_args),
+               "--out_dir", out_dir, "--log_dir", os.path.join(out_dir, "logs")]
+        env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
+               **({"OMP_NUM_THREADS": str(args.threads)} if args.threads else {}), **HEAP_ARMS[arm]}
+        results[arm] = {"command": " ".join(shlex.quote(c) for c in cmd[1:]), "heap": arm,
+                        "heap_env": HEAP_ARMS[arm], "out_dir": out_dir,
+                        "network": {"model": args.model, "hidden": args.memory_hidden, "layers": args.memory_layers}
+                        if args.memory_hidden else {"model": args.model}, "records": [], "tokens_per_s": {}}
+        log = open(os.path.join(work, f"train-{arm}.log"), "w")
+        procs[arm] = (subprocess.Popen(cmd, cwd=root, env=env, stdout=log, stderr=subprocess.STDOUT), log)
+    start, offsets, done = time.time(), dict.fromkeys(arms, 0), set()
+    try:
+        while len(done) < len(arms):
+            for arm, (proc, log) in procs.items():
+                if arm in done:
+                    continue
+                finished = proc.poll() is not None
+                recs, offsets[arm] = new_records(os.path.join(results[arm]["out_dir"], "metrics.jsonl"), offsets[arm])
+                for r in recs:
+                    if r.get("split") != "train":
+                        continue
+                    results[arm]["tokens_per_s"][r["step"]] = r.get("tokens_per_s")
+                    if r["step"] % args.memory_every == 0 and not finished:
+                        results[arm]["records"].append(rss_record(r["step"], proc.pid, start))
+                        save(results)
+                if finished:
+                    done.add(arm)
+                    log.close()
+                    results[arm]["seconds"] = time.time() - start
             time.sleep(0.25)
-    if proc.returncode != 0:
-        with open(log_path, errors="replace") as f:
-            last = [line.strip() for line in f.read().splitlines() if line.strip()][-1:] or ["(no output)"]
-        raise UserError(f"the training run failed (exit {proc.returncode}): {last[0]} (log: {log_path})")
-    res["seconds"] = time.time() - start
-    return res
+    finally:
+        for proc, log in procs.values():
+            if proc.poll() is None:
+                proc.kill()
+            log.close()
+    for arm, (proc, log) in procs.items():
+        if proc.returncode != 0:
+            with open(log.name, errors="replace") as f:
+                last = [line.strip() for line in f.read().splitlines() if line.strip()][-1:] or ["(no output)"]
+            raise UserError(f"the training run ({arm} heap) failed (exit {proc.returncode}): {last[0]} "
+                            f"(log: {log.name})")
+    return results
+
+
+def step_time_ratio(a: dict, b: dict, eval_every: int = 100, log_every: int = 10) -> dict | None:
+    """Step time of arm ``a`` over arm ``b`` from their train records' tokens/s (``{step: tokens_per_s}``), window
+    by window (the same batches in both: the same seed); the windows that hold a dev evaluation or a save (the
+    first after a multiple of ``eval_every``) are left out. The median and quartiles of b/a tokens/s, i.e. of
+    a's time per window over b's."""
+    import statistics
+    ratios = sorted(b[s] / a[s] for s in a if s in b and a[s] and b[s] and (s - log_every) % eval_every != 0)
+    if len(ratios) < 4:
+        return None
+    q = statistics.quantiles(ratios, n=4)
+    return {"windows": len(ratios), "median": statistics.median(ratios), "q1": q[0], "q3": q[2]}
 
 
 def memory_sampling(args, checkpoint: str, save) -> dict:
@@ -784,9 +826,16 @@ def bench_memory(args, device: torch.device, clock: Clock, amp) -> dict:
     with tempfile.TemporaryDirectory(prefix="bench-memory-") as tmp:
         checkpoint = args.checkpoint
         if args.memory in ("train", "both"):
-            res["train"] = memory_training(args, tmp, lambda r: (res.update(train=r), save()))
-            res["train"]["growth"] = {k: growth(res["train"]["records"], args.memory_from, k) for k in MEASURES}
-            checkpoint = checkpoint or os.path.join(tmp, "run")
+            def phase(arm):  # the code's own heap setting is "train"; the other arm beside it "train_glibc"
+                return "train" if arm == args.memory_heap or arm == "fixed" else f"train_{arm}"
+            arms = memory_training(args, tmp, lambda rs: (res.update({phase(a): r for a, r in rs.items()}), save()))
+            for arm, r in arms.items():
+                r["growth"] = {k: growth(r["records"], args.memory_from, k) for k in MEASURES}
+                res[phase(arm)] = r
+            if len(arms) == 2:
+                res["step_time_fixed_over_glibc"] = step_time_ratio(arms["fixed"]["tokens_per_s"],
+                                                                    arms["glibc"]["tokens_per_s"])
+            checkpoint = checkpoint or next(iter(arms.values()))["out_dir"]
         if args.memory in ("sample", "both"):
             res["sample"] = memory_sampling(args, checkpoint, lambda r: (res.update(sample=r), save()))
             res["sample"]["growth"] = {k: growth(res["sample"]["records"], args.memory_from, k) for k in MEASURES}
@@ -795,10 +844,12 @@ def bench_memory(args, device: torch.device, clock: Clock, amp) -> dict:
 
 def report_memory(r: dict, args) -> list[str]:
     lines = []
-    for phase, unit in (("train", "step"), ("sample", "network call")):
+    for phase, unit in (("train", "step"), ("train_glibc", "step"), ("sample", "network call")):
         if phase not in r:
             continue
         p = r[phase]
+        if "heap" in p:
+            lines += [f"heap: {p['heap']} ({', '.join(f'{k}={v}' for k, v in p['heap_env'].items()) or 'as train.py sets it'})", ""]
         objects = any("python_objects" in x for x in p["records"])  # sampling runs in this process: gc counts
         lines += [f"## memory, {phase}: RSS every {args.memory_every} {unit}s", "",
                   f"| {unit} | RSS MB | anonymous | file-backed | peak since the previous record | seconds |"
@@ -818,6 +869,10 @@ def report_memory(r: dict, args) -> list[str]:
                          f"({g['base_mb']:.0f} -> {g['end_mb']:.0f} MB; highest {g['max_mb']:.0f} MB, "
                          f"{100 * g['max_growth']:+.1f}%); under 5%: {'yes' if g['growth'] < 0.05 else 'NO'}")
         lines.append("")
+    t = r.get("step_time_fixed_over_glibc")
+    if t:
+        lines += [f"- step time, fixed mmap threshold / glibc's, window by window ({t['windows']} windows of the same "
+                  f"batches, side by side): **{t['median']:.3f}x** (quartiles {t['q1']:.3f}-{t['q3']:.3f})", ""]
     return lines
 
 
