@@ -100,6 +100,14 @@ def main(argv=None):
     cfg = from_args(parser.parse_args(argv))
     main_rank = dist.env_rank() == 0  # under torchrun rank 0 alone takes the lock and speaks
     log = print if main_rank else (lambda *a, **k: None)
+    # before the model loads: blocks of 8 MB and more (the [N, V] logits, whose size changes every step) get
+    # their own mappings instead of fragmenting the heap (common/heap.py)
+    try:
+        threshold = heap.fix_mmap_threshold()
+    except ValueError as e:
+        raise UserError(str(e)) from None
+    if threshold:
+        log(f"glibc mmap threshold fixed at {threshold >> 20} MB (${heap.THRESHOLD_ENV}=0 keeps glibc's own)")
     resumed = None
     if cfg.resume:
         resumed = prepare_resume(cfg, given_flags(parser, argv), main_rank, log)
@@ -133,13 +141,6 @@ def run(cfg: TrainConfig, info: dist.DistInfo, log, resumed: rundir.Resumed | No
         # softmax gradients over a 30k vocabulary underflow to denormals, which are very slow on x86
         # CPUs (DiffuSeq's rounding head: 1.23 -> 0.77 s per step in our measurement); flush them to 0
         torch.set_flush_denormal(True)
-        # the varying-size [N, V] logits get their own mappings, off the heap they fragment (common/heap.py)
-        try:
-            threshold = heap.fix_mmap_threshold()
-        except ValueError as e:
-            raise UserError(str(e)) from None
-        if threshold:
-            log(f"glibc mmap threshold fixed at {threshold >> 20} MB (${heap.THRESHOLD_ENV}=0 keeps glibc's own)")
 
     # ---- model, process and objective
     # seeded with cfg.seed, so every rank (and compute_elbo.py --baselines) builds the same network

@@ -13,7 +13,7 @@ largest blocks: above a fixed threshold (8 MB) every block is mapped and unmappe
 heap. That takes the [N, 30522] logits and their gradients (about 60 MB each, a size that changes every
 step) off the heap, and leaves the activations (well under 8 MB) to it, where reuse is cheap. A threshold as
 low as glibc's starting 128 kB mapped every activation afresh and made training steps much slower; 8 MB does
-not (docs/results.md, "At the demo's own shape").
+not (docs/results.md, "At the demo's own shape"). train.py fixes it at start-up, before the model loads.
 """
 from __future__ import annotations
 

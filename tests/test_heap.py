@@ -44,6 +44,70 @@ def test_freed_heap_blocks_stay_resident_until_given_back():
     assert released == "True" and freed - trimmed > 40 << 10  # malloc_trim returns (almost) all 47 MB
 
 
+# In a fresh interpreter: hold a 16 MB, a second 16 MB and a 4 MB block in turn, and print how many blocks
+# glibc's own accounting (mallinfo2().hblks) counts as mapped while each is held, over the count after it is
+# freed (1: its own mapping; 0: from the heap).
+MAPPED_SCRIPT = r"""
+import ctypes, sys
+sys.path.insert(0, sys.argv[1])
+from common import heap
+libc = ctypes.CDLL("libc.so.6")
+libc.malloc.restype = ctypes.c_void_p
+libc.free.argtypes = [ctypes.c_void_p]
+class Info(ctypes.Structure):
+    _fields_ = [(n, ctypes.c_size_t) for n in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks",
+                                                "fsmblks", "uordblks", "fordblks", "keepcost")]
+libc.mallinfo2.restype = Info
+fixed = heap.fix_mmap_threshold()
+held = []
+for size in (16 << 20, 16 << 20, 4 << 20):
+    block = libc.malloc(size)
+    during = libc.mallinfo2().hblks
+    libc.free(block)
+    held.append(during - libc.mallinfo2().hblks)
+print(fixed, *held)
+"""
+
+
+def mapped_blocks(env: dict) -> list[str]:
+    import os
+    base = {k: v for k, v in os.environ.items() if k not in ("MALLOC_MMAP_THRESHOLD_", "DLM_MMAP_THRESHOLD")}
+    out = subprocess.run([sys.executable, "-c", MAPPED_SCRIPT, ROOT], capture_output=True, text=True, timeout=60,
+                         env={**base, **env})
+    assert out.returncode == 0, out.stderr
+    return out.stdout.split()
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc on Linux")
+@pytest.mark.parametrize("env, expected", [
+    # glibc's documented rule (mallopt(3)): a block at or above the threshold (128 kB at first) is mapped, and
+    # freeing a mapped block raises the threshold to its size; the second 16 MB and the 4 MB come from the heap
+    ({"DLM_MMAP_THRESHOLD": "0"}, ["None", "1", "0", "0"]),
+    # fixed at 8 MB: every block of 8 MB or more is mapped, however many were freed; 4 MB is the heap's
+    ({}, [str(8 << 20), "1", "1", "0"]),
+    ({"DLM_MMAP_THRESHOLD": str(2 << 20)}, [str(2 << 20), "1", "1", "1"]),
+    # the user's own glibc setting (here 32 MB, above every block) is left as it is
+    ({"MALLOC_MMAP_THRESHOLD_": str(32 << 20)}, ["None", "0", "0", "0"]),
+])
+def test_fixed_mmap_threshold_maps_large_blocks_every_time(env, expected):
+    import ctypes
+    if not hasattr(ctypes.CDLL("libc.so.6"), "mallinfo2"):
+        pytest.skip("mallinfo2 needs glibc 2.33 or later")
+    assert mapped_blocks(env) == expected
+
+
+def test_bad_threshold_variable_is_one_line(tmp_path):
+    """train.py reads $DLM_MMAP_THRESHOLD before anything else: a bad value is one error line, exit 2, and no
+    run directory."""
+    import os
+    out = subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), "--out_dir", str(tmp_path / "run")],
+                         capture_output=True, text=True, timeout=120, cwd=str(tmp_path),
+                         env={**os.environ, "DLM_MMAP_THRESHOLD": "8MB"})
+    assert out.returncode == 2
+    assert out.stderr.strip().splitlines() == ["error: $DLM_MMAP_THRESHOLD='8MB' is not a whole number of bytes"]
+    assert not (tmp_path / "run").exists()
+
+
 def test_training_plots_leave_no_cyclic_garbage(tmp_path):
     """train.py redraws its plots at every evaluation; their figures are reference cycles that only a full
     collection frees (thousands of objects a drawing waited, and the heap grew by them): gc's own count of
