@@ -137,6 +137,9 @@ def parse_args(argv=None):
             raise UserError(f"--{name} must be at least 1")
     if min(args.lengths + [args.seq_len]) < 4:
         raise UserError("lengths must be at least 4 ([CLS] two tokens [SEP])")
+    if args.memory_heap == "both" and args.memory != "train":
+        raise UserError("--memory_heap both runs two trainings side by side; sampling runs in this process: give "
+                        "--memory train, or one heap setting")
     if args.memory == "sample" and not args.checkpoint:
         raise UserError("--memory sample needs --checkpoint (or use --memory both, which samples from what it trained)")
     if args.checkpoint and not os.path.isdir(args.checkpoint):
@@ -788,10 +791,15 @@ def memory_sampling(args, checkpoint: str, save) -> dict:
     calls; the RSS of this process is read at every ``--memory_every``-th call."""
     from runtime.api import load
 
+    from common import heap
+
+    # as predict.py does at its start (--memory_heap glibc: glibc's own threshold)
+    threshold = heap.fix_at_start() if args.memory_heap != "glibc" else None
     m = load(checkpoint, "cpu" if args.device == "auto" else args.device)
     res = {"checkpoint": checkpoint, "batch_size": args.batch_size or 32, "steps": args.sample_steps,
            "length": args.sample_length or "drawn from the training lengths", "records": [],
-           "malloc_env": {k: v for k, v in os.environ.items() if k.startswith("MALLOC_")}}
+           "malloc_env": {k: v for k, v in os.environ.items() if k.startswith("MALLOC_")},
+           "heap": "fixed" if threshold else "glibc", "mmap_threshold": threshold}
     calls = [0]
     start = time.time()
     reset_peak_rss()
@@ -849,7 +857,9 @@ def report_memory(r: dict, args) -> list[str]:
             continue
         p = r[phase]
         if "heap" in p:
-            lines += [f"heap: {p['heap']} ({', '.join(f'{k}={v}' for k, v in p['heap_env'].items()) or 'as train.py sets it'})", ""]
+            how = ", ".join(f"{k}={v}" for k, v in p.get("heap_env", {}).items()) or (
+                f"mmap threshold {p['mmap_threshold'] >> 20} MB" if p.get("mmap_threshold") else "as the script sets it")
+            lines += [f"heap: {p['heap']} ({how})", ""]
         objects = any("python_objects" in x for x in p["records"])  # sampling runs in this process: gc counts
         lines += [f"## memory, {phase}: RSS every {args.memory_every} {unit}s", "",
                   f"| {unit} | RSS MB | anonymous | file-backed | peak since the previous record | seconds |"

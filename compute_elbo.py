@@ -43,6 +43,7 @@ import torch
 from diffusion import mdlm
 from runtime.assemble import load_for_inference, load_initial, load_task_data
 from runtime import dist, outputs
+from common import heap
 from common.cli import make_parser, other_steps
 from common.errors import UserError, cli_main
 from common.stats import ratio_standard_error
@@ -85,6 +86,7 @@ def parse_args(argv=None):
 @cli_main
 def main(argv=None):
     args = parse_args(argv)
+    heap.fix_at_start()  # large blocks get their own mappings: the RSS stays flat (common/heap.py)
     if args.num_examples < 0 or args.batch_size < 1 or (args.eval_steps is not None and args.eval_steps < 1):
         raise UserError("need --num_examples >= 0, --batch_size >= 1 and --eval_steps >= 1")
     with outputs.stop_on_signals("elbo"):

@@ -72,6 +72,7 @@ import torch
 from runtime import api, dist, semi_ar
 from runtime.assemble import WEIGHTS
 from runtime import outputs
+from common import heap
 from common.cli import add_rule_options, make_parser, other_steps
 from common.errors import UserError, check_decoding_flags, cli_main, require_at_least_one
 
@@ -159,6 +160,7 @@ def read_templates(args) -> list[str] | None:
 @cli_main
 def main(argv=None):
     args = parse_args(argv)
+    heap.fix_at_start()  # large blocks get their own mappings: the RSS stays flat (common/heap.py)
     check_decoding_flags(args)  # the flags alone, before the checkpoint is loaded
     if args.num_samples is not None:
         require_at_least_one(args, "num_samples")

@@ -41,6 +41,7 @@ import time
 
 from runtime import api, dist, outputs
 from runtime.assemble import WEIGHTS, load_task_data
+from common import heap
 from common.cli import add_rule_options, make_parser, other_steps
 from common.errors import UserError, check_decoding_flags, cli_main, require_at_least_one
 from common.io import write_text_atomic
@@ -129,6 +130,7 @@ def run_mbr_only(args) -> None:
 @cli_main
 def main(argv=None):
     args = parse_args(argv)
+    heap.fix_at_start()  # large blocks get their own mappings: the RSS stays flat (common/heap.py)
     if args.mbr_only:
         if args.checkpoint:
             raise UserError("--mbr_only works on existing files; do not also give --checkpoint")

@@ -40,7 +40,7 @@ from runtime.training import (EMA, ResumableSampler, StopSignals, adamw, compile
                               seed_everything)
 from textdata import lm, word_freq
 
-TRIM_BUDGET = 0.01  # the share of wall time spent returning freed heap memory (common/heap.Trimmer)
+TRIM_BUDGET = 0.01  # the share of wall time spent returning freed heap memory (common/heap.Trimmer; $DLM_TRIM_BUDGET)
 
 
 def post_train_source(cfg: TrainConfig) -> str:
@@ -102,10 +102,8 @@ def main(argv=None):
     log = print if main_rank else (lambda *a, **k: None)
     # before the model loads: blocks of 8 MB and more (the [N, V] logits, whose size changes every step) get
     # their own mappings instead of fragmenting the heap (common/heap.py)
-    try:
-        threshold = heap.fix_mmap_threshold()
-    except ValueError as e:
-        raise UserError(str(e)) from None
+    threshold = heap.fix_at_start()
+    heap.trim_budget(TRIM_BUDGET)  # a bad $DLM_TRIM_BUDGET fails here, before the run directory is made
     if threshold:
         log(f"glibc mmap threshold fixed at {threshold >> 20} MB (${heap.THRESHOLD_ENV}=0 keeps glibc's own)")
     resumed = None
@@ -222,7 +220,7 @@ def run(cfg: TrainConfig, info: dist.DistInfo, log, resumed: rundir.Resumed | No
     denoiser.train()
     t_last, tok_since, run_start = time.time(), 0, time.time()
     bad_in_row = bad_total = 0
-    trimmer = heap.Trimmer(TRIM_BUDGET)
+    trimmer = heap.Trimmer(heap.trim_budget(TRIM_BUDGET))
     while state.step < cfg.max_steps:
         step = state.step + 1  # the optimizer step being taken, counted from 1
         faults.before_step(step)

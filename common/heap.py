@@ -13,7 +13,8 @@ largest blocks: above a fixed threshold (8 MB) every block is mapped and unmappe
 heap. That takes the [N, 30522] logits and their gradients (about 60 MB each, a size that changes every
 step) off the heap, and leaves the activations (well under 8 MB) to it, where reuse is cheap. A threshold as
 low as glibc's starting 128 kB mapped every activation afresh and made training steps much slower; 8 MB does
-not (docs/results.md, "At the demo's own shape"). train.py fixes it at start-up, before the model loads.
+not (docs/results.md, "At the demo's own shape"). train.py, predict.py, the decoder and compute_elbo.py fix it at
+start-up (:func:`fix_at_start`), before a model loads.
 """
 from __future__ import annotations
 
@@ -25,6 +26,7 @@ _trim = None  # libc.malloc_trim once found; False where there is none
 M_MMAP_THRESHOLD = -3  # glibc's <malloc.h> parameter number for mallopt
 MMAP_THRESHOLD = 8 << 20  # bytes: above the activations of the shapes we train, below the [N, V] logits
 THRESHOLD_ENV = "DLM_MMAP_THRESHOLD"  # bytes; 0 keeps glibc's own (dynamic) threshold
+TRIM_ENV = "DLM_TRIM_BUDGET"  # the Trimmer's share of the wall time in a training run; 0: never trim
 
 
 def give_back() -> bool:
@@ -65,22 +67,52 @@ def fix_mmap_threshold(nbytes: int = MMAP_THRESHOLD) -> int | None:
     return nbytes if mallopt(M_MMAP_THRESHOLD, nbytes) == 1 else None
 
 
+def fix_at_start() -> int | None:
+    """:func:`fix_mmap_threshold` at a script's start (train.py, predict.py, the decoder, compute_elbo.py),
+    before a model loads; a bad ``$DLM_MMAP_THRESHOLD`` is a one-line error."""
+    from common.errors import UserError
+    try:
+        return fix_mmap_threshold()
+    except ValueError as e:
+        raise UserError(str(e)) from None
+
+
+def trim_budget(default: float) -> float:
+    """The training loop's trim budget: ``$DLM_TRIM_BUDGET`` if set (a fraction in [0, 1); 0 turns trimming
+    off), else ``default``. A bad value is a one-line error."""
+    from common.errors import UserError
+    raw = os.environ.get(TRIM_ENV, "").strip()
+    if not raw:
+        return default
+    try:
+        budget = float(raw)
+    except ValueError:
+        budget = -1.0
+    if not 0 <= budget < 1:
+        raise UserError(f"${TRIM_ENV}={raw!r} is not a fraction in [0, 1) (0 turns trimming off)")
+    return budget
+
+
 class Trimmer:
     """:func:`give_back` at most a ``budget`` fraction of the wall time: :meth:`maybe` (called once per step)
     trims when the time since the last trim is at least the last trim's cost divided by ``budget``. A trim
     that found little to walk is cheap and comes back soon; a dear one (a large fragmented heap) waits longer.
     So a fast step (a GPU's) pays a trim every many steps, never every step, and the overhead stays near
-    ``budget`` whatever a step costs. ``clock`` and ``trim`` are for tests."""
+    ``budget`` whatever a step costs; a budget of 0 never trims. The budget counts the trim's own time, not
+    the page faults that bring the returned pages back when the next step uses them again. ``clock`` and
+    ``trim`` are for tests."""
 
     def __init__(self, budget: float = 0.01, clock=None, trim=None):
         import time
-        if not 0 < budget < 1:
-            raise ValueError(f"budget {budget} is not in (0, 1)")
+        if not 0 <= budget < 1:
+            raise ValueError(f"budget {budget} is not in [0, 1)")
         self.budget, self.clock, self.trim = budget, clock or time.perf_counter, trim or give_back
         self.next_at = self.clock()  # the first call trims
 
     def maybe(self) -> bool:
         """Trim if its time has come; returns whether it trimmed."""
+        if not self.budget:
+            return False
         start = self.clock()
         if start < self.next_at:
             return False

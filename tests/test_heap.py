@@ -96,16 +96,31 @@ def test_fixed_mmap_threshold_maps_large_blocks_every_time(env, expected):
     assert mapped_blocks(env) == expected
 
 
-def test_bad_threshold_variable_is_one_line(tmp_path):
-    """train.py reads $DLM_MMAP_THRESHOLD before anything else: a bad value is one error line, exit 2, and no
-    run directory."""
+@pytest.mark.parametrize("env, message", [
+    ({"DLM_MMAP_THRESHOLD": "8MB"}, "error: $DLM_MMAP_THRESHOLD='8MB' is not a whole number of bytes"),
+    ({"DLM_TRIM_BUDGET": "1.5"}, "error: $DLM_TRIM_BUDGET='1.5' is not a fraction in [0, 1) (0 turns trimming off)"),
+    ({"DLM_TRIM_BUDGET": "often"}, "error: $DLM_TRIM_BUDGET='often' is not a fraction in [0, 1) (0 turns trimming off)"),
+])
+def test_bad_heap_variable_is_one_line(tmp_path, env, message):
+    """train.py reads $DLM_MMAP_THRESHOLD and $DLM_TRIM_BUDGET before anything else: a bad value is one error
+    line, exit 2, and no run directory."""
     import os
+    base = {k: v for k, v in os.environ.items() if k not in ("DLM_MMAP_THRESHOLD", "DLM_TRIM_BUDGET")}
     out = subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), "--out_dir", str(tmp_path / "run")],
-                         capture_output=True, text=True, timeout=120, cwd=str(tmp_path),
-                         env={**os.environ, "DLM_MMAP_THRESHOLD": "8MB"})
+                         capture_output=True, text=True, timeout=120, cwd=str(tmp_path), env={**base, **env})
     assert out.returncode == 2
-    assert out.stderr.strip().splitlines() == ["error: $DLM_MMAP_THRESHOLD='8MB' is not a whole number of bytes"]
+    assert out.stderr.strip().splitlines() == [message]
     assert not (tmp_path / "run").exists()
+
+
+def test_trimmer_with_no_budget_never_trims():
+    from common.heap import Trimmer
+    clock = FakeClock(trim_cost=0.1)
+    trimmer = Trimmer(0.0, clock=clock, trim=clock.trim)
+    for _ in range(100):
+        assert not trimmer.maybe()
+        clock.now += 1.0
+    assert clock.trims == []
 
 
 def test_training_plots_leave_no_cyclic_garbage(tmp_path):
@@ -167,6 +182,6 @@ def test_trimmer_spends_its_budget_and_no_more(step_s, trim_s, budget):
 
 def test_trimmer_refuses_a_budget_outside_0_1():
     from common.heap import Trimmer
-    for bad in (0, 1, -0.1, 2):
+    for bad in (1, -0.1, 2):
         with pytest.raises(ValueError):
             Trimmer(bad)
