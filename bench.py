@@ -97,10 +97,11 @@ def parse_args(argv=None):
                    help="instead of the timings: train.py in a child process at the demo's shape (run.sh's flags) "
                         "and/or a long sampling run through runtime.api, recording the RSS every --memory_every steps")
     m.add_argument("--memory_steps", type=int, default=2000, help="training steps (train.py --max_steps)")
-    m.add_argument("--memory_heap", choices=("fixed", "glibc", "both"), default="fixed",
-                   help="training: train.py's own fixed mmap threshold (common/heap.py), glibc's dynamic one "
-                        "($DLM_MMAP_THRESHOLD=0), or both at once, one child each on the same batches, which also "
-                        "gives the fixed threshold's step time over glibc's")
+    m.add_argument("--memory_heap", default="default",
+                   help="the heap settings, a comma-separated list of " + ", ".join(HEAP_ARMS) + " (common/heap.py; "
+                        "'default' is what the scripts do in this environment). Training runs one child per setting, "
+                        "all at once on the same batches, and gives each one's step time over the first's; "
+                        "sampling takes one setting")
     m.add_argument("--sample_calls", type=int, default=2000,
                    help="sampling: network calls in all (batches of --sample_steps iterations, repeated)")
     m.add_argument("--sample_length", type=int, default=None,
@@ -137,9 +138,13 @@ def parse_args(argv=None):
             raise UserError(f"--{name} must be at least 1")
     if min(args.lengths + [args.seq_len]) < 4:
         raise UserError("lengths must be at least 4 ([CLS] two tokens [SEP])")
-    if args.memory_heap == "both" and args.memory != "train":
-        raise UserError("--memory_heap both runs two trainings side by side; sampling runs in this process: give "
-                        "--memory train, or one heap setting")
+    args.memory_heap = [a.strip() for a in args.memory_heap.split(",") if a.strip()]
+    if not args.memory_heap or len(set(args.memory_heap)) < len(args.memory_heap) or \
+            any(a not in HEAP_ARMS for a in args.memory_heap):
+        raise UserError(f"--memory_heap takes distinct settings among {', '.join(HEAP_ARMS)}, comma-separated")
+    if len(args.memory_heap) > 1 and args.memory != "train":
+        raise UserError("several --memory_heap settings run trainings side by side; sampling runs in this process: "
+                        "give --memory train, or one setting")
     if args.memory == "sample" and not args.checkpoint:
         raise UserError("--memory sample needs --checkpoint (or use --memory both, which samples from what it trained)")
     if args.checkpoint and not os.path.isdir(args.checkpoint):
@@ -617,6 +622,10 @@ def bench_gaussian(args, device: torch.device, clock: Clock, amp) -> dict:
 
 
 # ----------------------------------------------------------------------------------- memory
+# the heap settings --memory compares (common/heap.py): the scripts' own, glibc's dynamic mmap threshold, a fixed
+# 8 MB one, and no trims in the training loop
+HEAP_ARMS = {"default": {}, "glibc": {"DLM_MMAP_THRESHOLD": "0"}, "fixed": {"DLM_MMAP_THRESHOLD": str(8 << 20)},
+             "notrim": {"DLM_TRIM_BUDGET": "0"}}
 # run.sh's demo training flags (TRAIN_ARGS), less the model, length and step count that bench.py sets
 DEMO_TRAIN_ARGS = ["--dataset", "bible", "--num_steps", "2048", "--schedule", "spindle", "--word_freq_lambda", "0.3",
                    "--time_conditioning", "none", "--loss_weighting", "released", "--batch_size", "16",
@@ -651,10 +660,24 @@ def reset_peak_rss(pid: int | str = "self") -> None:
 MEASURES = {"rss_mb": "RSS", "anon_mb": "anonymous (heap)", "file_mb": "file-backed", "peak_mb": "peak per window"}
 
 
+def cpu_counts(pid: int | str = "self") -> dict:
+    """A process's minor page faults so far and its CPU seconds in user and in kernel mode, from
+    /proc/PID/stat (fields 10, 14 and 15; Linux); empty where /proc cannot tell. A page that a trim gave back
+    and a step uses again costs a minor fault, paid in kernel time."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()  # after the command name, which may hold spaces
+    except OSError:
+        return {}
+    tick = os.sysconf("SC_CLK_TCK")
+    return {"minor_faults": int(fields[7]), "user_s": int(fields[11]) / tick, "system_s": int(fields[12]) / tick}
+
+
 def rss_record(step: int, pid: int | str, start: float) -> dict:
-    """The RSS now and the peak since the previous record (whose window this record closes), then a new window."""
+    """The RSS now and the peak since the previous record (whose window this record closes), then a new window;
+    with the process's fault and CPU-time counts so far."""
     rec = {"step": step, "rss_mb": rss_mb(pid), "peak_mb": rss_mb(pid, "VmHWM"), "anon_mb": rss_mb(pid, "RssAnon"),
-           "file_mb": rss_mb(pid, "RssFile"), "seconds": round(time.time() - start, 1)}
+           "file_mb": rss_mb(pid, "RssFile"), "seconds": round(time.time() - start, 1), **cpu_counts(pid)}
     reset_peak_rss(pid)
     return rec
 
@@ -701,15 +724,12 @@ def small_network(model: str, hidden: int, layers: int, out_dir: str) -> str:
     return out_dir
 
 
-HEAP_ARMS = {"fixed": {}, "glibc": {"DLM_MMAP_THRESHOLD": "0"}}  # train.py's own setting; glibc's dynamic one
-
-
 def memory_training(args, work: str, save) -> dict:
     """train.py in a child process at the demo's shape for ``--memory_steps`` steps; its RSS is read from /proc
     whenever metrics.jsonl gains the train record of a step that is a multiple of ``--memory_every`` (the
-    child is then between that step and the next). ``--memory_heap both`` runs two children at once, one per
-    heap setting (:data:`HEAP_ARMS`), on the same seed and so the same batches: each has its records, and
-    their step times compare window by window. Returns ``{arm: result}``; ``save(results)`` is called after
+    child is then between that step and the next). Several ``--memory_heap`` settings run one child each, all
+    at once (:data:`HEAP_ARMS`), on the same seed and so the same batches: each has its records, and their step
+    times compare window by window. Returns ``{arm: result}``; ``save(results)`` is called after
     every record."""
     import shlex
     import subprocess
@@ -721,7 +741,7 @@ def memory_training(args, work: str, save) -> dict:
         from textdata.word_freq import default_path
         model = small_network(args.model, args.memory_hidden, args.memory_layers, os.path.join(work, "network"))
         extra = ["--word_freq_file", os.path.join(root, default_path(args.model, "bible"))]  # the same tokenizer
-    arms = list(HEAP_ARMS) if args.memory_heap == "both" else [args.memory_heap]
+    arms = args.memory_heap
     results, procs = {}, {}
     for arm in arms:
         out_dir = os.path.join(work, f"run-{arm}")
@@ -793,13 +813,14 @@ def memory_sampling(args, checkpoint: str, save) -> dict:
 
     from common import heap
 
-    # as predict.py does at its start (--memory_heap glibc: glibc's own threshold)
-    threshold = heap.fix_at_start() if args.memory_heap != "glibc" else None
+    os.environ.update(HEAP_ARMS[args.memory_heap[0]])  # then as predict.py does at its start
+    threshold = heap.fix_at_start()
     m = load(checkpoint, "cpu" if args.device == "auto" else args.device)
     res = {"checkpoint": checkpoint, "batch_size": args.batch_size or 32, "steps": args.sample_steps,
            "length": args.sample_length or "drawn from the training lengths", "records": [],
            "malloc_env": {k: v for k, v in os.environ.items() if k.startswith("MALLOC_")},
-           "heap": "fixed" if threshold else "glibc", "mmap_threshold": threshold}
+           "heap": args.memory_heap[0],
+           "heap_env": HEAP_ARMS[args.memory_heap[0]], "mmap_threshold": threshold}
     calls = [0]
     start = time.time()
     reset_peak_rss()
@@ -834,15 +855,15 @@ def bench_memory(args, device: torch.device, clock: Clock, amp) -> dict:
     with tempfile.TemporaryDirectory(prefix="bench-memory-") as tmp:
         checkpoint = args.checkpoint
         if args.memory in ("train", "both"):
-            def phase(arm):  # the code's own heap setting is "train"; the other arm beside it "train_glibc"
-                return "train" if arm == args.memory_heap or arm == "fixed" else f"train_{arm}"
+            def phase(arm):  # the first setting is "train", the others beside it "train_<setting>"
+                return "train" if arm == args.memory_heap[0] else f"train_{arm}"
             arms = memory_training(args, tmp, lambda rs: (res.update({phase(a): r for a, r in rs.items()}), save()))
             for arm, r in arms.items():
                 r["growth"] = {k: growth(r["records"], args.memory_from, k) for k in MEASURES}
                 res[phase(arm)] = r
-            if len(arms) == 2:
-                res["step_time_fixed_over_glibc"] = step_time_ratio(arms["fixed"]["tokens_per_s"],
-                                                                    arms["glibc"]["tokens_per_s"])
+            first = args.memory_heap[0]
+            res["step_time_over_first"] = {a: step_time_ratio(arms[a]["tokens_per_s"], arms[first]["tokens_per_s"])
+                                           for a in args.memory_heap[1:]}
             checkpoint = checkpoint or next(iter(arms.values()))["out_dir"]
         if args.memory in ("sample", "both"):
             res["sample"] = memory_sampling(args, checkpoint, lambda r: (res.update(sample=r), save()))
@@ -852,7 +873,8 @@ def bench_memory(args, device: torch.device, clock: Clock, amp) -> dict:
 
 def report_memory(r: dict, args) -> list[str]:
     lines = []
-    for phase, unit in (("train", "step"), ("train_glibc", "step"), ("sample", "network call")):
+    phases = ["train", *(f"train_{a}" for a in HEAP_ARMS), "sample"]
+    for phase, unit in ((p, "network call" if p == "sample" else "step") for p in phases):
         if phase not in r:
             continue
         p = r[phase]
@@ -878,11 +900,19 @@ def report_memory(r: dict, args) -> list[str]:
             lines.append(f"- {what}, {unit} {g['from_step']} to {g['to_step']}: **{100 * g['growth']:+.1f}%** "
                          f"({g['base_mb']:.0f} -> {g['end_mb']:.0f} MB; highest {g['max_mb']:.0f} MB, "
                          f"{100 * g['max_growth']:+.1f}%); under 5%: {'yes' if g['growth'] < 0.05 else 'NO'}")
+        counted = [x for x in p["records"] if "minor_faults" in x]
+        if len(counted) >= 2:
+            a, b = counted[0], counted[-1]
+            cpu = (b["user_s"] - a["user_s"]) + (b["system_s"] - a["system_s"])
+            lines.append(f"- {unit}s {a['step']} to {b['step']}: {(b['minor_faults'] - a['minor_faults']) / (b['step'] - a['step']):,.0f} "
+                         f"minor page faults per {unit}; kernel time {100 * (b['system_s'] - a['system_s']) / max(cpu, 1e-9):.1f}% "
+                         f"of the CPU time")
         lines.append("")
-    t = r.get("step_time_fixed_over_glibc")
-    if t:
-        lines += [f"- step time, fixed mmap threshold / glibc's, window by window ({t['windows']} windows of the same "
-                  f"batches, side by side): **{t['median']:.3f}x** (quartiles {t['q1']:.3f}-{t['q3']:.3f})", ""]
+    first = r.get("train", {}).get("heap")
+    for arm, t in r.get("step_time_over_first", {}).items():
+        if t:
+            lines += [f"- step time, heap {arm} / heap {first}, window by window ({t['windows']} windows of the same "
+                      f"batches, side by side): **{t['median']:.3f}x** (quartiles {t['q1']:.3f}-{t['q3']:.3f})", ""]
     return lines
 
 

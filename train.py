@@ -100,12 +100,12 @@ def main(argv=None):
     cfg = from_args(parser.parse_args(argv))
     main_rank = dist.env_rank() == 0  # under torchrun rank 0 alone takes the lock and speaks
     log = print if main_rank else (lambda *a, **k: None)
-    # before the model loads: blocks of 8 MB and more (the [N, V] logits, whose size changes every step) get
-    # their own mappings instead of fragmenting the heap (common/heap.py)
+    # before the model loads: with $DLM_MMAP_THRESHOLD set, large blocks (the [N, V] logits) get their own
+    # mappings instead of the heap (common/heap.py; off by default)
     threshold = heap.fix_at_start()
     heap.trim_budget(TRIM_BUDGET)  # a bad $DLM_TRIM_BUDGET fails here, before the run directory is made
     if threshold:
-        log(f"glibc mmap threshold fixed at {threshold >> 20} MB (${heap.THRESHOLD_ENV}=0 keeps glibc's own)")
+        log(f"glibc mmap threshold fixed at {threshold / 2**20:g} MB (${heap.THRESHOLD_ENV})")
     resumed = None
     if cfg.resume:
         resumed = prepare_resume(cfg, given_flags(parser, argv), main_rank, log)

@@ -7,13 +7,16 @@ with the number of masked positions; freed blocks fragment the heap and stay res
 hundreds of steps while the memory in use stays flat (docs/results.md, "Memory over long runs").
 ``malloc_trim(0)`` returns every whole free page to the system.
 
-A trim cannot move blocks, so what it leaves is the fragmented rest: at the demo's shape (MiniLM, batch 16)
-the peak RSS still rose 8-10% over steps 200-600. :func:`fix_mmap_threshold` removes the cause for the
-largest blocks: above a fixed threshold (8 MB) every block is mapped and unmapped on its own, never from the
-heap. That takes the [N, 30522] logits and their gradients (about 60 MB each, a size that changes every
-step) off the heap, and leaves the activations (well under 8 MB) to it, where reuse is cheap. A threshold as
-low as glibc's starting 128 kB mapped every activation afresh and made training steps much slower; 8 MB does
-not (docs/results.md, "At the demo's own shape"). train.py, predict.py, the decoder and compute_elbo.py fix it at
+A trim cannot move blocks, so what it leaves is the fragmented rest. :func:`fix_mmap_threshold` can take
+the largest blocks off the heap: at a fixed threshold (``$DLM_MMAP_THRESHOLD``, bytes) every block that size
+or more is mapped and unmapped on its own, and glibc no longer raises the threshold. At 8 MB that moves the
+[N, 30522] logits and their gradients (about 60 MB each, a size that changes every step); the activations
+stay on the heap. Measured side by side at the demo's shape (docs/results.md, "At the demo's own shape"), it
+lowered the peak RSS of a 2,000-step training run by about 8% but made steps 7% slower (every mapped block
+is faulted in afresh), and the RSS still crept up after step 200: the activations, whose sizes change with
+each batch's longest row and masked count, fragment the heap too. So it is off by default (glibc's own
+threshold), an option for a run short of memory. A threshold as low as glibc's starting 128 kB mapped every
+activation afresh and was much slower. train.py, predict.py, the decoder and compute_elbo.py apply it at
 start-up (:func:`fix_at_start`), before a model loads.
 """
 from __future__ import annotations
@@ -24,8 +27,8 @@ import sys
 
 _trim = None  # libc.malloc_trim once found; False where there is none
 M_MMAP_THRESHOLD = -3  # glibc's <malloc.h> parameter number for mallopt
-MMAP_THRESHOLD = 8 << 20  # bytes: above the activations of the shapes we train, below the [N, V] logits
-THRESHOLD_ENV = "DLM_MMAP_THRESHOLD"  # bytes; 0 keeps glibc's own (dynamic) threshold
+MMAP_THRESHOLD = 0  # bytes; 0 keeps glibc's own (dynamic) threshold. 8 MB: above the demo's activations, below its logits
+THRESHOLD_ENV = "DLM_MMAP_THRESHOLD"  # bytes; replaces MMAP_THRESHOLD
 TRIM_ENV = "DLM_TRIM_BUDGET"  # the Trimmer's share of the wall time in a training run; 0: never trim
 
 
@@ -47,7 +50,7 @@ def give_back() -> bool:
 def fix_mmap_threshold(nbytes: int = MMAP_THRESHOLD) -> int | None:
     """Fix glibc's mmap threshold at ``nbytes`` (``mallopt(M_MMAP_THRESHOLD)``): every later block of that
     size or more gets its own mapping, returned to the system when freed, and glibc stops raising the threshold
-    as blocks are freed. ``$DLM_MMAP_THRESHOLD`` (bytes) replaces ``nbytes``; 0 there leaves glibc's default. A
+    as blocks are freed. ``$DLM_MMAP_THRESHOLD`` (bytes) replaces ``nbytes``; 0 leaves glibc's default. A
     ``MALLOC_MMAP_THRESHOLD_`` in the environment is the user's own setting, which glibc has already applied:
     it is left alone. Returns the threshold set, or None where nothing was set (those cases, or not glibc)."""
     if "MALLOC_MMAP_THRESHOLD_" in os.environ or not sys.platform.startswith("linux"):

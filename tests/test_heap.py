@@ -82,9 +82,10 @@ def mapped_blocks(env: dict) -> list[str]:
 @pytest.mark.parametrize("env, expected", [
     # glibc's documented rule (mallopt(3)): a block at or above the threshold (128 kB at first) is mapped, and
     # freeing a mapped block raises the threshold to its size; the second 16 MB and the 4 MB come from the heap
+    ({}, ["None", "1", "0", "0"]),
     ({"DLM_MMAP_THRESHOLD": "0"}, ["None", "1", "0", "0"]),
     # fixed at 8 MB: every block of 8 MB or more is mapped, however many were freed; 4 MB is the heap's
-    ({}, [str(8 << 20), "1", "1", "0"]),
+    ({"DLM_MMAP_THRESHOLD": str(8 << 20)}, [str(8 << 20), "1", "1", "0"]),
     ({"DLM_MMAP_THRESHOLD": str(2 << 20)}, [str(2 << 20), "1", "1", "1"]),
     # the user's own glibc setting (here 32 MB, above every block) is left as it is
     ({"MALLOC_MMAP_THRESHOLD_": str(32 << 20)}, ["None", "0", "0", "0"]),
