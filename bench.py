@@ -623,9 +623,21 @@ def bench_gaussian(args, device: torch.device, clock: Clock, amp) -> dict:
 
 # ----------------------------------------------------------------------------------- memory
 # the heap settings --memory compares (common/heap.py): the scripts' own, glibc's dynamic mmap threshold, a fixed
-# 8 MB one, and no trims in the training loop
+# 8 MB one, no trims in the training loop, and jemalloc instead of glibc's malloc ($DLM_JEMALLOC: the library;
+# Debian's libjemalloc2 installs libjemalloc.so.2)
 HEAP_ARMS = {"default": {}, "glibc": {"DLM_MMAP_THRESHOLD": "0"}, "fixed": {"DLM_MMAP_THRESHOLD": str(8 << 20)},
-             "notrim": {"DLM_TRIM_BUDGET": "0"}}
+             "notrim": {"DLM_TRIM_BUDGET": "0"},
+             "jemalloc": {"LD_PRELOAD": os.environ.get("DLM_JEMALLOC", "libjemalloc.so.2")}}
+
+
+def preloaded(pid: int, library: str) -> bool | None:
+    """Whether a running process has ``library`` (a path or a file name) mapped; None where /proc cannot tell.
+    The loader only warns when an LD_PRELOAD library is missing, and the run would measure glibc's malloc."""
+    try:
+        with open(f"/proc/{pid}/maps") as f:
+            return os.path.basename(library) in f.read()
+    except OSError:
+        return None
 # run.sh's demo training flags (TRAIN_ARGS), less the model, length and step count that bench.py sets
 DEMO_TRAIN_ARGS = ["--dataset", "bible", "--num_steps", "2048", "--schedule", "spindle", "--word_freq_lambda", "0.3",
                    "--time_conditioning", "none", "--loss_weighting", "released", "--batch_size", "16",
@@ -770,6 +782,10 @@ def memory_training(args, work: str, save) -> dict:
                     if r.get("split") != "train":
                         continue
                     results[arm]["tokens_per_s"][r["step"]] = r.get("tokens_per_s")
+                    lib = HEAP_ARMS[arm].get("LD_PRELOAD")
+                    if lib and not finished and preloaded(proc.pid, lib) is False:
+                        raise UserError(f"--memory_heap {arm}: the training run did not load {lib}; install it "
+                                        f"(Debian: libjemalloc2) or give its path in $DLM_JEMALLOC")
                     if r["step"] % args.memory_every == 0 and not finished:
                         results[arm]["records"].append(rss_record(r["step"], proc.pid, start))
                         save(results)
