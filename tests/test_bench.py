@@ -165,3 +165,43 @@ def test_memory_flags_are_checked(tmp_path):
     with pytest.raises(UserError, match="--memory_every must be at least 1"):
         bench.parse_args(["--memory", "train", "--memory_every", "0"])
     assert bench.parse_args([]).batch_size == 8 and bench.parse_args(["--memory", "train"]).batch_size is None
+    with pytest.raises(UserError, match="--memory_heap takes distinct settings"):
+        bench.parse_args(["--memory", "train", "--memory_heap", "default,default"])
+    with pytest.raises(UserError, match="--memory_heap takes distinct settings"):
+        bench.parse_args(["--memory", "train", "--memory_heap", "tcmalloc"])
+    with pytest.raises(UserError, match="sampling runs in this process"):
+        bench.parse_args(["--memory", "both", "--memory_heap", "default,notrim", "--checkpoint", str(tmp_path)])
+    assert bench.parse_args(["--memory", "train", "--memory_heap", "default, fixed"]).memory_heap == ["default", "fixed"]
+
+
+def test_step_time_ratio_by_hand():
+    """Arm b logs 1.1x arm a's tokens/s in every window but the first (ending at step 10) and those after an
+    evaluation (ending at 110 and 210), which are left out; so every kept ratio, hence the median and both
+    quartiles, is 1.1. A step only one arm logged is skipped."""
+    import bench
+
+    a = {s: 100.0 for s in range(10, 310, 10)}
+    b = {s: 110.0 for s in range(10, 300, 10)}  # no step 300
+    b[10], b[110], b[210] = 5.0, 1000.0, 2000.0
+    r = bench.step_time_ratio(a, b)
+    assert r["windows"] == 29 - 3
+    assert r["median"] == pytest.approx(1.1) and r["q1"] == pytest.approx(1.1) and r["q3"] == pytest.approx(1.1)
+    assert bench.step_time_ratio({10: 1.0, 20: 1.0}, {10: 1.0, 20: 1.0}) is None  # too few windows
+
+
+def test_cpu_counts_agree_with_getrusage():
+    """/proc/self/stat's minor faults and CPU seconds against the kernel's other report of them, getrusage, read
+    just before and just after (CPU time in clock ticks: 10 ms of slack)."""
+    import resource
+
+    import bench
+
+    before = resource.getrusage(resource.RUSAGE_SELF)
+    block = bytearray(32 << 20)
+    block[::4096] = b"\x01" * (8192)  # one write a page: 8,192 pages faulted in
+    c = bench.cpu_counts()
+    after = resource.getrusage(resource.RUSAGE_SELF)
+    assert before.ru_minflt + 8000 <= c["minor_faults"] <= after.ru_minflt
+    assert before.ru_utime - 0.01 <= c["user_s"] <= after.ru_utime + 0.01
+    assert before.ru_stime - 0.01 <= c["system_s"] <= after.ru_stime + 0.01
+    del block
