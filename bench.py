@@ -638,6 +638,8 @@ def preloaded(pid: int, library: str) -> bool | None:
             return os.path.basename(library) in f.read()
     except OSError:
         return None
+
+
 # run.sh's demo training flags (TRAIN_ARGS), less the model, length and step count that bench.py sets
 DEMO_TRAIN_ARGS = ["--dataset", "bible", "--num_steps", "2048", "--schedule", "spindle", "--word_freq_lambda", "0.3",
                    "--time_conditioning", "none", "--loss_weighting", "released", "--batch_size", "16",
@@ -771,6 +773,7 @@ def memory_training(args, work: str, save) -> dict:
         log = open(os.path.join(work, f"train-{arm}.log"), "w")
         procs[arm] = (subprocess.Popen(cmd, cwd=root, env=env, stdout=log, stderr=subprocess.STDOUT), log)
     start, offsets, done = time.time(), dict.fromkeys(arms, 0), set()
+    unchecked = {a for a in arms if HEAP_ARMS[a].get("LD_PRELOAD")}  # checked once, at the first train record
     try:
         while len(done) < len(arms):
             for arm, (proc, log) in procs.items():
@@ -782,10 +785,12 @@ def memory_training(args, work: str, save) -> dict:
                     if r.get("split") != "train":
                         continue
                     results[arm]["tokens_per_s"][r["step"]] = r.get("tokens_per_s")
-                    lib = HEAP_ARMS[arm].get("LD_PRELOAD")
-                    if lib and not finished and preloaded(proc.pid, lib) is False:
-                        raise UserError(f"--memory_heap {arm}: the training run did not load {lib}; install it "
-                                        f"(Debian: libjemalloc2) or give its path in $DLM_JEMALLOC")
+                    if arm in unchecked and not finished:
+                        unchecked.discard(arm)
+                        lib = HEAP_ARMS[arm]["LD_PRELOAD"]
+                        if preloaded(proc.pid, lib) is False:
+                            raise UserError(f"--memory_heap {arm}: the training run did not load {lib}; install it "
+                                            f"(Debian: libjemalloc2) or give its path in $DLM_JEMALLOC")
                     if r["step"] % args.memory_every == 0 and not finished:
                         results[arm]["records"].append(rss_record(r["step"], proc.pid, start))
                         save(results)
@@ -830,7 +835,7 @@ def memory_sampling(args, checkpoint: str, save) -> dict:
     from common import heap
 
     os.environ.update(HEAP_ARMS[args.memory_heap[0]])  # then as predict.py does at its start
-    threshold = heap.fix_at_start()
+    threshold = heap.fix_mmap_threshold()
     m = load(checkpoint, "cpu" if args.device == "auto" else args.device)
     res = {"checkpoint": checkpoint, "batch_size": args.batch_size or 32, "steps": args.sample_steps,
            "length": args.sample_length or "drawn from the training lengths", "records": [],

@@ -86,7 +86,7 @@ def parse_args(argv=None):
 @cli_main
 def main(argv=None):
     args = parse_args(argv)
-    heap.fix_at_start()  # $DLM_MMAP_THRESHOLD, if set: large blocks get their own mappings (common/heap.py)
+    heap.fix_mmap_threshold()  # $DLM_MMAP_THRESHOLD, if set: large blocks get their own mappings (common/heap.py)
     if args.num_examples < 0 or args.batch_size < 1 or (args.eval_steps is not None and args.eval_steps < 1):
         raise UserError("need --num_examples >= 0, --batch_size >= 1 and --eval_steps >= 1")
     with outputs.stop_on_signals("elbo"):

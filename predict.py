@@ -160,7 +160,7 @@ def read_templates(args) -> list[str] | None:
 @cli_main
 def main(argv=None):
     args = parse_args(argv)
-    heap.fix_at_start()  # $DLM_MMAP_THRESHOLD, if set: large blocks get their own mappings (common/heap.py)
+    heap.fix_mmap_threshold()  # $DLM_MMAP_THRESHOLD, if set: large blocks get their own mappings (common/heap.py)
     check_decoding_flags(args)  # the flags alone, before the checkpoint is loaded
     if args.num_samples is not None:
         require_at_least_one(args, "num_samples")

@@ -130,7 +130,7 @@ def run_mbr_only(args) -> None:
 @cli_main
 def main(argv=None):
     args = parse_args(argv)
-    heap.fix_at_start()  # $DLM_MMAP_THRESHOLD, if set: large blocks get their own mappings (common/heap.py)
+    heap.fix_mmap_threshold()  # $DLM_MMAP_THRESHOLD, if set: large blocks get their own mappings (common/heap.py)
     if args.mbr_only:
         if args.checkpoint:
             raise UserError("--mbr_only works on existing files; do not also give --checkpoint")

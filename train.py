@@ -102,8 +102,8 @@ def main(argv=None):
     log = print if main_rank else (lambda *a, **k: None)
     # before the model loads: with $DLM_MMAP_THRESHOLD set, large blocks (the [N, V] logits) get their own
     # mappings instead of the heap (common/heap.py; off by default)
-    threshold = heap.fix_at_start()
-    heap.trim_budget(TRIM_BUDGET)  # a bad $DLM_TRIM_BUDGET fails here, before the run directory is made
+    threshold = heap.fix_mmap_threshold()
+    trim_budget = heap.trim_budget(TRIM_BUDGET)  # a bad $DLM_TRIM_BUDGET fails here, before the run directory
     if threshold:
         log(f"glibc mmap threshold fixed at {threshold / 2**20:g} MB (${heap.THRESHOLD_ENV})")
     resumed = None
@@ -122,11 +122,11 @@ def main(argv=None):
     # the kernel drops the lock when the process ends, however it ends: a killed run leaves none behind
     with lock.held(cfg.out_dir, "run directory") if main_rank else contextlib.nullcontext():
         with dist.session(cfg.device) as info:
-            run(cfg, info, info.log, resumed, post_dir)
+            run(cfg, info, info.log, resumed, post_dir, trim_budget)
 
 
 def run(cfg: TrainConfig, info: dist.DistInfo, log, resumed: rundir.Resumed | None,
-        post_dir: str | None = None) -> None:
+        post_dir: str | None = None, trim_budget: float = TRIM_BUDGET) -> None:
     device = info.device
     if cfg.compile and (problem := compile_problem(device)):
         raise UserError(f"--compile: {problem}")
@@ -220,7 +220,7 @@ def run(cfg: TrainConfig, info: dist.DistInfo, log, resumed: rundir.Resumed | No
     denoiser.train()
     t_last, tok_since, run_start = time.time(), 0, time.time()
     bad_in_row = bad_total = 0
-    trimmer = heap.Trimmer(heap.trim_budget(TRIM_BUDGET))
+    trimmer = heap.Trimmer(trim_budget)
     while state.step < cfg.max_steps:
         step = state.step + 1  # the optimizer step being taken, counted from 1
         faults.before_step(step)

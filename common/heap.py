@@ -12,13 +12,13 @@ the largest blocks off the heap: at a fixed threshold (``$DLM_MMAP_THRESHOLD``, 
 or more is mapped and unmapped on its own, and glibc no longer raises the threshold. glibc raises it only up
 to 32 MB, so blocks above that (the [N, 30522] logits of more than about 275 masked positions) are mapped
 whatever the setting; at 8 MB the logits of fewer positions, whose size changes every step, leave the heap
-too, and the activations stay on it. Measured side by side at the demo's shape (docs/results.md, "At the demo's own shape"), it
-lowered the peak RSS of a 2,000-step training run by about 6% but made steps 7% slower (every mapped block
+too, and the activations stay on it. Measured side by side at the demo's shape (docs/results.md, "At the
+demo's own shape"), it lowered the peak RSS of a 2,000-step training run by about 6% but made steps 7% slower (every mapped block
 is faulted in afresh), and the RSS still crept up after step 200: the activations, whose sizes change with
 each batch's longest row and masked count, fragment the heap too. So it is off by default (glibc's own
 threshold), an option for a run short of memory. A threshold as low as glibc's starting 128 kB mapped every
-activation afresh and was much slower. train.py, predict.py, the decoder and compute_elbo.py apply it at
-start-up (:func:`fix_at_start`), before a model loads.
+activation afresh and was much slower. train.py, predict.py, the decoder and compute_elbo.py call
+:func:`fix_mmap_threshold` at start-up, before a model loads.
 """
 from __future__ import annotations
 
@@ -53,7 +53,9 @@ def fix_mmap_threshold(nbytes: int = MMAP_THRESHOLD) -> int | None:
     size or more gets its own mapping, returned to the system when freed, and glibc stops raising the threshold
     as blocks are freed. ``$DLM_MMAP_THRESHOLD`` (bytes) replaces ``nbytes``; 0 leaves glibc's default. A
     ``MALLOC_MMAP_THRESHOLD_`` in the environment is the user's own setting, which glibc has already applied:
-    it is left alone. Returns the threshold set, or None where nothing was set (those cases, or not glibc)."""
+    it is left alone. Returns the threshold set, or None where nothing was set (those cases, or not glibc). A
+    bad ``$DLM_MMAP_THRESHOLD`` is a one-line error."""
+    from common.errors import UserError
     if "MALLOC_MMAP_THRESHOLD_" in os.environ or not sys.platform.startswith("linux"):
         return None
     raw = os.environ.get(THRESHOLD_ENV, "").strip()
@@ -61,7 +63,7 @@ def fix_mmap_threshold(nbytes: int = MMAP_THRESHOLD) -> int | None:
         try:
             nbytes = int(raw)
         except ValueError:
-            raise ValueError(f"${THRESHOLD_ENV}={raw!r} is not a whole number of bytes") from None
+            raise UserError(f"${THRESHOLD_ENV}={raw!r} is not a whole number of bytes") from None
     if nbytes <= 0:
         return None
     try:
@@ -69,16 +71,6 @@ def fix_mmap_threshold(nbytes: int = MMAP_THRESHOLD) -> int | None:
     except (OSError, AttributeError):  # not glibc
         return None
     return nbytes if mallopt(M_MMAP_THRESHOLD, nbytes) == 1 else None
-
-
-def fix_at_start() -> int | None:
-    """:func:`fix_mmap_threshold` at a script's start (train.py, predict.py, the decoder, compute_elbo.py),
-    before a model loads; a bad ``$DLM_MMAP_THRESHOLD`` is a one-line error."""
-    from common.errors import UserError
-    try:
-        return fix_mmap_threshold()
-    except ValueError as e:
-        raise UserError(str(e)) from None
 
 
 def trim_budget(default: float) -> float:
