@@ -54,6 +54,10 @@ import platform
 import statistics
 import time
 
+if __name__ == "__main__":  # as every script: on jemalloc where it is installed (common/heap.py)
+    from common.heap import prefer_jemalloc
+    prefer_jemalloc()
+
 import torch
 
 from common.cli import make_parser
@@ -622,22 +626,29 @@ def bench_gaussian(args, device: torch.device, clock: Clock, amp) -> dict:
 
 
 # ----------------------------------------------------------------------------------- memory
-# the heap settings --memory compares (common/heap.py): the scripts' own, glibc's dynamic mmap threshold, a fixed
-# 8 MB one, no trims in the training loop, and jemalloc instead of glibc's malloc ($DLM_JEMALLOC: the library;
-# Debian's libjemalloc2 installs libjemalloc.so.2)
-HEAP_ARMS = {"default": {}, "glibc": {"DLM_MMAP_THRESHOLD": "0"}, "fixed": {"DLM_MMAP_THRESHOLD": str(8 << 20)},
-             "notrim": {"DLM_TRIM_BUDGET": "0"},
-             "jemalloc": {"LD_PRELOAD": os.environ.get("DLM_JEMALLOC", "libjemalloc.so.2")}}
+# the heap settings --memory compares (common/heap.py): what the scripts do here (jemalloc where one is installed,
+# else glibc's malloc with trims), jemalloc ($DLM_JEMALLOC or the system's), and glibc's malloc with its dynamic
+# mmap threshold, with a fixed 8 MB one, and without the training loop's trims
+HEAP_ARMS = {"default": {}, "jemalloc": {}, "glibc": {"DLM_MMAP_THRESHOLD": "0"},
+             "fixed": {"DLM_MMAP_THRESHOLD": str(8 << 20)}, "notrim": {"DLM_TRIM_BUDGET": "0"}}
 
 
-def preloaded(pid: int, library: str) -> bool | None:
-    """Whether a running process has ``library`` (a path or a file name) mapped; None where /proc cannot tell.
-    The loader only warns when an LD_PRELOAD library is missing, and the run would measure glibc's malloc."""
-    try:
-        with open(f"/proc/{pid}/maps") as f:
-            return os.path.basename(library) in f.read()
-    except OSError:
-        return None
+def arm_env(arm: str, env: dict) -> dict:
+    """The environment of a run under heap setting ``arm``, from ``env`` (this process's): the glibc settings
+    turn jemalloc off (``$DLM_JEMALLOC``, and a jemalloc in ``LD_PRELOAD`` that this process started on);
+    ``jemalloc`` keeps a ``$DLM_JEMALLOC`` path and otherwise lets the script find the system's."""
+    from common import heap
+    env = {**env, **HEAP_ARMS[arm]}
+    if arm == "jemalloc" and env.get(heap.JEMALLOC_ENV, "").strip().lower() in heap.JEMALLOC_OFF:
+        env.pop(heap.JEMALLOC_ENV, None)
+    if arm not in ("default", "jemalloc"):
+        env[heap.JEMALLOC_ENV] = "off"
+        env.pop(heap.REEXEC_ENV, None)
+        kept = [p for p in env.get("LD_PRELOAD", "").replace(":", " ").split() if "jemalloc" not in p]
+        env.pop("LD_PRELOAD", None)
+        if kept:
+            env["LD_PRELOAD"] = " ".join(kept)
+    return env
 
 
 # run.sh's demo training flags (TRAIN_ARGS), less the model, length and step count that bench.py sets
@@ -749,6 +760,8 @@ def memory_training(args, work: str, save) -> dict:
     import subprocess
     import sys
 
+    from common import heap
+
     root = os.path.dirname(os.path.abspath(__file__))
     model, extra = args.model, []
     if args.memory_hidden:
@@ -764,8 +777,9 @@ def memory_training(args, work: str, save) -> dict:
                *(["--batch_size", str(args.batch_size)] if args.batch_size else []), "--seed", str(args.seed),
                "--device", "cpu" if args.device == "auto" else args.device, *extra, *shlex.split(args.train_args),
                "--out_dir", out_dir, "--log_dir", os.path.join(out_dir, "logs")]
-        env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
-               **({"OMP_NUM_THREADS": str(args.threads)} if args.threads else {}), **HEAP_ARMS[arm]}
+        env = arm_env(arm, {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
+                            "TOKENIZERS_PARALLELISM": "false",
+                            **({"OMP_NUM_THREADS": str(args.threads)} if args.threads else {})})
         results[arm] = {"command": " ".join(shlex.quote(c) for c in cmd[1:]), "heap": arm,
                         "heap_env": HEAP_ARMS[arm], "out_dir": out_dir,
                         "network": {"model": args.model, "hidden": args.memory_hidden, "layers": args.memory_layers}
@@ -773,7 +787,7 @@ def memory_training(args, work: str, save) -> dict:
         log = open(os.path.join(work, f"train-{arm}.log"), "w")
         procs[arm] = (subprocess.Popen(cmd, cwd=root, env=env, stdout=log, stderr=subprocess.STDOUT), log)
     start, offsets, done = time.time(), dict.fromkeys(arms, 0), set()
-    unchecked = {a for a in arms if HEAP_ARMS[a].get("LD_PRELOAD")}  # checked once, at the first train record
+    unchecked = set(arms)  # which malloc each run has, read once, at its first train record
     try:
         while len(done) < len(arms):
             for arm, (proc, log) in procs.items():
@@ -787,10 +801,11 @@ def memory_training(args, work: str, save) -> dict:
                     results[arm]["tokens_per_s"][r["step"]] = r.get("tokens_per_s")
                     if arm in unchecked and not finished:
                         unchecked.discard(arm)
-                        lib = HEAP_ARMS[arm]["LD_PRELOAD"]
-                        if preloaded(proc.pid, lib) is False:
-                            raise UserError(f"--memory_heap {arm}: the training run did not load {lib}; install it "
-                                            f"(Debian: libjemalloc2) or give its path in $DLM_JEMALLOC")
+                        on = heap.mapped("jemalloc", proc.pid)
+                        results[arm]["malloc"] = None if on is None else "jemalloc" if on else "glibc"
+                        if arm == "jemalloc" and on is False:
+                            raise UserError(f"--memory_heap {arm}: the training run found no jemalloc; install it "
+                                            f"(Debian: libjemalloc2) or give its path in ${heap.JEMALLOC_ENV}")
                     if r["step"] % args.memory_every == 0 and not finished:
                         results[arm]["records"].append(rss_record(r["step"], proc.pid, start))
                         save(results)
@@ -834,13 +849,20 @@ def memory_sampling(args, checkpoint: str, save) -> dict:
 
     from common import heap
 
-    os.environ.update(HEAP_ARMS[args.memory_heap[0]])  # then as predict.py does at its start
+    arm = args.memory_heap[0]
+    if arm == "notrim":
+        raise UserError("--memory_heap notrim turns off the training loop's trims; sampling has none to turn off")
+    if arm != "default" and (arm == "jemalloc") != heap.jemalloc_in_use():
+        raise UserError(f"--memory sample runs in this process, which has {heap.malloc_name()}'s malloc: for "
+                        f"--memory_heap {arm} run bench.py with {heap.JEMALLOC_ENV}="
+                        + ("off" if arm != "jemalloc" else "<path of libjemalloc.so.2>"))
+    os.environ.update(HEAP_ARMS[arm])  # then as predict.py does at its start
     threshold = heap.fix_mmap_threshold()
     m = load(checkpoint, "cpu" if args.device == "auto" else args.device)
     res = {"checkpoint": checkpoint, "batch_size": args.batch_size or 32, "steps": args.sample_steps,
            "length": args.sample_length or "drawn from the training lengths", "records": [],
            "malloc_env": {k: v for k, v in os.environ.items() if k.startswith("MALLOC_")},
-           "heap": args.memory_heap[0],
+           "heap": arm, "malloc": heap.malloc_name(),
            "heap_env": HEAP_ARMS[args.memory_heap[0]], "mmap_threshold": threshold}
     calls = [0]
     start = time.time()
@@ -902,7 +924,7 @@ def report_memory(r: dict, args) -> list[str]:
         if "heap" in p:
             how = ", ".join(f"{k}={v}" for k, v in p.get("heap_env", {}).items()) or (
                 f"mmap threshold {p['mmap_threshold'] >> 20} MB" if p.get("mmap_threshold") else "as the script sets it")
-            lines += [f"heap: {p['heap']} ({how})", ""]
+            lines += [f"heap: {p['heap']} ({how}); malloc: {p.get('malloc') or 'unknown'}", ""]
         objects = any("python_objects" in x for x in p["records"])  # sampling runs in this process: gc counts
         lines += [f"## memory, {phase}: RSS every {args.memory_every} {unit}s", "",
                   f"| {unit} | RSS MB | anonymous | file-backed | peak since the previous record | seconds |"

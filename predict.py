@@ -67,6 +67,10 @@ import hashlib
 import os
 import time
 
+if __name__ == "__main__":  # before torch loads: start again on jemalloc where it is installed (common/heap.py)
+    from common.heap import prefer_jemalloc
+    prefer_jemalloc()
+
 import torch
 
 from runtime import api, dist, semi_ar

@@ -39,6 +39,10 @@ import json
 import os
 import time
 
+if __name__ == "__main__":  # before torch loads: start again on jemalloc where it is installed (common/heap.py)
+    from common.heap import prefer_jemalloc
+    prefer_jemalloc()
+
 from runtime import api, dist, outputs
 from runtime.assemble import WEIGHTS, load_task_data
 from common import heap

@@ -23,6 +23,10 @@ import signal
 import sys
 import time
 
+if __name__ == "__main__":  # before torch loads: start again on jemalloc where it is installed (common/heap.py)
+    from common.heap import prefer_jemalloc
+    prefer_jemalloc()
+
 import torch
 from torch.utils.data import DataLoader
 
@@ -104,8 +108,9 @@ def main(argv=None):
     # mappings instead of the heap (common/heap.py; off by default)
     threshold = heap.fix_mmap_threshold()
     trim_budget = heap.trim_budget(TRIM_BUDGET)  # a bad $DLM_TRIM_BUDGET fails here, before the run directory
-    if threshold:
-        log(f"glibc mmap threshold fixed at {threshold / 2**20:g} MB (${heap.THRESHOLD_ENV})")
+    log(f"malloc: {heap.malloc_name()}" + (f", mmap threshold fixed at {threshold / 2**20:g} MB "
+                                          f"(${heap.THRESHOLD_ENV})" if threshold else "")
+        + ("" if trim_budget else ", no trims"))
     resumed = None
     if cfg.resume:
         resumed = prepare_resume(cfg, given_flags(parser, argv), main_rank, log)
