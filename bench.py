@@ -149,6 +149,15 @@ def parse_args(argv=None):
     if len(args.memory_heap) > 1 and args.memory != "train":
         raise UserError("several --memory_heap settings run trainings side by side; sampling runs in this process: "
                         "give --memory train, or one setting")
+    if args.memory in ("sample", "both"):  # sampling runs in this process, on the malloc it started with
+        from common import heap
+        arm = args.memory_heap[0]
+        if arm == "notrim":
+            raise UserError("--memory_heap notrim turns off the training loop's trims; sampling has none to turn off")
+        if arm != "default" and (arm == "jemalloc") != heap.jemalloc_in_use():
+            raise UserError(f"--memory {args.memory} samples in this process, which has {heap.malloc_name()}'s "
+                            f"malloc: for --memory_heap {arm} run bench.py with {heap.JEMALLOC_ENV}="
+                            + ("off" if arm != "jemalloc" else "<path of libjemalloc.so.2>"))
     if args.memory == "sample" and not args.checkpoint:
         raise UserError("--memory sample needs --checkpoint (or use --memory both, which samples from what it trained)")
     if args.checkpoint and not os.path.isdir(args.checkpoint):
@@ -849,13 +858,7 @@ def memory_sampling(args, checkpoint: str, save) -> dict:
 
     from common import heap
 
-    arm = args.memory_heap[0]
-    if arm == "notrim":
-        raise UserError("--memory_heap notrim turns off the training loop's trims; sampling has none to turn off")
-    if arm != "default" and (arm == "jemalloc") != heap.jemalloc_in_use():
-        raise UserError(f"--memory sample runs in this process, which has {heap.malloc_name()}'s malloc: for "
-                        f"--memory_heap {arm} run bench.py with {heap.JEMALLOC_ENV}="
-                        + ("off" if arm != "jemalloc" else "<path of libjemalloc.so.2>"))
+    arm = args.memory_heap[0]  # parse_args checked that this process can sample under it
     os.environ.update(HEAP_ARMS[arm])  # then as predict.py does at its start
     threshold = heap.fix_mmap_threshold()
     m = load(checkpoint, "cpu" if args.device == "auto" else args.device)

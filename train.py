@@ -108,9 +108,6 @@ def main(argv=None):
     # mappings instead of the heap (common/heap.py; off by default)
     threshold = heap.fix_mmap_threshold()
     trim_budget = heap.trim_budget(TRIM_BUDGET)  # a bad $DLM_TRIM_BUDGET fails here, before the run directory
-    log(f"malloc: {heap.malloc_name()}" + (f", mmap threshold fixed at {threshold / 2**20:g} MB "
-                                          f"(${heap.THRESHOLD_ENV})" if threshold else "")
-        + ("" if trim_budget else ", no trims"))
     resumed = None
     if cfg.resume:
         resumed = prepare_resume(cfg, given_flags(parser, argv), main_rank, log)
@@ -127,6 +124,9 @@ def main(argv=None):
     # the kernel drops the lock when the process ends, however it ends: a killed run leaves none behind
     with lock.held(cfg.out_dir, "run directory") if main_rank else contextlib.nullcontext():
         with dist.session(cfg.device) as info:
+            info.log(f"malloc: {heap.malloc_name()}" + (f", mmap threshold fixed at {threshold / 2**20:g} MB "
+                                                       f"(${heap.THRESHOLD_ENV})" if threshold else "")
+                     + ("" if trim_budget else ", no trims") + " (common/heap.py)")
             run(cfg, info, info.log, resumed, post_dir, trim_budget)
 
 

@@ -1,4 +1,11 @@
-"""Keep a long run's resident memory flat: give the heap's freed pages back to the system now and then.
+"""Keep a long run's resident memory flat.
+
+Where jemalloc is installed (Debian and Ubuntu: ``libjemalloc2``), the scripts run on it: :func:`prefer_jemalloc`
+starts the script again, in the same process, with the library preloaded (``$DLM_JEMALLOC``: its path, or
+``off``). jemalloc keeps its size classes apart and returns unused pages on a timer, so a long run's heap does not
+fragment (docs/results.md, "jemalloc by default"). Without it the scripts use glibc's malloc, and what follows.
+
+glibc: give the heap's freed pages back to the system now and then.
 
 glibc's malloc serves a block of 128 kB or more with its own ``mmap`` at first, but each time such a block
 is freed it raises that threshold to the block's size (up to 32 MB). After the first steps the activations,
@@ -70,12 +77,14 @@ def prefer_jemalloc() -> None:
     with jemalloc preloaded, where one is installed (:func:`jemalloc_library`) and not loaded already. Call it
     first in a script's ``__main__``, before torch loads.
 
-    Why: glibc's heap fragments over a long run (see above), and at the demo's shape the RSS of a training run
-    crept up 3-8% from step 200 to 2000 however it was trimmed. jemalloc serves each size class from its own
-    pages and returns unused pages on a timer: over 2,000 steps side by side its peak stayed flat and about 20%
-    lower, for about 4% more step time (docs/results.md, "jemalloc"). It must be loaded before the interpreter
-    starts, hence the second start. ``DLM_JEMALLOC=off`` keeps glibc's malloc; an ``LD_PRELOAD`` that names a
-    jemalloc already is left as it is. Not Linux, or no jemalloc: nothing happens. A bad ``$DLM_JEMALLOC`` is
+    Why: glibc's heap fragments over a long run (see above), and at the demo's shape the peak RSS of a training
+    run grew 3-14% from step 200 to 2000 (three runs) however it was trimmed. jemalloc serves each size class
+    from its own pages and returns unused pages on a timer: over 2,000 steps side by side its peak per 100 steps
+    moved -1.3% from step 200 and ended 28% below glibc's (+13.7%), for 3.6% more step time. Sampling on it was
+    flat too (+1.7% over 5,000 calls, glibc +5.8%) but 15% slower: it faults the [N, V] logits in afresh at
+    every call (docs/results.md, "jemalloc by default"). It must be loaded before the interpreter starts, hence
+    the second start. ``DLM_JEMALLOC=off`` keeps glibc's malloc; an ``LD_PRELOAD`` that names a jemalloc
+    already is left as it is. Not Linux, or no jemalloc: nothing happens. A bad ``$DLM_JEMALLOC`` is
     one ``error:`` line and exit 2."""
     from common.errors import UserError
     if not sys.platform.startswith("linux") or os.environ.get(REEXEC_ENV):

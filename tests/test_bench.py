@@ -172,6 +172,44 @@ def test_memory_flags_are_checked(tmp_path):
     with pytest.raises(UserError, match="sampling runs in this process"):
         bench.parse_args(["--memory", "both", "--memory_heap", "default,notrim", "--checkpoint", str(tmp_path)])
     assert bench.parse_args(["--memory", "train", "--memory_heap", "default, fixed"]).memory_heap == ["default", "fixed"]
+    with pytest.raises(UserError, match="sampling has none to turn off"):
+        bench.parse_args(["--memory", "sample", "--memory_heap", "notrim", "--checkpoint", str(tmp_path)])
+
+
+def test_sampling_refuses_a_malloc_this_process_does_not_have(tmp_path):
+    """Sampling runs in bench.py's own process: a --memory_heap that needs the other malloc is refused in one line
+    naming the variable to set (this test process was not started on jemalloc unless LD_PRELOAD says so)."""
+    import os
+
+    import bench
+    from common.errors import UserError
+
+    on_jemalloc = "jemalloc" in os.environ.get("LD_PRELOAD", "")
+    wrong = "glibc" if on_jemalloc else "jemalloc"
+    with pytest.raises(UserError, match="run bench.py with DLM_JEMALLOC=" + ("off" if on_jemalloc else "<path")):
+        bench.parse_args(["--memory", "sample", "--memory_heap", wrong, "--checkpoint", str(tmp_path)])
+    right = "jemalloc" if on_jemalloc else "glibc"
+    assert bench.parse_args(["--memory", "sample", "--memory_heap", right, "--checkpoint", str(tmp_path)]).memory_heap \
+        == [right]
+
+
+def test_heap_arm_environments_by_hand():
+    """What each --memory_heap setting gives a training child, from a parent that runs on a jemalloc it preloaded
+    beside another library of the user's: the glibc settings drop the jemalloc (and only it) and turn it off."""
+    import bench
+
+    parent = {"PATH": "/bin", "LD_PRELOAD": "/x/libjemalloc.so.2 /y/libfoo.so", "DLM_MALLOC_REEXEC": "1",
+              "DLM_JEMALLOC": "/x/libjemalloc.so.2"}
+    glibc = {"PATH": "/bin", "LD_PRELOAD": "/y/libfoo.so", "DLM_JEMALLOC": "off"}
+    assert bench.arm_env("default", parent) == parent
+    assert bench.arm_env("jemalloc", parent) == parent
+    assert bench.arm_env("glibc", parent) == {**glibc, "DLM_MMAP_THRESHOLD": "0"}
+    assert bench.arm_env("fixed", parent) == {**glibc, "DLM_MMAP_THRESHOLD": "8388608"}
+    assert bench.arm_env("notrim", parent) == {**glibc, "DLM_TRIM_BUDGET": "0"}
+    # a parent on glibc by choice: the jemalloc setting lets the child find the system's; no LD_PRELOAD is made up
+    assert bench.arm_env("jemalloc", {"PATH": "/bin", "DLM_JEMALLOC": "off"}) == {"PATH": "/bin"}
+    assert bench.arm_env("glibc", {"PATH": "/bin", "LD_PRELOAD": "/x/libjemalloc.so.2"}) == \
+        {"PATH": "/bin", "DLM_JEMALLOC": "off", "DLM_MMAP_THRESHOLD": "0"}
 
 
 def test_step_time_ratio_by_hand():

@@ -106,12 +106,76 @@ def test_bad_heap_variable_is_one_line(tmp_path, env, message):
     """train.py reads $DLM_MMAP_THRESHOLD and $DLM_TRIM_BUDGET before anything else: a bad value is one error
     line, exit 2, and no run directory."""
     import os
-    base = {k: v for k, v in os.environ.items() if k not in ("DLM_MMAP_THRESHOLD", "DLM_TRIM_BUDGET")}
+    base = {k: v for k, v in os.environ.items() if k not in ("DLM_MMAP_THRESHOLD", "DLM_TRIM_BUDGET", "DLM_JEMALLOC")}
     out = subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), "--out_dir", str(tmp_path / "run")],
                          capture_output=True, text=True, timeout=120, cwd=str(tmp_path), env={**base, **env})
     assert out.returncode == 2
     assert out.stderr.strip().splitlines() == [message]
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("script", ["train.py", "predict.py", "predict_downstream_condition.py", "compute_elbo.py",
+                                    "bench.py"])
+def test_missing_jemalloc_is_one_line(tmp_path, script):
+    """A $DLM_JEMALLOC that names no file stops every script at its start: one error line, exit 2."""
+    import os
+    env = {**os.environ, "DLM_JEMALLOC": str(tmp_path / "libjemalloc.so.2")}
+    env.pop("DLM_MALLOC_REEXEC", None)
+    out = subprocess.run([sys.executable, os.path.join(ROOT, script), "--help"], capture_output=True, text=True,
+                         timeout=120, cwd=str(tmp_path), env=env)
+    assert out.returncode == 2
+    assert out.stderr.strip().splitlines() == [
+        f"error: $DLM_JEMALLOC='{tmp_path / 'libjemalloc.so.2'}' is not a file: give the path of "
+        "libjemalloc.so.2, or DLM_JEMALLOC=off for glibc's malloc"]
+    assert out.stdout == ""
+
+
+# Prints its pid and arguments, calls prefer_jemalloc, then prints them again with whether the kernel maps the
+# stand-in library into this process (/proc/self/maps) and the trim budget the scripts would use.
+REEXEC_SCRIPT = r"""
+import os, sys
+sys.path.insert(0, os.environ["REPO"])
+print("start", os.getpid(), sys.argv[1:], flush=True)
+from common import heap
+heap.prefer_jemalloc()
+with open("/proc/self/maps") as f:
+    maps = f.read()
+print("after", os.getpid(), sys.argv[1:], os.environ["STANDIN"] in maps, heap.trim_budget(0.01), flush=True)
+"""
+
+
+def standin_library(tmp_path) -> str:
+    """A copy of this process's libm under a jemalloc-like name: a real shared library that the loader can
+    preload, and that no Python process maps by that name unless it was preloaded."""
+    import shutil
+    with open("/proc/self/maps") as f:
+        libm = next(line.split()[-1] for line in f if "/libm.so" in line or "/libm-" in line)
+    path = str(tmp_path / "libjemalloc-standin.so")
+    shutil.copy(libm, path)
+    return path
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="LD_PRELOAD and /proc are Linux's")
+@pytest.mark.parametrize("setting", ["path", "off", "preloaded"])
+def test_prefer_jemalloc_starts_again_once_with_the_library(tmp_path, setting):
+    """With $DLM_JEMALLOC naming a library, the script runs again in the same process (same pid, same arguments)
+    with it preloaded, and only once; off, or a jemalloc already in LD_PRELOAD, nothing starts again."""
+    import os
+    lib = standin_library(tmp_path)
+    (tmp_path / "probe.py").write_text(REEXEC_SCRIPT)
+    env = {k: v for k, v in os.environ.items() if k not in ("DLM_MALLOC_REEXEC", "LD_PRELOAD")}
+    env.update(REPO=ROOT, STANDIN=lib, DLM_JEMALLOC={"path": lib, "off": "off", "preloaded": lib}[setting])
+    if setting == "preloaded":
+        env["LD_PRELOAD"] = "/opt/elsewhere/libjemalloc.so.2"  # the user's own: left alone (the loader warns)
+    out = subprocess.run([sys.executable, str(tmp_path / "probe.py"), "--flag", "a b"], capture_output=True,
+                         text=True, timeout=60, env=env)
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.splitlines()
+    pid = lines[0].split()[1]
+    if setting == "path":
+        assert lines == [f"start {pid} ['--flag', 'a b']"] * 2 + [f"after {pid} ['--flag', 'a b'] True 0.0"]
+    else:
+        assert lines == [f"start {pid} ['--flag', 'a b']", f"after {pid} ['--flag', 'a b'] False 0.01"]
 
 
 def test_trimmer_with_no_budget_never_trims():
