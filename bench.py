@@ -648,7 +648,7 @@ def arm_env(arm: str, env: dict) -> dict:
     ``jemalloc`` keeps a ``$DLM_JEMALLOC`` path and otherwise lets the script find the system's."""
     from common import heap
     env = {**env, **HEAP_ARMS[arm]}
-    if arm == "jemalloc" and env.get(heap.JEMALLOC_ENV, "").strip().lower() in heap.JEMALLOC_OFF:
+    if arm == "jemalloc" and heap.jemalloc_off(env):
         env.pop(heap.JEMALLOC_ENV, None)
     if arm not in ("default", "jemalloc"):
         env[heap.JEMALLOC_ENV] = "off"
@@ -866,7 +866,7 @@ def memory_sampling(args, checkpoint: str, save) -> dict:
            "length": args.sample_length or "drawn from the training lengths", "records": [],
            "malloc_env": {k: v for k, v in os.environ.items() if k.startswith("MALLOC_")},
            "heap": arm, "malloc": heap.malloc_name(),
-           "heap_env": HEAP_ARMS[args.memory_heap[0]], "mmap_threshold": threshold}
+           "heap_env": HEAP_ARMS[arm], "mmap_threshold": threshold}
     calls = [0]
     start = time.time()
     reset_peak_rss()

@@ -54,15 +54,20 @@ def mapped(library: str, pid: int | str = "self") -> bool | None:
         return None
 
 
+def jemalloc_off(env=os.environ) -> bool:
+    """Whether ``env`` turns jemalloc off: ``$DLM_JEMALLOC`` is one of ``JEMALLOC_OFF``."""
+    return env.get(JEMALLOC_ENV, "").strip().lower() in JEMALLOC_OFF
+
+
 def jemalloc_library() -> str | None:
     """The jemalloc that :func:`prefer_jemalloc` preloads: ``$DLM_JEMALLOC`` if set (a file; one of
     ``JEMALLOC_OFF`` for none), else the system's (``libjemalloc.so.2`` where the loader's cache lists it:
     Debian's and Ubuntu's libjemalloc2, Fedora's jemalloc), else None. A ``$DLM_JEMALLOC`` that names no file is a
     one-line error."""
     from common.errors import UserError
-    raw = os.environ.get(JEMALLOC_ENV, "").strip()
-    if raw.lower() in JEMALLOC_OFF:
+    if jemalloc_off():
         return None
+    raw = os.environ.get(JEMALLOC_ENV, "").strip()
     if raw:
         if not os.path.isfile(raw):
             raise UserError(f"${JEMALLOC_ENV}={raw!r} is not a file: give the path of libjemalloc.so.2, or "
@@ -86,14 +91,10 @@ def prefer_jemalloc() -> None:
     the second start. ``DLM_JEMALLOC=off`` keeps glibc's malloc; an ``LD_PRELOAD`` that names a jemalloc
     already is left as it is. Not Linux, or no jemalloc: nothing happens. A bad ``$DLM_JEMALLOC`` is
     one ``error:`` line and exit 2."""
-    from common.errors import UserError
+    from common.errors import cli_main
     if not sys.platform.startswith("linux") or os.environ.get(REEXEC_ENV):
         return
-    try:
-        lib = jemalloc_library()
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr, flush=True)
-        sys.exit(2)
+    lib = cli_main(jemalloc_library)()  # a bad $DLM_JEMALLOC: one error line, exit 2, as every script's main
     preload = os.environ.get("LD_PRELOAD", "")
     if lib is None or "jemalloc" in preload:
         return
